@@ -1,0 +1,214 @@
+"""The ``segflow`` command: one subcommand per pipeline stage, each a thin call into its module."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from segflow.config import Layout, load_params
+from segflow.errors import SegflowError
+
+app = typer.Typer(
+    help="segflow: from raw images to a registered, promoted segmentation model. "
+    "Stages read params.yaml in the current folder; `dvc repro` runs them in order.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+ingest_app = typer.Typer(help="Turn raw labeled data into the ingest contract (masks/, manifest.csv, classes.json).",
+                         no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="Parameters file.")]
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write (replaced whole).")],
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes identical files.")] = 0,
+    labeled: Annotated[int, typer.Option(help="Number of annotated images.")] = 160,
+    unlabeled: Annotated[int, typer.Option(help="Number of unlabeled images.")] = 320,
+    size: Annotated[int, typer.Option(help="Image height and width in pixels.")] = 128,
+) -> None:
+    """Write the synthetic default dataset: COCO polygons (annotations.json, images/) plus unlabeled/."""
+    from segflow.synth import generate
+
+    summary = generate(out, seed=seed, num_labeled=labeled, num_unlabeled=unlabeled, image_size=size)
+    typer.echo(f"wrote {out}: {summary}")
+
+
+@ingest_app.command("coco")
+def ingest_coco_command(
+    images: Annotated[Path, typer.Option(help="Folder of the images the COCO file lists.")],
+    annotations: Annotated[Path, typer.Option(help="COCO instances JSON with polygon or RLE segmentations.")],
+    out: Annotated[Path, typer.Option(help="Output folder (replaced whole on success).")] = Layout.ingested,
+    unlabeled: Annotated[Optional[Path], typer.Option(help="Folder of unlabeled images.")] = None,
+    strict: Annotated[bool, typer.Option(help="Treat missing or unlisted images as errors.")] = False,
+) -> None:
+    """Rasterize a COCO file into index masks (categories -> 1..K in ascending id, 0 = background)."""
+    from segflow.ingest import ingest_coco
+
+    report = ingest_coco(images, annotations, out, unlabeled=unlabeled, strict=strict)
+    typer.echo(f"ingested {out}: {report.labeled} labeled, {report.unlabeled} unlabeled, {len(report.warnings)} warnings")
+
+
+@ingest_app.command("masks")
+def ingest_masks_command(
+    images: Annotated[Path, typer.Option(help="Folder of images.")],
+    masks: Annotated[Path, typer.Option(help="Folder of index-PNG masks, paired with images by file stem.")],
+    out: Annotated[Path, typer.Option(help="Output folder (replaced whole on success).")] = Layout.ingested,
+    classes: Annotated[Optional[str], typer.Option(help="Class names in index order, comma-separated.")] = None,
+    value_map: Annotated[Optional[str], typer.Option(help="Raw mask value mapping, e.g. 0:0,255:1.")] = None,
+    ignore_value: Annotated[Optional[int], typer.Option(help="Raw mask value that means ignore.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Record this predefined split (train, val or test).")] = None,
+    unlabeled: Annotated[Optional[Path], typer.Option(help="Folder of unlabeled images.")] = None,
+    strict: Annotated[bool, typer.Option(help="Treat unpaired images or masks as errors.")] = False,
+) -> None:
+    """Ingest image + index-mask folders (CamVid style)."""
+    from segflow.ingest import MaskSource, ingest_masks, parse_value_map
+
+    report = ingest_masks(
+        [MaskSource(images, masks, split)], out,
+        classes=[c.strip() for c in classes.split(",")] if classes else None,
+        value_map=parse_value_map(value_map) if value_map else None,
+        ignore_value=ignore_value, unlabeled=unlabeled, strict=strict,
+    )
+    typer.echo(f"ingested {out}: {report.labeled} labeled, {report.unlabeled} unlabeled, {len(report.warnings)} warnings")
+
+
+@ingest_app.command("from-params")
+def ingest_from_params(params_file: ParamsOption = Path("params.yaml")) -> None:
+    """Ingest what params.yaml's `data` section points at (the DVC stage)."""
+    from segflow.ingest import ingest_from_params as run
+
+    report = run(load_params(params_file).data, Layout.ingested)
+    typer.echo(f"ingested {Layout.ingested}: {report.labeled} labeled, {report.unlabeled} unlabeled")
+
+
+@app.command()
+def validate(
+    data_dir: Annotated[Path, typer.Argument(help="Ingested folder.")] = Layout.ingested,
+    out: Annotated[Path, typer.Option(help="Report folder: stats.csv, summary.json, data_docs/.")] = Layout.validation,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Run the Great Expectations suite; exit 1 naming the failing files when a check fails."""
+    from segflow.validate import validate as run
+
+    params = load_params(params_file)
+    result = run(
+        data_dir, out, min_train=params.validate_.min_train, min_val=params.validate_.min_val,
+        min_test=params.validate_.min_test, val_fraction=params.split.val_fraction,
+        test_fraction=params.split.test_fraction,
+    )
+    _log_data_docs(params, out)
+    typer.echo(f"validation passed: {result.summary.get('counts')}; Data Docs in {out / 'data_docs'}")
+
+
+def _log_data_docs(params, out: Path) -> None:
+    import mlflow
+
+    from segflow import tracking
+
+    with tracking.stage_run(params.mlflow, "validate"):
+        mlflow.log_artifacts(str(out / "data_docs"), artifact_path="data_docs")
+        mlflow.log_artifact(str(out / "summary.json"))
+
+
+@app.command()
+def split(params_file: ParamsOption = Path("params.yaml")) -> None:
+    """Deterministic train/val/test split (stratified on class presence) unless the source defines one."""
+    from segflow.split import make_splits
+
+    params = load_params(params_file)
+    frame = make_splits(
+        Layout.ingested, Layout.validation / "stats.csv", Layout.splits, seed=params.split.seed,
+        val_fraction=params.split.val_fraction, test_fraction=params.split.test_fraction,
+    )
+    typer.echo(f"wrote {Layout.splits}: {frame['split'].value_counts().to_dict()}")
+
+
+@app.command()
+def train(
+    arch: Annotated[Optional[str], typer.Option(help="Architecture name (see `segflow models`).")] = None,
+    teacher: Annotated[bool, typer.Option(help="Train the labeled-only teacher (params: teacher.arch).")] = False,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Train one architecture; the best checkpoint by val mIoU goes to models/NAME as safetensors."""
+    from segflow.train import train as run
+
+    params = load_params(params_file)
+    if teacher == (arch is not None):
+        raise SegflowError("segflow train: give exactly one of --arch NAME or --teacher.")
+    if teacher:
+        result = run(params, params.teacher.arch, data_dir=Layout.ingested, splits_csv=Layout.splits,
+                     out_dir=Layout.models / Layout.teacher, epochs=params.teacher.epochs, run_name="teacher")
+    else:
+        pseudo = Layout.pseudo if params.train.use_pseudo_labels else None
+        result = run(params, arch, data_dir=Layout.ingested, splits_csv=Layout.splits,
+                     out_dir=Layout.models / arch, pseudo_dir=pseudo)
+    typer.echo(f"best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} ({result.seconds:.0f} s)")
+
+
+@app.command("pseudo-label")
+def pseudo_label(params_file: ParamsOption = Path("params.yaml")) -> None:
+    """Predict the unlabeled images with the teacher; confident pixels become labels, the rest ignore."""
+    from segflow.pseudo_label import pseudo_label as run
+
+    summary = run(load_params(params_file), teacher_dir=Layout.models / Layout.teacher, data_dir=Layout.ingested,
+                  splits_csv=Layout.splits, out_dir=Layout.pseudo)
+    typer.echo(f"pseudo-labeled {summary['images']} images, coverage {summary['coverage']:.1%}")
+
+
+@app.command()
+def evaluate(
+    arch: Annotated[Optional[str], typer.Option(help="Architecture to evaluate (models/NAME).")] = None,
+    teacher: Annotated[bool, typer.Option(help="Evaluate the teacher instead.")] = False,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Score on the test split: mIoU, per-class IoU, accuracy, Dice, confusion matrix, overlays."""
+    from segflow.evaluate import evaluate as run
+
+    if teacher == (arch is not None):
+        raise SegflowError("segflow evaluate: give exactly one of --arch NAME or --teacher.")
+    name = Layout.teacher if teacher else arch
+    metrics = run(load_params(params_file), name, model_dir=Layout.models / name, data_dir=Layout.ingested,
+                  splits_csv=Layout.splits, metrics_file=Layout.metrics / f"{name}.json",
+                  out_dir=Layout.evaluation / name)
+    typer.echo(f"{name}: test mIoU {metrics['miou']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f}")
+
+
+@app.command()
+def register(params_file: ParamsOption = Path("params.yaml")) -> None:
+    """Register the best architecture (alias challenger) and promote it to champion if it wins the gate."""
+    from segflow.register import register as run
+
+    decision = run(load_params(params_file), metrics_dir=Layout.metrics, models_dir=Layout.models,
+                   data_dir=Layout.ingested, splits_csv=Layout.splits, out_file=Layout.registry)
+    typer.echo(f"{decision.model_name} v{decision.version} ({decision.arch}): "
+               f"{'promoted to champion' if decision.promoted else 'kept as challenger'} ({decision.reason})")
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the available architectures: name, family, parameters and paper."""
+    from segflow import models
+
+    for name in models.available():
+        info = models.describe(name)
+        typer.echo(f"{name:24s} {info.family:14s} {info.paper}")
+
+
+def main() -> None:
+    """Entry point: user mistakes become one paragraph on stderr and a non-zero exit, not a traceback."""
+    logging.basicConfig(level=os.environ.get("SEGFLOW_LOG_LEVEL", "INFO"), format="%(name)s: %(message)s")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    try:
+        app()
+    except SegflowError as exc:
+        typer.echo(f"segflow: error: {exc}", err=True)
+        sys.exit(exc.exit_code)

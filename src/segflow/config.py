@@ -1,0 +1,204 @@
+"""Typed parameters: ``params.yaml`` is parsed once into :class:`Params`; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from segflow.errors import SegflowError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    # A misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class SynthParams(_Section):
+    out: Path = Path("data/synthetic")
+    seed: int = 0
+    num_labeled: int = Field(160, ge=1)
+    num_unlabeled: int = Field(320, ge=0)
+    image_size: int = Field(128, ge=32)
+
+
+class CocoSource(_Section):
+    images: Path = Path("images")
+    annotations: Path = Path("annotations.json")
+
+
+class MaskFolder(_Section):
+    images: Path
+    masks: Path
+    split: Literal["train", "val", "test"] | None = None
+
+
+class MaskSourceParams(_Section):
+    folders: list[MaskFolder] = Field(default_factory=list)
+    classes: list[str] | None = None
+    value_map: dict[int, int] = Field(default_factory=dict)
+    ignore_value: int | None = Field(None, ge=0, le=255)
+
+
+class DataParams(_Section):
+    """Where the raw data lives; paths are relative to ``root``."""
+
+    format: Literal["coco", "masks"] = "coco"
+    root: Path = Path("data/synthetic")
+    coco: CocoSource = Field(default_factory=CocoSource)
+    masks: MaskSourceParams = Field(default_factory=MaskSourceParams)
+    unlabeled: Path | None = Path("unlabeled")
+    strict: bool = False
+
+    @model_validator(mode="after")
+    def _masks_need_folders(self) -> DataParams:
+        if self.format == "masks" and not self.masks.folders:
+            raise ValueError("data.masks.folders must list at least one {images, masks} pair when format is masks")
+        return self
+
+
+class ValidateParams(_Section):
+    min_train: int = Field(8, ge=1)
+    min_val: int = Field(2, ge=1)
+    min_test: int = Field(2, ge=1)
+
+
+class SplitParams(_Section):
+    seed: int = 0
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> SplitParams:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("split.val_fraction + split.test_fraction must be below 1")
+        return self
+
+
+class AugmentParams(_Section):
+    hflip: bool = True
+    scale_min: float = Field(0.75, gt=0)
+    scale_max: float = Field(1.25, gt=0)
+
+
+class TrainParams(_Section):
+    archs: list[str] = Field(default_factory=lambda: ["unet", "deeplabv3plus", "pspnet", "fcn8s"])
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)
+    crop_size: int = Field(128, ge=16)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    lr_schedule: Literal["poly", "constant"] = "poly"
+    aux_weight: float = Field(0.4, ge=0)
+    class_weighting: bool = False
+    amp: bool = True
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    use_pseudo_labels: bool = True
+    pseudo_weight: float = Field(1.0, ge=0)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+
+
+class TeacherParams(_Section):
+    arch: str = "unet"
+    epochs: int | None = Field(None, ge=1)
+
+
+class PseudoLabelParams(_Section):
+    threshold: float = Field(0.9, ge=0, le=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(8, ge=1)
+    num_overlays: int = Field(4, ge=0)
+
+
+class RegisterParams(_Section):
+    model_name: str = "segflow"
+    metric: str = "miou"
+    margin: float = Field(0.0, ge=0)
+
+
+class MlflowParams(_Section):
+    experiment: str = "segflow"
+    # Embedded default: SQLite store and artifact folder inside the project; MLFLOW_TRACKING_URI overrides.
+    tracking_uri: str | None = None
+    artifact_root: Path = Path("mlartifacts")
+
+
+class Params(_Section):
+    synth: SynthParams = Field(default_factory=SynthParams)
+    data: DataParams = Field(default_factory=DataParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    split: SplitParams = Field(default_factory=SplitParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    teacher: TeacherParams = Field(default_factory=TeacherParams)
+    pseudo_label: PseudoLabelParams = Field(default_factory=PseudoLabelParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    register_: RegisterParams = Field(default_factory=RegisterParams, alias="register")
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
+    # Per-architecture builder options, e.g. {"unet": {"encoder_name": "resnet18"}}.
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {k: (v or {}) for k, v in (value or {}).items()}
+
+    def model_options(self, arch: str) -> dict[str, Any]:
+        return dict(self.models.get(arch, {}))
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (misspelt?)"
+    got = error.get("input")
+    suffix = f" (got {got!r})" if error["type"] not in ("extra_forbidden", "missing") and not isinstance(got, dict) else ""
+    return f"{key}: {message}{suffix}"
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise SegflowError(f"{source}: invalid parameters: {problems}.") from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SegflowError(f"{path}: parameters file not found (run from the project folder).") from None
+    except yaml.YAMLError as exc:
+        raise SegflowError(f"{path}: not valid YAML ({exc}).") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise SegflowError(f"{path}: expected a mapping of sections at the top level, found {type(raw).__name__}.")
+    return parse_params(raw, str(path))
+
+
+class Layout:
+    """Where each stage writes, relative to the project folder (``dvc.yaml`` uses the same paths)."""
+
+    ingested = Path("data/ingested")
+    validation = Path("data/validation")
+    splits = Path("data/splits.csv")
+    pseudo = Path("data/pseudo")
+    models = Path("models")
+    metrics = Path("metrics")
+    evaluation = Path("evaluation")
+    registry = Path("registry/decision.json")
+    teacher = "teacher"

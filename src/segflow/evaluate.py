@@ -1,0 +1,144 @@
+"""Score a trained model on the test split: metrics for DVC and MLflow, confusion matrix and overlays."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from segflow import tracking
+from segflow.config import Params
+from segflow.data import SegmentationDataset, Sample, load_samples, pad_collate
+from segflow.errors import SegflowError
+from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.imageio import read_image, read_mask
+from segflow.inference import load_model, logits, predict_mask, resolve_device
+from segflow.metrics import ConfusionMatrix
+from segflow.visualize import colorize, overlay, save_confusion_matrix, save_grid
+
+
+def confusion_over(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` over every batch of ``loader`` (accumulated on the device)."""
+    model.eval()
+    confusion = ConfusionMatrix(num_classes, device)
+    for batch in loader:
+        prediction = logits(model, batch["image"].to(device, non_blocking=True)).argmax(1)
+        confusion.update(batch["mask"].to(device, non_blocking=True), prediction)
+    return confusion
+
+
+def split_fingerprint(samples: list[Sample]) -> str:
+    """Hash of the test images and masks, so a score is only ever compared with one on the same data."""
+    digest = hashlib.sha1()
+    for sample in sorted(samples, key=lambda s: s.image_id):
+        digest.update(sample.image_id.encode())
+        digest.update(sample.image_path.read_bytes())
+        if sample.mask_path is not None:
+            digest.update(sample.mask_path.read_bytes())
+    return digest.hexdigest()
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _throughput(model: torch.nn.Module, sample: torch.Tensor, device: torch.device, repeats: int = 3) -> float:
+    """Inference images per second on one batch of test images (after a warm-up pass)."""
+    batch = sample.to(device)
+    logits(model, batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        logits(model, batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return repeats * batch.shape[0] / (time.perf_counter() - started)
+
+
+def evaluate(
+    params: Params,
+    name: str,
+    *,
+    model_dir: Path,
+    data_dir: Path,
+    splits_csv: Path,
+    metrics_file: Path,
+    out_dir: Path,
+) -> dict[str, object]:
+    """Evaluate ``model_dir`` on the test split; writes ``metrics_file`` (JSON) and pictures in ``out_dir``."""
+    device = resolve_device(params.train.device)
+    model, card = load_model(model_dir, device)
+    samples = load_samples(data_dir, splits_csv, "test")
+    if not samples:
+        raise SegflowError(f"{splits_csv}: the test split is empty; nothing to evaluate.")
+    loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
+    confusion = confusion_over(model, loader, card.num_classes, device)
+    scores = confusion.compute()
+    names = card.classes
+    history = json.loads((Path(model_dir) / "history.json").read_text())
+    metrics = {
+        "miou": scores["miou"],
+        "pixel_accuracy": scores["pixel_accuracy"],
+        "mean_class_accuracy": scores["mean_class_accuracy"],
+        "mean_dice": scores["mean_dice"],
+        "per_class_iou": {n: _finite_or_none(v) for n, v in zip(names, scores["per_class_iou"])},
+        "per_class_accuracy": {n: _finite_or_none(v) for n, v in zip(names, scores["per_class_accuracy"])},
+        "arch": card.arch,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "best_val_miou": card.extra.get("val_miou"),
+        "best_epoch": card.extra.get("best_epoch"),
+        "test_images": len(samples),
+        "test_data_hash": split_fingerprint(samples),
+        "images_per_second": _throughput(model, next(iter(loader))["image"], device),
+    }
+    metrics = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in metrics.items()}
+
+    with tracking.stage_run(params.mlflow, "evaluate", f"evaluate-{name}"), atomic_dir(out_dir) as staging:
+        save_confusion_matrix(confusion.matrix.cpu().numpy(), names, staging / "confusion_matrix.png")
+        _save_overlays(model, samples[: params.evaluate.num_overlays], card.num_classes, staging / "overlays.png")
+        _write_csv(staging / "per_class_iou.csv", ["class", "iou"], [[n, metrics["per_class_iou"][n]] for n in names])
+        _write_csv(staging / "history.csv", ["epoch", "train_loss", "val_miou"],
+                   [[h["epoch"], h["train_loss"], h["val_miou"]] for h in history])
+        atomic_write_json(metrics_file, metrics)
+        mlflow.set_tags({"segflow.arch": card.arch, "segflow.test_data_hash": metrics["test_data_hash"]})
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool)})
+        mlflow.log_metrics({f"test_iou_{n}": v for n, v in metrics["per_class_iou"].items() if v is not None})
+        mlflow.log_artifacts(str(staging), artifact_path="evaluation")
+        mlflow.log_artifact(str(metrics_file), artifact_path="evaluation")
+    return metrics
+
+
+def _save_overlays(model: torch.nn.Module, samples: list[Sample], num_classes: int, path: Path) -> None:
+    rows = []
+    for sample in samples:
+        image = read_image(sample.image_path)
+        prediction = predict_mask(model, image)
+        truth = read_mask(sample.mask_path)
+        rows.append([image, colorize(truth, num_classes), overlay(image, prediction, num_classes)])
+    save_grid(rows, ["image", "truth", "prediction"], path)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def compare_metrics(metrics: dict[str, dict[str, object]], key: str = "miou") -> list[tuple[str, float]]:
+    """Architectures ranked by ``key``, best first (missing or NaN scores last)."""
+    def score(item: tuple[str, dict[str, object]]) -> float:
+        value = item[1].get(key)
+        return value if isinstance(value, (int, float)) and not np.isnan(value) else -math.inf
+
+    return [(name, score((name, m))) for name, m in sorted(metrics.items(), key=score, reverse=True)]

@@ -1,0 +1,710 @@
+"""Ingest stage: turn COCO annotations or folders of index masks into segflow's dataset layout.
+
+Output, written inside ``fsutil.atomic_dir`` so a failed ingest leaves the previous output untouched:
+
+- ``OUT/masks/<image_id>.png``: uint8 single-channel index mask, same size as its image, 255 = ignore.
+- ``OUT/manifest.csv``: ``image_id,image_path,mask_path,width,height,split``, one row per image. Paths
+  are relative to OUT (``..`` allowed); images are not copied. Unlabeled images have an empty
+  ``mask_path``; ``split`` is empty unless the source defines splits.
+- ``OUT/classes.json``: ``names``, ``coco_category_ids`` (``null`` for mask input), ``ignore_index``, ``source``.
+
+``image_id`` is the image's file name without extension, with characters other than letters, digits,
+``.``, ``_`` and ``-`` replaced by ``_``. Two images that would share an id (ids compare case-insensitively,
+since masks would overwrite each other on case-insensitive filesystems) are an error naming both files.
+Image folders are searched recursively for png/jpg/jpeg/bmp/tif/tiff; hidden files and folders
+(such as macOS ``._*`` files) and the output folder itself are skipped.
+
+COCO: categories become indices 1..K in ascending category id (0 = ``background``). Each annotation is
+rasterized exactly as ``pycocotools.coco.COCO.annToMask`` does. Crowd annotations (``iscrowd: 1``) are
+painted with their category like any other annotation rather than ignored: they do mark that category's
+pixels, only as a group. Overlaps are painted largest rasterized area first (ties: lower annotation id
+first), so smaller objects stay on top.
+
+Mask folders: masks pair with images by file name without extension; ``value_map`` is applied first,
+then ``ignore_value`` becomes 255.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from segflow import IGNORE_INDEX
+from segflow.errors import SegflowError
+from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.imageio import image_size, read_mask, write_mask
+
+log = logging.getLogger("segflow.ingest")
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+LOSSY_EXTENSIONS = frozenset({".jpg", ".jpeg"})
+MANIFEST_COLUMNS = ("image_id", "image_path", "mask_path", "width", "height", "split")
+BACKGROUND = "background"
+MAX_CLASSES = IGNORE_INDEX  # class indices 0..254; 255 is reserved for "ignore"
+MAX_NAMED_FILES = 20  # a warning names at most this many files, then gives a count
+# Decoding PNG/JPEG and zlib release the GIL, so a few threads speed up the per-image work.
+WORKERS = min(8, os.cpu_count() or 1)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class MaskSource:
+    """A folder of images and the folder of their index masks, optionally one predefined split."""
+
+    images: Path
+    masks: Path
+    split: str | None = None
+
+
+@dataclass
+class IngestReport:
+    labeled: int
+    unlabeled: int
+    warnings: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _ManifestRow:
+    image_id: str
+    image: Path
+    width: int
+    height: int
+    labeled: bool
+    split: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ingest_coco(
+    images: Path,
+    annotations: Path,
+    out: Path,
+    *,
+    unlabeled: Path | None = None,
+    strict: bool = False,
+) -> IngestReport:
+    """Rasterize a COCO instance-segmentation file into index masks and write the dataset layout to ``out``."""
+    images, annotations, out = Path(images), Path(annotations), Path(out)
+    final_out = _final_location(out)
+    coco = _load_coco(annotations)
+    skipped = (final_out,) if unlabeled is None else (final_out, Path(unlabeled))
+    present, warnings = _match_coco_images(coco, images, annotations, skipped)
+    ids = _ImageIds()
+    items = [_CocoItem(ids.assign(images / entry.file_name), images / entry.file_name, entry) for entry in present]
+    unlabeled_files = _unlabeled_files(unlabeled, final_out, ids)
+    _settle_warnings(warnings, strict)
+    if not items:
+        raise SegflowError(f"{annotations}: none of its images were found under {images}; nothing to ingest.")
+
+    names = [BACKGROUND] + [name for _, name in coco.categories]
+    with atomic_dir(out) as tmp:
+        (tmp / "masks").mkdir()
+        write_one = partial(_write_coco_mask, coco=coco, annotations_file=annotations, masks_dir=tmp / "masks")
+        rows = _parallel_map(write_one, items)
+        unlabeled_rows = _parallel_map(_unlabeled_row, unlabeled_files)
+        _write_outputs(
+            tmp,
+            final_out,
+            rows + unlabeled_rows,
+            {
+                "names": names,
+                "coco_category_ids": [None] + [category_id for category_id, _ in coco.categories],
+                "ignore_index": IGNORE_INDEX,
+                "source": "coco",
+            },
+        )
+    return IngestReport(len(rows), len(unlabeled_rows), warnings, names)
+
+
+def ingest_masks(
+    sources: Sequence[MaskSource],
+    out: Path,
+    *,
+    classes: list[str] | None = None,
+    value_map: dict[int, int] | None = None,
+    ignore_value: int | None = None,
+    unlabeled: Path | None = None,
+    strict: bool = False,
+) -> IngestReport:
+    """Pair images with index masks by file stem, map their values and write the dataset layout to ``out``."""
+    out = Path(out)
+    final_out = _final_location(out)
+    if not sources:
+        raise SegflowError("ingest_masks needs at least one (images folder, masks folder) source.")
+    if classes is not None:
+        _check_class_names(classes)
+    lookup = _value_lookup(value_map, ignore_value)
+    ids = _ImageIds()
+    pairs: list[_MaskPair] = []
+    warnings: list[str] = []
+    for source in sources:
+        source_pairs, source_warnings = _pair_source(source, ids, final_out)
+        pairs += source_pairs
+        warnings += source_warnings
+    unlabeled_files = _unlabeled_files(unlabeled, final_out, ids)
+    _settle_warnings(warnings, strict)
+    if not pairs:
+        folders = ", ".join(f"{source.images} with {source.masks}" for source in sources)
+        raise SegflowError(f"No image has a mask (paired by file name without extension) in: {folders}.")
+
+    with atomic_dir(out) as tmp:
+        (tmp / "masks").mkdir()
+        num_classes = None if classes is None else len(classes)
+        convert_one = partial(_convert_mask, lookup=lookup, num_classes=num_classes, masks_dir=tmp / "masks")
+        converted = _parallel_map(convert_one, pairs)
+        rows = [row for row, _ in converted]
+        names = classes or _default_class_names(max(highest for _, highest in converted))
+        unlabeled_rows = _parallel_map(_unlabeled_row, unlabeled_files)
+        _write_outputs(
+            tmp,
+            final_out,
+            rows + unlabeled_rows,
+            {"names": names, "coco_category_ids": None, "ignore_index": IGNORE_INDEX, "source": "masks"},
+        )
+    return IngestReport(len(rows), len(unlabeled_rows), warnings, list(names))
+
+
+def parse_value_map(text: str) -> dict[int, int]:
+    """Parse ``"0:0,255:1"`` (raw mask value ``:`` class index, comma separated) into a dict."""
+    value_map: dict[int, int] = {}
+    for item in text.split(","):
+        raw, sep, index = item.partition(":")
+        if not sep or not _is_byte_text(raw) or not _is_byte_text(index):
+            raise SegflowError(
+                f"Value map {text!r}: cannot read {item.strip()!r}. Expected comma-separated raw:index pairs "
+                "such as '0:0,255:1', each value an integer 0..255."
+            )
+        if int(raw) in value_map:
+            raise SegflowError(f"Value map {text!r}: raw value {int(raw)} is mapped twice.")
+        value_map[int(raw)] = int(index)
+    return value_map
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared helpers: image ids, file discovery, warnings, output
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _ImageIds:
+    """Hands out filesystem-safe image ids and refuses two files that would share one."""
+
+    def __init__(self) -> None:
+        self._owners: dict[str, Path] = {}
+
+    def assign(self, image: Path) -> str:
+        image_id = re.sub(r"[^A-Za-z0-9._-]", "_", image.stem)
+        if image_id.startswith("."):  # a leading dot would hide the mask file
+            image_id = "_" + image_id[1:]
+        owner = self._owners.get(image_id.casefold())
+        if owner is not None:
+            raise SegflowError(
+                f"{owner} and {image} would both get image id {image_id!r} (the file name without extension, "
+                "made filesystem safe; ids must differ in more than letter case). Rename one of them."
+            )
+        self._owners[image_id.casefold()] = image
+        return image_id
+
+
+def _final_location(out: Path) -> Path:
+    """Where ``out`` will be once written: its parent resolved, its own name kept (atomic_dir replaces it)."""
+    return out.parent.resolve() / out.name
+
+
+def _list_images(folder: Path, what: str, skipped: Iterable[Path] = ()) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted), leaving out hidden entries and ``skipped`` folders."""
+    if not folder.is_dir():
+        raise SegflowError(f"{folder}: {what} folder not found (or not a folder).")
+    skipped = [path.resolve() for path in skipped]
+    found = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.is_file() and not any(path.resolve().is_relative_to(skip) for skip in skipped):
+            found.append(path)
+    return sorted(found)
+
+
+def _unlabeled_files(folder: Path | None, final_out: Path, ids: _ImageIds) -> list[tuple[str, Path]]:
+    if folder is None:
+        return []
+    return [(ids.assign(path), path) for path in _list_images(Path(folder), "unlabeled images", (final_out,))]
+
+
+def _unlabeled_row(item: tuple[str, Path]) -> _ManifestRow:
+    image_id, path = item
+    width, height = image_size(path)
+    return _ManifestRow(image_id, path, width, height, labeled=False)
+
+
+def _files_warning(files: Sequence[Any], problem: str) -> str:
+    """``"3 <problem>: a, b, c"``, naming at most MAX_NAMED_FILES of them."""
+    named = ", ".join(str(name) for name in files[:MAX_NAMED_FILES])
+    more = f" and {len(files) - MAX_NAMED_FILES} more" if len(files) > MAX_NAMED_FILES else ""
+    return f"{len(files)} {problem}: {named}{more}."
+
+
+def _settle_warnings(warnings: list[str], strict: bool) -> None:
+    """Strict mode turns warnings into one error; otherwise they are logged and ingest goes on."""
+    if strict and warnings:
+        raise SegflowError("Strict mode: " + " ".join(warnings))
+    for warning in warnings:
+        log.warning(warning)
+
+
+def _parallel_map(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[function(item) for item in items]`` on a few threads; the first failure in item order is raised."""
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        futures = [pool.submit(function, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _write_outputs(tmp: Path, final_out: Path, rows: list[_ManifestRow], classes_doc: dict[str, Any]) -> None:
+    with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        for row in rows:
+            # Relative to where OUT will live, not the temp dir; the directory is resolved so `..` steps
+            # are right on disk, the file name is kept so symlinked files (e.g. a DVC cache) stay as named.
+            image_path = os.path.relpath(row.image.parent.resolve() / row.image.name, final_out)
+            mask_path = f"masks/{row.image_id}.png" if row.labeled else ""
+            writer.writerow([row.image_id, image_path, mask_path, row.width, row.height, row.split])
+    atomic_write_json(tmp / "classes.json", classes_doc)
+
+
+def _is_byte_text(text: str) -> bool:
+    text = text.strip()
+    return text.isdigit() and int(text) <= 255
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# COCO: parsing and validating the annotations file
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _CocoImage:
+    id: int
+    file_name: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class _CocoAnnotation:
+    id: int
+    class_index: int
+    segmentation: list | dict
+
+
+@dataclass(frozen=True)
+class _CocoFile:
+    categories: list[tuple[int, str]]  # (category id, name), ascending id; class index = position + 1
+    images: list[_CocoImage]
+    annotations: dict[int, list[_CocoAnnotation]]  # by image id
+
+
+@dataclass(frozen=True)
+class _CocoItem:
+    image_id: str
+    path: Path
+    entry: _CocoImage
+
+
+def _load_coco(path: Path) -> _CocoFile:
+    doc = _read_json(path)
+    if not isinstance(doc, dict):
+        raise SegflowError(f"{path}: a COCO annotations file must be a JSON object, found {type(doc).__name__}.")
+    missing = [key for key in ("images", "annotations", "categories") if key not in doc]
+    if missing:
+        raise SegflowError(
+            f"{path}: not a COCO annotations file: missing top-level key(s) {', '.join(map(repr, missing))} "
+            "(it needs 'images', 'annotations' and 'categories')."
+        )
+    categories = _parse_categories(_top_level_list(doc, "categories", path), path)
+    images = _parse_images(_top_level_list(doc, "images", path), path)
+    class_index = {category_id: index for index, (category_id, _) in enumerate(categories, start=1)}
+    annotations = _parse_annotations(_top_level_list(doc, "annotations", path), path, images, class_index)
+    return _CocoFile(categories, list(images.values()), annotations)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise SegflowError(f"{path}: annotations file not found.") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise SegflowError(f"{path}: cannot read the annotations file as UTF-8 text ({exc}).") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SegflowError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
+
+
+def _top_level_list(doc: dict, key: str, path: Path) -> list:
+    value = doc[key]
+    if not isinstance(value, list):
+        raise SegflowError(f"{path}: top-level '{key}' must be a list, found {type(value).__name__}.")
+    return value
+
+
+def _entry(value: Any, where: str, path: Path) -> dict:
+    if not isinstance(value, dict):
+        raise SegflowError(f"{path}: {where} must be a JSON object, found {_short(value)}.")
+    return value
+
+
+def _int_field(entry: dict, key: str, where: str, path: Path, *, positive: bool = False) -> int:
+    if key not in entry:
+        raise SegflowError(f"{path}: {where} has no '{key}'.")
+    value = entry[key]
+    if not isinstance(value, int) or isinstance(value, bool) or (positive and value <= 0):
+        kind = "a positive integer" if positive else "an integer"
+        raise SegflowError(f"{path}: {where}: '{key}' must be {kind}, found {_short(value)}.")
+    return value
+
+
+def _str_field(entry: dict, key: str, where: str, path: Path) -> str:
+    if key not in entry:
+        raise SegflowError(f"{path}: {where} has no '{key}'.")
+    value = entry[key]
+    if not isinstance(value, str) or not value.strip():
+        raise SegflowError(f"{path}: {where}: '{key}' must be a non-empty string, found {_short(value)}.")
+    return value
+
+
+def _parse_categories(entries: list, path: Path) -> list[tuple[int, str]]:
+    by_id: dict[int, str] = {}
+    for position, raw in enumerate(entries):
+        where = f"categories[{position}]"
+        category = _entry(raw, where, path)
+        category_id = _int_field(category, "id", where, path)
+        name = _str_field(category, "name", f"category id {category_id}", path)
+        if category_id in by_id:
+            raise SegflowError(
+                f"{path}: category id {category_id} is defined twice ({by_id[category_id]!r}, {name!r})."
+            )
+        by_id[category_id] = name
+    if not by_id:
+        raise SegflowError(f"{path}: 'categories' is empty; there is nothing to segment.")
+    if len(by_id) > MAX_CLASSES - 1:
+        raise SegflowError(
+            f"{path}: {len(by_id)} categories do not fit 8-bit masks (at most {MAX_CLASSES - 1} plus background)."
+        )
+    categories = sorted(by_id.items())
+    _check_class_names([BACKGROUND] + [name for _, name in categories], source=f"{path}: category names")
+    return categories
+
+
+def _parse_images(entries: list, path: Path) -> dict[int, _CocoImage]:
+    images: dict[int, _CocoImage] = {}
+    id_by_file: dict[str, int] = {}
+    for position, raw in enumerate(entries):
+        where = f"images[{position}]"
+        entry = _entry(raw, where, path)
+        image_id = _int_field(entry, "id", where, path)
+        where = f"image id {image_id}"
+        image = _CocoImage(
+            id=image_id,
+            file_name=_str_field(entry, "file_name", where, path),
+            width=_int_field(entry, "width", where, path, positive=True),
+            height=_int_field(entry, "height", where, path, positive=True),
+        )
+        if image_id in images:
+            raise SegflowError(
+                f"{path}: image id {image_id} is used twice ({images[image_id].file_name!r}, {image.file_name!r})."
+            )
+        other = id_by_file.setdefault(image.file_name, image_id)
+        if other != image_id:
+            raise SegflowError(
+                f"{path}: file_name {image.file_name!r} is listed twice (image ids {other} and {image_id})."
+            )
+        images[image_id] = image
+    return images
+
+
+def _parse_annotations(
+    entries: list, path: Path, images: dict[int, _CocoImage], class_index: dict[int, int]
+) -> dict[int, list[_CocoAnnotation]]:
+    by_image: dict[int, list[_CocoAnnotation]] = {image_id: [] for image_id in images}
+    seen_ids: set[int] = set()
+    for position, raw in enumerate(entries):
+        where = f"annotations[{position}]"
+        entry = _entry(raw, where, path)
+        annotation_id = _int_field(entry, "id", where, path)
+        where = f"annotation id {annotation_id}"
+        if annotation_id in seen_ids:
+            raise SegflowError(f"{path}: annotation id {annotation_id} is used twice.")
+        seen_ids.add(annotation_id)
+        image_id = _int_field(entry, "image_id", where, path)
+        if image_id not in images:
+            raise SegflowError(f"{path}: {where} refers to image id {image_id}, which is not in 'images'.")
+        image = images[image_id]
+        where = f"annotation id {annotation_id} (image {image.file_name!r})"
+        category_id = _int_field(entry, "category_id", where, path)
+        if category_id not in class_index:
+            raise SegflowError(f"{path}: {where} refers to category id {category_id}, which is not in 'categories'.")
+        if "segmentation" not in entry:
+            raise SegflowError(f"{path}: {where} has no 'segmentation' (a box alone does not make a mask).")
+        segmentation = entry["segmentation"]
+        _check_segmentation(segmentation, image, where, path)
+        by_image[image_id].append(_CocoAnnotation(annotation_id, class_index[category_id], segmentation))
+    return by_image
+
+
+def _check_segmentation(segmentation: Any, image: _CocoImage, where: str, path: Path) -> None:
+    """Reject what pycocotools would crash on or misread (a 2-point polygon reads as a box)."""
+    if isinstance(segmentation, list):
+        _check_polygons(segmentation, where, path)
+    elif isinstance(segmentation, dict):
+        _check_rle(segmentation, image, where, path)
+    else:
+        raise SegflowError(
+            f"{path}: {where}: 'segmentation' must be a list of polygons or an RLE object, "
+            f"found {_short(segmentation)}."
+        )
+
+
+def _check_polygons(polygons: list, where: str, path: Path) -> None:
+    if not polygons:
+        raise SegflowError(f"{path}: {where}: 'segmentation' is an empty list of polygons.")
+    for number, polygon in enumerate(polygons):
+        if not isinstance(polygon, list) or not all(_is_finite_number(value) for value in polygon):
+            raise SegflowError(f"{path}: {where}: polygon {number} must be a flat list of numbers x1,y1,x2,y2,...")
+        if len(polygon) % 2:
+            raise SegflowError(f"{path}: {where}: polygon {number} has an odd number of coordinates ({len(polygon)}).")
+        if len(polygon) < 6:
+            raise SegflowError(
+                f"{path}: {where}: polygon {number} has {len(polygon) // 2} point(s); a polygon needs at least 3."
+            )
+
+
+def _check_rle(rle: dict, image: _CocoImage, where: str, path: Path) -> None:
+    if "counts" not in rle or "size" not in rle:
+        raise SegflowError(f"{path}: {where}: an RLE 'segmentation' needs 'counts' and 'size'.")
+    if rle["size"] != [image.height, image.width]:
+        raise SegflowError(
+            f"{path}: {where}: RLE size {_short(rle['size'])} does not match the image's [height, width] "
+            f"[{image.height}, {image.width}]."
+        )
+    counts = rle["counts"]
+    valid_list = isinstance(counts, list) and all(
+        isinstance(count, int) and not isinstance(count, bool) and count >= 0 for count in counts
+    )
+    if not (valid_list or isinstance(counts, str)):
+        raise SegflowError(
+            f"{path}: {where}: RLE 'counts' must be a list of non-negative integers or a compressed string."
+        )
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# COCO: matching images on disk and rasterizing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _match_coco_images(
+    coco: _CocoFile, images: Path, annotations: Path, skipped: tuple[Path, ...]
+) -> tuple[list[_CocoImage], list[str]]:
+    """Listed images found on disk, and warnings about listed-but-missing and on-disk-but-unlisted ones."""
+    on_disk = {Path(os.path.normpath(path)) for path in _list_images(images, "images", skipped)}
+    listed = {Path(os.path.normpath(images / entry.file_name)): entry for entry in coco.images}
+    present = [entry for path, entry in listed.items() if path.is_file()]
+    missing = [entry.file_name for path, entry in listed.items() if not path.is_file()]
+    unlisted = sorted(str(path.relative_to(images)) for path in on_disk - listed.keys())
+    warnings = []
+    if missing:
+        problem = f"image(s) listed in {annotations} are missing under {images} and were left out"
+        warnings.append(_files_warning(missing, problem))
+    if unlisted:
+        problem = f"image(s) under {images} are not listed in {annotations} and were left out"
+        warnings.append(_files_warning(unlisted, problem))
+    return present, warnings
+
+
+def _write_coco_mask(item: _CocoItem, coco: _CocoFile, annotations_file: Path, masks_dir: Path) -> _ManifestRow:
+    entry = item.entry
+    width, height = image_size(item.path)
+    if (width, height) != (entry.width, entry.height):
+        raise SegflowError(
+            f"{annotations_file}: image id {entry.id} is {entry.width}x{entry.height} (width x height) there, "
+            f"but {item.path} is {width}x{height} on disk."
+        )
+    mask = _rasterize(coco.annotations[entry.id], entry, annotations_file)
+    write_mask(masks_dir / f"{item.image_id}.png", mask)
+    return _ManifestRow(item.image_id, item.path, width, height, labeled=True)
+
+
+def _rasterize(annotations: list[_CocoAnnotation], image: _CocoImage, annotations_file: Path) -> np.ndarray:
+    """Paint annotations largest area first so small objects on top of large ones stay visible."""
+    canvas = np.zeros((image.height, image.width), dtype=np.uint8)
+    rles = [(annotation, _annotation_rle(annotation.segmentation, image)) for annotation in annotations]
+    # Areas come from the RLEs, so sorting needs no decoded masks; each is decoded only while painted.
+    for annotation, rle in sorted(rles, key=lambda pair: (int(mask_utils.area(pair[1])), -pair[0].id), reverse=True):
+        try:
+            painted = mask_utils.decode(rle).astype(bool)
+        except ValueError as exc:  # pycocotools checks RLE counts only when decoding
+            raise SegflowError(
+                f"{annotations_file}: annotation id {annotation.id} (image {image.file_name!r}): "
+                f"invalid RLE segmentation ({exc})."
+            ) from None
+        canvas[painted] = annotation.class_index
+    return canvas
+
+
+def _annotation_rle(segmentation: list | dict, image: _CocoImage) -> dict:
+    """The RLE that ``COCO.annToRLE`` builds, so masks match ``COCO.annToMask`` pixel for pixel."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, image.height, image.width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, image.height, image.width)
+    return segmentation
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mask folders
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _MaskPair:
+    image_id: str
+    image: Path
+    mask: Path
+    split: str
+
+
+def _check_class_names(names: Sequence[str], source: str = "classes") -> None:
+    if not names or not all(isinstance(name, str) and name.strip() for name in names):
+        raise SegflowError(f"{source}: give a non-empty list of non-empty class names, got {_short(list(names))}.")
+    if len(names) > MAX_CLASSES:
+        raise SegflowError(f"{source}: {len(names)} classes do not fit 8-bit masks (at most {MAX_CLASSES}).")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise SegflowError(f"{source}: class names must be unique; repeated: {', '.join(map(repr, duplicates))}.")
+
+
+def _value_lookup(value_map: dict[int, int] | None, ignore_value: int | None) -> np.ndarray:
+    """A 256-entry table taking raw mask values to class indices: value_map first, then ignore_value -> 255."""
+    lookup = np.arange(256, dtype=np.uint8)
+    for raw, index in (value_map or {}).items():
+        if not (_is_byte_int(raw) and _is_byte_int(index)):
+            raise SegflowError(f"value_map: {raw!r}:{index!r} is not a pair of integers 0..255.")
+        lookup[raw] = index
+    if ignore_value is not None:
+        if not _is_byte_int(ignore_value):
+            raise SegflowError(f"ignore_value must be an integer 0..255, got {_short(ignore_value)}.")
+        lookup[lookup == ignore_value] = IGNORE_INDEX
+    return lookup
+
+
+def _is_byte_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255
+
+
+def _pair_source(source: MaskSource, ids: _ImageIds, final_out: Path) -> tuple[list[_MaskPair], list[str]]:
+    """Images and masks of one source paired by stem, and warnings about those left without a partner."""
+    images = _by_stem(_list_images(Path(source.images), "images", (final_out,)))
+    masks = _by_stem(_list_images(Path(source.masks), "masks", (final_out,)))
+    lossy = [path for path in masks.values() if path.suffix.lower() in LOSSY_EXTENSIONS]
+    if lossy:
+        raise SegflowError(
+            f"{lossy[0]}: masks must be stored losslessly (png, bmp or tif); JPEG compression alters label "
+            f"values ({len(lossy)} JPEG file(s) in {source.masks})."
+        )
+    warnings = []
+    without_mask = sorted(images.keys() - masks.keys())
+    without_image = sorted(masks.keys() - images.keys())
+    if without_mask:
+        problem = f"image(s) in {source.images} have no mask in {source.masks} and were left out"
+        warnings.append(_files_warning([images[stem].name for stem in without_mask], problem))
+    if without_image:
+        problem = f"mask(s) in {source.masks} have no image in {source.images} and were left out"
+        warnings.append(_files_warning([masks[stem].name for stem in without_image], problem))
+    pairs = [
+        _MaskPair(ids.assign(images[stem]), images[stem], masks[stem], source.split or "")
+        for stem in sorted(images.keys() & masks.keys())
+    ]
+    return pairs, warnings
+
+
+def _by_stem(files: list[Path]) -> dict[str, Path]:
+    by_stem: dict[str, Path] = {}
+    for path in files:
+        if path.stem in by_stem:
+            raise SegflowError(
+                f"{by_stem[path.stem]} and {path} have the same name without extension, so they cannot be paired."
+            )
+        by_stem[path.stem] = path
+    return by_stem
+
+
+def _convert_mask(
+    pair: _MaskPair, lookup: np.ndarray, num_classes: int | None, masks_dir: Path
+) -> tuple[_ManifestRow, int]:
+    """Map one mask's values, check it, write it; returns its manifest row and its highest class index (-1: none)."""
+    width, height = image_size(pair.image)
+    raw = read_mask(pair.mask)
+    if raw.shape != (height, width):
+        raise SegflowError(
+            f"{pair.mask} is {raw.shape[1]}x{raw.shape[0]} (width x height) but its image {pair.image} "
+            f"is {width}x{height}; a mask must have its image's size."
+        )
+    raw_values = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+    class_values = lookup[raw_values]
+    labels = class_values[class_values != IGNORE_INDEX]
+    if num_classes is not None and labels.size and labels.max() >= num_classes:
+        _raise_unknown_values(pair.mask, raw_values, class_values, num_classes)
+    write_mask(masks_dir / f"{pair.image_id}.png", lookup[raw])
+    highest = int(labels.max()) if labels.size else -1
+    return _ManifestRow(pair.image_id, pair.image, width, height, labeled=True, split=pair.split), highest
+
+
+def _raise_unknown_values(mask: Path, raw_values: np.ndarray, class_values: np.ndarray, num_classes: int) -> None:
+    unknown = (class_values >= num_classes) & (class_values != IGNORE_INDEX)
+    raw_text = ", ".join(str(value) for value in raw_values[unknown])
+    mapped = "" if np.array_equal(raw_values[unknown], class_values[unknown]) else (
+        " (mapped to " + ", ".join(str(value) for value in class_values[unknown]) + ")"
+    )
+    raise SegflowError(
+        f"{mask}: contains value(s) {raw_text}{mapped} that are not class indices: with {num_classes} classes "
+        f"the allowed values are 0..{num_classes - 1}, plus {IGNORE_INDEX} for ignore. Map the others with "
+        "value_map or ignore_value."
+    )
+
+
+def _default_class_names(highest: int) -> list[str]:
+    if highest < 0:
+        raise SegflowError("Every mask is entirely ignore (255); there are no classes to name. Pass the class names.")
+    return [f"class_{index}" for index in range(highest + 1)]

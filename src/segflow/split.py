@@ -1,0 +1,170 @@
+"""Split stage: assign every manifest row to train/val/test/unlabeled, reproducibly.
+
+Predefined splits (the ``split`` column of ``manifest.csv``) are kept as they are. Otherwise labeled
+images are split by seeded iterative stratification (Sechidis et al., 2011) on multi-label class
+presence taken from the validate stage's ``stats.csv``, so a rare class lands in every split. Exact
+duplicates (same decoded-pixel ``content_hash``) form one group and always share a split, so no
+picture leaks from train into evaluation. Rows without a mask get ``unlabeled``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from segflow.errors import SegflowError
+from segflow.fsutil import atomic_write_text
+
+SPLITS = ("train", "val", "test")
+UNLABELED = "unlabeled"
+PIXEL_COUNT_PREFIX = "px_"
+
+
+def read_manifest(data_dir: Path) -> pd.DataFrame:
+    """``manifest.csv`` with every column as text and empty cells as ``""`` (not NaN)."""
+    path = Path(data_dir) / "manifest.csv"
+    try:
+        manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise SegflowError(f"{path}: manifest not found; run the ingest stage first.") from None
+    missing = {"image_id", "image_path", "mask_path", "width", "height", "split"} - set(manifest.columns)
+    if missing:
+        raise SegflowError(f"{path}: missing column(s) {', '.join(sorted(missing))}; re-run the ingest stage.")
+    return manifest
+
+
+def has_predefined_splits(manifest: pd.DataFrame) -> bool:
+    """The source defined its own splits when any manifest row names one."""
+    return bool((manifest["split"] != "").any())
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1):
+            raise SegflowError(f"split.{name} must be a number between 0 and 1 (exclusive), got {value!r}.")
+    if val_fraction + test_fraction >= 1:
+        raise SegflowError(
+            f"split.val_fraction + split.test_fraction must be below 1 to leave training data, "
+            f"got {val_fraction} + {test_fraction} = {val_fraction + test_fraction:g}."
+        )
+
+
+def expected_split_sizes(n_groups: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """How many duplicate groups go to each split; validate uses the same rule to check the minimums.
+
+    Sizes round half up; with 3 or more groups every split gets at least one, taken from the larger
+    of val/test when train would otherwise be empty. With fewer, train is filled first.
+    """
+    val = math.floor(n_groups * val_fraction + 0.5)
+    test = math.floor(n_groups * test_fraction + 0.5)
+    if n_groups >= 3:
+        val, test = max(val, 1), max(test, 1)
+    while n_groups > 0 and val + test > n_groups - 1:
+        if test >= val and test > 0:
+            test -= 1
+        else:
+            val -= 1
+    return {"train": n_groups - val - test, "val": val, "test": test}
+
+
+def make_splits(
+    data_dir: Path, stats_csv: Path, out_csv: Path, *, seed: int, val_fraction: float, test_fraction: float
+) -> pd.DataFrame:
+    """Write ``out_csv`` (``image_id,split`` for every manifest row, in manifest order) and return it."""
+    check_fractions(val_fraction, test_fraction)
+    manifest = read_manifest(Path(data_dir))
+    labeled = manifest["mask_path"] != ""
+    split = pd.Series(UNLABELED, index=manifest.index, dtype=object)
+    if has_predefined_splits(manifest):
+        invalid = manifest.loc[labeled & ~manifest["split"].isin(SPLITS), ["image_id", "split"]]
+        if len(invalid):
+            examples = ", ".join(f"{r.image_id} ({r.split!r})" for r in invalid.head(5).itertuples())
+            raise SegflowError(
+                f"{Path(data_dir) / 'manifest.csv'}: {len(invalid)} labeled row(s) have no valid predefined "
+                f"split (train/val/test): {examples}. Run the validate stage for the full list."
+            )
+        split[labeled] = manifest.loc[labeled, "split"]
+    else:
+        stats = _read_stats(Path(stats_csv), manifest.loc[labeled, "image_id"])
+        group_of_image, presence = _duplicate_groups(stats)
+        sizes = expected_split_sizes(len(presence), val_fraction, test_fraction)
+        group_split = _iterative_stratification(presence, sizes, np.random.default_rng(seed))
+        split[labeled] = [group_split[group_of_image[i]] for i in manifest.loc[labeled, "image_id"]]
+    result = pd.DataFrame({"image_id": manifest["image_id"], "split": split.astype(str)})
+    atomic_write_text(out_csv, result.to_csv(index=False, lineterminator="\n"))
+    return result
+
+
+def _read_stats(stats_csv: Path, labeled_ids: pd.Series) -> pd.DataFrame:
+    """Rows of ``stats.csv`` for the labeled images, in manifest order."""
+    try:
+        stats = pd.read_csv(stats_csv, dtype={"image_id": str, "content_hash": str}, keep_default_na=False)
+    except FileNotFoundError:
+        raise SegflowError(f"{stats_csv}: not found; run the validate stage first.") from None
+    pixel_columns = [c for c in stats.columns if c.startswith(PIXEL_COUNT_PREFIX) and c[len(PIXEL_COUNT_PREFIX) :].isdigit()]
+    if "content_hash" not in stats.columns or not pixel_columns:
+        raise SegflowError(f"{stats_csv}: no content_hash/px_<class> columns; re-run the validate stage.")
+    stats = stats.drop_duplicates("image_id").set_index("image_id")
+    missing = labeled_ids[~labeled_ids.isin(stats.index)]
+    if len(missing):
+        raise SegflowError(
+            f"{stats_csv}: no statistics for {len(missing)} labeled image(s) of the manifest "
+            f"(e.g. {', '.join(missing.head(3))}); the file is stale, re-run the validate stage."
+        )
+    return stats.loc[labeled_ids.to_list(), ["content_hash", *pixel_columns]]
+
+
+def _duplicate_groups(stats: pd.DataFrame) -> tuple[dict[str, int], np.ndarray]:
+    """Map image_id -> group number (images with equal content_hash share one) and the groups'
+    class-presence matrix (groups x classes, bool), groups numbered in order of first appearance."""
+    # An image without a hash (it did not decode; validate reports it) is its own group.
+    keys = [h if h else f"id:{image_id}" for image_id, h in zip(stats.index, stats["content_hash"])]
+    group_numbers, _ = pd.factorize(pd.Series(keys), sort=False)
+    counts = stats.drop(columns="content_hash").apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy()
+    presence = np.zeros((group_numbers.max(initial=-1) + 1, counts.shape[1]), dtype=bool)
+    np.logical_or.at(presence, group_numbers, counts > 0)
+    return dict(zip(stats.index, group_numbers.tolist())), presence
+
+
+def _iterative_stratification(
+    presence: np.ndarray, sizes: dict[str, int], rng: np.random.Generator
+) -> dict[int, str]:
+    """Assign each group (row of ``presence``) to a split so that every split gets exactly its size
+    and each class is spread over the splits in proportion to those sizes.
+
+    The rarest class still unassigned is handled first, so its few groups go where it is most
+    lacking; ties are broken by the seeded generator.
+    """
+    n_groups = presence.shape[0]
+    names = list(sizes)
+    capacity = np.array([sizes[s] for s in names], dtype=float)
+    share = capacity / max(n_groups, 1)
+    wanted = np.outer(share, presence.sum(axis=0))  # splits x classes: groups with each class still wanted
+    # Visit groups in a seeded random order so the seed decides ties between otherwise equal groups.
+    remaining = list(rng.permutation(n_groups))
+    assignment: dict[int, str] = {}
+    while remaining:
+        left = presence[remaining]
+        class_counts = left.sum(axis=0)
+        if class_counts.any():
+            rarest = np.flatnonzero(class_counts == class_counts[class_counts > 0].min())
+            label = int(rng.choice(rarest))
+            batch = [g for g in remaining if presence[g, label]]
+        else:  # groups with no class present at all (every pixel ignored)
+            label = None
+            batch = list(remaining)
+        for group in batch:
+            open_splits = np.flatnonzero(capacity > 0)
+            first_key = wanted[open_splits, label] if label is not None else capacity[open_splits]
+            best = open_splits[first_key == first_key.max()]
+            best = best[capacity[best] == capacity[best].max()]
+            chosen = int(rng.choice(best))
+            assignment[int(group)] = names[chosen]
+            capacity[chosen] -= 1
+            wanted[chosen] -= presence[group]
+        taken = set(batch)
+        remaining = [g for g in remaining if g not in taken]
+    return assignment

@@ -1,0 +1,49 @@
+import pytest
+import yaml
+
+from segflow.config import load_params, parse_params
+from segflow.errors import SegflowError
+
+
+def test_repository_params_file_parses(project_root):
+    params = load_params(project_root / "params.yaml")
+    assert params.train.archs
+    assert params.register_.model_name
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epochs": "ten"}}))
+    with pytest.raises(SegflowError) as err:
+        load_params(path)
+    assert "train.epochs" in str(err.value) and str(path) in str(err.value)
+
+
+def test_misspelt_key_is_rejected():
+    with pytest.raises(SegflowError, match=r"train\.epoch: unknown key"):
+        parse_params({"train": {"epoch": 3}})
+
+
+def test_fractions_must_leave_training_data():
+    with pytest.raises(SegflowError, match="val_fraction"):
+        parse_params({"split": {"val_fraction": 0.5, "test_fraction": 0.5}})
+
+
+def test_masks_format_needs_folders():
+    with pytest.raises(SegflowError, match="data.masks.folders"):
+        parse_params({"data": {"format": "masks"}})
+
+
+def test_invalid_yaml_is_a_clear_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed")
+    with pytest.raises(SegflowError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_model_options_are_copies():
+    params = parse_params({"models": {"unet": {"encoder_name": "resnet18"}, "fcn8s": None}})
+    options = params.model_options("unet")
+    options["encoder_name"] = "changed"
+    assert params.model_options("unet") == {"encoder_name": "resnet18"}
+    assert params.model_options("fcn8s") == {}
