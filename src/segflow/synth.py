@@ -87,7 +87,7 @@ _MAX_OBJECTS = 8
 _PLACEMENT_ATTEMPTS = 4
 _MIN_VISIBLE_FRACTION = 0.3  # an object hidden beyond this is not worth a label
 _MIN_OBJECT_PIXELS = 10
-_LABELED_STREAM, _UNLABELED_STREAM = 0, 1
+LABELED_STREAM, UNLABELED_STREAM = 0, 1
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def _shade(colour: np.ndarray, brightness: np.ndarray) -> np.ndarray:
 
 
 def _draw_car(rng: np.random.Generator, cy: float, cx: float, size: int) -> _Sprite:
-    half_length = size * np.exp(rng.uniform(np.log(0.07), np.log(0.2)))
+    half_length = size * np.exp(rng.uniform(np.log(0.08), np.log(0.22)))
     half_height = half_length / rng.uniform(1.7, 2.6)
     corner = 0.35 * half_height
     wheel_radius = 0.42 * half_height
@@ -183,7 +183,8 @@ def _draw_car(rng: np.random.Generator, cy: float, cx: float, size: int) -> _Spr
     colour = _object_colour(rng, "car")
     # Texture: top-lit gradient over the body, a dark window band, dark tyres.
     brightness = 1.15 - 0.3 * np.clip((across + half_height) / (2 * half_height), 0.0, 1.0)
-    window = (np.abs(along) < 0.55 * half_length) & (across > -0.75 * half_height) & (across < -0.1 * half_height)
+    window_rows = (across > -0.75 * half_height) & (across < -0.1 * half_height)
+    window = window_rows & (np.abs(along) < 0.55 * half_length)
     brightness = np.where(window, 0.45 * brightness, brightness)
     rgb = _shade(colour, brightness)
     rgb[wheels & ~body] = np.array((35, 35, 38), dtype=np.float32) * rng.uniform(0.8, 1.2)
@@ -191,7 +192,7 @@ def _draw_car(rng: np.random.Generator, cy: float, cx: float, size: int) -> _Spr
 
 
 def _draw_tree(rng: np.random.Generator, cy: float, cx: float, size: int) -> _Sprite:
-    radius = size * np.exp(rng.uniform(np.log(0.06), np.log(0.17)))
+    radius = size * np.exp(rng.uniform(np.log(0.07), np.log(0.19)))
     harmonics = np.arange(2, 7)
     # Star-shaped outline r(theta) > 0: irregular, but always one piece without holes.
     amplitudes = rng.uniform(0.0, 0.35, harmonics.size) / harmonics * 2
@@ -204,19 +205,18 @@ def _draw_tree(rng: np.random.Generator, cy: float, cx: float, size: int) -> _Sp
     mask = distance <= outline
     colour = _object_colour(rng, "tree")
     # Texture: leafy speckle, slightly darker towards the rim.
-    brightness = (1.0 + rng.normal(0.0, 0.2, mask.shape)) * (1.1 - 0.3 * np.clip(distance / outline, 0.0, 1.0))
+    speckle = 1.0 + 0.2 * rng.standard_normal(mask.shape, dtype=np.float32)
+    brightness = speckle * (1.1 - 0.3 * np.clip(distance / outline, 0.0, 1.0))
     return _Sprite(y0, x0, mask, _shade(colour, brightness))
 
 
 def _draw_sign(rng: np.random.Generator, cy: float, cx: float, size: int) -> _Sprite:
-    inradius = size * np.exp(rng.uniform(np.log(0.025), np.log(0.07)))
+    inradius = size * np.exp(rng.uniform(np.log(0.03), np.log(0.08)))
     y0, x0, dy, dx = _local_grid(cy, cx, 2 * inradius + 1)
     along, across = _rotate(dy, dx, rng.uniform(-0.2, 0.2))
     # Upward triangle as the intersection of three half-planes (outward normals down, up-left, up-right).
     normal_angles = np.pi / 2 + np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3])
-    support = np.max(
-        [along * np.cos(a) + across * np.sin(a) for a in normal_angles], axis=0
-    )
+    support = np.max([along * np.cos(a) + across * np.sin(a) for a in normal_angles], axis=0)
     mask = support <= inradius
     face = support <= inradius * rng.uniform(0.45, 0.7)
     border_colour = _object_colour(rng, "sign")
@@ -231,7 +231,7 @@ def _draw_sign(rng: np.random.Generator, cy: float, cx: float, size: int) -> _Sp
 
 def _draw_pole(rng: np.random.Generator, cy: float, cx: float, size: int) -> _Sprite:
     half_length = size * rng.uniform(0.15, 0.4)
-    half_width = max(0.75, size * rng.uniform(0.006, 0.018))
+    half_width = max(0.75, size * rng.uniform(0.007, 0.02))
     y0, x0, dy, dx = _local_grid(cy, cx, half_length + 1)
     along, across = _rotate(dy, dx, np.pi / 2 + rng.uniform(-0.15, 0.15))
     mask = (np.abs(across) <= half_width) & (np.abs(along) <= half_length)
@@ -244,7 +244,7 @@ def _draw_pole(rng: np.random.Generator, cy: float, cx: float, size: int) -> _Sp
 
 
 def _draw_ball(rng: np.random.Generator, cy: float, cx: float, size: int) -> _Sprite:
-    radius = size * np.exp(rng.uniform(np.log(0.03), np.log(0.1)))
+    radius = size * np.exp(rng.uniform(np.log(0.035), np.log(0.11)))
     y0, x0, dy, dx = _local_grid(cy, cx, radius + 1)
     mask = np.hypot(dy, dx) <= radius
     colour = _object_colour(rng, "ball")
@@ -303,7 +303,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     pair = pair + rng.normal(0.0, 10.0, pair.shape).astype(np.float32)
     blend = _value_noise(rng, size)[..., None]
     shading = 0.85 + 0.3 * _value_noise(rng, size)[..., None]
-    return ((1.0 - blend) * pair[0] + blend * pair[1]) * shading
+    return (pair[0] + blend * (pair[1] - pair[0])) * shading
 
 
 def _random_centre(rng: np.random.Generator, size: int) -> tuple[float, float]:
@@ -312,7 +312,7 @@ def _random_centre(rng: np.random.Generator, size: int) -> tuple[float, float]:
 
 
 def _doubled_contours(mask: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, int, int]:
-    """Outer contours of ``mask`` cropped (one pixel of margin) and upsampled 2x; also the crop and its origin.
+    """Outer contours of ``mask`` cropped with a one-pixel margin and upsampled 2x; also the crop and origin.
 
     On the 2x grid a contour through boundary sub-pixel centres runs a quarter pixel inside the original
     pixel edges, so a polygon rasteriser that tests pixel centres reproduces the mask exactly.
@@ -345,37 +345,35 @@ def visible_polygons(mask: np.ndarray) -> list[list[float]]:
 
 
 def render_scene(seed: int, stream: int, index: int, image_size: int) -> Scene:
-    """Render image ``index`` of ``stream`` (0 labeled, 1 unlabeled) for ``seed``; pure and deterministic."""
+    """Render image ``index`` of ``stream`` (LABELED_STREAM or UNLABELED_STREAM); pure and deterministic."""
     rng = np.random.default_rng([seed, stream, index])
-    size = image_size
-    canvas = _background(rng, size)
+    canvas = _background(rng, image_size)
 
     for _ in range(rng.integers(3, 11)):
-        cy, cx = _random_centre(rng, size)
+        cy, cx = _random_centre(rng, image_size)
         local_tone = canvas[int(cy), int(cx)]
         colour = local_tone * rng.uniform(0.65, 1.35) + rng.normal(0.0, 10.0, 3).astype(np.float32)
-        _draw_clutter(rng, cy, cx, size, colour).paint(canvas, alpha=rng.uniform(0.35, 1.0))
+        _draw_clutter(rng, cy, cx, image_size, colour).paint(canvas, alpha=rng.uniform(0.35, 1.0))
 
-    instance_map = np.zeros((size, size), dtype=np.int32)
-    full_areas: list[int] = []
+    instance_map = np.zeros((image_size, image_size), dtype=np.int32)
+    unoccluded_areas: list[int] = []  # pixels inside the image before later objects covered any
     category_ids: list[int] = []
     class_names, frequencies = list(_CLASS_FREQUENCY), list(_CLASS_FREQUENCY.values())
-    for _ in range(min(_MAX_OBJECTS, 2 + rng.poisson(2.5))):
+    for _ in range(min(_MAX_OBJECTS, 2 + rng.poisson(3.0))):
         class_name = class_names[rng.choice(len(class_names), p=frequencies)]
         instance_id = len(category_ids) + 1
         for _ in range(_PLACEMENT_ATTEMPTS):
-            sprite = _DRAWERS[class_name](rng, *_random_centre(rng, size), size)
-            new_mask = sprite.full_mask(size)
-            if new_mask.sum() < _MIN_OBJECT_PIXELS:
+            sprite = _DRAWERS[class_name](rng, *_random_centre(rng, image_size), image_size)
+            new_mask = sprite.full_mask(image_size)
+            areas = [*unoccluded_areas, int(new_mask.sum())]
+            if areas[-1] < _MIN_OBJECT_PIXELS:
                 continue
             candidate = np.where(new_mask, instance_id, instance_map)
-            covered = np.unique(instance_map[new_mask])
-            touched = [int(k) for k in covered if k] + [instance_id]
-            areas = [*full_areas, int(new_mask.sum())]
+            touched = [int(k) for k in np.unique(instance_map[new_mask]) if k] + [instance_id]
             if all(_acceptable_visible_region(candidate == k, areas[k - 1]) for k in touched):
                 sprite.paint(canvas)
                 instance_map = candidate
-                full_areas.append(areas[-1])
+                unoccluded_areas = areas
                 category_ids.append(_CATEGORY_ID[class_name])
                 break
 
@@ -383,9 +381,10 @@ def render_scene(seed: int, stream: int, index: int, image_size: int) -> Scene:
     return Scene(image, instance_map, tuple(category_ids))
 
 
-def _acceptable_visible_region(visible: np.ndarray, full_area: int) -> bool:
+def _acceptable_visible_region(visible: np.ndarray, unoccluded_area: int) -> bool:
+    """Enough of the object still shows, and in a shape that polygons can describe."""
     area = int(visible.sum())
-    return area >= _MIN_VISIBLE_FRACTION * full_area and _polygons_cover_exactly(visible)
+    return area >= _MIN_VISIBLE_FRACTION * unoccluded_area and _polygons_cover_exactly(visible)
 
 
 def _finish(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
@@ -393,11 +392,12 @@ def _finish(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
     size = canvas.shape[0]
     angle = rng.uniform(0.0, 2 * np.pi)
     ramp = np.linspace(-0.5, 0.5, size, dtype=np.float32)
-    along = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]
-    gain = rng.uniform(0.8, 1.15) * (1.0 + rng.uniform(0.0, 0.5) * along)
+    along = np.float32(np.cos(angle)) * ramp[None, :] + np.float32(np.sin(angle)) * ramp[:, None]
+    gain = np.float32(rng.uniform(0.8, 1.15)) * (1.0 + np.float32(rng.uniform(0.0, 0.5)) * along)
     lit = canvas * gain[..., None]
-    blurred = cv2.GaussianBlur(lit.astype(np.float32), (0, 0), sigmaX=rng.uniform(0.3, 1.0))
-    noisy = blurred + rng.normal(0.0, rng.uniform(2.0, 8.0), blurred.shape).astype(np.float32)
+    blurred = cv2.GaussianBlur(lit, (0, 0), sigmaX=rng.uniform(0.3, 1.0))
+    noise = rng.standard_normal(blurred.shape, dtype=np.float32) * np.float32(rng.uniform(2.0, 8.0))
+    noisy = blurred + noise
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
@@ -413,7 +413,7 @@ def _annotations(scene: Scene, image_id: int, first_annotation_id: int) -> list[
                 "category_id": category_id,
                 "segmentation": visible_polygons(visible),
                 "area": int(visible.sum()),
-                "bbox": [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)],
+                "bbox": [int(x) for x in (cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1)],
                 "iscrowd": 0,
             }
         )
@@ -428,7 +428,7 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 
 def generate(
-    out: Path,
+    out: Path | str,
     *,
     seed: int = 0,
     num_labeled: int = 160,
@@ -444,6 +444,8 @@ def generate(
     _check_int("num_labeled", num_labeled, 1)
     _check_int("num_unlabeled", num_unlabeled, 0)
     _check_int("image_size", image_size, 32)
+    # Plain ints from here on, so numpy integers passed in still serialise to JSON.
+    seed, num_labeled, num_unlabeled, image_size = map(int, (seed, num_labeled, num_unlabeled, image_size))
 
     images, annotations = [], []
     instances_per_class = dict.fromkeys(CLASS_NAMES, 0)
@@ -452,7 +454,7 @@ def generate(
         (tmp / "images").mkdir()
         (tmp / "unlabeled").mkdir()
         for index in range(num_labeled):
-            scene = render_scene(seed, _LABELED_STREAM, index, image_size)
+            scene = render_scene(seed, LABELED_STREAM, index, image_size)
             file_name = f"{index:06d}.png"
             write_image(tmp / "images" / file_name, scene.image)
             image_id = index + 1
@@ -461,15 +463,19 @@ def generate(
             for category_id in scene.instance_category_ids:
                 instances_per_class[name_of[category_id]] += 1
         for index in range(num_unlabeled):
-            scene = render_scene(seed, _UNLABELED_STREAM, index, image_size)
+            scene = render_scene(seed, UNLABELED_STREAM, index, image_size)
             write_image(tmp / "unlabeled" / f"{index:06d}.png", scene.image)
         coco = {
             "info": {"description": "segflow synthetic street scenes", "seed": seed},
             "images": images,
             "annotations": annotations,
-            "categories": [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in CATEGORIES],
+            "categories": [
+                {"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in CATEGORIES
+            ],
         }
-        (tmp / "annotations.json").write_text(json.dumps(coco, separators=(",", ":")) + "\n", encoding="utf-8")
+        # Compact on purpose: polygons are long, and nobody reads this file by eye.
+        text = json.dumps(coco, separators=(",", ":")) + "\n"
+        (tmp / "annotations.json").write_text(text, encoding="utf-8")
 
     return {
         "num_labeled": num_labeled,
