@@ -10,6 +10,7 @@ picture leaks from train into evaluation. Rows without a mask get ``unlabeled``.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def _read_stats(stats_csv: Path, labeled_ids: pd.Series) -> pd.DataFrame:
         stats = pd.read_csv(stats_csv, dtype={"image_id": str, "content_hash": str}, keep_default_na=False)
     except FileNotFoundError:
         raise SegflowError(f"{stats_csv}: not found; run the validate stage first.") from None
-    pixel_columns = [c for c in stats.columns if c.startswith(PIXEL_COUNT_PREFIX) and c[len(PIXEL_COUNT_PREFIX) :].isdigit()]
+    pixel_columns = [c for c in stats.columns if re.fullmatch(rf"{PIXEL_COUNT_PREFIX}\d+", c)]
     if "content_hash" not in stats.columns or not pixel_columns:
         raise SegflowError(f"{stats_csv}: no content_hash/px_<class> columns; re-run the validate stage.")
     stats = stats.drop_duplicates("image_id").set_index("image_id")

@@ -10,6 +10,7 @@ not the data passes, then raises :class:`ValidationFailed` naming the failing fi
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ def validate(
     class_names, ignore_index = _read_classes(data_dir)
     stats = image_statistics(data_dir, manifest, len(class_names), ignore_index)
     predefined = has_predefined_splits(manifest)
-    checks = _checks(stats, class_names, ignore_index, predefined, minimums, val_fraction, test_fraction)
+    checks = _checks(class_names, ignore_index, predefined, minimums, val_fraction, test_fraction)
 
     with atomic_dir(out_dir) as tmp:
         stats.to_csv(tmp / "stats.csv", index=False, lineterminator="\n")
@@ -242,7 +243,6 @@ def _read_classes(data_dir: Path) -> tuple[list[str], int]:
 
 
 def _checks(
-    stats: pd.DataFrame,
     class_names: list[str],
     ignore_index: int,
     predefined: bool,
@@ -390,8 +390,12 @@ def _checks(
 def _groups_needed(minimums: dict[str, int], val_fraction: float, test_fraction: float) -> int:
     """Fewest distinct labeled pictures whose split by the fractions meets every minimum."""
     needed = max(1, sum(minimums.values()))
-    # Split sizes grow with the count (the fractions are below 1 and leave train a positive share),
-    # so counting up terminates.
+    # Start at a lower bound so that tiny fractions do not mean millions of steps: for a minimum
+    # m >= 2, round(n * fraction) must reach m by itself (the at-least-one rule only lifts 0 to 1).
+    for split, fraction in (("val", val_fraction), ("test", test_fraction)):
+        if minimums[split] >= 2:
+            needed = max(needed, math.ceil((minimums[split] - 0.5) / fraction) - 1)
+    # Split sizes grow with the count (the fractions leave train a positive share), so this ends.
     while any(expected_split_sizes(needed, val_fraction, test_fraction)[s] < m for s, m in minimums.items()):
         needed += 1
     return needed
@@ -412,7 +416,11 @@ def _run_checkpoint(stats: pd.DataFrame, checks: dict[str, _Check], docs_dir: Pa
                 "class_name": "SiteBuilder",
                 "show_how_to_buttons": False,
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                # GX requires an absolute base_directory; the stage is usually given relative paths.
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir.absolute()),
+                },
             }
         },
     )
@@ -434,9 +442,10 @@ def _run_checkpoint(stats: pd.DataFrame, checks: dict[str, _Check], docs_dir: Pa
             name="segflow_validate",
             validation_definitions=[definition],
             actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
-            # SUMMARY keeps the first IDS_IN_SUMMARY failing rows, identified by INDEX_COLUMNS.
+            # COMPLETE makes Data Docs list the failing rows by INDEX_COLUMNS; the partial lists
+            # (first IDS_IN_SUMMARY rows) feed summary.json.
             result_format={
-                "result_format": "SUMMARY",
+                "result_format": "COMPLETE",
                 "partial_unexpected_count": IDS_IN_SUMMARY,
                 "unexpected_index_column_names": INDEX_COLUMNS,
             },
@@ -489,7 +498,8 @@ def _exception_message(result: Any) -> str:
     """GX reports a crash inside an expectation as a failed result with exception_info, sometimes per metric."""
     info = result.exception_info or {}
     candidates = [info] if "raised_exception" in info else list(info.values())
-    return "; ".join(str(i.get("exception_message")) for i in candidates if isinstance(i, dict) and i.get("raised_exception"))
+    raised = [i for i in candidates if isinstance(i, dict) and i.get("raised_exception")]
+    return "; ".join(str(i.get("exception_message")) for i in raised)
 
 
 def _plain(value: Any) -> Any:
