@@ -21,7 +21,11 @@ pixels, only as a group. Overlaps are painted largest rasterized area first (tie
 first), so smaller objects stay on top.
 
 Mask folders: masks pair with images by file name without extension; ``value_map`` is applied first,
-then ``ignore_value`` becomes 255.
+then ``ignore_value`` becomes 255. Masks must be lossless (png/bmp/tif), since JPEG alters label values.
+
+Manifest rows: labeled images in source order (the COCO file's order; mask sources in the order given,
+each sorted by name), then unlabeled images sorted by path. Warnings (unpaired or unlisted images) are
+logged on ``segflow.ingest`` and returned in the report; ``strict=True`` makes them an error instead.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -46,6 +50,11 @@ from segflow import IGNORE_INDEX
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import image_size, read_mask, write_mask
+
+if TYPE_CHECKING:
+    from segflow.config import DataParams
+
+__all__ = ["IngestReport", "MaskSource", "ingest_coco", "ingest_from_params", "ingest_masks", "parse_value_map"]
 
 log = logging.getLogger("segflow.ingest")
 
@@ -73,6 +82,8 @@ class MaskSource:
 
 @dataclass
 class IngestReport:
+    """What an ingest wrote: image counts, the warnings it logged and the class names (index order)."""
+
     labeled: int
     unlabeled: int
     warnings: list[str] = field(default_factory=list)
@@ -109,11 +120,11 @@ def ingest_coco(
     skipped = (final_out,) if unlabeled is None else (final_out, Path(unlabeled))
     present, warnings = _match_coco_images(coco, images, annotations, skipped)
     ids = _ImageIds()
-    items = [_CocoItem(ids.assign(images / entry.file_name), images / entry.file_name, entry) for entry in present]
+    items = [_CocoItem(ids.assign(path), path, entry) for path, entry in present]
     unlabeled_files = _unlabeled_files(unlabeled, final_out, ids)
     _settle_warnings(warnings, strict)
     if not items:
-        raise SegflowError(f"{annotations}: none of its images were found under {images}; nothing to ingest.")
+        raise SegflowError(f"{annotations}: no image it lists was found under {images}; nothing to ingest.")
 
     names = [BACKGROUND] + [name for _, name in coco.categories]
     with atomic_dir(out) as tmp:
@@ -183,6 +194,25 @@ def ingest_masks(
     return IngestReport(len(rows), len(unlabeled_rows), warnings, list(names))
 
 
+def ingest_from_params(data: DataParams, out: Path) -> IngestReport:
+    """Run the ingest that ``params.yaml``'s ``data`` section describes; its paths are relative to ``data.root``."""
+    unlabeled = None if data.unlabeled is None else data.root / data.unlabeled
+    if data.format == "coco":
+        images, annotations = data.root / data.coco.images, data.root / data.coco.annotations
+        return ingest_coco(images, annotations, out, unlabeled=unlabeled, strict=data.strict)
+    root = data.root
+    sources = [MaskSource(root / folder.images, root / folder.masks, folder.split) for folder in data.masks.folders]
+    return ingest_masks(
+        sources,
+        out,
+        classes=data.masks.classes,
+        value_map=data.masks.value_map,
+        ignore_value=data.masks.ignore_value,
+        unlabeled=unlabeled,
+        strict=data.strict,
+    )
+
+
 def parse_value_map(text: str) -> dict[int, int]:
     """Parse ``"0:0,255:1"`` (raw mask value ``:`` class index, comma separated) into a dict."""
     value_map: dict[int, int] = {}
@@ -234,12 +264,13 @@ def _list_images(folder: Path, what: str, skipped: Iterable[Path] = ()) -> list[
     if not folder.is_dir():
         raise SegflowError(f"{folder}: {what} folder not found (or not a folder).")
     skipped = [path.resolve() for path in skipped]
+    resolved_folder = folder.resolve()
     found = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
         if path.suffix.lower() not in IMAGE_EXTENSIONS or any(part.startswith(".") for part in relative.parts):
             continue
-        if path.is_file() and not any(path.resolve().is_relative_to(skip) for skip in skipped):
+        if path.is_file() and not any((resolved_folder / relative).is_relative_to(skip) for skip in skipped):
             found.append(path)
     return sorted(found)
 
@@ -260,13 +291,13 @@ def _files_warning(files: Sequence[Any], problem: str) -> str:
     """``"3 <problem>: a, b, c"``, naming at most MAX_NAMED_FILES of them."""
     named = ", ".join(str(name) for name in files[:MAX_NAMED_FILES])
     more = f" and {len(files) - MAX_NAMED_FILES} more" if len(files) > MAX_NAMED_FILES else ""
-    return f"{len(files)} {problem}: {named}{more}."
+    return f"{len(files)} {problem} and are left out: {named}{more}."
 
 
 def _settle_warnings(warnings: list[str], strict: bool) -> None:
     """Strict mode turns warnings into one error; otherwise they are logged and ingest goes on."""
     if strict and warnings:
-        raise SegflowError("Strict mode: " + " ".join(warnings))
+        raise SegflowError("Strict mode (these would otherwise only be warnings): " + " ".join(warnings))
     for warning in warnings:
         log.warning(warning)
 
@@ -297,7 +328,7 @@ def _write_outputs(tmp: Path, final_out: Path, rows: list[_ManifestRow], classes
 
 def _is_byte_text(text: str) -> bool:
     text = text.strip()
-    return text.isdigit() and int(text) <= 255
+    return text.isascii() and text.isdigit() and int(text) <= 255
 
 
 def _short(value: Any) -> str:
@@ -420,7 +451,13 @@ def _parse_categories(entries: list, path: Path) -> list[tuple[int, str]]:
             f"{path}: {len(by_id)} categories do not fit 8-bit masks (at most {MAX_CLASSES - 1} plus background)."
         )
     categories = sorted(by_id.items())
-    _check_class_names([BACKGROUND] + [name for _, name in categories], source=f"{path}: category names")
+    for category_id, name in categories:
+        if name == BACKGROUND:
+            raise SegflowError(
+                f"{path}: category id {category_id} is named {BACKGROUND!r}, which segflow reserves for index 0 "
+                "(pixels of no annotation). Rename the category, or remove it if no annotation uses it."
+            )
+    _check_class_names([name for _, name in categories], source=f"{path}: category names")
     return categories
 
 
@@ -442,7 +479,7 @@ def _parse_images(entries: list, path: Path) -> dict[int, _CocoImage]:
             raise SegflowError(
                 f"{path}: image id {image_id} is used twice ({images[image_id].file_name!r}, {image.file_name!r})."
             )
-        other = id_by_file.setdefault(image.file_name, image_id)
+        other = id_by_file.setdefault(os.path.normpath(image.file_name), image_id)
         if other != image_id:
             raise SegflowError(
                 f"{path}: file_name {image.file_name!r} is listed twice (image ids {other} and {image_id})."
@@ -516,13 +553,48 @@ def _check_rle(rle: dict, image: _CocoImage, where: str, path: Path) -> None:
             f"[{image.height}, {image.width}]."
         )
     counts = rle["counts"]
-    valid_list = isinstance(counts, list) and all(
-        isinstance(count, int) and not isinstance(count, bool) and count >= 0 for count in counts
-    )
-    if not (valid_list or isinstance(counts, str)):
+    if isinstance(counts, str):
+        runs = _compressed_rle_runs(counts)
+    elif isinstance(counts, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        runs = counts
+    else:
+        runs = None
+    if runs is None:
         raise SegflowError(
-            f"{path}: {where}: RLE 'counts' must be a list of non-negative integers or a compressed string."
+            f"{path}: {where}: RLE 'counts' must be a list of non-negative integers or a valid compressed string."
         )
+    # pycocotools leaves pixels past a short RLE uninitialised (random masks), so the runs must cover the image.
+    if sum(runs) != image.height * image.width:
+        raise SegflowError(
+            f"{path}: {where}: RLE counts cover {sum(runs)} pixels, but the image has "
+            f"{image.height}x{image.width} = {image.height * image.width}."
+        )
+
+
+def _compressed_rle_runs(text: str) -> list[int] | None:
+    """Run lengths of a compressed RLE string, decoded as pycocotools' ``rleFrString`` does; None if malformed."""
+    runs: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:  # 5 bits per character, 0x20 = "more characters follow", 0x10 on the last one = negative
+            if position == len(text):
+                return None
+            char = ord(text[position]) - 48
+            if not 0 <= char < 64:
+                return None
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            position += 1
+            shift += 5
+            if not more and char & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:  # runs after the first two are stored as differences
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+    return runs
 
 
 def _is_finite_number(value: Any) -> bool:
@@ -536,19 +608,19 @@ def _is_finite_number(value: Any) -> bool:
 
 def _match_coco_images(
     coco: _CocoFile, images: Path, annotations: Path, skipped: tuple[Path, ...]
-) -> tuple[list[_CocoImage], list[str]]:
+) -> tuple[list[tuple[Path, _CocoImage]], list[str]]:
     """Listed images found on disk, and warnings about listed-but-missing and on-disk-but-unlisted ones."""
     on_disk = {Path(os.path.normpath(path)) for path in _list_images(images, "images", skipped)}
     listed = {Path(os.path.normpath(images / entry.file_name)): entry for entry in coco.images}
-    present = [entry for path, entry in listed.items() if path.is_file()]
+    present = [(path, entry) for path, entry in listed.items() if path.is_file()]
     missing = [entry.file_name for path, entry in listed.items() if not path.is_file()]
-    unlisted = sorted(str(path.relative_to(images)) for path in on_disk - listed.keys())
+    unlisted = sorted(os.path.relpath(path, images) for path in on_disk - listed.keys())
     warnings = []
     if missing:
-        problem = f"image(s) listed in {annotations} are missing under {images} and were left out"
+        problem = f"image(s) listed in {annotations} are missing under {images}"
         warnings.append(_files_warning(missing, problem))
     if unlisted:
-        problem = f"image(s) under {images} are not listed in {annotations} and were left out"
+        problem = f"image(s) under {images} are not listed in {annotations}"
         warnings.append(_files_warning(unlisted, problem))
     return present, warnings
 
@@ -561,25 +633,18 @@ def _write_coco_mask(item: _CocoItem, coco: _CocoFile, annotations_file: Path, m
             f"{annotations_file}: image id {entry.id} is {entry.width}x{entry.height} (width x height) there, "
             f"but {item.path} is {width}x{height} on disk."
         )
-    mask = _rasterize(coco.annotations[entry.id], entry, annotations_file)
+    mask = _rasterize(coco.annotations[entry.id], entry)
     write_mask(masks_dir / f"{item.image_id}.png", mask)
     return _ManifestRow(item.image_id, item.path, width, height, labeled=True)
 
 
-def _rasterize(annotations: list[_CocoAnnotation], image: _CocoImage, annotations_file: Path) -> np.ndarray:
+def _rasterize(annotations: list[_CocoAnnotation], image: _CocoImage) -> np.ndarray:
     """Paint annotations largest area first so small objects on top of large ones stay visible."""
     canvas = np.zeros((image.height, image.width), dtype=np.uint8)
     rles = [(annotation, _annotation_rle(annotation.segmentation, image)) for annotation in annotations]
     # Areas come from the RLEs, so sorting needs no decoded masks; each is decoded only while painted.
     for annotation, rle in sorted(rles, key=lambda pair: (int(mask_utils.area(pair[1])), -pair[0].id), reverse=True):
-        try:
-            painted = mask_utils.decode(rle).astype(bool)
-        except ValueError as exc:  # pycocotools checks RLE counts only when decoding
-            raise SegflowError(
-                f"{annotations_file}: annotation id {annotation.id} (image {image.file_name!r}): "
-                f"invalid RLE segmentation ({exc})."
-            ) from None
-        canvas[painted] = annotation.class_index
+        canvas[mask_utils.decode(rle).astype(bool)] = annotation.class_index
     return canvas
 
 
@@ -647,10 +712,10 @@ def _pair_source(source: MaskSource, ids: _ImageIds, final_out: Path) -> tuple[l
     without_mask = sorted(images.keys() - masks.keys())
     without_image = sorted(masks.keys() - images.keys())
     if without_mask:
-        problem = f"image(s) in {source.images} have no mask in {source.masks} and were left out"
+        problem = f"image(s) in {source.images} have no mask in {source.masks}"
         warnings.append(_files_warning([images[stem].name for stem in without_mask], problem))
     if without_image:
-        problem = f"mask(s) in {source.masks} have no image in {source.images} and were left out"
+        problem = f"mask(s) in {source.masks} have no image in {source.images}"
         warnings.append(_files_warning([masks[stem].name for stem in without_image], problem))
     pairs = [
         _MaskPair(ids.assign(images[stem]), images[stem], masks[stem], source.split or "")
