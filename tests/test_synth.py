@@ -47,18 +47,18 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path: Path) 
 
     other = tmp_path / "c"
     assert (first / "annotations.json").read_bytes() != (other / "annotations.json").read_bytes()
-    assert (first / "images/000000.png").read_bytes() != (other / "images/000000.png").read_bytes()
-    assert (first / "unlabeled/000000.png").read_bytes() != (other / "unlabeled/000000.png").read_bytes()
+    assert (first / "images/labeled_000000.png").read_bytes() != (other / "images/labeled_000000.png").read_bytes()
+    assert (first / "unlabeled/unlabeled_000000.png").read_bytes() != (other / "unlabeled/unlabeled_000000.png").read_bytes()
 
 
 def test_labeled_images_do_not_depend_on_unlabeled_count(tmp_path: Path) -> None:
     synth.generate(tmp_path / "few", seed=5, num_labeled=2, num_unlabeled=0, image_size=48)
     synth.generate(tmp_path / "many", seed=5, num_labeled=2, num_unlabeled=3, image_size=48)
-    for name in ("annotations.json", "images/000001.png"):
+    for name in ("annotations.json", "images/labeled_000001.png"):
         assert (tmp_path / "few" / name).read_bytes() == (tmp_path / "many" / name).read_bytes()
     # Unlabeled images come from their own stream, not copies of the labeled ones.
     assert not np.array_equal(
-        read_image(tmp_path / "many/unlabeled/000000.png"), read_image(tmp_path / "many/images/000000.png")
+        read_image(tmp_path / "many/unlabeled/unlabeled_000000.png"), read_image(tmp_path / "many/images/labeled_000000.png")
     )
 
 
@@ -94,7 +94,7 @@ def test_counts_match_arguments_and_every_class_appears(dataset: tuple[Path, dic
     file_names = sorted(image["file_name"] for image in coco["images"])
     assert sorted(p.name for p in (out / "images").iterdir()) == file_names
     assert len(list((out / "unlabeled").glob("*.png"))) == 5
-    assert read_image(out / "unlabeled/000004.png").shape == (SIZE, SIZE, 3)
+    assert read_image(out / "unlabeled/unlabeled_000004.png").shape == (SIZE, SIZE, 3)
 
     assert summary["num_labeled"] == 30 and summary["num_unlabeled"] == 5
     assert summary["num_annotations"] == len(coco["annotations"])

@@ -205,7 +205,9 @@ def list_models() -> None:
 
 def main() -> None:
     """Entry point: user mistakes become one paragraph on stderr and a non-zero exit, not a traceback."""
-    logging.basicConfig(level=os.environ.get("SEGFLOW_LOG_LEVEL", "INFO"), format="%(name)s: %(message)s")
+    # Libraries stay at WARNING: Great Expectations and MLflow are chatty at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("segflow").setLevel(os.environ.get("SEGFLOW_LOG_LEVEL", "INFO"))
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     try:
         app()

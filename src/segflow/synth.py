@@ -455,7 +455,7 @@ def generate(
         (tmp / "unlabeled").mkdir()
         for index in range(num_labeled):
             scene = render_scene(seed, LABELED_STREAM, index, image_size)
-            file_name = f"{index:06d}.png"
+            file_name = f"labeled_{index:06d}.png"
             write_image(tmp / "images" / file_name, scene.image)
             image_id = index + 1
             images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
@@ -464,7 +464,8 @@ def generate(
                 instances_per_class[name_of[category_id]] += 1
         for index in range(num_unlabeled):
             scene = render_scene(seed, UNLABELED_STREAM, index, image_size)
-            write_image(tmp / "unlabeled" / f"{index:06d}.png", scene.image)
+            # Distinct stems: ingest derives image ids from file names across both folders.
+            write_image(tmp / "unlabeled" / f"unlabeled_{index:06d}.png", scene.image)
         coco = {
             "info": {"description": "segflow synthetic street scenes", "seed": seed},
             "images": images,

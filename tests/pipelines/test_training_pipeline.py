@@ -1,0 +1,119 @@
+"""End to end: the Prefect flow runs every DVC stage on a tiny generated dataset and promotes a model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from segflow.imageio import read_image
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "synth": {"num_labeled": 30, "num_unlabeled": 12, "image_size": 64},
+    "train": {"archs": ["unet", "pspnet"], "epochs": 2, "batch_size": 4, "crop_size": 64},
+    "teacher": {"arch": "unet", "epochs": 2},
+    "register": {"model_name": "segflow-e2e"},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        base[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+def _load_flow_module(project_root: Path):
+    spec = importlib.util.spec_from_file_location("training_pipeline", project_root / "pipelines/training_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, project_root) -> Path:
+    """A fresh project folder: dvc.yaml, params.yaml (tiny), git and DVC initialised."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(project_root / "dvc.yaml", root)
+    params = _merge(yaml.safe_load((project_root / "params.yaml").read_text()), TINY)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Code dependencies of the stages, so DVC sees the same graph as in the repository.
+    shutil.copytree(project_root / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline_decision(project, project_root, prefect_harness) -> dict:
+    flow_module = _load_flow_module(project_root)
+    cwd = os.getcwd()
+    try:
+        return flow_module.segflow_pipeline(project=str(project))
+    finally:
+        os.chdir(cwd)
+
+
+def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, text=True)
+
+
+def test_pipeline_registers_and_promotes_the_best_architecture(pipeline_decision, project):
+    assert pipeline_decision["promoted"] is True
+    assert pipeline_decision["arch"] in TINY["train"]["archs"]
+    for name in [*TINY["train"]["archs"], "teacher"]:
+        metrics = json.loads((project / "metrics" / f"{name}.json").read_text())
+        assert 0 <= metrics["miou"] <= 1
+        assert (project / "evaluation" / name / "confusion_matrix.png").stat().st_size > 0
+    best = max(TINY["train"]["archs"], key=lambda a: json.loads((project / "metrics" / f"{a}.json").read_text())["miou"])
+    assert pipeline_decision["arch"] == best
+    assert (project / "data/pseudo/coverage.json").exists()
+    assert (project / "data/validation/data_docs/index.html").exists()
+
+
+def test_champion_loads_without_pickle_and_predicts_a_mask(pipeline_decision, project):
+    client = MlflowClient()
+    name = TINY["register"]["model_name"]
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == pipeline_decision["version"]
+    assert champion.tags["test_data_hash"] and champion.tags["arch"] == pipeline_decision["arch"]
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    image = read_image(next((project / "data/synthetic/images").iterdir()))
+    mask = model.predict(image)
+    assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
+    classes = json.loads((project / "data/ingested/classes.json").read_text())["names"]
+    assert mask.max() < len(classes)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion"))
+    assert not list(local.rglob("*.pkl")) and list(local.rglob("*.safetensors"))
+
+
+def test_stage_runs_are_nested_under_one_parent_run(pipeline_decision):
+    runs = mlflow.search_runs(experiment_names=["segflow"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("segflow.stage") == "pipeline"]
+    assert parents
+    parent_id = parents[0].info.run_id
+    children = {r.data.tags.get("segflow.stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    assert {"train", "evaluate", "pseudo_label", "register", "validate"} <= children
+
+
+def test_second_repro_is_a_no_op_and_a_param_change_reruns_only_its_stages(pipeline_decision, project):
+    assert "up to date" in _dvc(project, "status").stdout
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["evaluate"]["num_overlays"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = _dvc(project, "status", "--json")
+    changed = set(json.loads(stale.stdout))
+    assert changed == {"evaluate@unet", "evaluate@pspnet", "evaluate_teacher"}
