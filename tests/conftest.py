@@ -29,3 +29,13 @@ def mlflow_store(tmp_path_factory) -> str:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ.pop("SEGFLOW_PARENT_RUN_ID", None)
     return uri
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A throwaway Prefect server and database for the tests that run flows."""
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

@@ -88,7 +88,7 @@ def test_champion_loads_without_pickle_and_predicts_a_mask(pipeline_decision, pr
     client = MlflowClient()
     name = TINY["register"]["model_name"]
     champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.version == pipeline_decision["version"]
+    assert str(champion.version) == pipeline_decision["version"]
     assert champion.tags["test_data_hash"] and champion.tags["arch"] == pipeline_decision["arch"]
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     image = read_image(next((project / "data/synthetic/images").iterdir()))

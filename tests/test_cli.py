@@ -1,0 +1,44 @@
+"""The command line turns user mistakes into one paragraph and a non-zero exit, never a traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+SEGFLOW = str(Path(sys.executable).parent / "segflow")
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([SEGFLOW, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_broken_coco_file_exits_2_naming_the_file(tmp_path):
+    (tmp_path / "images").mkdir()
+    annotations = tmp_path / "train.json"
+    annotations.write_text("{not json")
+    result = _run("ingest", "coco", "--images", "images", "--annotations", "train.json", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "segflow: error:" in result.stderr and "train.json" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_parameter_type_exits_2_naming_the_key(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"split": {"seed": "zero"}}))
+    result = _run("split", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "split.seed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_needs_exactly_one_target(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}")
+    result = _run("train", cwd=tmp_path)
+    assert result.returncode == 2 and "--arch" in result.stderr
+
+
+def test_models_lists_the_classic_line(tmp_path):
+    result = _run("models", cwd=tmp_path)
+    assert result.returncode == 0
+    for name in ("fcn8s", "segnet", "unet", "deeplabv3plus", "pspnet"):
+        assert name in result.stdout

@@ -1,0 +1,70 @@
+"""Registry gate against a real (embedded) MLflow store: promote only a better challenger."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from segflow import models
+from segflow.config import parse_params
+from segflow.imageio import write_image, write_mask
+from segflow.inference import ModelCard, save_model
+from segflow.register import register
+
+ARCH = "fcn32s"
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    """A trained-looking model folder, one tiny labeled test image, and its splits file."""
+    torch.manual_seed(0)
+    model = models.build(ARCH, num_classes=2, width=0.0625)
+    save_model(model, ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"], options={"width": 0.0625}),
+               tmp_path / "models" / ARCH)
+    (tmp_path / "models" / ARCH / "history.json").write_text("[]")
+    data = tmp_path / "data"
+    (data / "masks").mkdir(parents=True)
+    write_image(data / "a.png", np.full((16, 16, 3), 100, np.uint8))
+    write_mask(data / "masks" / "a.png", np.eye(16, dtype=np.uint8))
+    (data / "manifest.csv").write_text("image_id,image_path,mask_path,width,height,split\na,a.png,masks/a.png,16,16,\n")
+    (data / "classes.json").write_text(json.dumps({"names": ["background", "thing"]}))
+    (tmp_path / "splits.csv").write_text("image_id,split\na,test\n")
+    return tmp_path
+
+
+def _register(workspace: Path, name: str, miou: float, data_hash: str = "hash-1"):
+    metrics = workspace / "metrics"
+    metrics.mkdir(exist_ok=True)
+    (metrics / f"{ARCH}.json").write_text(json.dumps({"miou": miou, "test_data_hash": data_hash}))
+    params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": name, "margin": 0.01}})
+    return register(params, metrics_dir=metrics, models_dir=workspace / "models", data_dir=workspace / "data",
+                    splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
+
+
+def test_first_version_becomes_champion_and_a_worse_one_stays_challenger(workspace):
+    client = MlflowClient()
+    first = _register(workspace, "gate-a", 0.50)
+    assert first.promoted and first.reason == "no champion yet"
+    worse = _register(workspace, "gate-a", 0.505)  # better, but not by the 0.01 margin
+    assert not worse.promoted and worse.champion_score == pytest.approx(0.50)
+    assert str(client.get_model_version_by_alias("gate-a", "champion").version) == first.version
+    assert str(client.get_model_version_by_alias("gate-a", "challenger").version) == worse.version
+    better = _register(workspace, "gate-a", 0.60)
+    assert better.promoted
+    assert str(client.get_model_version_by_alias("gate-a", "champion").version) == better.version
+    history = json.loads(client.get_registered_model("gate-a").tags["champion_history"])
+    assert [h["version"] for h in history] == [first.version, better.version]
+    assert json.loads((workspace / "decision.json").read_text())["version"] == better.version
+
+
+def test_champion_scored_on_other_test_data_is_rescored_before_comparing(workspace):
+    _register(workspace, "gate-b", 0.99, data_hash="old-test-split")  # a score from other data
+    decision = _register(workspace, "gate-b", 0.30, data_hash="new-test-split")
+    # The champion's 0.99 must not be used: its weights are re-scored on the current test image.
+    assert decision.champion_score is not None and decision.champion_score < 0.99
+    assert decision.promoted == (0.30 > decision.champion_score + 0.01)
