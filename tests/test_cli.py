@@ -42,3 +42,8 @@ def test_models_lists_the_classic_line(tmp_path):
     assert result.returncode == 0
     for name in ("fcn8s", "segnet", "unet", "deeplabv3plus", "pspnet"):
         assert name in result.stdout
+
+
+def test_ingest_masks_needs_one_mask_folder_per_image_folder(tmp_path):
+    result = _run("ingest", "masks", "--images", "a", "--masks", "b", "--masks", "c", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 2 and "one --masks" in result.stderr

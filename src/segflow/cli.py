@@ -59,21 +59,24 @@ def ingest_coco_command(
 
 @ingest_app.command("masks")
 def ingest_masks_command(
-    images: Annotated[Path, typer.Option(help="Folder of images.")],
-    masks: Annotated[Path, typer.Option(help="Folder of index-PNG masks, paired with images by file stem.")],
+    images: Annotated[list[Path], typer.Option(help="Folder of images; repeat for several splits.")],
+    masks: Annotated[list[Path], typer.Option(help="Folder of index-PNG masks paired by file stem; one per --images.")],
     out: Annotated[Path, typer.Option(help="Output folder (replaced whole on success).")] = Layout.ingested,
     classes: Annotated[Optional[str], typer.Option(help="Class names in index order, comma-separated.")] = None,
     value_map: Annotated[Optional[str], typer.Option(help="Raw mask value mapping, e.g. 0:0,255:1.")] = None,
     ignore_value: Annotated[Optional[int], typer.Option(help="Raw mask value that means ignore.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Record this predefined split (train, val or test).")] = None,
+    split: Annotated[Optional[list[str]], typer.Option(help="Predefined split of each --images (train, val, test).")] = None,
     unlabeled: Annotated[Optional[Path], typer.Option(help="Folder of unlabeled images.")] = None,
     strict: Annotated[bool, typer.Option(help="Treat unpaired images or masks as errors.")] = False,
 ) -> None:
-    """Ingest image + index-mask folders (CamVid style)."""
+    """Ingest image + index-mask folders (CamVid style: --images train --masks trainannot --split train ...)."""
     from segflow.ingest import MaskSource, ingest_masks, parse_value_map
 
+    splits = split or [None] * len(images)
+    if not (len(images) == len(masks) == len(splits)):
+        raise SegflowError("segflow ingest masks: give one --masks (and, if any, one --split) per --images.")
     report = ingest_masks(
-        [MaskSource(images, masks, split)], out,
+        [MaskSource(i, m, s) for i, m, s in zip(images, masks, splits)], out,
         classes=[c.strip() for c in classes.split(",")] if classes else None,
         value_map=parse_value_map(value_map) if value_map else None,
         ignore_value=ignore_value, unlabeled=unlabeled, strict=strict,
@@ -196,11 +199,20 @@ def register(params_file: ParamsOption = Path("params.yaml")) -> None:
 @app.command("models")
 def list_models() -> None:
     """List the available architectures: name, family, parameters and paper."""
+    import torch
+
     from segflow import models
 
+    typer.echo(f"{'name':22s} {'family':14s} {'params (21 cl.)':>15s}  paper")
     for name in models.available():
         info = models.describe(name)
-        typer.echo(f"{name:24s} {info.family:14s} {info.paper}")
+        try:
+            with torch.device("meta"):  # counts parameters without allocating them
+                model = models.build(name, num_classes=21)
+        except SegflowError:  # a few builders compute on tensors while building
+            model = models.build(name, num_classes=21)
+        count = sum(p.numel() for p in model.parameters())
+        typer.echo(f"{name:22s} {info.family:14s} {count / 1e6:14.2f}M  {info.paper}")
 
 
 def main() -> None:

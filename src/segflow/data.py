@@ -16,6 +16,7 @@ from segflow import IGNORE_INDEX
 from segflow.config import AugmentParams
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask
+from segflow.split import read_manifest
 
 # ImageNet statistics: the convention pretrained encoders expect, harmless from scratch.
 MEAN = (0.485, 0.456, 0.406)
@@ -36,15 +37,6 @@ def read_classes(data_dir: Path) -> list[str]:
         return list(json.loads(path.read_text())["names"])
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as exc:
         raise SegflowError(f"{path}: cannot read class names ({exc}); run the ingest stage first.") from None
-
-
-def read_manifest(data_dir: Path) -> pd.DataFrame:
-    path = Path(data_dir) / "manifest.csv"
-    try:
-        frame = pd.read_csv(path, dtype={"image_id": str, "mask_path": str, "split": str}, keep_default_na=False)
-    except FileNotFoundError:
-        raise SegflowError(f"{path}: manifest not found; run the ingest stage first.") from None
-    return frame
 
 
 def load_samples(data_dir: Path, splits_csv: Path, split: str) -> list[Sample]:
