@@ -196,6 +196,17 @@ def register(params_file: ParamsOption = Path("params.yaml")) -> None:
                f"{'promoted to champion' if decision.promoted else 'kept as challenger'} ({decision.reason})")
 
 
+@app.command()
+def leaderboard(params_file: ParamsOption = Path("params.yaml")) -> None:
+    """Rank the evaluated architectures (and the labeled-only teacher): Markdown and JSON, also in MLflow."""
+    from segflow.leaderboard import leaderboard as run
+
+    params = load_params(params_file)
+    run(params, metrics_dir=Layout.metrics, names=[*params.train.archs, Layout.teacher],
+        out_json=Layout.leaderboard / "leaderboard.json", out_markdown=Layout.leaderboard / "leaderboard.md")
+    typer.echo((Layout.leaderboard / "leaderboard.md").read_text())
+
+
 @app.command("models")
 def list_models() -> None:
     """List the available architectures: name, family, parameters and paper."""

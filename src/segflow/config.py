@@ -201,4 +201,5 @@ class Layout:
     metrics = Path("metrics")
     evaluation = Path("evaluation")
     registry = Path("registry/decision.json")
+    leaderboard = Path("leaderboard")
     teacher = "teacher"

@@ -13,6 +13,7 @@ import mlflow
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
 from segflow import tracking
 from segflow.config import Params
@@ -48,6 +49,14 @@ def split_fingerprint(samples: list[Sample]) -> str:
 
 def _finite_or_none(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def gflops(model: torch.nn.Module, size: int) -> float:
+    """Forward-pass GFLOPs for one size×size image (multiply-adds count as two), at the training size."""
+    device = next(model.parameters()).device
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.zeros(1, 3, size, size, device=device))
+    return counter.get_total_flops() / 1e9
 
 
 def _throughput(model: torch.nn.Module, sample: torch.Tensor, device: torch.device, repeats: int = 3) -> float:
@@ -96,6 +105,8 @@ def evaluate(
         "parameters": sum(p.numel() for p in model.parameters()),
         "best_val_miou": card.extra.get("val_miou"),
         "best_epoch": card.extra.get("best_epoch"),
+        "train_seconds": card.extra.get("train_seconds"),
+        "gflops": gflops(model, params.train.crop_size),
         "test_images": len(samples),
         "test_data_hash": split_fingerprint(samples),
         "images_per_second": _throughput(model, next(iter(loader))["image"], device),

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -20,8 +20,8 @@ from segflow.config import Params
 from segflow.data import SegmentationDataset, load_pseudo_samples, load_samples, pad_collate, read_classes
 from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over
-from segflow.fsutil import atomic_dir
-from segflow.inference import ModelCard, resolve_device, save_model
+from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.inference import CARD_FILE, ModelCard, resolve_device, save_model
 
 log = logging.getLogger("segflow.train")
 
@@ -173,6 +173,8 @@ def train(
                 card.extra = {"best_epoch": epoch, "val_miou": val["miou"]}
                 save_model(model, card, staging)
         seconds = time.perf_counter() - started
+        # The card goes with the best epoch's weights; the training time is only known now.
+        atomic_write_json(staging / CARD_FILE, asdict(replace(card, extra={**card.extra, "train_seconds": seconds})))
         (staging / "history.json").write_text(json.dumps(history, indent=2) + "\n")
         mlflow.log_metrics({"best_val_miou": best_miou, "train_seconds": seconds})
         mlflow.log_artifacts(str(staging), artifact_path="checkpoint")

@@ -82,6 +82,10 @@ def test_pipeline_registers_and_promotes_the_best_architecture(pipeline_decision
     assert pipeline_decision["arch"] == best
     assert (project / "data/pseudo/coverage.json").exists()
     assert (project / "data/validation/data_docs/index.html").exists()
+    board = json.loads((project / "leaderboard/leaderboard.json").read_text())
+    assert {r["name"] for r in board} == {*TINY["train"]["archs"], "teacher"}
+    assert [r["miou"] for r in board] == sorted((r["miou"] for r in board), reverse=True)
+    assert all(row["gflops"] > 0 and row["train_seconds"] > 0 for row in board)
 
 
 def test_champion_loads_without_pickle_and_predicts_a_mask(pipeline_decision, project):
