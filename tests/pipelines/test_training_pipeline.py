@@ -45,7 +45,8 @@ def _load_flow_module(project_root: Path):
 def project(tmp_path_factory, project_root) -> Path:
     """A fresh project folder: dvc.yaml, params.yaml (tiny), git and DVC initialised."""
     root = tmp_path_factory.mktemp("project")
-    shutil.copy(project_root / "dvc.yaml", root)
+    for name in ("dvc.yaml", ".gitignore"):  # the repository's .gitignore must not hide what DVC writes
+        shutil.copy(project_root / name, root)
     params = _merge(yaml.safe_load((project_root / "params.yaml").read_text()), TINY)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # Code dependencies of the stages, so DVC sees the same graph as in the repository.
