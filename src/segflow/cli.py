@@ -31,8 +31,8 @@ ParamsOption = Annotated[Path, typer.Option("--params", help="Parameters file.")
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write (replaced whole).")],
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes identical files.")] = 0,
-    labeled: Annotated[int, typer.Option(help="Number of annotated images.")] = 160,
-    unlabeled: Annotated[int, typer.Option(help="Number of unlabeled images.")] = 120,
+    labeled: Annotated[int, typer.Option(help="Number of annotated images.")] = 128,
+    unlabeled: Annotated[int, typer.Option(help="Number of unlabeled images.")] = 96,
     size: Annotated[int, typer.Option(help="Image height and width in pixels.")] = 96,
 ) -> None:
     """Write the synthetic default dataset: COCO polygons (annotations.json, images/) plus unlabeled/."""

@@ -21,8 +21,8 @@ class _Section(BaseModel):
 class SynthParams(_Section):
     out: Path = Path("data/synthetic")
     seed: int = 0
-    num_labeled: int = Field(160, ge=1)
-    num_unlabeled: int = Field(120, ge=0)
+    num_labeled: int = Field(128, ge=1)
+    num_unlabeled: int = Field(96, ge=0)
     image_size: int = Field(96, ge=32)
 
 
