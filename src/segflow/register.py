@@ -132,7 +132,7 @@ def register(
         if promoted:
             promote(client, cfg.model_name, version, reason)
         decision = Decision(
-            cfg.model_name, str(version), best_arch, best_score, champion.version if champion else None,
+            cfg.model_name, str(version), best_arch, best_score, str(champion.version) if champion else None,
             champion_score, promoted, reason,
         )
         mlflow.set_tags({"segflow.promoted": str(promoted), "segflow.decision": reason})
