@@ -21,17 +21,16 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
+from torch.utils.data import DataLoader
 
 import segflow
 from segflow import tracking
 from segflow.config import Params
-from segflow.data import load_samples
+from segflow.data import SegmentationDataset, load_samples, pad_collate
 from segflow.errors import SegflowError
-from segflow.evaluate import compare_metrics
+from segflow.evaluate import compare_metrics, confusion_over
 from segflow.fsutil import atomic_write_json
-from segflow.imageio import read_image, read_mask
-from segflow.inference import load_model, predict_mask
-from segflow.metrics import ConfusionMatrix
+from segflow.inference import load_model
 
 log = logging.getLogger("segflow.register")
 
@@ -75,10 +74,8 @@ def score_registered_version(params: Params, name: str, version: str, data_dir: 
         if not model_dirs:
             raise SegflowError(f"models:/{name}/{version}: no segflow weights found in the registered artifact.")
         model, card = load_model(model_dirs[0])
-        confusion = ConfusionMatrix(card.num_classes)
-        for sample in samples:
-            prediction = predict_mask(model, read_image(sample.image_path))
-            confusion.update(torch.from_numpy(read_mask(sample.mask_path)), torch.from_numpy(prediction))
+        loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
+        confusion = confusion_over(model, loader, card.num_classes, torch.device("cpu"))
     return float(confusion.compute()[params.register_.metric])
 
 

@@ -52,13 +52,18 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _run_tags(stage: str) -> dict[str, str]:
+    tags = {"segflow.stage": stage}
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 @contextlib.contextmanager
 def stage_run(params: MlflowParams, stage: str, name: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """A run for one stage (or one architecture), nested under the pipeline's parent run when there is one."""
     setup(params)
-    tags = {"segflow.stage": stage}
-    if commit := git_commit():
-        tags["mlflow.source.git.commit"] = commit
+    tags = _run_tags(stage)
     if parent := os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(run_name=name or stage, tags=tags) as run:
@@ -69,10 +74,7 @@ def stage_run(params: MlflowParams, stage: str, name: str | None = None) -> Iter
 def pipeline_run(params: MlflowParams, name: str = "pipeline") -> Iterator[mlflow.ActiveRun]:
     """The parent run of one pipeline execution; exported to child processes through the environment."""
     setup(params)
-    tags = {"segflow.stage": "pipeline"}
-    if commit := git_commit():
-        tags["mlflow.source.git.commit"] = commit
-    with mlflow.start_run(run_name=name, tags=tags) as run:
+    with mlflow.start_run(run_name=name, tags=_run_tags("pipeline")) as run:
         previous = os.environ.get(PARENT_RUN_ENV)
         os.environ[PARENT_RUN_ENV] = run.info.run_id
         try:
