@@ -1,9 +1,12 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from segflow import IGNORE_INDEX
-from segflow.train import pixel_weighted_cross_entropy, segmentation_loss
+from segflow.data import Sample
+from segflow.imageio import write_mask
+from segflow.train import median_frequency_weights, pixel_weighted_cross_entropy, segmentation_loss
 
 
 def _batch():
@@ -54,3 +57,27 @@ def test_auxiliary_output_is_added_with_its_weight():
     total = segmentation_loss({"out": logits, "aux": aux}, target, torch.ones(2), aux_weight=0.4)
     assert total.item() == pytest.approx(main.item() + 0.4 * aux_loss.item(), rel=1e-6)
     assert segmentation_loss(logits, target, torch.ones(2), aux_weight=0.4).item() == pytest.approx(main.item())
+
+
+def test_class_weights_match_weighted_cross_entropy_with_ignored_pixels():
+    logits, target = _batch()
+    target[0, 0] = IGNORE_INDEX
+    class_weight = torch.tensor([0.5, 2.0, 4.0])
+    loss = pixel_weighted_cross_entropy(logits, target, torch.ones(2), class_weight)
+    expected = F.cross_entropy(logits, target, weight=class_weight, ignore_index=IGNORE_INDEX)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_median_frequency_weights_follow_the_segnet_formula(tmp_path):
+    # image a: 12 px of class 0, 4 px of class 1; image b: 8 px of class 0, 8 px of class 2 (+ ignored pixels).
+    a = np.array([0] * 12 + [1] * 4, dtype=np.uint8).reshape(4, 4)
+    b = np.array([0] * 8 + [2] * 8 + [IGNORE_INDEX] * 4, dtype=np.uint8).reshape(4, 5)
+    samples = []
+    for name, mask in [("a", a), ("b", b)]:
+        write_mask(tmp_path / f"{name}.png", mask)
+        samples.append(Sample(name, tmp_path / f"{name}.png", tmp_path / f"{name}.png"))
+    weights = median_frequency_weights(samples, num_classes=4)
+    frequency = np.array([20 / 32, 4 / 16, 8 / 16])  # pixels of c / pixels of the images containing c
+    expected = np.median(frequency) / frequency
+    assert weights[:3].numpy() == pytest.approx(expected, rel=1e-6)
+    assert weights[3].item() == 1.0  # never seen: left alone

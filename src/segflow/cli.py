@@ -197,6 +197,21 @@ def register(params_file: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
+def predict(
+    model: Annotated[str, typer.Option(help="Model folder (models/unet) or MLflow URI (models:/segflow@champion).")],
+    images: Annotated[Path, typer.Option(help="Folder of images (png, jpg, jpeg, bmp, tif).")],
+    out: Annotated[Path, typer.Option(help="Output folder: masks/ and overlays/ (replaced whole on success).")],
+    csv: Annotated[Optional[Path], typer.Option(help="Also write image_id,mask rows at predict.csv_size.")] = None,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Predict every image in a folder: index masks, colour overlays and optionally a submission CSV."""
+    from segflow.predict import predict as run
+
+    result = run(load_params(params_file), model=model, images_dir=images, out_dir=out, csv_file=csv)
+    typer.echo(f"predicted {result.images} images into {result.out_dir}" + (f" and {result.csv_file}" if csv else ""))
+
+
+@app.command()
 def leaderboard(params_file: ParamsOption = Path("params.yaml")) -> None:
     """Rank the evaluated architectures (and the labeled-only teacher): Markdown and JSON, also in MLflow."""
     from segflow.leaderboard import leaderboard as run

@@ -96,7 +96,7 @@ class TrainParams(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     lr_schedule: Literal["poly", "constant"] = "poly"
     aux_weight: float = Field(0.4, ge=0)
-    class_weighting: bool = False
+    class_weighting: bool = False   # SegNet's median frequency balancing of the loss
     amp: bool = True
     num_workers: int = Field(0, ge=0)
     seed: int = 0
@@ -116,9 +116,40 @@ class PseudoLabelParams(_Section):
     batch_size: int = Field(16, ge=1)
 
 
+class InferenceParams(_Section):
+    """How logits are computed for a whole image (evaluation, pseudo-labels and ``segflow predict``)."""
+
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: int | None = Field(None, ge=16)   # slide window; null: train.crop_size
+    stride: int | None = Field(None, ge=1)       # null: two thirds of the window
+    flip: bool = False                           # average with the horizontally flipped prediction
+    scales: list[float] = Field(default_factory=lambda: [1.0])  # multi-scale TTA: probabilities averaged
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, value: list[float]) -> list[float]:
+        if not value or any(s <= 0 for s in value):
+            raise ValueError("must list at least one scale, each above 0")
+        return value
+
+
+class CrfParams(_Section):
+    """Fully connected CRF after the network (DeepLab v1/v2); evaluation reports mIoU with and without it."""
+
+    enabled: bool = False
+    iterations: int = Field(5, ge=1)
+    bilateral_weight: float = Field(4.0, ge=0)     # w1: appearance kernel
+    bilateral_xy_std: float = Field(67.0, gt=0)    # theta_alpha (pixels)
+    bilateral_rgb_std: float = Field(3.0, gt=0)    # theta_beta (intensity levels)
+    gaussian_weight: float = Field(3.0, ge=0)      # w2: smoothness kernel
+    gaussian_xy_std: float = Field(1.0, gt=0)      # theta_gamma (pixels)
+
+
 class EvaluateParams(_Section):
     batch_size: int = Field(8, ge=1)
     num_overlays: int = Field(4, ge=0)
+    inference: InferenceParams = Field(default_factory=InferenceParams)
+    crf: CrfParams = Field(default_factory=CrfParams)
 
 
 class RegisterParams(_Section):
@@ -134,6 +165,20 @@ class MlflowParams(_Section):
     artifact_root: Path = Path("mlartifacts")
 
 
+class PredictParams(_Section):
+    """``segflow predict``: batching and the competition CSV (inference itself follows evaluate.inference)."""
+
+    batch_size: int = Field(8, ge=1)
+    csv_size: tuple[int, int] = (64, 64)  # (height, width) every CSV mask is resized to (nearest)
+
+    @field_validator("csv_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError("height and width must both be at least 1")
+        return value
+
+
 class Params(_Section):
     synth: SynthParams = Field(default_factory=SynthParams)
     data: DataParams = Field(default_factory=DataParams)
@@ -145,6 +190,7 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     register_: RegisterParams = Field(default_factory=RegisterParams, alias="register")
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
+    predict: PredictParams = Field(default_factory=PredictParams)
     # Per-architecture builder options, e.g. {"unet": {"encoder_name": "resnet18"}}.
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

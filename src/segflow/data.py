@@ -125,18 +125,18 @@ def _random_crop(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[to
     return image[:, top : top + size, left : left + size], mask[top : top + size, left : left + size]
 
 
+def stack_padded(tensors: list[torch.Tensor], value: float = 0) -> torch.Tensor:
+    """Stack tensors of different heights and widths (last two dimensions), padding bottom/right with ``value``."""
+    height = max(t.shape[-2] for t in tensors)
+    width = max(t.shape[-1] for t in tensors)
+    return torch.stack([F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=value) for t in tensors])
+
+
 def pad_collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack samples of different sizes by padding to the largest (images with 0, masks with ignore)."""
-    height = max(item["image"].shape[1] for item in batch)
-    width = max(item["image"].shape[2] for item in batch)
-    images, masks = [], []
-    for item in batch:
-        pad = (0, width - item["image"].shape[2], 0, height - item["image"].shape[1])
-        images.append(F.pad(item["image"], pad))
-        masks.append(F.pad(item["mask"], pad, value=IGNORE_INDEX))
     return {
-        "image": torch.stack(images),
-        "mask": torch.stack(masks),
+        "image": stack_padded([item["image"] for item in batch]),
+        "mask": stack_padded([item["mask"] for item in batch], IGNORE_INDEX),
         "pseudo": torch.stack([item["pseudo"] for item in batch]),
         "index": torch.stack([item["index"] for item in batch]),
         "size": torch.stack([item["size"] for item in batch]),

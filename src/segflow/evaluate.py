@@ -16,22 +16,29 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from segflow import tracking
-from segflow.config import Params
+from segflow.config import InferenceParams, Params
 from segflow.data import SegmentationDataset, Sample, load_samples, pad_collate
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_image, read_mask
-from segflow.inference import load_model, logits, predict_mask, resolve_device
+from segflow.inference import load_model, logits, predict_classes, predict_mask, resolve_device
 from segflow.metrics import ConfusionMatrix
 from segflow.visualize import colorize, overlay, save_confusion_matrix, save_grid
 
 
-def confusion_over(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over every batch of ``loader`` (accumulated on the device)."""
+def confusion_over(
+    model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+    inference: InferenceParams | None = None, train_crop_size: int | None = None,
+) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` over every batch of ``loader`` (accumulated on the device).
+
+    Plain whole-image logits unless ``inference`` (sliding window, test-time augmentation) is given.
+    """
     model.eval()
     confusion = ConfusionMatrix(num_classes, device)
     for batch in loader:
-        prediction = logits(model, batch["image"].to(device, non_blocking=True)).argmax(1)
+        images = batch["image"].to(device, non_blocking=True)
+        prediction = predict_classes(model, images, inference, train_crop_size)
         confusion.update(batch["mask"].to(device, non_blocking=True), prediction)
     return confusion
 
@@ -90,7 +97,8 @@ def evaluate(
     if not samples:
         raise SegflowError(f"{splits_csv}: the test split is empty; nothing to evaluate.")
     loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
-    confusion = confusion_over(model, loader, card.num_classes, device)
+    inference = params.evaluate.inference
+    confusion = confusion_over(model, loader, card.num_classes, device, inference, params.train.crop_size)
     scores = confusion.compute()
     names = card.classes
     history = json.loads((Path(model_dir) / "history.json").read_text())
@@ -115,7 +123,8 @@ def evaluate(
 
     with tracking.stage_run(params.mlflow, "evaluate", f"evaluate-{name}"), atomic_dir(out_dir) as staging:
         save_confusion_matrix(confusion.matrix.cpu().numpy(), names, staging / "confusion_matrix.png")
-        _save_overlays(model, samples[: params.evaluate.num_overlays], card.num_classes, staging / "overlays.png")
+        _save_overlays(model, samples[: params.evaluate.num_overlays], card.num_classes, staging / "overlays.png",
+                       inference, params.train.crop_size)
         _write_csv(staging / "per_class_iou.csv", ["class", "iou"], [[n, metrics["per_class_iou"][n]] for n in names])
         _write_csv(staging / "history.csv", ["epoch", "train_loss", "val_miou"],
                    [[h["epoch"], h["train_loss"], h["val_miou"]] for h in history])
@@ -129,11 +138,14 @@ def evaluate(
     return metrics
 
 
-def _save_overlays(model: torch.nn.Module, samples: list[Sample], num_classes: int, path: Path) -> None:
+def _save_overlays(
+    model: torch.nn.Module, samples: list[Sample], num_classes: int, path: Path, inference: InferenceParams,
+    train_crop_size: int,
+) -> None:
     rows = []
     for sample in samples:
         image = read_image(sample.image_path)
-        prediction = predict_mask(model, image)
+        prediction = predict_mask(model, image, inference, train_crop_size)
         truth = read_mask(sample.mask_path)
         rows.append([image, colorize(truth, num_classes), overlay(image, prediction, num_classes)])
     save_grid(rows, ["image", "truth", "prediction"], path)

@@ -27,7 +27,7 @@ def read_image(path: Path | str) -> np.ndarray:
     img = _open(Path(path))
     if img.mode != "RGB":
         img = img.convert("RGBA").convert("RGB") if img.mode == "P" else img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
 def read_mask(path: Path | str) -> np.ndarray:
@@ -35,7 +35,7 @@ def read_mask(path: Path | str) -> np.ndarray:
     path = Path(path)
     img = _open(path)
     if img.mode in ("P", "L"):
-        arr = np.asarray(img)
+        arr = np.array(img)
     elif img.mode in ("I", "I;16", "I;16B", "I;16L"):
         arr = np.asarray(img).astype(np.int64)
         if arr.max(initial=0) > 255:

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from segflow import models
+from segflow.config import InferenceParams
 from segflow.data import MEAN, STD, to_tensor
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_write_json
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
+# Sliding-window crops sent through the network at once: bounds memory whatever the image size.
+WINDOWS_PER_BATCH = 8
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/, runs:/, s3://, file://, ...
 
 
 @dataclass
@@ -60,6 +69,33 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[tor
     return model.to(device).eval(), card
 
 
+@contextlib.contextmanager
+def resolve_model_dir(source: str | Path) -> Iterator[Path]:
+    """A local segflow model folder for ``source``: a folder path, or an MLflow URI (``models:/NAME@ALIAS``,
+    ``models:/NAME/VERSION``, ``runs:/ID/PATH``) whose artifact is downloaded into a temporary folder that
+    lives as long as the ``with`` block."""
+    if Path(source).is_dir():
+        yield Path(source)
+        return
+    if not _URI.match(str(source)):
+        raise SegflowError(
+            f"{source}: no such model folder; give a folder with {CARD_FILE} and {WEIGHTS_FILE} (e.g. models/unet) "
+            "or an MLflow model URI (e.g. models:/segflow@champion)."
+        )
+    import mlflow  # only here: slow to import, and folders need none of it
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(str(source), dst_path=tmp))
+        except (MlflowException, OSError) as exc:
+            raise SegflowError(f"{source}: cannot download the model ({exc}).") from None
+        model_dirs = sorted(p.parent for p in local.rglob(CARD_FILE))
+        if not model_dirs:
+            raise SegflowError(f"{source}: no segflow model ({CARD_FILE} + {WEIGHTS_FILE}) in the artifact.")
+        yield model_dirs[0]
+
+
 def resolve_device(choice: str = "auto") -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise SegflowError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'.")
@@ -75,10 +111,96 @@ def logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return output.float()
 
 
-def predict_mask(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 image -> HxW uint8 class-index mask."""
+@torch.inference_mode()
+def probabilities(
+    model: torch.nn.Module, images: torch.Tensor, inference: InferenceParams, train_crop_size: int | None = None,
+) -> torch.Tensor:
+    """Normalised images N×3×H×W -> class probabilities N×K×H×W, as ``inference`` says: per scale (bilinear
+    resize) whole-image or sliding-window logits, optionally also on the mirrored image, softmax, averaged.
+
+    ``train_crop_size`` is the sliding window when ``inference.crop_size`` is null.
+    """
+    height, width = images.shape[-2:]
+    total: torch.Tensor | None = None
+    flips = (False, True) if inference.flip else (False,)
+    for scale in inference.scales:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        scaled = images if size == (height, width) else F.interpolate(
+            images, size=size, mode="bilinear", align_corners=False)
+        for flip in flips:
+            batch = scaled.flip(-1) if flip else scaled
+            if inference.mode == "slide":
+                out = _sliding_window_logits(model, batch, *_window(inference, train_crop_size))
+            else:
+                out = logits(model, batch)
+            out = (out.flip(-1) if flip else out).softmax(dim=1)
+            if out.shape[-2:] != (height, width):
+                out = F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
+            total = out if total is None else total.add_(out)
+    return total.div_(len(inference.scales) * len(flips))
+
+
+def _window(inference: InferenceParams, train_crop_size: int | None) -> tuple[int, int]:
+    """(window, stride) of the sliding window."""
+    window = inference.crop_size or train_crop_size
+    if window is None:
+        raise SegflowError("evaluate.inference.mode is 'slide' but no window size is set (crop_size).")
+    stride = inference.stride or max(1, window * 2 // 3)
+    if stride > window:
+        # Pixels between windows would get no prediction at all.
+        raise SegflowError(f"evaluate.inference.stride ({stride}) must not exceed the window ({window}).")
+    return window, stride
+
+
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets covering ``length`` (the last window is moved back to end at the border)."""
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+
+def _sliding_window_logits(model: torch.nn.Module, images: torch.Tensor, window: int, stride: int) -> torch.Tensor:
+    """Logits N×K×H×W from window×window crops (overlaps averaged); images smaller than the window are
+    zero-padded (the dataset mean after normalisation). Crops go through the network a few at a time."""
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (0, max(0, window - width), 0, max(0, window - height)))
+    padded_height, padded_width = padded.shape[-2:]
+    offsets = [(top, left) for top in _window_starts(padded_height, window, stride)
+               for left in _window_starts(padded_width, window, stride)]
+    tiles = [(n, top, left) for n in range(images.shape[0]) for top, left in offsets]
+    summed: torch.Tensor | None = None
+    for first in range(0, len(tiles), WINDOWS_PER_BATCH):
+        chunk = tiles[first : first + WINDOWS_PER_BATCH]
+        crops = torch.stack([padded[n, :, top : top + window, left : left + window] for n, top, left in chunk])
+        out = logits(model, crops)
+        if summed is None:
+            summed = out.new_zeros((images.shape[0], out.shape[1], padded_height, padded_width))
+        for (n, top, left), tile in zip(chunk, out):
+            summed[n, :, top : top + window, left : left + window] += tile
+    count = images.new_zeros((padded_height, padded_width))
+    for top, left in offsets:
+        count[top : top + window, left : left + window] += 1
+    return (summed / count)[..., :height, :width]
+
+
+def predict_classes(
+    model: torch.nn.Module, images: torch.Tensor, inference: InferenceParams | None = None,
+    train_crop_size: int | None = None,
+) -> torch.Tensor:
+    """Normalised images N×3×H×W -> class indices N×H×W: plain whole-image logits unless ``inference`` is given."""
+    if inference is None:
+        return logits(model, images).argmax(1)
+    return probabilities(model, images, inference, train_crop_size).argmax(1)
+
+
+def predict_mask(
+    model: torch.nn.Module, image: np.ndarray, inference: InferenceParams | None = None,
+    train_crop_size: int | None = None,
+) -> np.ndarray:
+    """HxWx3 uint8 image -> HxW uint8 class-index mask (see :func:`predict_classes`)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise SegflowError(f"expected an HxWx3 image, got an array of shape {image.shape}.")
     device = next(model.parameters()).device
     batch = to_tensor(image.astype(np.uint8))[None].to(device)
-    return logits(model, batch).argmax(1)[0].to(torch.uint8).cpu().numpy()
+    return predict_classes(model, batch, inference, train_crop_size)[0].to(torch.uint8).cpu().numpy()

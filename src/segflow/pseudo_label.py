@@ -20,7 +20,7 @@ from segflow.config import Params
 from segflow.data import SegmentationDataset, load_samples, pad_collate
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_image, write_mask
-from segflow.inference import load_model, logits, resolve_device
+from segflow.inference import load_model, probabilities, resolve_device
 from segflow.visualize import colorize, save_grid
 
 
@@ -52,8 +52,10 @@ def pseudo_label(params: Params, *, teacher_dir: Path, data_dir: Path, splits_cs
             manifest = csv.writer(manifest_file)
             manifest.writerow(["image_id", "image_path", "mask_path"])
             for batch in loader:
-                probabilities = logits(model, batch["image"].to(device)).softmax(dim=1)
-                labels, confidence = confident_labels(probabilities, cfg.threshold)
+                # The teacher predicts as evaluation does (sliding window, test-time augmentation).
+                teacher_probabilities = probabilities(
+                    model, batch["image"].to(device), params.evaluate.inference, params.train.crop_size)
+                labels, confidence = confident_labels(teacher_probabilities, cfg.threshold)
                 for row, index in enumerate(batch["index"].tolist()):
                     sample = samples[index]
                     height, width = batch["size"][row].tolist()

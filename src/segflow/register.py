@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from segflow.data import SegmentationDataset, load_samples, pad_collate
 from segflow.errors import SegflowError
 from segflow.evaluate import compare_metrics, confusion_over
 from segflow.fsutil import atomic_write_json
-from segflow.inference import load_model
+from segflow.inference import load_model, resolve_model_dir
 
 log = logging.getLogger("segflow.register")
 
@@ -68,14 +67,11 @@ def _champion(client: MlflowClient, name: str):
 def score_registered_version(params: Params, name: str, version: str, data_dir: Path, splits_csv: Path) -> float:
     """Re-score a registered version on the current test split (its weights, not its old metric)."""
     samples = load_samples(data_dir, splits_csv, "test")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
-        model_dirs = [p.parent for p in local.rglob("model.json")]
-        if not model_dirs:
-            raise SegflowError(f"models:/{name}/{version}: no segflow weights found in the registered artifact.")
-        model, card = load_model(model_dirs[0])
-        loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
-        confusion = confusion_over(model, loader, card.num_classes, torch.device("cpu"))
+    with resolve_model_dir(f"models:/{name}/{version}") as model_dir:
+        model, card = load_model(model_dir)
+    loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
+    confusion = confusion_over(model, loader, card.num_classes, torch.device("cpu"), params.evaluate.inference,
+                               params.train.crop_size)
     return float(confusion.compute()[params.register_.metric])
 
 

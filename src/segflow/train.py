@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -17,10 +18,11 @@ from tqdm import tqdm
 
 from segflow import IGNORE_INDEX, models, tracking
 from segflow.config import Params
-from segflow.data import SegmentationDataset, load_pseudo_samples, load_samples, pad_collate, read_classes
+from segflow.data import Sample, SegmentationDataset, load_pseudo_samples, load_samples, pad_collate, read_classes
 from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over
 from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.imageio import read_mask
 from segflow.inference import CARD_FILE, ModelCard, resolve_device, save_model
 
 log = logging.getLogger("segflow.train")
@@ -35,23 +37,52 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def pixel_weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over non-ignored pixels, each weighted (pseudo-labeled images get less trust)."""
-    per_pixel = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
-    pixel_weight = weight.view(-1, 1, 1) * (target != IGNORE_INDEX)
-    return (per_pixel * pixel_weight).sum() / pixel_weight.sum().clamp_min(1.0)
+def median_frequency_weights(samples: list[Sample], num_classes: int) -> torch.Tensor:
+    """SegNet's median frequency balancing: ``median(freq) / freq[c]``, where ``freq[c]`` is the class's pixels
+    over the pixels of the images it appears in (classes never seen get weight 1)."""
+    class_pixels = np.zeros(num_classes)
+    image_pixels = np.zeros(num_classes)
+    for sample in samples:
+        labels = read_mask(sample.mask_path)
+        labels = labels[labels != IGNORE_INDEX]
+        counts = np.bincount(labels, minlength=num_classes)[:num_classes]
+        class_pixels += counts
+        image_pixels[counts > 0] += labels.size
+    frequency = class_pixels / np.maximum(image_pixels, 1)
+    seen = frequency > 0
+    weights = np.ones(num_classes)
+    if seen.any():
+        weights[seen] = np.median(frequency[seen]) / frequency[seen]
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def pixel_weighted_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, class_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy averaged over non-ignored pixels, each weighted by its image's weight (pseudo-labeled images
+    get less trust) and, optionally, by its class's weight (normalised like ``F.cross_entropy(weight=...)``)."""
+    per_pixel = F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="none")
+    labeled = target != IGNORE_INDEX
+    pixel_weight = weight.view(-1, 1, 1) * labeled
+    if class_weight is not None:
+        pixel_weight = pixel_weight * class_weight[target.where(labeled, 0)]
+    return (per_pixel * weight.view(-1, 1, 1)).sum() / pixel_weight.sum().clamp_min(1e-12)
 
 
 def segmentation_loss(
-    output: torch.Tensor | dict[str, torch.Tensor], target: torch.Tensor, weight: torch.Tensor, aux_weight: float
+    output: torch.Tensor | dict[str, torch.Tensor],
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    aux_weight: float,
+    class_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Main loss plus ``aux_weight`` times the loss of any auxiliary head (PSPNet's is 0.4 in the paper)."""
     if isinstance(output, torch.Tensor):
-        return pixel_weighted_cross_entropy(output, target, weight)
-    loss = pixel_weighted_cross_entropy(output["out"], target, weight)
+        return pixel_weighted_cross_entropy(output, target, weight, class_weight)
+    loss = pixel_weighted_cross_entropy(output["out"], target, weight, class_weight)
     for name, aux_logits in output.items():
         if name != "out":
-            loss = loss + aux_weight * pixel_weighted_cross_entropy(aux_logits, target, weight)
+            loss = loss + aux_weight * pixel_weighted_cross_entropy(aux_logits, target, weight, class_weight)
     return loss
 
 
@@ -123,6 +154,9 @@ def train(
     amp_dtype = _amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     pseudo_weight = torch.tensor(cfg.pseudo_weight, device=device)
+    class_weight = None
+    if cfg.class_weighting:  # from the labeled training masks only: pseudo-labels would echo the teacher's bias
+        class_weight = median_frequency_weights([s for s in train_samples if not s.pseudo], len(classes)).to(device)
 
     card = ModelCard(arch=arch, num_classes=len(classes), classes=classes, options=options)
     history: list[dict[str, float]] = []
@@ -134,6 +168,7 @@ def train(
             "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "aux_weight": cfg.aux_weight,
             "device": device.type, "amp": str(amp_dtype), "train_images": len(train_samples) - pseudo_count,
             "pseudo_images": pseudo_count, "pseudo_weight": cfg.pseudo_weight, "val_images": len(val_samples),
+            "class_weighting": cfg.class_weighting,
             **{f"model.{k}": v for k, v in options.items()},
         })
         mlflow.set_tag("segflow.arch", arch)
@@ -149,7 +184,7 @@ def train(
                 weight = torch.where(batch["pseudo"].to(device), pseudo_weight, torch.ones_like(pseudo_weight))
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     output = model(images)
-                    loss = segmentation_loss(output, masks, weight, cfg.aux_weight)
+                    loss = segmentation_loss(output, masks, weight, cfg.aux_weight, class_weight)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

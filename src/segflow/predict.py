@@ -1,0 +1,104 @@
+"""Predict a folder of images with a local or registered model: index masks, colour overlays, a submission CSV.
+
+Inference follows ``evaluate.inference`` (sliding window, test-time augmentation), so predictions match the
+evaluated scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from segflow.config import Params
+from segflow.data import stack_padded, to_tensor
+from segflow.errors import SegflowError
+from segflow.fsutil import atomic_dir, atomic_open
+from segflow.imageio import read_image, write_image, write_mask
+from segflow.inference import load_model, predict_classes, resolve_device, resolve_model_dir
+from segflow.visualize import overlay
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+CSV_HEADER = ["image_id", "mask"]
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    images: int
+    out_dir: Path
+    csv_file: Path | None
+
+
+def list_images(images_dir: Path) -> list[Path]:
+    """The images directly in ``images_dir``, sorted by name; their stems name the outputs, so they must differ."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise SegflowError(f"{images_dir}: not a folder of images.")
+    paths = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SegflowError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found.")
+    shared = sorted(stem for stem, count in Counter(p.stem for p in paths).items() if count > 1)
+    if shared:
+        raise SegflowError(
+            f"{images_dir}: several images share the name {shared[0]!r} (e.g. .png and .jpg); "
+            "their masks would overwrite each other."
+        )
+    return paths
+
+
+def csv_mask(mask: torch.Tensor, size: tuple[int, int]) -> str:
+    """HxW class indices resized (nearest) to ``size`` (height, width): space-separated, row by row."""
+    resized = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0]
+    return " ".join(map(str, resized.long().flatten().tolist()))
+
+
+def _check_outputs(images_dir: Path, out_dir: Path, csv_file: Path | None) -> None:
+    # ``out_dir`` is replaced whole: it must not hold the input images or the CSV.
+    out = out_dir.resolve()
+    if images_dir.resolve().is_relative_to(out):
+        raise SegflowError(f"--out {out_dir} would replace the folder holding the images ({images_dir}).")
+    if csv_file is not None and csv_file.resolve().is_relative_to(out):
+        raise SegflowError(f"--csv {csv_file} lies inside --out {out_dir}, which is replaced whole; put it elsewhere.")
+
+
+def predict(
+    params: Params, *, model: str | Path, images_dir: Path, out_dir: Path, csv_file: Path | None = None,
+) -> PredictResult:
+    """Write ``out_dir/masks/<stem>.png`` and ``out_dir/overlays/<stem>.png`` for every image in ``images_dir``,
+    and with ``csv_file`` one ``image_id,mask`` row per image; nothing is written unless every image succeeds.
+
+    ``model`` is a model folder (``model.json`` + ``model.safetensors``) or an MLflow model URI.
+    """
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    csv_file = Path(csv_file) if csv_file is not None else None
+    paths = list_images(images_dir)
+    _check_outputs(images_dir, out_dir, csv_file)
+    device = resolve_device(params.train.device)
+    with resolve_model_dir(model) as model_dir:
+        network, card = load_model(model_dir, device)
+    cfg = params.predict
+    csv_output = atomic_open(csv_file, "w", newline="") if csv_file is not None else contextlib.nullcontext()
+    with csv_output as csv_handle, atomic_dir(out_dir) as staging:
+        (staging / "masks").mkdir()
+        (staging / "overlays").mkdir()
+        rows = csv.writer(csv_handle) if csv_handle is not None else None
+        if rows is not None:
+            rows.writerow(CSV_HEADER)
+        for start in range(0, len(paths), cfg.batch_size):
+            chunk = paths[start : start + cfg.batch_size]
+            images = [read_image(path) for path in chunk]
+            batch = stack_padded([to_tensor(image) for image in images]).to(device)
+            classes = predict_classes(network, batch, params.evaluate.inference, params.train.crop_size)
+            for path, image, predicted in zip(chunk, images, classes):
+                mask = predicted[: image.shape[0], : image.shape[1]]  # drop the batch padding
+                mask_array = mask.to(torch.uint8).cpu().numpy()
+                write_mask(staging / "masks" / f"{path.stem}.png", mask_array)
+                write_image(staging / "overlays" / f"{path.stem}.png", overlay(image, mask_array, card.num_classes))
+                if rows is not None:
+                    rows.writerow([path.stem, csv_mask(mask, cfg.csv_size)])
+    return PredictResult(len(paths), out_dir, csv_file)

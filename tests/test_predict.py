@@ -1,0 +1,112 @@
+"""`segflow predict`: masks, overlays and a submission CSV from a model folder or a registered model."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from segflow import models, tracking
+from segflow.cli import main
+from segflow.config import parse_params
+from segflow.errors import SegflowError
+from segflow.imageio import read_image, read_mask, write_image
+from segflow.inference import ModelCard, resolve_model_dir, save_model
+from segflow.predict import predict
+
+ARCH, NUM_CLASSES = "fcn32s", 3
+SIZES = {"a.png": (20, 24), "b.jpg": (17, 31), "c.bmp": (32, 32)}  # (height, width)
+PARAMS = {
+    "train": {"device": "cpu"},
+    "evaluate": {"inference": {"mode": "slide", "crop_size": 16, "flip": True}},
+    "predict": {"batch_size": 2, "csv_size": [8, 6]},
+}
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = models.build(ARCH, num_classes=NUM_CLASSES, width=0.0625)
+    card = ModelCard(arch=ARCH, num_classes=NUM_CLASSES, classes=["bg", "x", "y"], options={"width": 0.0625})
+    save_model(model, card, tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.fixture
+def images_dir(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, (height, width) in SIZES.items():
+        write_image(folder / name, rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_predict_writes_masks_overlays_and_csv(tmp_path, model_dir, images_dir):
+    result = predict(parse_params(PARAMS), model=model_dir, images_dir=images_dir, out_dir=tmp_path / "out",
+                     csv_file=tmp_path / "submission.csv")
+    assert result.images == 3
+    for name, size in SIZES.items():
+        stem = Path(name).stem
+        mask = read_mask(tmp_path / "out" / "masks" / f"{stem}.png")
+        assert mask.shape == size and mask.max() < NUM_CLASSES
+        assert read_image(tmp_path / "out" / "overlays" / f"{stem}.png").shape == (*size, 3)
+    with open(tmp_path / "submission.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image_id", "mask"]
+    assert [row[0] for row in rows[1:]] == ["a", "b", "c"]
+    for row in rows[1:]:
+        values = [int(v) for v in row[1].split(" ")]
+        assert len(values) == 8 * 6 and max(values) < NUM_CLASSES
+
+
+def test_corrupt_image_exits_2_naming_the_file_and_writes_nothing(tmp_path, model_dir, images_dir, monkeypatch, capsys):
+    (images_dir / "c.bmp").write_bytes(b"BM not really a bitmap")  # in the second batch
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(PARAMS))
+    monkeypatch.setattr(sys, "argv", [
+        "segflow", "predict", "--model", str(model_dir), "--images", str(images_dir), "--out", str(tmp_path / "out"),
+        "--csv", str(tmp_path / "submission.csv"), "--params", str(params_file),
+    ])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "segflow: error:" in stderr and "c.bmp" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "model", "params.yaml"]
+
+
+def test_registered_model_uri_gives_the_same_predictions(tmp_path, model_dir, images_dir):
+    # A version whose source is a plain segflow model folder (as train logs it): no pyfunc logging needed.
+    params = parse_params(PARAMS)
+    with tracking.stage_run(params.mlflow, "train", "predict-test") as run:  # artifacts beside the test store
+        mlflow.log_artifacts(str(model_dir), artifact_path="checkpoint")
+        source = mlflow.get_artifact_uri("checkpoint")
+    client = MlflowClient()
+    client.create_registered_model("predict-test")
+    version = client.create_model_version("predict-test", source, run_id=run.info.run_id).version
+    client.set_registered_model_alias("predict-test", "champion", version)
+    with resolve_model_dir("models:/predict-test@champion") as resolved:
+        assert (resolved / "model.json").is_file() and (resolved / "model.safetensors").is_file()
+
+    predict(params, model="models:/predict-test@champion", images_dir=images_dir, out_dir=tmp_path / "registered")
+    predict(params, model=model_dir, images_dir=images_dir, out_dir=tmp_path / "local")
+    for stem in ("a", "b", "c"):
+        np.testing.assert_array_equal(read_mask(tmp_path / "registered" / "masks" / f"{stem}.png"),
+                                      read_mask(tmp_path / "local" / "masks" / f"{stem}.png"))
+
+
+def test_unknown_model_and_an_output_folder_holding_the_images_are_errors(tmp_path, images_dir):
+    with pytest.raises(SegflowError, match="no such model folder"), resolve_model_dir(tmp_path / "nowhere"):
+        pass
+    with pytest.raises(SegflowError, match="would replace the folder holding the images"):
+        predict(parse_params(PARAMS), model=tmp_path / "nowhere", images_dir=images_dir, out_dir=tmp_path)
+    assert sorted(p.name for p in images_dir.iterdir()) == ["a.png", "b.jpg", "c.bmp", "notes.txt"]
