@@ -181,7 +181,7 @@ def evaluate(
     name = Layout.teacher if teacher else arch
     metrics = run(load_params(params_file), name, model_dir=Layout.models / name, data_dir=Layout.ingested,
                   splits_csv=Layout.splits, metrics_file=Layout.metrics / f"{name}.json",
-                  out_dir=Layout.evaluation / name)
+                  out_dir=Layout.evaluation / name, plots_dir=Layout.plots)
     typer.echo(f"{name}: test mIoU {metrics['miou']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f}")
 
 

@@ -246,6 +246,7 @@ class Layout:
     models = Path("models")
     metrics = Path("metrics")
     evaluation = Path("evaluation")
+    plots = Path("plots")
     registry = Path("registry/decision.json")
     leaderboard = Path("leaderboard")
     teacher = "teacher"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import time
@@ -16,12 +17,13 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from segflow import tracking
-from segflow.config import InferenceParams, Params
-from segflow.data import SegmentationDataset, Sample, load_samples, pad_collate
+from segflow.config import CrfParams, InferenceParams, Params
+from segflow.crf import dense_crf
+from segflow.data import SegmentationDataset, Sample, load_samples, pad_collate, to_tensor
 from segflow.errors import SegflowError
-from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from segflow.imageio import read_image, read_mask
-from segflow.inference import load_model, logits, predict_classes, predict_mask, resolve_device
+from segflow.inference import load_model, logits, predict_classes, predict_mask, probabilities, resolve_device
 from segflow.metrics import ConfusionMatrix
 from segflow.visualize import colorize, overlay, save_confusion_matrix, save_grid
 
@@ -41,6 +43,23 @@ def confusion_over(
         prediction = predict_classes(model, images, inference, train_crop_size)
         confusion.update(batch["mask"].to(device, non_blocking=True), prediction)
     return confusion
+
+
+def confusion_with_crf(
+    model: torch.nn.Module, samples: list[Sample], num_classes: int, device: torch.device,
+    inference: InferenceParams, train_crop_size: int, crf: CrfParams,
+) -> tuple[ConfusionMatrix, ConfusionMatrix]:
+    """Confusion matrices of the network alone and after the dense CRF, one image at a time (the CRF needs the
+    image's own pixels at its own size)."""
+    model.eval()
+    plain, refined = ConfusionMatrix(num_classes, device), ConfusionMatrix(num_classes, device)
+    for sample in samples:
+        image = read_image(sample.image_path)
+        target = torch.from_numpy(read_mask(sample.mask_path)).long().to(device)[None]
+        probs = probabilities(model, to_tensor(image)[None].to(device), inference, train_crop_size)[0]
+        plain.update(target, probs.argmax(0)[None])
+        refined.update(target, dense_crf(image, probs, crf).argmax(0)[None])
+    return plain, refined
 
 
 def split_fingerprint(samples: list[Sample]) -> str:
@@ -89,8 +108,10 @@ def evaluate(
     splits_csv: Path,
     metrics_file: Path,
     out_dir: Path,
+    plots_dir: Path,
 ) -> dict[str, object]:
-    """Evaluate ``model_dir`` on the test split; writes ``metrics_file`` (JSON) and pictures in ``out_dir``."""
+    """Evaluate ``model_dir`` on the test split; writes ``metrics_file`` (JSON), pictures in ``out_dir`` and the
+    DVC plot tables ``plots_dir/{history,per_class_iou}/NAME.csv``."""
     device = resolve_device(params.train.device)
     model, card = load_model(model_dir, device)
     samples = load_samples(data_dir, splits_csv, "test")
@@ -98,7 +119,12 @@ def evaluate(
         raise SegflowError(f"{splits_csv}: the test split is empty; nothing to evaluate.")
     loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
     inference = params.evaluate.inference
-    confusion = confusion_over(model, loader, card.num_classes, device, inference, params.train.crop_size)
+    crf = params.evaluate.crf
+    if crf.enabled:
+        confusion, crf_confusion = confusion_with_crf(
+            model, samples, card.num_classes, device, inference, params.train.crop_size, crf)
+    else:
+        confusion = confusion_over(model, loader, card.num_classes, device, inference, params.train.crop_size)
     scores = confusion.compute()
     names = card.classes
     history = json.loads((Path(model_dir) / "history.json").read_text())
@@ -119,15 +145,20 @@ def evaluate(
         "test_data_hash": split_fingerprint(samples),
         "images_per_second": _throughput(model, next(iter(loader))["image"], device),
     }
+    if crf.enabled:  # the headline score stays the network's own: the registered model serves without the CRF
+        crf_scores = crf_confusion.compute()
+        metrics.update({f"{key}_crf": crf_scores[key] for key in ("miou", "pixel_accuracy", "mean_class_accuracy")})
     metrics = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in metrics.items()}
 
     with tracking.stage_run(params.mlflow, "evaluate", f"evaluate-{name}"), atomic_dir(out_dir) as staging:
         save_confusion_matrix(confusion.matrix.cpu().numpy(), names, staging / "confusion_matrix.png")
         _save_overlays(model, samples[: params.evaluate.num_overlays], card.num_classes, staging / "overlays.png",
                        inference, params.train.crop_size)
-        _write_csv(staging / "per_class_iou.csv", ["class", "iou"], [[n, metrics["per_class_iou"][n]] for n in names])
-        _write_csv(staging / "history.csv", ["epoch", "train_loss", "val_miou"],
-                   [[h["epoch"], h["train_loss"], h["val_miou"]] for h in history])
+        atomic_write_text(Path(plots_dir) / "per_class_iou" / f"{name}.csv",
+                          _csv_text(["class", "iou"], [[n, metrics["per_class_iou"][n]] for n in names]))
+        atomic_write_text(Path(plots_dir) / "history" / f"{name}.csv",
+                          _csv_text(["epoch", "train_loss", "val_miou"],
+                                    [[h["epoch"], h["train_loss"], h["val_miou"]] for h in history]))
         atomic_write_json(metrics_file, metrics)
         mlflow.set_tags({"segflow.arch": card.arch, "segflow.test_data_hash": metrics["test_data_hash"]})
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()
@@ -135,6 +166,8 @@ def evaluate(
         mlflow.log_metrics({f"test_iou_{n}": v for n, v in metrics["per_class_iou"].items() if v is not None})
         mlflow.log_artifacts(str(staging), artifact_path="evaluation")
         mlflow.log_artifact(str(metrics_file), artifact_path="evaluation")
+        for table in ("per_class_iou", "history"):
+            mlflow.log_artifact(str(Path(plots_dir) / table / f"{name}.csv"), artifact_path=f"evaluation/{table}")
     return metrics
 
 
@@ -151,11 +184,12 @@ def _save_overlays(
     save_grid(rows, ["image", "truth", "prediction"], path)
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+def _csv_text(header: list[str], rows: list[list[object]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def compare_metrics(metrics: dict[str, dict[str, object]], key: str = "miou") -> list[tuple[str, float]]:

@@ -122,3 +122,22 @@ def test_second_repro_is_a_no_op_and_a_param_change_reruns_only_its_stages(pipel
     stale = _dvc(project, "status", "--json")
     changed = set(json.loads(stale.stdout))
     assert changed == {"evaluate@unet", "evaluate@pspnet", "evaluate_teacher"}
+
+
+def test_dvc_metrics_and_plots_compare_across_commits(pipeline_decision, project):
+    git = ["git", "-c", "user.name=segflow", "-c", "user.email=segflow@example.invalid"]
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline run"], cwd=project, check=True)
+    path = project / "metrics" / "unet.json"
+    committed = json.loads(path.read_text())
+    path.write_text(json.dumps({**committed, "miou": committed["miou"] + 0.1}))  # a new evaluation, not committed
+
+    diff = json.loads(_dvc(project, "metrics", "diff", "--json").stdout)
+    change = diff["metrics/unet.json"]["miou"]
+    assert change["old"] == pytest.approx(committed["miou"]) and change["diff"] == pytest.approx(0.1)
+    shown = json.loads(_dvc(project, "metrics", "show", "--json").stdout)
+    assert "pixel_accuracy" in json.dumps(shown) and "gflops" in json.dumps(shown)
+
+    plots = _dvc(project, "plots", "show", "--json")
+    assert plots.returncode == 0, plots.stderr
+    assert "plots/history/unet.csv" in plots.stdout and "plots/per_class_iou/teacher.csv" in plots.stdout
