@@ -43,12 +43,25 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), BadInput)
 
 
-@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_bad_input, task_run_name="{stage}")
-def run_stage(stage: str, project: Path) -> None:
+def dvc_failure(what: str, returncode: int, user_errors: list[str]) -> StageFailed:
+    """The error for a failed DVC command, from the ``segflow: error:`` lines it printed.
+
+    A stage that could not reach the MLflow server failed for a reason that may pass, so only the other
+    user errors make it bad input.
+    """
+    rejected = [error for error in user_errors if tracking.SERVER_UNREACHABLE not in error]
+    if rejected:
+        return BadInput(f"{what} rejected its input: {' '.join(rejected)}")
+    detail = f": {' '.join(user_errors)}" if user_errors else "; see the log above"
+    return StageFailed(f"{what} failed (exit {returncode}){detail}")
+
+
+def run_dvc(args: list[str], project: Path, what: str) -> None:
+    """Run ``dvc ARGS`` in ``project`` with its output in the Prefect log; raises :func:`dvc_failure`."""
     logger = get_run_logger()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     process = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=project, env=env,
+        [sys.executable, "-m", "dvc", *args], cwd=project, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
     )
     user_errors = []
@@ -59,9 +72,12 @@ def run_stage(stage: str, project: Path) -> None:
         if USER_ERROR_MARKER in line:
             user_errors.append(line.split(USER_ERROR_MARKER, 1)[1].strip())
     if process.wait() != 0:
-        if user_errors:
-            raise BadInput(f"stage {stage} rejected its input: {' '.join(user_errors)}")
-        raise StageFailed(f"stage {stage} failed (exit {process.returncode}); see the log above")
+        raise dvc_failure(what, process.returncode, user_errors)
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_bad_input, task_run_name="{stage}")
+def run_stage(stage: str, project: Path) -> None:
+    run_dvc(["repro", "--single-item", stage], project, f"stage {stage}")
 
 
 @flow(name="segflow-pipeline")

@@ -44,6 +44,13 @@ def test_models_lists_the_classic_line(tmp_path):
         assert name in result.stdout
 
 
+def test_models_list_of_an_unknown_registered_model_names_it(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}")
+    result = _run("models", "list", "no-such-model", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no registered model named 'no-such-model'" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_ingest_masks_needs_one_mask_folder_per_image_folder(tmp_path):
     result = _run("ingest", "masks", "--images", "a", "--masks", "b", "--masks", "c", "--out", "out", cwd=tmp_path)
     assert result.returncode == 2 and "one --masks" in result.stderr

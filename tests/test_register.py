@@ -37,7 +37,8 @@ def workspace(tmp_path) -> Path:
     return tmp_path
 
 
-def _register(workspace: Path, name: str, miou: float, data_hash: str = "hash-1"):
+def register_version(workspace: Path, name: str, miou: float, data_hash: str = "hash-1"):
+    """Run the register stage on the workspace's model with a made-up test score."""
     metrics = workspace / "metrics"
     metrics.mkdir(exist_ok=True)
     (metrics / f"{ARCH}.json").write_text(json.dumps({"miou": miou, "test_data_hash": data_hash}))
@@ -48,13 +49,13 @@ def _register(workspace: Path, name: str, miou: float, data_hash: str = "hash-1"
 
 def test_first_version_becomes_champion_and_a_worse_one_stays_challenger(workspace):
     client = MlflowClient()
-    first = _register(workspace, "gate-a", 0.50)
+    first = register_version(workspace, "gate-a", 0.50)
     assert first.promoted and first.reason == "no champion yet"
-    worse = _register(workspace, "gate-a", 0.505)  # better, but not by the 0.01 margin
+    worse = register_version(workspace, "gate-a", 0.505)  # better, but not by the 0.01 margin
     assert not worse.promoted and worse.champion_score == pytest.approx(0.50)
     assert str(client.get_model_version_by_alias("gate-a", "champion").version) == first.version
     assert str(client.get_model_version_by_alias("gate-a", "challenger").version) == worse.version
-    better = _register(workspace, "gate-a", 0.60)
+    better = register_version(workspace, "gate-a", 0.60)
     assert better.promoted
     assert str(client.get_model_version_by_alias("gate-a", "champion").version) == better.version
     history = json.loads(client.get_registered_model("gate-a").tags["champion_history"])
@@ -63,8 +64,8 @@ def test_first_version_becomes_champion_and_a_worse_one_stays_challenger(workspa
 
 
 def test_champion_scored_on_other_test_data_is_rescored_before_comparing(workspace):
-    _register(workspace, "gate-b", 0.99, data_hash="old-test-split")  # a score from other data
-    decision = _register(workspace, "gate-b", 0.30, data_hash="new-test-split")
+    register_version(workspace, "gate-b", 0.99, data_hash="old-test-split")  # a score from other data
+    decision = register_version(workspace, "gate-b", 0.30, data_hash="new-test-split")
     # The champion's 0.99 must not be used: its weights are re-scored on the current test image.
     assert decision.champion_score is not None and decision.champion_score < 0.99
     assert decision.promoted == (0.30 > decision.champion_score + 0.01)

@@ -176,3 +176,17 @@ def test_stale_stats_are_reported(tmp_path):
     table[table["image_id"] != "img_04"].to_csv(stats, index=False)
     with pytest.raises(SegflowError, match="img_04.*re-run the validate stage"):
         make_splits(data, stats, tmp_path / "s.csv", seed=0, val_fraction=0.2, test_fraction=0.2)
+
+
+def test_labeled_fraction_hides_the_rest_of_train_and_leaves_val_and_test_alone(tmp_path):
+    data, stats = write_inputs(tmp_path, rare_class_images(n=40, n_rare=8))
+    full = split_of(make_splits(data, stats, tmp_path / "full.csv", seed=1, val_fraction=0.2, test_fraction=0.2))
+    semi = split_of(make_splits(data, stats, tmp_path / "semi.csv", seed=1, val_fraction=0.2, test_fraction=0.2,
+                                labeled_fraction=0.125))
+    assert (semi[full != "train"] == full[full != "train"]).all()
+    assert (semi == "train").sum() == 3  # 24 training images * 1/8
+    assert set(semi[full == "train"]) == {"train", "unlabeled"}
+    again = make_splits(data, stats, tmp_path / "again.csv", seed=1, val_fraction=0.2, test_fraction=0.2,
+                        labeled_fraction=0.125)
+    assert (tmp_path / "again.csv").read_bytes() == (tmp_path / "semi.csv").read_bytes()
+    assert split_of(again).equals(semi)

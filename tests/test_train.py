@@ -1,12 +1,23 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from segflow import IGNORE_INDEX
+from segflow.config import Layout, parse_params
 from segflow.data import Sample
 from segflow.imageio import write_mask
-from segflow.train import median_frequency_weights, pixel_weighted_cross_entropy, segmentation_loss
+from segflow.train import (
+    CompiledOrEager,
+    median_frequency_weights,
+    pixel_weighted_cross_entropy,
+    segmentation_loss,
+    train,
+)
+
+from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, weights
 
 
 def _batch():
@@ -81,3 +92,42 @@ def test_median_frequency_weights_follow_the_segnet_formula(tmp_path):
     expected = np.median(frequency) / frequency
     assert weights[:3].numpy() == pytest.approx(expected, rel=1e-6)
     assert weights[3].item() == 1.0  # never seen: left alone
+
+
+@pytest.fixture(scope="module")
+def plain_project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("project"), train=16)
+
+
+def _plain_params(**train):
+    return parse_params({
+        "train": {"epochs": 1, "crop_size": SIZE, "device": "cpu", "optimizer": "sgd", "lr": 0.05,
+                  "use_pseudo_labels": False, "augment": NO_AUGMENT, **train},
+        "models": {"unet_original": PLAIN_UNET},
+        "evaluate": {"batch_size": 2},
+    })
+
+
+def test_two_accumulated_batches_of_4_train_like_one_batch_of_8(plain_project, tmp_path):
+    results = {}
+    for name, batch, accumulate in [("batch8", 8, 1), ("accumulated", 4, 2)]:
+        train(_plain_params(batch_size=batch, accumulate_steps=accumulate), "unet_original",
+              data_dir=plain_project / Layout.ingested, splits_csv=plain_project / Layout.splits, out_dir=tmp_path / name)
+        results[name] = weights(tmp_path / name)
+    for name, expected in results["batch8"].items():
+        torch.testing.assert_close(results["accumulated"][name], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    def broken(*_):
+        raise RuntimeError("inductor: no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda module: broken)
+    module = torch.nn.Conv2d(3, 2, 1)
+    forward = CompiledOrEager(module)
+    x = torch.randn(1, 3, 4, 4)
+    with caplog.at_level(logging.WARNING, logger="segflow.train"):
+        outputs = [forward(x), forward(x)]
+    assert all(torch.equal(out, module(x)) for out in outputs)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == len(caplog.records) == 1
+    assert "no C++ compiler" in caplog.records[0].message

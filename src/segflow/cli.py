@@ -23,6 +23,8 @@ app = typer.Typer(
 ingest_app = typer.Typer(help="Turn raw labeled data into the ingest contract (masks/, manifest.csv, classes.json).",
                          no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
+models_app = typer.Typer(help="Architectures (`segflow models`) and registered versions (`segflow models list NAME`).")
+app.add_typer(models_app, name="models")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="Parameters file.")]
 
@@ -131,30 +133,58 @@ def split(params_file: ParamsOption = Path("params.yaml")) -> None:
     frame = make_splits(
         Layout.ingested, Layout.validation / "stats.csv", Layout.splits, seed=params.split.seed,
         val_fraction=params.split.val_fraction, test_fraction=params.split.test_fraction,
+        labeled_fraction=params.split.labeled_fraction,
     )
     typer.echo(f"wrote {Layout.splits}: {frame['split'].value_counts().to_dict()}")
 
 
 @app.command()
+def cache(
+    data_dir: Annotated[Path, typer.Argument(help="Ingested folder.")] = Layout.ingested,
+    out: Annotated[Optional[Path], typer.Option(help="Cache folder (default data/cache; replaced whole).")] = None,
+) -> None:
+    """Decode every ingested image and mask once into .npy shards (train.decoded_cache reads them)."""
+    from segflow.cache import CACHE_DIR, build_cache
+
+    out = out or CACHE_DIR
+    summary = build_cache(data_dir, out)
+    typer.echo(f"wrote {out}: {summary.images} images ({summary.masks} with masks), {summary.shards} shard(s), "
+               f"{summary.nbytes / 2**20:.1f} MiB")
+
+
+@app.command()
 def train(
     arch: Annotated[Optional[str], typer.Option(help="Architecture name (see `segflow models`).")] = None,
-    teacher: Annotated[bool, typer.Option(help="Train the labeled-only teacher (params: teacher.arch).")] = False,
+    teacher: Annotated[bool, typer.Option(
+        help="Train the teacher (params: teacher): labeled-only, then teacher.rounds self-training rounds.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue a killed run from its last checkpoint (models/.NAME.resume), exactly as if uninterrupted.")] = False,
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Train one architecture; the best checkpoint by val mIoU goes to models/NAME as safetensors."""
+    """Train one architecture; the best checkpoint by val mIoU goes to models/NAME as safetensors.
+
+    Under `torchrun --nproc_per_node N --no-python segflow train ...` it trains on N processes (one GPU each).
+    """
     from segflow.train import train as run
 
     params = load_params(params_file)
     if teacher == (arch is not None):
         raise SegflowError("segflow train: give exactly one of --arch NAME or --teacher.")
+    if teacher and resume:
+        raise SegflowError("segflow train: --resume works with --arch NAME; the teacher's rounds start over.")
     if teacher:
-        result = run(params, params.teacher.arch, data_dir=Layout.ingested, splits_csv=Layout.splits,
-                     out_dir=Layout.models / Layout.teacher, epochs=params.teacher.epochs, run_name="teacher")
+        from segflow.self_training import train_teacher
+
+        rounds = train_teacher(params, data_dir=Layout.ingested, splits_csv=Layout.splits,
+                               out_dir=Layout.models / Layout.teacher, metrics_file=Layout.metrics / "self_training.json")
+        for record in rounds:
+            typer.echo(f"teacher round {record['round']}: val mIoU {record['val_miou']:.4f}"
+                       + (" (kept)" if record["best"] else ""))
     else:
         pseudo = Layout.pseudo if params.train.use_pseudo_labels else None
         result = run(params, arch, data_dir=Layout.ingested, splits_csv=Layout.splits,
-                     out_dir=Layout.models / arch, pseudo_dir=pseudo)
-    typer.echo(f"best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} ({result.seconds:.0f} s)")
+                     out_dir=Layout.models / arch, pseudo_dir=pseudo, resume=resume)
+        typer.echo(f"best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} ({result.seconds:.0f} s)")
 
 
 @app.command("pseudo-label")
@@ -163,7 +193,7 @@ def pseudo_label(params_file: ParamsOption = Path("params.yaml")) -> None:
     from segflow.pseudo_label import pseudo_label as run
 
     summary = run(load_params(params_file), teacher_dir=Layout.models / Layout.teacher, data_dir=Layout.ingested,
-                  splits_csv=Layout.splits, out_dir=Layout.pseudo)
+                  splits_csv=Layout.splits, out_dir=Layout.pseudo, metrics_file=Layout.metrics / "pseudo_label.json")
     typer.echo(f"pseudo-labeled {summary['images']} images, coverage {summary['coverage']:.1%}")
 
 
@@ -197,6 +227,37 @@ def register(params_file: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name (register.model_name).")],
+    version: Annotated[str, typer.Option(help="Version to make champion (see `segflow models list NAME`).")],
+    force: Annotated[bool, typer.Option(help="Skip the gate; needs --reason.")] = False,
+    reason: Annotated[Optional[str], typer.Option(help="Why the gate is skipped (recorded in the history).")] = None,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Make a version champion through the register gate on the current test split (exit 1 if refused)."""
+    from segflow.register import PromotionRefused
+    from segflow.registry import promote_version
+
+    decision = promote_version(load_params(params_file), name, version, data_dir=Layout.ingested,
+                               splits_csv=Layout.splits, force=force, reason=reason)
+    if not decision.promoted:
+        raise PromotionRefused(f"{name} v{version} not promoted: {decision.reason}.")
+    typer.echo(f"{name} v{version} is now champion ({decision.reason})")
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="Registered model name (register.model_name).")],
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Point champion back at the previous champion in the model's champion history."""
+    from segflow.registry import rollback as run
+
+    replaced, restored = run(load_params(params_file), name)
+    typer.echo(f"{name}: champion rolled back from v{replaced} to v{restored}")
+
+
+@app.command()
 def predict(
     model: Annotated[str, typer.Option(help="Model folder (models/unet) or MLflow URI (models:/segflow@champion).")],
     images: Annotated[Path, typer.Option(help="Folder of images (png, jpg, jpeg, bmp, tif).")],
@@ -213,7 +274,7 @@ def predict(
 
 @app.command()
 def leaderboard(params_file: ParamsOption = Path("params.yaml")) -> None:
-    """Rank the evaluated architectures (and the labeled-only teacher): Markdown and JSON, also in MLflow."""
+    """Rank the evaluated architectures (and the teacher): Markdown and JSON, also in MLflow."""
     from segflow.leaderboard import leaderboard as run
 
     params = load_params(params_file)
@@ -222,9 +283,29 @@ def leaderboard(params_file: ParamsOption = Path("params.yaml")) -> None:
     typer.echo((Layout.leaderboard / "leaderboard.md").read_text())
 
 
-@app.command("models")
-def list_models() -> None:
+@app.command()
+def schedule(
+    serve: Annotated[bool, typer.Option(help="Also run the scheduled runs from this process (blocks until stopped; "
+                                             "no worker needed).")] = False,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Create or update the Prefect deployment that retrains on params.yaml's schedule (needs PREFECT_API_URL)."""
+    from segflow.schedule import schedule as run
+
+    params = load_params(params_file)
+    cfg = params.schedule
+    scheduled = run(params, Path.cwd(), str(params_file), serve=serve)
+    if scheduled is not None:
+        typer.echo(f"deployment {scheduled.deployment} runs on cron {cfg.cron!r} ({cfg.timezone}), at most "
+                   f"{cfg.concurrency_limit} at a time, at {scheduled.api_url}; a worker runs them: "
+                   f"prefect worker start --pool {cfg.work_pool}")
+
+
+@models_app.callback(invoke_without_command=True)
+def list_models(ctx: typer.Context) -> None:
     """List the available architectures: name, family, parameters and paper."""
+    if ctx.invoked_subcommand is not None:
+        return
     import torch
 
     from segflow import models
@@ -241,6 +322,19 @@ def list_models() -> None:
         typer.echo(f"{name:22s} {info.family:14s} {count / 1e6:14.2f}M  {info.paper}")
 
 
+@models_app.command("list")
+def list_registered_versions(
+    name: Annotated[str, typer.Argument(help="Registered model name (register.model_name).")],
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """List a registered model's versions: aliases, architecture, test score, test data, commit, time."""
+    from segflow.registry import connect, format_versions, list_versions
+
+    params = load_params(params_file)
+    rows = list_versions(connect(params), name, params.register_.metric)
+    typer.echo(format_versions(rows, params.register_.metric))
+
+
 def main() -> None:
     """Entry point: user mistakes become one paragraph on stderr and a non-zero exit, not a traceback."""
     # Libraries stay at WARNING: Great Expectations and MLflow are chatty at INFO.
@@ -249,6 +343,18 @@ def main() -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     try:
         app()
-    except SegflowError as exc:
-        typer.echo(f"segflow: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+    except Exception as exc:
+        # A tracking server that is down is no programming error either: say so in one paragraph too.
+        error = exc if isinstance(exc, SegflowError) else _unreachable_server_error(exc)
+        if error is None:
+            raise
+        typer.echo(f"segflow: error: {error}", err=True)
+        sys.exit(error.exit_code)
+
+
+def _unreachable_server_error(exc: Exception) -> SegflowError | None:
+    if "mlflow" not in sys.modules:  # nothing talked to a tracking server
+        return None
+    from segflow.tracking import unreachable_server_error
+
+    return unreachable_server_error(exc)

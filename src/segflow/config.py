@@ -71,6 +71,9 @@ class SplitParams(_Section):
     seed: int = 0
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    # Semi-supervised protocol: keep this share of the training images labeled; the rest become unlabeled
+    # (masks hidden from training, kept to score the pseudo-labels). null: all labeled.
+    labeled_fraction: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> SplitParams:
@@ -83,6 +86,15 @@ class AugmentParams(_Section):
     hflip: bool = True
     scale_min: float = Field(0.75, gt=0)
     scale_max: float = Field(1.25, gt=0)
+
+
+class StrongAugmentParams(_Section):
+    """Extra augmentation of pseudo-labeled images (ST++): each applied with its probability."""
+
+    color_jitter: float = Field(0.8, ge=0, le=1)
+    grayscale: float = Field(0.2, ge=0, le=1)
+    blur: float = Field(0.5, ge=0, le=1)
+    cutout: float = Field(0.5, ge=0, le=1)   # a random box is blanked and its pixels ignored by the loss
 
 
 class TrainParams(_Section):
@@ -101,19 +113,36 @@ class TrainParams(_Section):
     num_workers: int = Field(0, ge=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Exact-resume checkpoint (models/.NAME.resume) each epoch and also every this many optimizer steps.
+    checkpoint_every_steps: int | None = Field(None, ge=0)   # 0 / null: each epoch only
+    accumulate_steps: int = Field(1, ge=1)   # optimizer step every N batches: batch_size x N x processes
+    sync_batchnorm: bool = True               # batch-norm statistics over all processes under torchrun
+    compile: bool = False                     # torch.compile the model (falls back to eager if it fails)
+    decoded_cache: bool = False               # read images from data/cache (segflow cache), not decode them
     use_pseudo_labels: bool = True
     pseudo_weight: float = Field(1.0, ge=0)
+    oversample_labeled: bool = True   # repeat labeled images to match the pseudo-labeled ones
     augment: AugmentParams = Field(default_factory=AugmentParams)
+    pseudo_augment: StrongAugmentParams = Field(default_factory=StrongAugmentParams)
 
 
 class TeacherParams(_Section):
     arch: str = "unet"
     epochs: int | None = Field(None, ge=1)
+    snapshots: int = Field(0, ge=0)        # earlier checkpoints kept to rank pseudo-labels by stability (ST++)
+    rounds: int = Field(0, ge=0)           # self-training rounds: the student becomes the next teacher
+    min_improvement: float = Field(0.0, ge=0)  # a round must raise val mIoU by more than this to continue
 
 
 class PseudoLabelParams(_Section):
     threshold: float = Field(0.9, ge=0, le=1)
     batch_size: int = Field(16, ge=1)
+    # Class-balanced thresholds (CBST): a class's threshold is lowered to keep at least this share of the
+    # pixels the teacher assigns to it, so rare classes are not wiped out by one global threshold.
+    class_balanced: bool = False
+    class_keep_fraction: float = Field(0.5, gt=0, le=1)
+    # Train on this share of the pseudo-labeled images, the most reliable first (ST++; needs teacher.snapshots).
+    reliable_fraction: float = Field(1.0, gt=0, le=1)
 
 
 class InferenceParams(_Section):
@@ -179,6 +208,18 @@ class PredictParams(_Section):
         return value
 
 
+class ScheduleParams(_Section):
+    """``segflow schedule``: the Prefect deployment that retrains on a cron schedule (needs a Prefect server)."""
+
+    deployment: str = "scheduled"            # full name segflow-retraining/scheduled (flow/deployment)
+    cron: str = "0 3 * * 1"                  # minute hour day-of-month month day-of-week
+    timezone: str = "UTC"                    # IANA name the cron is read in
+    work_pool: str = "segflow-pool"          # pool a worker polls (ignored by `segflow schedule --serve`)
+    concurrency_limit: int = Field(1, ge=1)  # runs of the deployment at the same time
+    on_overlap: Literal["enqueue", "cancel_new"] = "enqueue"  # a run due while the limit is reached
+    dvc_remote: str | None = None            # pull before / push after; null: DVC's default remote, if any
+
+
 class Params(_Section):
     synth: SynthParams = Field(default_factory=SynthParams)
     data: DataParams = Field(default_factory=DataParams)
@@ -191,6 +232,7 @@ class Params(_Section):
     register_: RegisterParams = Field(default_factory=RegisterParams, alias="register")
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     predict: PredictParams = Field(default_factory=PredictParams)
+    schedule: ScheduleParams = Field(default_factory=ScheduleParams)
     # Per-architecture builder options, e.g. {"unet": {"encoder_name": "resnet18"}}.
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

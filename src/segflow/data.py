@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
 from segflow import IGNORE_INDEX
-from segflow.config import AugmentParams
+from segflow.config import AugmentParams, StrongAugmentParams
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask
 from segflow.split import read_manifest
+
+if TYPE_CHECKING:
+    from segflow.cache import DecodedCache
 
 # ImageNet statistics: the convention pretrained encoders expect, harmless from scratch.
 MEAN = (0.485, 0.456, 0.406)
@@ -56,42 +62,72 @@ def load_samples(data_dir: Path, splits_csv: Path, split: str) -> list[Sample]:
     ]
 
 
-def load_pseudo_samples(pseudo_dir: Path) -> list[Sample]:
-    """Unlabeled images paired with the teacher's pseudo masks (written by the pseudo_label stage)."""
+def load_pseudo_samples(pseudo_dir: Path, reliable_fraction: float = 1.0) -> list[Sample]:
+    """Unlabeled images paired with the teacher's pseudo masks (written by the pseudo_label stage).
+
+    With ``reliable_fraction`` below 1, only that share of the images, the most reliable first (the manifest's
+    ``reliability`` column, ST++), is returned.
+    """
     pseudo_dir = Path(pseudo_dir)
     frame = pd.read_csv(pseudo_dir / "pseudo_manifest.csv", dtype=str, keep_default_na=False)
+    if reliable_fraction < 1 and "reliability" in frame.columns:
+        frame = frame.assign(score=pd.to_numeric(frame["reliability"])).sort_values("score", ascending=False, kind="stable")
+        frame = frame.head(max(1, round(len(frame) * reliable_fraction)))
     return [
         Sample(row.image_id, pseudo_dir / row.image_path, pseudo_dir / row.mask_path, pseudo=True)
         for row in frame.itertuples()
     ]
 
 
+def to_unit_float(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+
+
+def normalize(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> normalised 3xHxW float."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return (tensor - mean) / std
+    return normalize(to_unit_float(image))
 
 
 class SegmentationDataset(Dataset):
-    """Whole images for evaluation; random scale, crop and flip for training (torch RNG, so seeded runs repeat)."""
+    """Whole images for evaluation; random scale, crop and flip for training (torch RNG, so seeded runs repeat).
 
-    def __init__(self, samples: list[Sample], *, crop_size: int | None = None, augment: AugmentParams | None = None):
+    Pseudo-labeled images also get ``strong_augment`` (colour jitter, grayscale, blur, cutout), so the student
+    must do more than copy its teacher (ST++).
+
+    With a ``cache`` (segflow.cache) images and ingested masks come from it instead of being decoded; pseudo
+    masks, written after the cache, are still decoded.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        *,
+        crop_size: int | None = None,
+        augment: AugmentParams | None = None,
+        strong_augment: StrongAugmentParams | None = None,
+        cache: DecodedCache | None = None,
+    ):
         self.samples = samples
         self.crop_size = crop_size
         self.augment = augment
+        self.strong_augment = strong_augment
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
-        image = to_tensor(read_image(sample.image_path))
+        image = to_unit_float(self._read_image(sample))
         if sample.mask_path is None:
             mask = torch.full(image.shape[1:], IGNORE_INDEX, dtype=torch.long)
         else:
-            mask = torch.from_numpy(read_mask(sample.mask_path)).long()
+            mask = torch.from_numpy(self._read_mask(sample)).long()
             if mask.shape != image.shape[1:]:
                 raise SegflowError(
                     f"{sample.mask_path}: mask is {tuple(mask.shape)} but its image {sample.image_path} is "
@@ -99,8 +135,18 @@ class SegmentationDataset(Dataset):
                 )
         if self.augment is not None:
             image, mask = self._augment(image, mask)
-        return {"image": image, "mask": mask, "pseudo": torch.tensor(sample.pseudo), "index": torch.tensor(index),
+        if sample.pseudo and self.strong_augment is not None:
+            image, mask = strong_augment(image, mask, self.strong_augment)
+        return {"image": normalize(image), "mask": mask, "pseudo": torch.tensor(sample.pseudo), "index": torch.tensor(index),
                 "size": torch.tensor(image.shape[1:])}
+
+    def _read_image(self, sample: Sample) -> np.ndarray:
+        return self.cache.image(sample.image_id) if self.cache is not None else read_image(sample.image_path)
+
+    def _read_mask(self, sample: Sample) -> np.ndarray:
+        if self.cache is not None and not sample.pseudo:
+            return self.cache.mask(sample.image_id)
+        return read_mask(sample.mask_path)
 
     def _augment(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         aug = self.augment
@@ -115,10 +161,48 @@ class SegmentationDataset(Dataset):
         return image, mask
 
 
+def _chance(probability: float) -> bool:
+    return probability > 0 and torch.rand(()).item() < probability
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
+
+
+def strong_augment(
+    image: torch.Tensor, mask: torch.Tensor, params: StrongAugmentParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ST++'s strong perturbations of a 3xHxW [0, 1] image; cutout's box is ignored by the loss."""
+    if _chance(params.color_jitter):  # ColorJitter(0.5, 0.5, 0.5, 0.25)
+        image = TF.adjust_brightness(image, _uniform(0.5, 1.5))
+        image = TF.adjust_contrast(image, _uniform(0.5, 1.5))
+        image = TF.adjust_saturation(image, _uniform(0.5, 1.5))
+        image = TF.adjust_hue(image, _uniform(-0.25, 0.25))
+    if _chance(params.grayscale):
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    if _chance(params.blur):
+        sigma = _uniform(0.1, 2.0)
+        image = TF.gaussian_blur(image, kernel_size=2 * math.ceil(2 * sigma) + 1, sigma=sigma)
+    if _chance(params.cutout):
+        height, width = image.shape[1:]
+        area = _uniform(0.02, 0.4) * height * width
+        aspect = math.exp(_uniform(math.log(0.3), math.log(1 / 0.3)))
+        box_h = min(height, max(1, round(math.sqrt(area * aspect))))
+        box_w = min(width, max(1, round(math.sqrt(area / aspect))))
+        top = int(torch.randint(0, height - box_h + 1, ()))
+        left = int(torch.randint(0, width - box_w + 1, ()))
+        image = image.clone()
+        image[:, top : top + box_h, left : left + box_w] = torch.rand(3, 1, 1)
+        mask = mask.clone()
+        mask[top : top + box_h, left : left + box_w] = IGNORE_INDEX
+    return image.clamp(0, 1), mask
+
+
 def _random_crop(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     pad_h, pad_w = max(0, size - image.shape[1]), max(0, size - image.shape[2])
     if pad_h or pad_w:
-        image = F.pad(image, (0, pad_w, 0, pad_h))
+        mean = torch.tensor(MEAN).view(3, 1, 1)  # pad with the mean colour, which normalises to 0
+        image = F.pad(image - mean, (0, pad_w, 0, pad_h)) + mean
         mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
     top = int(torch.randint(0, image.shape[1] - size + 1, ()))
     left = int(torch.randint(0, image.shape[2] - size + 1, ()))

@@ -24,6 +24,7 @@ from segflow.fsutil import atomic_write_json
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
+SNAPSHOTS_DIR = "snapshots"  # earlier checkpoints kept inside a model folder (ST++ reliability)
 # Sliding-window crops sent through the network at once: bounds memory whatever the image size.
 WINDOWS_PER_BATCH = 8
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/, runs:/, s3://, file://, ...

@@ -1,13 +1,20 @@
 """Pseudo-labels: the teacher predicts the unlabeled images; confident pixels become labels, the rest ignore.
 
-Inference is batched and each mask is written as soon as it is predicted, so memory stays flat in the number
-of unlabeled images.
+Two passes over the images, so memory stays flat in their number: the first runs the teacher (batched, with
+the evaluation's test-time augmentation, mixed precision on CUDA) and streams each image's prediction and
+confidence to disk while it counts a confidence histogram per class; the thresholds follow from the histograms
+(one global threshold, or class-balanced ones); the second pass applies them and writes the masks.
+
+Quality is measured where it can be: images whose masks were hidden by the semi-supervised protocol
+(``split.labeled_fraction``) score the pseudo-labels per class; earlier teacher checkpoints
+(``teacher.snapshots``) rank the images by how stable their prediction was during training (ST++).
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -16,79 +23,194 @@ import torch
 from torch.utils.data import DataLoader
 
 from segflow import IGNORE_INDEX, tracking
-from segflow.config import Params
-from segflow.data import SegmentationDataset, load_samples, pad_collate
+from segflow.config import Params, PseudoLabelParams
+from segflow.data import Sample, SegmentationDataset, load_samples, pad_collate
 from segflow.fsutil import atomic_dir, atomic_write_json
-from segflow.imageio import read_image, write_mask
-from segflow.inference import load_model, probabilities, resolve_device
+from segflow.imageio import read_image, read_mask, write_mask
+from segflow.inference import SNAPSHOTS_DIR, load_model, logits, probabilities, resolve_device
 from segflow.visualize import colorize, save_grid
 
-
-def confident_labels(probabilities: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(labels with IGNORE_INDEX where confidence < threshold, confidence) from N×K×H×W probabilities."""
-    confidence, labels = probabilities.max(dim=1)
-    labels = labels.masked_fill(confidence < threshold, IGNORE_INDEX)
-    return labels, confidence
+HISTOGRAM_BINS = 1000
+GRID_EXAMPLES = 4
 
 
-def pseudo_label(params: Params, *, teacher_dir: Path, data_dir: Path, splits_csv: Path, out_dir: Path) -> dict:
-    """Write ``out_dir/masks/*.png``, ``pseudo_manifest.csv`` and ``coverage.json``; returns the coverage summary."""
-    cfg = params.pseudo_label
-    device = resolve_device(params.train.device)
-    model, card = load_model(teacher_dir, device)
-    samples = load_samples(data_dir, splits_csv, "unlabeled")
+def class_thresholds(histograms: torch.Tensor, cfg: PseudoLabelParams) -> torch.Tensor:
+    """One threshold per class from K×BINS confidence histograms of the pixels the teacher assigns to each class.
+
+    Global: ``cfg.threshold`` for every class. Class-balanced (CBST, Zou et al. 2018): a class's threshold is
+    lowered, never raised, until at least ``cfg.class_keep_fraction`` of its pixels pass, so a rare class the
+    teacher is less sure of keeps pixels instead of vanishing from the pseudo-labels.
+    """
+    num_classes = histograms.shape[0]
+    thresholds = torch.full((num_classes,), cfg.threshold, dtype=torch.float64)
+    if not cfg.class_balanced:
+        return thresholds
+    # share of the class's pixels with confidence >= each bin's lower edge
+    tail = histograms.double().flip(-1).cumsum(-1).flip(-1)
+    share = tail / tail[:, :1].clamp_min(1)
+    lower_edges = torch.arange(HISTOGRAM_BINS, dtype=torch.float64) / HISTOGRAM_BINS
+    for c in range(num_classes):
+        passing = torch.nonzero(share[c] >= cfg.class_keep_fraction).flatten()
+        if len(passing):
+            thresholds[c] = min(cfg.threshold, float(lower_edges[passing[-1]]))
+    return thresholds
+
+
+def prediction_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
+    """Mean IoU between two label maps over the classes present in either (ST++'s stability score)."""
+    pairs = torch.bincount((a * num_classes + b).flatten(), minlength=num_classes * num_classes)
+    confusion = pairs.reshape(num_classes, num_classes).double()
+    intersection = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    present = union > 0
+    return float((intersection[present] / union[present]).mean()) if present.any() else 1.0
+
+
+def _predict_and_stream(
+    params: Params, model, snapshots: list, samples: list[Sample], raw_dir: Path, device: torch.device, num_classes: int,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pass 1: write each image's labels and confidence to ``raw_dir``; returns class histograms and the
+    images' reliability (mean agreement of the snapshots with the final teacher; 1 without snapshots)."""
     loader = DataLoader(
-        SegmentationDataset(samples), batch_size=cfg.batch_size, collate_fn=pad_collate,
+        SegmentationDataset(samples), batch_size=params.pseudo_label.batch_size, collate_fn=pad_collate,
         num_workers=params.train.num_workers, pin_memory=device.type == "cuda",
     )
-    class_pixels = torch.zeros(card.num_classes, dtype=torch.int64, device=device)
-    kept = torch.zeros((), dtype=torch.int64, device=device)
-    total = 0
+    histograms = torch.zeros(num_classes, HISTOGRAM_BINS, dtype=torch.int64, device=device)
+    reliability: dict[str, float] = {}
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        # The teacher predicts as evaluation does (sliding window, test-time augmentation).
+        confidence, labels = probabilities(model, images, params.evaluate.inference, params.train.crop_size).max(dim=1)
+        snapshot_labels = [logits(snapshot, images).argmax(dim=1) for snapshot in snapshots]
+        bins = (confidence * HISTOGRAM_BINS).long().clamp_(max=HISTOGRAM_BINS - 1)
+        for row, index in enumerate(batch["index"].tolist()):
+            sample = samples[index]
+            height, width = batch["size"][row].tolist()
+            image_labels, image_bins = labels[row, :height, :width], bins[row, :height, :width]
+            histograms.view(-1).index_add_(
+                0, (image_labels * HISTOGRAM_BINS + image_bins).flatten(), torch.ones_like(image_bins.flatten()))
+            agreements = [prediction_agreement(s[row, :height, :width], image_labels, num_classes)
+                          for s in snapshot_labels]
+            reliability[sample.image_id] = float(np.mean(agreements)) if agreements else 1.0
+            np.save(raw_dir / f"{sample.image_id}.labels.npy", image_labels.to(torch.uint8).cpu().numpy())
+            np.save(raw_dir / f"{sample.image_id}.confidence.npy",
+                    confidence[row, :height, :width].to(torch.float16).cpu().numpy())
+    return histograms.cpu(), reliability
+
+
+class PseudoLabelScore:
+    """Pseudo-labels against the hidden ground truth: per-class precision of the kept pixels, and the accuracy
+    of all the teacher's predictions (what thresholding bought)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.kept = np.zeros(num_classes, dtype=np.int64)          # kept pixels labeled c that have a truth
+        self.kept_correct = np.zeros(num_classes, dtype=np.int64)
+        self.scored_pixels = 0
+        self.predicted_correct = 0
+
+    def update(self, predicted: np.ndarray, pseudo: np.ndarray, truth: np.ndarray) -> None:
+        known = truth != IGNORE_INDEX
+        self.scored_pixels += int(known.sum())
+        self.predicted_correct += int((predicted == truth)[known].sum())
+        kept = known & (pseudo != IGNORE_INDEX)
+        self.kept += np.bincount(pseudo[kept], minlength=self.num_classes)[: self.num_classes]
+        self.kept_correct += np.bincount(pseudo[kept & (pseudo == truth)], minlength=self.num_classes)[: self.num_classes]
+
+    def summary(self, classes: list[str]) -> dict:
+        if not self.scored_pixels:
+            return {}
+        return {
+            "hidden_mask_pixels": self.scored_pixels,
+            "teacher_accuracy": self.predicted_correct / self.scored_pixels,
+            "pseudo_accuracy": float(self.kept_correct.sum() / max(1, self.kept.sum())),
+            "pseudo_class_accuracy": {
+                name: float(self.kept_correct[c] / self.kept[c]) if self.kept[c] else None
+                for c, name in enumerate(classes)
+            },
+        }
+
+
+def pseudo_label(
+    params: Params,
+    *,
+    teacher_dir: Path,
+    data_dir: Path,
+    splits_csv: Path,
+    out_dir: Path,
+    metrics_file: Path | None = None,
+    run_name: str | None = None,
+) -> dict:
+    """Write ``out_dir/masks/*.png``, ``pseudo_manifest.csv`` (with each image's reliability and coverage) and
+    ``examples.png``; returns the summary (coverage, thresholds, quality), also written to ``metrics_file``."""
+    cfg = params.pseudo_label
+    device = resolve_device(params.train.device)
+    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    model, card = load_model(teacher_dir, device)
+    snapshots = [load_model(path, device)[0] for path in sorted((teacher_dir / SNAPSHOTS_DIR).glob("epoch_*"))]
+    samples = load_samples(data_dir, splits_csv, "unlabeled")
+    class_pixels = np.zeros(card.num_classes, dtype=np.int64)
+    kept_pixels = total_pixels = 0
+    score = PseudoLabelScore(card.num_classes)
     examples: list[list[np.ndarray]] = []
-    out_dir = Path(out_dir)
-    with tracking.stage_run(params.mlflow, "pseudo_label"), atomic_dir(out_dir) as staging:
+    with tracking.stage_run(params.mlflow, "pseudo_label", run_name), atomic_dir(out_dir) as staging:
+        raw_dir = staging / ".raw"
+        raw_dir.mkdir()
+        histograms, reliability = _predict_and_stream(params, model, snapshots, samples, raw_dir, device, card.num_classes)
+        thresholds = class_thresholds(histograms, cfg).numpy()
         (staging / "masks").mkdir()
         with open(staging / "pseudo_manifest.csv", "w", newline="") as manifest_file:
             manifest = csv.writer(manifest_file)
-            manifest.writerow(["image_id", "image_path", "mask_path"])
-            for batch in loader:
-                # The teacher predicts as evaluation does (sliding window, test-time augmentation).
-                teacher_probabilities = probabilities(
-                    model, batch["image"].to(device), params.evaluate.inference, params.train.crop_size)
-                labels, confidence = confident_labels(teacher_probabilities, cfg.threshold)
-                for row, index in enumerate(batch["index"].tolist()):
-                    sample = samples[index]
-                    height, width = batch["size"][row].tolist()
-                    mask = labels[row, :height, :width]
-                    valid = mask != IGNORE_INDEX
-                    class_pixels += torch.bincount(mask[valid], minlength=card.num_classes)
-                    kept += valid.sum()
-                    total += height * width
-                    mask_np = mask.to(torch.uint8).cpu().numpy()
-                    write_mask(staging / "masks" / f"{sample.image_id}.png", mask_np)
-                    manifest.writerow([
-                        sample.image_id, os.path.relpath(sample.image_path, out_dir), f"masks/{sample.image_id}.png",
-                    ])
-                    if len(examples) < 4:
-                        examples.append([
-                            read_image(sample.image_path), colorize(mask_np, card.num_classes),
-                            confidence[row, :height, :width].float().cpu().numpy(),
-                        ])
-        pixels = class_pixels.cpu().numpy()
+            manifest.writerow(["image_id", "image_path", "mask_path", "reliability", "coverage"])
+            for sample in samples:  # pass 2: thresholds known, masks written
+                predicted = np.load(raw_dir / f"{sample.image_id}.labels.npy")
+                confidence = np.load(raw_dir / f"{sample.image_id}.confidence.npy").astype(np.float32)
+                pseudo = np.where(confidence >= thresholds[predicted], predicted, IGNORE_INDEX).astype(np.uint8)
+                write_mask(staging / "masks" / f"{sample.image_id}.png", pseudo)
+                kept = pseudo != IGNORE_INDEX
+                class_pixels += np.bincount(pseudo[kept], minlength=card.num_classes)[: card.num_classes]
+                kept_pixels += int(kept.sum())
+                total_pixels += pseudo.size
+                if sample.mask_path is not None:  # masks hidden by the semi-supervised protocol
+                    score.update(predicted, pseudo, read_mask(sample.mask_path))
+                manifest.writerow([
+                    sample.image_id, os.path.relpath(sample.image_path, out_dir), f"masks/{sample.image_id}.png",
+                    f"{reliability[sample.image_id]:.6f}", f"{kept.mean():.6f}",
+                ])
+                if len(examples) < GRID_EXAMPLES:
+                    examples.append([read_image(sample.image_path), colorize(pseudo, card.num_classes), confidence])
+        shutil.rmtree(raw_dir)
         summary = {
             "images": len(samples),
-            "threshold": cfg.threshold,
-            "coverage": float(kept.item() / total) if total else 0.0,
+            "coverage": kept_pixels / total_pixels if total_pixels else 0.0,
+            "class_balanced": cfg.class_balanced,
+            "thresholds": {name: float(thresholds[i]) for i, name in enumerate(card.classes)},
             "class_share": {
-                name: float(pixels[i] / pixels.sum()) if pixels.sum() else 0.0 for i, name in enumerate(card.classes)
+                name: float(class_pixels[i] / class_pixels.sum()) if class_pixels.sum() else 0.0
+                for i, name in enumerate(card.classes)
             },
+            "mean_reliability": float(np.mean(list(reliability.values()))) if reliability else None,
+            **score.summary(card.classes),
         }
-        atomic_write_json(staging / "coverage.json", summary)
         save_grid(examples, ["image", "pseudo mask", "confidence"], staging / "examples.png")
-        mlflow.log_params({"teacher_arch": card.arch, "threshold": cfg.threshold, "unlabeled_images": len(samples)})
-        mlflow.log_metrics({"coverage": summary["coverage"],
-                            **{f"class_share_{k}": v for k, v in summary["class_share"].items()}})
-        mlflow.log_artifact(str(staging / "coverage.json"))
-        if examples:
-            mlflow.log_artifact(str(staging / "examples.png"))
+        _log_to_mlflow(summary, card.arch, cfg, staging / "examples.png")
+    if metrics_file is not None:
+        atomic_write_json(metrics_file, summary)
     return summary
+
+
+def _log_to_mlflow(summary: dict, teacher_arch: str, cfg: PseudoLabelParams, grid: Path) -> None:
+    mlflow.log_params({
+        "teacher_arch": teacher_arch, "threshold": cfg.threshold, "class_balanced": cfg.class_balanced,
+        "class_keep_fraction": cfg.class_keep_fraction, "unlabeled_images": summary["images"],
+    })
+    metrics = {"coverage": summary["coverage"]}
+    for key in ("teacher_accuracy", "pseudo_accuracy", "mean_reliability"):
+        if summary.get(key) is not None:
+            metrics[key] = summary[key]
+    for group in ("thresholds", "class_share", "pseudo_class_accuracy"):
+        metrics |= {f"{group}.{name}": value for name, value in summary.get(group, {}).items() if value is not None}
+    mlflow.log_metrics({key.replace(" ", "_"): value for key, value in metrics.items()})
+    mlflow.log_dict(summary, "pseudo_label_summary.json")
+    if grid.exists():
+        mlflow.log_artifact(str(grid))

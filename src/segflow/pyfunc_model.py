@@ -1,7 +1,11 @@
 """The registered MLflow model, logged as code (MLflow "models from code"), so loading it runs no pickle.
 
 ``mlflow.pyfunc.load_model("models:/NAME@champion").predict(image)`` turns an HxWx3 uint8 image into an HxW
-uint8 class-index mask (an NxHxWx3 batch gives NxHxW). Weights come from the safetensors artifact.
+uint8 class-index mask. Weights come from the safetensors artifact.
+
+The signature (``segflow.register.SIGNATURE``) is enforced before ``predict`` runs: MLflow refuses other
+dtypes and shapes (one image per call; ``mlflow models serve`` casts a JSON ``{"inputs": [[[r, g, b], ...]]}``
+to uint8 first), so ``predict`` always gets one HxWx3 uint8 image.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from segflow.errors import SegflowError
 from segflow.inference import load_model, predict_mask, resolve_device
 
 
@@ -20,14 +23,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.model, self.card = load_model(Path(context.artifacts["model_dir"]), resolve_device("auto"))
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        images = np.asarray(model_input)
-        if images.dtype != np.uint8:
-            images = images.clip(0, 255).astype(np.uint8)
-        if images.ndim == 3:
-            return predict_mask(self.model, images)
-        if images.ndim == 4:
-            return np.stack([predict_mask(self.model, image) for image in images])
-        raise SegflowError(f"expected an HxWx3 image or an NxHxWx3 batch, got shape {images.shape}.")
+        return predict_mask(self.model, np.asarray(model_input))
 
 
 mlflow.models.set_model(SegmentationModel())

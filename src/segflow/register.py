@@ -1,15 +1,20 @@
 """Register the best evaluated architecture in the MLflow Model Registry and promote it through a gate.
 
 The new version always gets the alias ``challenger``; it becomes ``champion`` only when its test score beats
-the champion's by ``register.margin`` on the same test data (the champion is re-scored when the test split
-changed since it was scored). Every change of champion is kept in the registered model's tags.
+the champion's by ``register.margin`` on the same test data (a version scored on other test data is
+re-scored on the current test split). Every change of champion is appended to the registered model's
+``champion_history`` tag, under a lock (see :func:`promotion_lock`), so the alias and the history agree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,8 +22,10 @@ import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.types import Schema, TensorSpec
 from torch.utils.data import DataLoader
 
@@ -34,6 +41,13 @@ from segflow.inference import load_model, resolve_model_dir
 log = logging.getLogger("segflow.register")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "champion_history"
+# A promotion whose champion changed while it was being gated is gated again against the new one.
+GATE_ATTEMPTS = 3
+# How long to wait for another process's promotion; the lock is held for a handful of registry calls.
+LOCK_WAIT_S = 60.0
+# Does-not-exist too: the holder released the lock between our failed insert and MLflow's look-up of it.
+_LOCK_TAKEN = (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(RESOURCE_DOES_NOT_EXIST))
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),
     outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]),
@@ -45,23 +59,107 @@ PIP_REQUIREMENTS = [
 ]
 
 
+class PromotionRefused(SegflowError):
+    """The gate (or the registry's state) refused a promotion; the champion is unchanged."""
+
+    exit_code = 1
+
+
 @dataclass
 class Decision:
     model_name: str
     version: str
     arch: str
-    score: float
+    score: float | None
     champion_version: str | None
     champion_score: float | None
     promoted: bool
     reason: str
 
 
-def _champion(client: MlflowClient, name: str):
+def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
+
+
+def version_number(version: ModelVersion | None) -> str | None:
+    return str(version.version) if version is not None else None
+
+
+def champion_history(client: MlflowClient, name: str) -> list[dict]:
+    return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+
+
+def champion_lineage(history: list[dict]) -> list[str]:
+    """The champions still to roll back through, oldest first: a promotion pushes, a rollback pops."""
+    lineage: list[str] = []
+    for entry in history:
+        if entry.get("action") == "rollback":
+            del lineage[-1:]
+        else:
+            lineage.append(entry["version"])
+    return lineage
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def history_entry(version: str, action: str, reason: str, previous: ModelVersion | None) -> dict:
+    return {
+        "version": str(version), "at": _utc_now(), "action": action,
+        "reason": reason, "previous": version_number(previous),
+    }
+
+
+@contextlib.contextmanager
+def promotion_lock(client: MlflowClient, name: str) -> Iterator[None]:
+    """Only one process at a time changes ``name``'s champion, whatever the store (SQLite or a server).
+
+    MLflow has no transactions and no compare-and-set on tags or aliases, but creating a registered model
+    whose name is taken fails atomically (a unique key in the store's database). So the lock is a registered
+    model ``NAME.promotion-lock`` that exists while held. A process killed while holding it leaves it behind;
+    the next promotion then fails after ``LOCK_WAIT_S``, naming it, rather than guessing that it is stale.
+    """
+    lock_name = f"{name}.promotion-lock"
+    holder = f"{socket.gethostname()} pid {os.getpid()}"
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            client.create_registered_model(lock_name, tags={"holder": holder, "since": _utc_now()},
+                                           description=f"segflow: a promotion of {name} is in progress")
+            break
+        except MlflowException as exc:
+            if exc.error_code not in _LOCK_TAKEN:
+                raise
+        if time.monotonic() > deadline:
+            with contextlib.suppress(MlflowException):
+                holder = client.get_registered_model(lock_name).tags.get("holder", "unknown")
+            raise SegflowError(
+                f"{name}: another promotion ({holder}) has held the registry lock for over {LOCK_WAIT_S:.0f} s. "
+                f"If no segflow promotion is running, delete the registered model '{lock_name}' and try again."
+            )
+        time.sleep(0.1)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock_name)
+
+
+def record_champion(client: MlflowClient, name: str, entry: dict) -> None:
+    """Point ``champion`` at ``entry["version"]`` and append ``entry`` to the history (hold the lock)."""
+    history = champion_history(client, name) + [entry]
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    client.set_registered_model_alias(name, CHAMPION, entry["version"])
+    # Read both back: a writer that bypassed the lock (UI, another tool) must not leave them silently apart.
+    champion = champion_version(client, name)
+    if champion is None or str(champion.version) != entry["version"] or champion_history(client, name)[-1] != entry:
+        raise SegflowError(
+            f"{name}: the champion alias or '{HISTORY_TAG}' changed outside segflow while v{entry['version']} "
+            "was being promoted; check both in the MLflow UI before promoting again."
+        )
 
 
 def score_registered_version(params: Params, name: str, version: str, data_dir: Path, splits_csv: Path) -> float:
@@ -73,6 +171,50 @@ def score_registered_version(params: Params, name: str, version: str, data_dir: 
     confusion = confusion_over(model, loader, card.num_classes, torch.device("cpu"), params.evaluate.inference,
                                params.train.crop_size)
     return float(confusion.compute()[params.register_.metric])
+
+
+def score_on(params: Params, version: ModelVersion, test_data_hash: str, data_dir: Path, splits_csv: Path) -> float:
+    """``version``'s test score on the data with ``test_data_hash``: its recorded score when it was scored on
+    that data, else a fresh one (never a score from another dataset)."""
+    recorded = version.tags.get(f"test_{params.register_.metric}")
+    if recorded is not None and version.tags.get("test_data_hash") == test_data_hash:
+        return float(recorded)
+    log.info("v%s was scored on other test data; re-scoring it on the current test split", version.version)
+    return score_registered_version(params, version.name, str(version.version), data_dir, splits_csv)
+
+
+def gate_and_promote(
+    params: Params, client: MlflowClient, candidate: ModelVersion, score: float, test_data_hash: str,
+    data_dir: Path, splits_csv: Path,
+) -> Decision:
+    """Promote ``candidate`` (test ``score`` on the data with ``test_data_hash``) if it beats the champion."""
+    cfg, name, version = params.register_, candidate.name, str(candidate.version)
+    for _ in range(GATE_ATTEMPTS):
+        champion = champion_version(client, name)
+        champion_score = None
+        if champion is None:
+            promoted, reason = True, "no champion yet"
+        elif str(champion.version) == version:
+            raise PromotionRefused(f"{name} v{version} is already the champion.")
+        else:
+            champion_score = score_on(params, champion, test_data_hash, data_dir, splits_csv)
+            promoted = score > champion_score + cfg.margin
+            reason = (
+                f"{cfg.metric} {score:.4f} {'beats' if promoted else 'does not beat'} champion "
+                f"v{champion.version} {champion_score:.4f} by more than margin {cfg.margin}"
+            )
+        decision = Decision(name, version, candidate.tags.get("arch", "unknown"), score,
+                            version_number(champion), champion_score, promoted, reason)
+        if not promoted:
+            return decision
+        with promotion_lock(client, name):
+            # Scoring ran outside the lock (it can take minutes); commit only if it gated the current champion.
+            if version_number(champion_version(client, name)) == version_number(champion):
+                record_champion(client, name, history_entry(version, "promote", reason, champion))
+                return decision
+        log.info("the champion changed while v%s was gated; gating it again", version)
+    raise SegflowError(f"{name}: the champion changed {GATE_ATTEMPTS} times while v{version} was being gated; "
+                       "promote it again when the other promotions are done.")
 
 
 def register(
@@ -89,9 +231,9 @@ def register(
             raise SegflowError(f"{path}: no evaluation for {arch}; run the evaluate stage first.") from None
     best_arch, best_score = compare_metrics(metrics, cfg.metric)[0]
     best = metrics[best_arch]
-    client = MlflowClient()
 
     with tracking.stage_run(params.mlflow, "register") as run:
+        client = MlflowClient()
         model_info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
@@ -103,41 +245,13 @@ def register(
             "arch": best_arch, f"test_{cfg.metric}": str(best_score), "test_data_hash": str(best["test_data_hash"]),
             "git_commit": tracking.git_commit() or "unknown", "source_run_id": run.info.run_id,
         }
-        version = mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags).version
-        client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+        candidate = mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags)
+        client.set_registered_model_alias(cfg.model_name, CHALLENGER, candidate.version)
         mlflow.log_metrics({f"challenger_{cfg.metric}": best_score})
-
-        champion = _champion(client, cfg.model_name)
-        champion_score = None
-        if champion is None:
-            promoted, reason = True, "no champion yet"
-        else:
-            if champion.tags.get("test_data_hash") == best["test_data_hash"]:
-                champion_score = float(champion.tags[f"test_{cfg.metric}"])
-            else:
-                log.info("test split changed since champion v%s was scored; re-scoring it", champion.version)
-                champion_score = score_registered_version(params, cfg.model_name, champion.version, data_dir, splits_csv)
-            promoted = best_score > champion_score + cfg.margin
-            reason = (
-                f"{cfg.metric} {best_score:.4f} {'beats' if promoted else 'does not beat'} champion "
-                f"v{champion.version} {champion_score:.4f} by more than margin {cfg.margin}"
-            )
-        if promoted:
-            promote(client, cfg.model_name, version, reason)
-        decision = Decision(
-            cfg.model_name, str(version), best_arch, best_score, str(champion.version) if champion else None,
-            champion_score, promoted, reason,
-        )
-        mlflow.set_tags({"segflow.promoted": str(promoted), "segflow.decision": reason})
+        decision = gate_and_promote(params, client, candidate, best_score, str(best["test_data_hash"]),
+                                    data_dir, splits_csv)
+        mlflow.set_tags({"segflow.promoted": str(decision.promoted), "segflow.decision": decision.reason})
         atomic_write_json(out_file, asdict(decision))
         mlflow.log_artifact(str(out_file))
-    log.info("registered %s v%s (%s): %s", cfg.model_name, version, best_arch, reason)
+    log.info("registered %s v%s (%s): %s", cfg.model_name, decision.version, best_arch, decision.reason)
     return decision
-
-
-def promote(client: MlflowClient, name: str, version: str, reason: str) -> None:
-    """Point ``champion`` at ``version`` and append the change to the model's champion history."""
-    history = json.loads(client.get_registered_model(name).tags.get("champion_history", "[]"))
-    history.append({"version": str(version), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason})
-    client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_registered_model_tag(name, "champion_history", json.dumps(history))

@@ -5,6 +5,10 @@ images are split by seeded iterative stratification (Sechidis et al., 2011) on m
 presence taken from the validate stage's ``stats.csv``, so a rare class lands in every split. Exact
 duplicates (same decoded-pixel ``content_hash``) form one group and always share a split, so no
 picture leaks from train into evaluation. Rows without a mask get ``unlabeled``.
+
+The semi-supervised protocol (``labeled_fraction``) keeps a seeded share of the training images labeled and
+moves the rest to ``unlabeled``: their masks stay in the manifest, hidden from training, so the pseudo-label
+stage can score itself against them.
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ def expected_split_sizes(n_groups: int, val_fraction: float, test_fraction: floa
 
 
 def make_splits(
-    data_dir: Path, stats_csv: Path, out_csv: Path, *, seed: int, val_fraction: float, test_fraction: float
+    data_dir: Path, stats_csv: Path, out_csv: Path, *, seed: int, val_fraction: float, test_fraction: float,
+    labeled_fraction: float | None = None,
 ) -> pd.DataFrame:
     """Write ``out_csv`` (``image_id,split`` for every manifest row, in manifest order) and return it."""
     check_fractions(val_fraction, test_fraction)
@@ -94,9 +99,19 @@ def make_splits(
         sizes = expected_split_sizes(len(presence), val_fraction, test_fraction)
         group_split = _iterative_stratification(presence, sizes, np.random.default_rng(seed))
         split[labeled] = [group_split[group_of_image[i]] for i in manifest.loc[labeled, "image_id"]]
+    if labeled_fraction is not None and labeled_fraction < 1:
+        split = _hide_labels(split, labeled_fraction, np.random.default_rng([seed, 1]))
     result = pd.DataFrame({"image_id": manifest["image_id"], "split": split.astype(str)})
     atomic_write_text(out_csv, result.to_csv(index=False, lineterminator="\n"))
     return result
+
+
+def _hide_labels(split: pd.Series, labeled_fraction: float, rng: np.random.Generator) -> pd.Series:
+    """Keep ``labeled_fraction`` of the train rows (at least one), chosen by ``rng``; the rest become unlabeled."""
+    train_rows = split.index[split == "train"].to_numpy()
+    keep = max(1, math.floor(len(train_rows) * labeled_fraction + 0.5))
+    hidden = rng.permutation(train_rows)[keep:]
+    return split.where(~split.index.isin(hidden), UNLABELED)
 
 
 def _read_stats(stats_csv: Path, labeled_ids: pd.Series) -> pd.DataFrame:

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import requests
 
 from segflow.config import MlflowParams
+from segflow.errors import SegflowError
 
 PARENT_RUN_ENV = "SEGFLOW_PARENT_RUN_ID"
 
@@ -60,13 +62,20 @@ def _run_tags(stage: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def stage_run(params: MlflowParams, stage: str, name: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A run for one stage (or one architecture), nested under the pipeline's parent run when there is one."""
+def stage_run(
+    params: MlflowParams, stage: str, name: str | None = None, run_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """A run for one stage (or one architecture), nested under the pipeline's parent run when there is one;
+    with ``run_id``, that earlier run continues (a resumed training)."""
     setup(params)
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
+            yield run
+        return
     tags = _run_tags(stage)
     if parent := os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=name or stage, tags=tags) as run:
+    with mlflow.start_run(run_name=name or stage, tags=tags, nested=mlflow.active_run() is not None) as run:
         yield run
 
 
@@ -74,13 +83,43 @@ def stage_run(params: MlflowParams, stage: str, name: str | None = None) -> Iter
 def pipeline_run(params: MlflowParams, name: str = "pipeline") -> Iterator[mlflow.ActiveRun]:
     """The parent run of one pipeline execution; exported to child processes through the environment."""
     setup(params)
-    with mlflow.start_run(run_name=name, tags=_run_tags("pipeline")) as run:
-        previous = os.environ.get(PARENT_RUN_ENV)
-        os.environ[PARENT_RUN_ENV] = run.info.run_id
-        try:
-            yield run
-        finally:
-            if previous is None:
-                os.environ.pop(PARENT_RUN_ENV, None)
-            else:
-                os.environ[PARENT_RUN_ENV] = previous
+    with mlflow.start_run(run_name=name, tags=_run_tags("pipeline")) as run, runs_nested_under(run.info.run_id):
+        yield run
+
+
+@contextlib.contextmanager
+def runs_nested_under(run_id: str) -> Iterator[None]:
+    """Stage runs opened inside (in this process or its children) become children of ``run_id``."""
+    previous = os.environ.get(PARENT_RUN_ENV)
+    os.environ[PARENT_RUN_ENV] = run_id
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_RUN_ENV, None)
+        else:
+            os.environ[PARENT_RUN_ENV] = previous
+
+
+# The Prefect flow retries a stage whose error says this (a server outage passes), unlike other errors.
+SERVER_UNREACHABLE = "the MLflow tracking server cannot be reached"
+_UNREACHABLE_CAUSES = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                       requests.exceptions.RetryError)
+
+
+def unreachable_server_error(exc: BaseException) -> SegflowError | None:
+    """A one-paragraph error when ``exc`` comes from an MLflow server that is down, hung or failing, else None.
+
+    MLflow wraps the ``requests`` error in an ``MlflowException`` (as its context, not its cause), so the
+    whole chain is searched.
+    """
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, _UNREACHABLE_CAUSES):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    return SegflowError(
+        f"{SERVER_UNREACHABLE} at {mlflow.get_tracking_uri()} ({type(cause).__name__}: {cause}). Start it, or "
+        "point MLFLOW_TRACKING_URI at a running one, and run the stage again (a stage writes its outputs, and "
+        "register moves the champion alias, only when it completes)."
+    )

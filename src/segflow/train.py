@@ -1,29 +1,44 @@
-"""Train one architecture: labeled images (plus pseudo-labeled ones when given), best checkpoint by val mIoU."""
+"""Train one architecture: labeled images (plus pseudo-labeled ones when given), best checkpoint by val mIoU.
+
+The loop follows torchvision's references/segmentation: small functions, one :class:`TrainStep` (also what
+``benchmarks/train_throughput.py`` times). On CUDA it runs mixed precision (bf16, or fp16 with a GradScaler),
+channels-last, cuDNN autotuning and a fused optimizer, and never waits for the GPU inside an epoch.
+Resumable (segflow.checkpoint) and data-parallel under torchrun (segflow.distributed).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segflow import IGNORE_INDEX, models, tracking
-from segflow.config import Params
+from segflow import IGNORE_INDEX, checkpoint, distributed, models, tracking
+from segflow.cache import CACHE_DIR, open_cache
+from segflow.checkpoint import Progress
+from segflow.config import Params, TrainParams
 from segflow.data import Sample, SegmentationDataset, load_pseudo_samples, load_samples, pad_collate, read_classes
+from segflow.distributed import EpochSampler, ProcessGroup, SeededDataset
 from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_mask
-from segflow.inference import CARD_FILE, ModelCard, resolve_device, save_model
+from segflow.inference import CARD_FILE, SNAPSHOTS_DIR, WEIGHTS_FILE, ModelCard, save_model
 
 log = logging.getLogger("segflow.train")
 
@@ -35,6 +50,13 @@ class TrainResult:
     best_epoch: int
     seconds: float
     history: list[dict[str, float]]
+
+
+def mix_labeled_and_pseudo(labeled: list[Sample], pseudo: list[Sample], oversample_labeled: bool) -> list[Sample]:
+    """The student's training set: with ``oversample_labeled`` the labeled images are repeated until they are as
+    many as the pseudo-labeled ones (ST++), so the few true labels are not drowned out."""
+    repeats = max(1, round(len(pseudo) / len(labeled))) if oversample_labeled and labeled and pseudo else 1
+    return labeled * repeats + pseudo
 
 
 def median_frequency_weights(samples: list[Sample], num_classes: int) -> torch.Tensor:
@@ -86,18 +108,162 @@ def segmentation_loss(
     return loss
 
 
-def _optimizer(params: Params, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    cfg = params.train
+BEST_DIR = "best"  # inside the resume folder: the best weights so far survive a kill
+
+
+def build_optimizer(cfg: TrainParams, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     fused = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
-def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+def build_scheduler(cfg: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Poly (DeepLab: ``(1 - step / total) ** 0.9``) or constant, stepped once per optimizer step."""
+    schedule = (lambda step: (1 - step / total_steps) ** 0.9) if cfg.lr_schedule == "poly" else (lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     if not enabled or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def prepare_model(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
+    """On the device; on CUDA channels-last (tensor cores want NHWC) with cuDNN picking the fastest kernels."""
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    return model
+
+
+class CompiledOrEager:
+    """``torch.compile(module)``; when compiling fails (no C++ compiler, an unsupported op) one warning, then
+    the module runs eagerly. Compilation happens at the first call, so that is where failures show."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.compiled: Callable[..., Any] | None = None
+        try:
+            self.compiled = torch.compile(module)
+        except Exception as exc:  # noqa: BLE001 - any compiler problem: eager is always correct
+            self._give_up(exc)
+
+    def __call__(self, images: torch.Tensor) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(images)
+            except Exception as exc:  # noqa: BLE001
+                self._give_up(exc)
+        return self.module(images)
+
+    def _give_up(self, exc: Exception) -> None:
+        log.warning("torch.compile failed, training without it (train.compile: false hides this): %s",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        self.compiled = None
+
+
+class TrainStep:
+    """Forward, loss and backward of one batch, and the optimizer step: the code path of :func:`train`, and
+    what ``benchmarks/train_throughput.py`` times. Nothing here waits for the device (the loss stays on it)."""
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        *,
+        device: torch.device,
+        amp: torch.dtype | None,
+        aux_weight: float,
+        pseudo_weight: float = 1.0,
+        class_weight: torch.Tensor | None = None,
+        compile: bool = False,
+    ) -> None:
+        self.network = network  # possibly DistributedDataParallel
+        self.forward = CompiledOrEager(network) if compile else network
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.device, self.amp = device, amp
+        self.aux_weight, self.class_weight = aux_weight, class_weight
+        self.pseudo_weight = torch.tensor(pseudo_weight, device=device)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float = 1.0, sync: bool = True) -> torch.Tensor:
+        """Accumulate the gradients of ``loss_scale`` x the batch loss; returns the (unscaled) loss.
+
+        ``sync=False`` skips the gradient all-reduce under DDP (a batch that is not the last one accumulated)."""
+        images = batch["image"].to(self.device, non_blocking=True)
+        masks = batch["mask"].to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        weight = torch.where(batch["pseudo"].to(self.device), self.pseudo_weight, torch.ones_like(self.pseudo_weight))
+        skip_sync = not sync and isinstance(self.network, DistributedDataParallel)
+        with self.network.no_sync() if skip_sync else contextlib.nullcontext():
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                output = self.forward(images)
+                loss = segmentation_loss(output, masks, weight, self.aux_weight, self.class_weight)
+            self.scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self.forward_backward(batch)
+        self.optimizer_step()
+        return loss
+
+
+def train_epoch(
+    step: TrainStep,
+    batches: Any,
+    *,
+    first_batch: int,
+    batches_per_epoch: int,
+    accumulate: int,
+    loss_sum: torch.Tensor,
+    after_optimizer_step: Callable[[int], None],
+) -> torch.Tensor:
+    """Train on ``batches`` (the epoch's, after the first ``first_batch``): one optimizer step per ``accumulate``
+    batches (fewer at the end of the epoch), each batch's loss divided by the group's size. Returns
+    ``loss_sum`` plus the batch losses; calls ``after_optimizer_step(batches done)`` after each step."""
+    for number, batch in enumerate(batches, start=first_batch + 1):
+        group_start = (number - 1) // accumulate * accumulate
+        group_size = min(accumulate, batches_per_epoch - group_start)
+        closes_group = number == group_start + group_size
+        loss_sum += step.forward_backward(batch, 1 / group_size, sync=closes_group)
+        if closes_group:
+            step.optimizer_step()
+            after_optimizer_step(number)
+    return loss_sum
+
+
+def validate(model: nn.Module, loader: DataLoader, num_classes: int, group: ProcessGroup) -> dict[str, Any]:
+    """Scores on the val split; each process holds a share of it, the confusion matrices are summed."""
+    confusion = confusion_over(model, loader, num_classes, group.device)
+    distributed.all_reduce_sum(confusion.matrix, group)
+    return confusion.compute()
+
+
+class Checkpointer:
+    """Writes the exact-resume checkpoint (rank 0; every rank hands over its RNG states and running loss)."""
+
+    def __init__(self, resume_dir: Path, group: ProcessGroup, settings: dict[str, Any], started: float, **state: Any):
+        self.resume_dir, self.group, self.settings, self.started = resume_dir, group, settings, started
+        self.state = state  # model, optimizer, scheduler, scaler
+
+    def save(self, progress: Progress, loss_sum: torch.Tensor) -> None:
+        per_rank = distributed.gather_tensors({**checkpoint.rng_state(), "loss_sum": loss_sum}, self.group)
+        if self.group.is_main:
+            progress.seconds = time.perf_counter() - self.started
+            checkpoint.save(self.resume_dir, progress=progress, settings=self.settings, tensors=per_rank, **self.state)
 
 
 def train(
@@ -110,107 +276,185 @@ def train(
     pseudo_dir: Path | None = None,
     epochs: int | None = None,
     run_name: str | None = None,
+    snapshots: int = 0,
+    resume: bool = False,
+    cache_dir: Path = CACHE_DIR,
 ) -> TrainResult:
-    """Train ``arch`` and write ``out_dir/{model.safetensors, model.json, history.json}`` atomically."""
-    cfg = params.train
-    epochs = epochs or cfg.epochs
+    """Train ``arch`` and write ``out_dir/{model.safetensors, model.json, history.json}`` atomically.
+
+    ``snapshots`` earlier, evenly spaced epochs are also kept in ``out_dir/snapshots/epoch_N`` (model folders):
+    the pseudo-label stage ranks images by how much those checkpoints agree with the final model (ST++).
+
+    A checkpoint for exact resumption is kept in ``models/.NAME.resume`` (segflow.checkpoint) while training
+    runs; ``resume`` continues from it, a plain run starts over. Under torchrun every process calls this;
+    ``train.batch_size`` is per process and rank 0 alone logs and writes (segflow.distributed).
+    With ``train.decoded_cache`` images come from the cache in ``cache_dir`` (segflow.cache), built from
+    ``data_dir``.
+    """
     if arch not in models.available():
         raise SegflowError(f"unknown architecture {arch!r}; available: {', '.join(models.available())}.")
-    device = resolve_device(cfg.device)
+    group = distributed.setup(params.train.device)
+    try:
+        return _train(params, arch, group, data_dir=data_dir, splits_csv=splits_csv, out_dir=Path(out_dir),
+                      pseudo_dir=pseudo_dir, epochs=epochs or params.train.epochs, run_name=run_name or arch,
+                      snapshots=snapshots, resume=resume, cache_dir=cache_dir)
+    finally:
+        distributed.teardown(group)
+
+
+def _train(
+    params: Params, arch: str, group: ProcessGroup, *, data_dir: Path, splits_csv: Path, out_dir: Path,
+    pseudo_dir: Path | None, epochs: int, run_name: str, snapshots: int, resume: bool, cache_dir: Path,
+) -> TrainResult:
+    cfg = params.train
+    device = group.device
     torch.manual_seed(cfg.seed)
     classes = read_classes(data_dir)
 
-    train_samples = load_samples(data_dir, splits_csv, "train")
-    pseudo_count = 0
+    labeled_samples = load_samples(data_dir, splits_csv, "train")
+    pseudo_samples = []
     if pseudo_dir is not None and cfg.use_pseudo_labels:
-        pseudo_samples = load_pseudo_samples(pseudo_dir)
-        pseudo_count = len(pseudo_samples)
-        train_samples += pseudo_samples
+        pseudo_samples = load_pseudo_samples(pseudo_dir, params.pseudo_label.reliable_fraction)
+    train_samples = mix_labeled_and_pseudo(labeled_samples, pseudo_samples, cfg.oversample_labeled)
+    pseudo_count = len(pseudo_samples)
     val_samples = load_samples(data_dir, splits_csv, "val")
-    if not train_samples or not val_samples:
+    if not labeled_samples or not val_samples:
         raise SegflowError(f"{splits_csv}: the train and val splits must both hold labeled images.")
 
-    generator = torch.Generator().manual_seed(cfg.seed)
+    cache = open_cache(cache_dir, data_dir) if cfg.decoded_cache else None
+    sampler = EpochSampler(len(train_samples), seed=cfg.seed, rank=group.rank, world_size=group.world_size)
     train_loader = DataLoader(
-        SegmentationDataset(train_samples, crop_size=cfg.crop_size, augment=cfg.augment),
-        batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_samples) > cfg.batch_size,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", collate_fn=pad_collate, generator=generator,
-        persistent_workers=cfg.num_workers > 0,
+        SeededDataset(SegmentationDataset(train_samples, crop_size=cfg.crop_size, augment=cfg.augment,
+                                          strong_augment=cfg.pseudo_augment, cache=cache)),
+        batch_size=cfg.batch_size, sampler=sampler, drop_last=sampler.per_rank > cfg.batch_size,
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", collate_fn=pad_collate,
+        # Worker base seeds come from here, not from the global RNG the checkpoint restores (and SeededDataset
+        # makes them irrelevant to the data anyway).
+        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.num_workers > 0,
     )
+    batches_per_epoch = len(train_loader)
     val_loader = DataLoader(
-        SegmentationDataset(val_samples), batch_size=params.evaluate.batch_size, num_workers=cfg.num_workers,
-        collate_fn=pad_collate,
+        SegmentationDataset(val_samples[group.rank :: group.world_size], cache=cache),
+        batch_size=params.evaluate.batch_size,
+        num_workers=cfg.num_workers, collate_fn=pad_collate,
     )
 
     options = params.model_options(arch)
-    model = models.build(arch, num_classes=len(classes), **options).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    optimizer = _optimizer(params, model, device)
-    total_steps = epochs * len(train_loader)
-    schedule = (lambda step: (1 - step / total_steps) ** 0.9) if cfg.lr_schedule == "poly" else (lambda step: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    amp_dtype = _amp_dtype(device, cfg.amp)
-    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    pseudo_weight = torch.tensor(cfg.pseudo_weight, device=device)
+    model = prepare_model(models.build(arch, num_classes=len(classes), **options), device,
+                          sync_batchnorm=group.distributed and cfg.sync_batchnorm)
+    network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if group.distributed else model
+    optimizer = build_optimizer(cfg, model, device)
+    steps_per_epoch = -(-batches_per_epoch // cfg.accumulate_steps)
+    scheduler = build_scheduler(cfg, optimizer, epochs * steps_per_epoch)
+    amp = amp_dtype(device, cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     class_weight = None
     if cfg.class_weighting:  # from the labeled training masks only: pseudo-labels would echo the teacher's bias
-        class_weight = median_frequency_weights([s for s in train_samples if not s.pseudo], len(classes)).to(device)
+        class_weight = median_frequency_weights(labeled_samples, len(classes)).to(device)
+    step = TrainStep(network, optimizer, scheduler, scaler, device=device, amp=amp, aux_weight=cfg.aux_weight,
+                     pseudo_weight=cfg.pseudo_weight, class_weight=class_weight, compile=cfg.compile)
 
+    resume_dir = checkpoint.resume_dir_for(out_dir)
+    settings = {
+        "arch": arch, "epochs": epochs, "model_options": options, "train_images": len(train_samples),
+        "processes": group.world_size,
+        # Settings that change neither the numbers nor the order may differ when resuming.
+        **{f"train.{key}": value for key, value in cfg.model_dump(mode="json").items()
+           if key not in ("num_workers", "device", "checkpoint_every_steps", "compile", "decoded_cache", "archs")},
+    }
+    loss_sum = torch.zeros((), device=device)
+    if resume:
+        saved = checkpoint.load(resume_dir)
+        checkpoint.check_settings(saved, settings, resume_dir)
+        checkpoint.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, rank=group.rank)
+        progress = saved.progress
+        loss_sum = checkpoint.of_rank(saved.tensors, group.rank)["loss_sum"].to(device)
+    else:
+        progress = Progress()
+        if group.is_main:
+            checkpoint.remove(resume_dir)
+    started = time.perf_counter() - progress.seconds
+    checkpointer = Checkpointer(resume_dir, group, settings, started,
+                                model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+
+    snapshot_epochs = {round(epochs * k / (snapshots + 1)) for k in range(1, snapshots + 1)} - {0, epochs}
     card = ModelCard(arch=arch, num_classes=len(classes), classes=classes, options=options)
-    history: list[dict[str, float]] = []
-    best_miou, best_epoch = -math.inf, 0
-    started = time.perf_counter()
-    with tracking.stage_run(params.mlflow, "train", run_name or arch), atomic_dir(out_dir) as staging:
-        mlflow.log_params({
-            "arch": arch, "epochs": epochs, "batch_size": cfg.batch_size, "crop_size": cfg.crop_size,
-            "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "aux_weight": cfg.aux_weight,
-            "device": device.type, "amp": str(amp_dtype), "train_images": len(train_samples) - pseudo_count,
-            "pseudo_images": pseudo_count, "pseudo_weight": cfg.pseudo_weight, "val_images": len(val_samples),
-            "class_weighting": cfg.class_weighting,
-            **{f"model.{k}": v for k, v in options.items()},
-        })
-        mlflow.set_tag("segflow.arch", arch)
-        for epoch in range(1, epochs + 1):
+    every = cfg.checkpoint_every_steps or 0
+    run = tracking.stage_run(params.mlflow, "train", run_name, run_id=progress.run_id) if group.is_main \
+        else contextlib.nullcontext()
+    with run as active:
+        if group.is_main and progress.run_id is None:
+            progress.run_id = active.info.run_id
+            mlflow.log_params({
+                "arch": arch, "epochs": epochs, "batch_size": cfg.batch_size, "crop_size": cfg.crop_size,
+                "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                "aux_weight": cfg.aux_weight, "device": device.type, "amp": str(amp),
+                "processes": group.world_size, "accumulate_steps": cfg.accumulate_steps,
+                "global_batch_size": cfg.batch_size * cfg.accumulate_steps * group.world_size,
+                "train_images": len(labeled_samples), "pseudo_images": pseudo_count,
+                "pseudo_weight": cfg.pseudo_weight, "val_images": len(val_samples),
+                "class_weighting": cfg.class_weighting,
+                **{f"model.{k}": v for k, v in options.items()},
+            })
+            mlflow.set_tag("segflow.arch", arch)
+
+        for epoch in range(progress.epoch, epochs + 1):
+            first_batch = progress.batches_done if epoch == progress.epoch else 0
+
+            def after_optimizer_step(batches_done: int, epoch: int = epoch) -> None:
+                global_step = (epoch - 1) * steps_per_epoch + -(-batches_done // cfg.accumulate_steps)
+                if every and global_step % every == 0 and batches_done < batches_per_epoch:
+                    progress.epoch, progress.batches_done = epoch, batches_done
+                    checkpointer.save(progress, loss_sum)
+
             model.train()
-            loss_sum = torch.zeros((), device=device)
-            bar = tqdm(train_loader, desc=f"{run_name or arch} epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
-            for batch in bar:
-                images = batch["image"].to(device, non_blocking=True)
-                masks = batch["mask"].to(device, non_blocking=True)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                weight = torch.where(batch["pseudo"].to(device), pseudo_weight, torch.ones_like(pseudo_weight))
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    output = model(images)
-                    loss = segmentation_loss(output, masks, weight, cfg.aux_weight, class_weight)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                loss_sum += loss.detach()
-            train_loss = (loss_sum / max(1, len(train_loader))).item()
+            sampler.set_epoch(epoch, start=first_batch * cfg.batch_size)
+            bar = tqdm(train_loader, desc=f"{run_name} epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True,
+                       initial=first_batch, total=batches_per_epoch, disable=not group.is_main)
+            train_epoch(step, bar, first_batch=first_batch, batches_per_epoch=batches_per_epoch,
+                        accumulate=cfg.accumulate_steps, loss_sum=loss_sum, after_optimizer_step=after_optimizer_step)
+            distributed.all_reduce_sum(loss_sum, group)
+            train_loss = (loss_sum / max(1, batches_per_epoch * group.world_size)).item()
             if not math.isfinite(train_loss):
                 raise SegflowError(f"training {arch} diverged at epoch {epoch} (loss {train_loss}); lower train.lr.")
-            val = confusion_over(model, val_loader, len(classes), device).compute()
+            val = validate(model, val_loader, len(classes), group)
             record = {
                 "epoch": epoch, "train_loss": train_loss, "val_miou": val["miou"],
                 "val_pixel_accuracy": val["pixel_accuracy"], "lr": scheduler.get_last_lr()[0],
             }
-            history.append(record)
-            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-            log.info("%s epoch %d: loss %.4f, val mIoU %.4f", arch, epoch, train_loss, val["miou"])
+            progress.history.append(record)
             # NaN (no class seen yet) must not leave the run without any checkpoint.
-            if epoch == 1 or val["miou"] > best_miou:
-                best_miou, best_epoch = val["miou"], epoch
-                card.extra = {"best_epoch": epoch, "val_miou": val["miou"]}
-                save_model(model, card, staging)
+            improved = epoch == 1 or val["miou"] > progress.best_miou
+            if improved:
+                progress.best_miou, progress.best_epoch = val["miou"], epoch
+            if group.is_main:
+                mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+                log.info("%s epoch %d: loss %.4f, val mIoU %.4f", arch, epoch, train_loss, val["miou"])
+                if epoch in snapshot_epochs:
+                    save_model(model, replace(card, extra={"epoch": epoch}), resume_dir / SNAPSHOTS_DIR / f"epoch_{epoch}")
+                if improved:
+                    save_model(model, card, resume_dir / BEST_DIR)
+            progress.epoch, progress.batches_done = epoch + 1, 0
+            loss_sum.zero_()
+            checkpointer.save(progress, loss_sum)
+
         seconds = time.perf_counter() - started
-        # The card goes with the best epoch's weights; the training time is only known now.
-        atomic_write_json(staging / CARD_FILE, asdict(replace(card, extra={**card.extra, "train_seconds": seconds})))
-        (staging / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-        mlflow.log_metrics({"best_val_miou": best_miou, "train_seconds": seconds})
-        mlflow.log_artifacts(str(staging), artifact_path="checkpoint")
-    return TrainResult(Path(out_dir), best_miou, best_epoch, seconds, history)
+        if group.is_main:
+            _write_model_dir(out_dir, resume_dir, card, progress, seconds)
+            mlflow.log_metrics({"best_val_miou": progress.best_miou, "train_seconds": seconds})
+            mlflow.log_artifacts(str(out_dir), artifact_path="checkpoint")
+            checkpoint.remove(resume_dir)
+    distributed.barrier(group)
+    return TrainResult(out_dir, progress.best_miou, progress.best_epoch, seconds, progress.history)
+
+
+def _write_model_dir(out_dir: Path, resume_dir: Path, card: ModelCard, progress: Progress, seconds: float) -> None:
+    """The model folder, whole: the best epoch's weights, its card, the history and any snapshots."""
+    with atomic_dir(out_dir) as staging:
+        shutil.copyfile(resume_dir / BEST_DIR / WEIGHTS_FILE, staging / WEIGHTS_FILE)
+        extra = {"best_epoch": progress.best_epoch, "val_miou": progress.best_miou, "train_seconds": seconds}
+        atomic_write_json(staging / CARD_FILE, asdict(replace(card, extra=extra)))
+        (staging / "history.json").write_text(json.dumps(progress.history, indent=2) + "\n")
+        if (resume_dir / SNAPSHOTS_DIR).is_dir():
+            shutil.copytree(resume_dir / SNAPSHOTS_DIR, staging / SNAPSHOTS_DIR)

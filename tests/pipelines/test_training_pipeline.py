@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,50 +15,23 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+import pipeline_testing
+from pipeline_testing import load_flow_module, make_project, merge
 from segflow.imageio import read_image
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "synth": {"num_labeled": 30, "num_unlabeled": 12, "image_size": 64},
-    "train": {"archs": ["unet", "pspnet"], "epochs": 2, "batch_size": 4, "crop_size": 64},
-    "teacher": {"arch": "unet", "epochs": 2},
-    "register": {"model_name": "segflow-e2e"},
-}
-
-
-def _merge(base: dict, override: dict) -> dict:
-    for key, value in override.items():
-        base[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return base
-
-
-def _load_flow_module(project_root: Path):
-    spec = importlib.util.spec_from_file_location("training_pipeline", project_root / "pipelines/training_pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TINY = merge(copy.deepcopy(pipeline_testing.TINY), {"register": {"model_name": "segflow-e2e"}})
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, project_root) -> Path:
-    """A fresh project folder: dvc.yaml, params.yaml (tiny), git and DVC initialised."""
-    root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", ".gitignore"):  # the repository's .gitignore must not hide what DVC writes
-        shutil.copy(project_root / name, root)
-    params = _merge(yaml.safe_load((project_root / "params.yaml").read_text()), TINY)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # Code dependencies of the stages, so DVC sees the same graph as in the repository.
-    shutil.copytree(project_root / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=root, check=True)
-    return root
+    return make_project(tmp_path_factory.mktemp("project"), project_root, TINY)
 
 
 @pytest.fixture(scope="module")
 def pipeline_decision(project, project_root, prefect_harness) -> dict:
-    flow_module = _load_flow_module(project_root)
+    flow_module = load_flow_module(project_root, "training_pipeline")
     cwd = os.getcwd()
     try:
         return flow_module.segflow_pipeline(project=str(project))
@@ -81,7 +53,7 @@ def test_pipeline_registers_and_promotes_the_best_architecture(pipeline_decision
         assert (project / "evaluation" / name / "confusion_matrix.png").stat().st_size > 0
     best = max(TINY["train"]["archs"], key=lambda a: json.loads((project / "metrics" / f"{a}.json").read_text())["miou"])
     assert pipeline_decision["arch"] == best
-    assert (project / "data/pseudo/coverage.json").exists()
+    assert json.loads((project / "metrics/pseudo_label.json").read_text())["coverage"] > 0
     assert (project / "data/validation/data_docs/index.html").exists()
     board = json.loads((project / "leaderboard/leaderboard.json").read_text())
     assert {r["name"] for r in board} == {*TINY["train"]["archs"], "teacher"}

@@ -1,0 +1,219 @@
+"""The decoded-image cache: each ingested image and mask decoded once, kept as uint8 arrays for training.
+
+Training reads every image once per epoch, and decoding a PNG or JPEG costs more than the rest of a sample's
+preparation. ``segflow cache`` (a DVC stage whose one output is the folder) decodes them once and writes:
+
+- ``shard-NNN.npy``: flat uint8 arrays holding, image after image in manifest order, the HxWx3 RGB bytes and
+  then, for a labeled image, the HxW mask bytes; at most ``shard_bytes`` each (an image never spans two).
+  They are opened with ``np.load(mmap_mode="r")``: only the pages read are loaded, and the DataLoader's worker
+  processes share them through the page cache.
+- ``index.json``: the SHA-256 of the manifest the cache was built from (a cache of other data is stale), the
+  shards with their sizes, and per image its shard, offset, height, width and whether a mask follows.
+
+Arrays keep their decoded size (no resizing): the cache returns exactly what decoding returns, so training
+computes the same numbers with or without it. No pickle anywhere (``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segflow.errors import SegflowError
+from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.imageio import read_image, read_mask
+from segflow.split import read_manifest
+
+CACHE_DIR = Path("data/cache")  # where `segflow cache` writes and training reads, relative to the project
+INDEX_FILE = "index.json"
+FORMAT = 1
+SHARD_BYTES = 1 << 30
+REBUILD = "rebuild it with `segflow cache` (or `dvc repro cache`)"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one image (and its mask, right after it) lies in the shards."""
+
+    image_id: str
+    shard: int
+    offset: int
+    height: int
+    width: int
+    labeled: bool
+
+    @property
+    def image_bytes(self) -> int:
+        return self.height * self.width * 3
+
+    @property
+    def nbytes(self) -> int:
+        return self.image_bytes + (self.height * self.width if self.labeled else 0)
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    images: int
+    masks: int
+    shards: int
+    nbytes: int
+
+
+def manifest_hash(data_dir: Path) -> str:
+    return hashlib.sha256((Path(data_dir) / "manifest.csv").read_bytes()).hexdigest()
+
+
+def _shard_name(number: int) -> str:
+    return f"shard-{number:03d}.npy"
+
+
+def _layout(manifest: Any, shard_bytes: int) -> tuple[list[Entry], list[int]]:
+    """Entries in manifest order, packed greedily into shards of at most ``shard_bytes``; the shards' sizes."""
+    entries: list[Entry] = []
+    sizes = [0]
+    for row in manifest.itertuples():
+        height, width, labeled = int(row.height), int(row.width), bool(row.mask_path)
+        if sizes[-1] and sizes[-1] + height * width * (4 if labeled else 3) > shard_bytes:
+            sizes.append(0)
+        entries.append(Entry(row.image_id, len(sizes) - 1, sizes[-1], height, width, labeled))
+        sizes[-1] += entries[-1].nbytes
+    return entries, sizes
+
+
+def build_cache(data_dir: Path, out: Path = CACHE_DIR, shard_bytes: int = SHARD_BYTES) -> CacheSummary:
+    """Decode every image (and mask) of the ingested folder ``data_dir`` into the cache folder ``out``,
+    replaced whole on success. Shapes come from the manifest and are checked against each decoded file."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    entries, sizes = _layout(manifest, shard_bytes)
+    rows = {row.image_id: row for row in manifest.itertuples()}
+    with atomic_dir(out) as staging:
+        shards = [np.lib.format.open_memmap(staging / _shard_name(i), mode="w+", dtype=np.uint8, shape=(size,))
+                  for i, size in enumerate(sizes)]
+
+        def decode(entry: Entry) -> None:
+            row = rows[entry.image_id]
+            image = read_image(data_dir / row.image_path)
+            arrays = [(data_dir / row.image_path, image, (entry.height, entry.width, 3))]
+            if entry.labeled:
+                arrays.append((data_dir / row.mask_path, read_mask(data_dir / row.mask_path), (entry.height, entry.width)))
+            offset = entry.offset
+            for path, array, shape in arrays:
+                if array.shape != shape:
+                    raise SegflowError(f"{path}: decodes to {array.shape[1]}x{array.shape[0]} but "
+                                       f"{data_dir / 'manifest.csv'} says {entry.width}x{entry.height}; "
+                                       "re-run the ingest stage.")
+                shards[entry.shard][offset : offset + array.size] = array.reshape(-1)
+                offset += array.size
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
+            for _ in pool.map(decode, entries):
+                pass
+        for shard in shards:
+            shard.flush()
+        del shards
+        atomic_write_json(staging / INDEX_FILE, {
+            "format": FORMAT,
+            "manifest_sha256": manifest_hash(data_dir),
+            "images": len(entries),
+            "shards": [{"file": _shard_name(i), "bytes": size} for i, size in enumerate(sizes)],
+            "entries": [[e.image_id, e.shard, e.offset, e.height, e.width, e.labeled] for e in entries],
+        })
+    return CacheSummary(len(entries), sum(e.labeled for e in entries), len(sizes), sum(sizes))
+
+
+class DecodedCache:
+    """Read side of the cache (see the module docstring); open it with :func:`open_cache`."""
+
+    def __init__(self, cache_dir: Path, entries: list[Entry], shard_files: list[tuple[str, int]]) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.entries = {entry.image_id: entry for entry in entries}
+        self.shard_files = shard_files
+        self._shards: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to spawned DataLoader workers: they map the shards themselves rather than receive their bytes.
+        return {**self.__dict__, "_shards": None}
+
+    def shards(self) -> list[np.ndarray]:
+        if self._shards is None:
+            self._shards = [self._map(name, size) for name, size in self.shard_files]
+        return self._shards
+
+    def _map(self, name: str, size: int) -> np.ndarray:
+        path = self.cache_dir / name
+        try:
+            shard = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise SegflowError(f"{path}: shard of the decoded-image cache is missing; {REBUILD}.") from None
+        except (ValueError, OSError) as exc:
+            raise SegflowError(f"{path}: not a readable .npy shard ({exc}); {REBUILD}.") from None
+        if shard.dtype != np.uint8 or shard.shape != (size,):
+            raise SegflowError(f"{path}: holds {shard.dtype} {shard.shape}, {self.cache_dir / INDEX_FILE} says uint8 "
+                               f"({size},); {REBUILD}.")
+        return shard
+
+    def _entry(self, image_id: str) -> Entry:
+        try:
+            return self.entries[image_id]
+        except KeyError:
+            raise SegflowError(f"{self.cache_dir}: image {image_id!r} is not in the decoded-image cache; "
+                               f"{REBUILD}.") from None
+
+    def image(self, image_id: str) -> np.ndarray:
+        """HxWx3 uint8, as :func:`segflow.imageio.read_image` returns it (a writable copy)."""
+        entry = self._entry(image_id)
+        flat = self.shards()[entry.shard][entry.offset : entry.offset + entry.image_bytes]
+        return np.array(flat).reshape(entry.height, entry.width, 3)
+
+    def mask(self, image_id: str) -> np.ndarray:
+        """HxW uint8, as :func:`segflow.imageio.read_mask` returns it."""
+        entry = self._entry(image_id)
+        if not entry.labeled:
+            raise SegflowError(f"{self.cache_dir}: image {image_id!r} has no mask in the decoded-image cache; "
+                               f"{REBUILD}.")
+        start = entry.offset + entry.image_bytes
+        return np.array(self.shards()[entry.shard][start : start + entry.height * entry.width]).reshape(
+            entry.height, entry.width)
+
+
+def open_cache(cache_dir: Path, data_dir: Path) -> DecodedCache:
+    """The cache in ``cache_dir``, checked against the ingested folder ``data_dir``: built from its manifest,
+    one entry per image, every shard present with the size the index gives. Anything else is a SegflowError."""
+    cache_dir = Path(cache_dir)
+    index_path = cache_dir / INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text())
+        entries = [Entry(str(i), int(s), int(o), int(h), int(w), bool(m)) for i, s, o, h, w, m in index["entries"]]
+        shard_files = [(str(shard["file"]), int(shard["bytes"])) for shard in index["shards"]]
+        count, version, built_from = int(index["images"]), index["format"], index["manifest_sha256"]
+    except FileNotFoundError:
+        raise SegflowError(f"{index_path}: no decoded-image cache here (train.decoded_cache is on); build it with "
+                           "`segflow cache` (or `dvc repro cache`).") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise SegflowError(f"{index_path}: unreadable index of the decoded-image cache ({exc!r}); {REBUILD}.") from None
+    if version != FORMAT:
+        raise SegflowError(f"{index_path}: cache format {version!r}, this segflow reads {FORMAT}; {REBUILD}.")
+    if built_from != manifest_hash(data_dir):
+        raise SegflowError(f"{cache_dir}: the decoded-image cache is stale: built from another "
+                           f"{Path(data_dir) / 'manifest.csv'} than the current one; {REBUILD}.")
+    if len(entries) != count or len({e.image_id for e in entries}) != count:
+        raise SegflowError(f"{index_path}: lists {len(entries)} entries for {count} images; {REBUILD}.")
+    outside = [e.image_id for e in entries if not (0 <= e.shard < len(shard_files)
+                                                   and e.offset + e.nbytes <= shard_files[e.shard][1])]
+    if outside:
+        raise SegflowError(f"{index_path}: {len(outside)} entries (first {outside[0]!r}) lie outside the shards; "
+                           f"{REBUILD}.")
+    cache = DecodedCache(cache_dir, entries, shard_files)
+    cache.shards()  # every shard there, of the right size, now rather than in a loader worker
+    return cache

@@ -1,0 +1,57 @@
+"""A small segflow project in a temporary folder, for the tests that run the whole pipeline."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import yaml
+
+# Small enough for the whole pipeline to run in about a minute on two cores.
+TINY = {
+    "synth": {"num_labeled": 30, "num_unlabeled": 12, "image_size": 64},
+    "train": {"archs": ["unet", "pspnet"], "epochs": 2, "batch_size": 4, "crop_size": 64},
+    "teacher": {"arch": "unet", "epochs": 2},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+def make_project(root: Path, project_root: Path, params: dict) -> Path:
+    """dvc.yaml, the flows and the code of the repository, its params.yaml merged with ``params``; git and DVC
+    initialised."""
+    for name in ("dvc.yaml", ".gitignore"):  # the repository's .gitignore must not hide what DVC writes
+        shutil.copy(project_root / name, root)
+    merged = merge(yaml.safe_load((project_root / "params.yaml").read_text()), params)
+    (root / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    # Code dependencies of the stages, so DVC sees the same graph as in the repository; the flows, for deployments.
+    for folder in ("src", "pipelines"):
+        shutil.copytree(project_root / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc(root, "init", "-q")
+    dvc(root, "config", "core.analytics", "false")
+    return root
+
+
+def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, check=True, capture_output=True, text=True)
+
+
+def load_flow_module(project_root: Path, name: str) -> ModuleType:
+    """``pipelines/NAME.py`` as a module (the folder is no package; the flows import their siblings)."""
+    pipelines = str(project_root / "pipelines")
+    if pipelines not in sys.path:
+        sys.path.insert(0, pipelines)
+    spec = importlib.util.spec_from_file_location(name, project_root / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+

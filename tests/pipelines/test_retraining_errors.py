@@ -1,0 +1,52 @@
+"""Failures the flows and `segflow schedule` tell apart, checked without starting servers."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from pipeline_testing import dvc, load_flow_module
+from segflow.config import ScheduleParams
+from segflow.errors import SegflowError
+from segflow.schedule import cron_schedule, prefect_api_url
+from segflow.tracking import SERVER_UNREACHABLE
+from stack_testing import free_port
+
+
+def test_dvc_failures_are_bad_input_unless_the_tracking_server_was_unreachable(project_root):
+    training = load_flow_module(project_root, "training_pipeline")
+    bad = training.dvc_failure("stage ingest", 255, ["annotations.json: not valid JSON."])
+    assert isinstance(bad, training.BadInput) and "annotations.json" in str(bad)
+    down = training.dvc_failure("stage register", 255, [f"{SERVER_UNREACHABLE} at http://mlflow:5000 (...)."])
+    assert type(down) is training.StageFailed and SERVER_UNREACHABLE in str(down)
+    assert type(training.dvc_failure("stage train", -9, [])) is training.StageFailed
+
+
+def test_schedule_needs_a_running_prefect_server():
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(SegflowError, match="is not set"):
+        prefect_api_url()
+    nowhere = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings({PREFECT_API_URL: nowhere}), pytest.raises(SegflowError) as error:
+        prefect_api_url()
+    assert f"no Prefect server answers at PREFECT_API_URL={nowhere}" in str(error.value)
+
+
+@pytest.mark.parametrize(("setting", "value"), [("cron", "61 * * * *"), ("timezone", "Mars/Olympus")])
+def test_a_bad_cron_or_timezone_names_its_key(setting, value):
+    with pytest.raises(SegflowError, match=f"schedule.{setting}: .*{value}"):
+        cron_schedule(ScheduleParams(**{setting: value}))
+
+
+def test_data_is_synced_with_the_named_or_default_dvc_remote_only(tmp_path, project_root):
+    retraining = load_flow_module(project_root, "retraining")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc(tmp_path, "init", "-q")
+    dvc(tmp_path, "remote", "add", "backup", str(tmp_path / "backup"))  # not the default
+    assert retraining.dvc_remote(tmp_path, None) is None
+    assert retraining.dvc_remote(tmp_path, "backup") == "backup"
+    with pytest.raises(SegflowError, match=r"schedule.dvc_remote: DVC has no remote 'team' \(configured: backup\)"):
+        retraining.dvc_remote(tmp_path, "team")
+    dvc(tmp_path, "remote", "default", "backup")
+    assert retraining.dvc_remote(tmp_path, None) == "backup"

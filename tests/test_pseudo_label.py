@@ -1,0 +1,173 @@
+"""Pseudo-labels: class-balanced thresholds, ST++ reliability, strong augmentation of pseudo-labeled images,
+and the semi-supervised comparison on the embedded default data at a tiny size (self-training rounds)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from segflow import IGNORE_INDEX
+from segflow.config import PseudoLabelParams, StrongAugmentParams, parse_params
+from segflow.data import Sample, SegmentationDataset, load_pseudo_samples, load_samples, pad_collate, strong_augment
+from segflow.evaluate import evaluate
+from segflow.imageio import read_mask
+from segflow.inference import load_model, predict_classes
+from segflow.ingest import ingest_coco
+from segflow.pseudo_label import HISTOGRAM_BINS, class_thresholds, prediction_agreement
+from segflow.self_training import train_teacher
+from segflow.synth import generate
+from segflow.train import mix_labeled_and_pseudo, train
+
+SIZE = 48
+
+
+def _histogram(confidences: list[float], count: int) -> torch.Tensor:
+    histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.int64)
+    for value in confidences:
+        histogram[min(int(value * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += count
+    return histogram
+
+
+def test_class_balanced_thresholds_keep_a_rare_unsure_class_that_the_global_one_wipes_out():
+    sure = _histogram([0.95, 0.99], 1000)          # a common class, confident
+    unsure = _histogram([0.4, 0.5, 0.6, 0.8], 10)   # a rare class the teacher hesitates on
+    histograms = torch.stack([sure, unsure, torch.zeros(HISTOGRAM_BINS, dtype=torch.int64)])
+
+    global_only = class_thresholds(histograms, PseudoLabelParams(threshold=0.9))
+    assert global_only.tolist() == [0.9, 0.9, 0.9]
+
+    balanced = class_thresholds(histograms, PseudoLabelParams(threshold=0.9, class_balanced=True,
+                                                              class_keep_fraction=0.5))
+    assert balanced[0] == pytest.approx(0.9)       # never raised above the global threshold
+    assert balanced[1] == pytest.approx(0.6)       # the top half of the rare class's pixels pass
+    assert balanced[2] == pytest.approx(0.9)       # a class never predicted keeps the global threshold
+
+
+def test_prediction_agreement_is_the_mean_iou_of_two_label_maps():
+    a = torch.tensor([[0, 0, 1, 1]])
+    assert prediction_agreement(a, a, 3) == 1.0
+    assert prediction_agreement(a, torch.tensor([[0, 0, 0, 1]]), 3) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert prediction_agreement(a, 1 - a, 3) == 0.0
+
+
+def test_reliable_fraction_keeps_the_most_stable_images(tmp_path):
+    frame = pd.DataFrame({"image_id": list("abcd"), "image_path": [f"{i}.png" for i in "abcd"],
+                          "mask_path": [f"masks/{i}.png" for i in "abcd"], "reliability": [0.2, 0.9, 0.5, 0.7]})
+    frame.to_csv(tmp_path / "pseudo_manifest.csv", index=False)
+    assert [s.image_id for s in load_pseudo_samples(tmp_path, 0.5)] == ["b", "d"]
+    assert [s.image_id for s in load_pseudo_samples(tmp_path)] == list("abcd")
+    assert all(s.pseudo for s in load_pseudo_samples(tmp_path))
+
+
+def test_labeled_images_are_repeated_to_match_the_pseudo_labeled_ones():
+    labeled = [Sample(f"l{i}", Path("x"), Path("y")) for i in range(3)]
+    pseudo = [Sample(f"p{i}", Path("x"), Path("y"), pseudo=True) for i in range(10)]
+    assert len(mix_labeled_and_pseudo(labeled, pseudo, True)) == 9 + 10
+    assert len(mix_labeled_and_pseudo(labeled, pseudo, False)) == 3 + 10
+    assert mix_labeled_and_pseudo(labeled, [], True) == labeled
+
+
+def test_cutout_blanks_a_box_whose_pixels_the_loss_ignores():
+    torch.manual_seed(0)
+    image = torch.rand(3, 40, 50)
+    mask = torch.randint(0, 4, (40, 50))
+    only_cutout = StrongAugmentParams(color_jitter=0, grayscale=0, blur=0, cutout=1)
+    out_image, out_mask = strong_augment(image, mask, only_cutout)
+    box = out_mask == IGNORE_INDEX
+    assert 0 < box.sum() < box.numel()
+    assert torch.equal(out_mask[~box], mask[~box]) and torch.equal(out_image[:, ~box], image[:, ~box])
+    assert not torch.equal(out_image[:, box], image[:, box])
+
+    nothing = StrongAugmentParams(color_jitter=0, grayscale=0, blur=0, cutout=0)
+    assert all(torch.equal(a, b) for a, b in zip(strong_augment(image, mask, nothing), (image, mask)))
+
+
+def test_photometric_perturbations_change_the_image_but_never_the_mask():
+    torch.manual_seed(1)
+    image, mask = torch.rand(3, 32, 32), torch.randint(0, 4, (32, 32))
+    photometric = StrongAugmentParams(color_jitter=1, grayscale=1, blur=1, cutout=0)
+    out_image, out_mask = strong_augment(image, mask, photometric)
+    assert torch.equal(out_mask, mask)
+    assert not torch.allclose(out_image, image) and out_image.min() >= 0 and out_image.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def semi_supervised(tmp_path_factory) -> tuple[Path, Path]:
+    """The embedded default data, tiny: 6 labeled training images, 10 whose masks are hidden, 6 without masks."""
+    root = tmp_path_factory.mktemp("semi")
+    generate(root / "synthetic", seed=0, num_labeled=28, num_unlabeled=6, image_size=SIZE)
+    ingest_coco(root / "synthetic/images", root / "synthetic/annotations.json", root / "ingested",
+                unlabeled=root / "synthetic/unlabeled")
+    manifest = pd.read_csv(root / "ingested/manifest.csv", dtype=str, keep_default_na=False)
+    labeled = manifest.loc[manifest["mask_path"] != "", "image_id"].tolist()
+    splits = ["train"] * 6 + ["unlabeled"] * 10 + ["val"] * 6 + ["test"] * 6
+    rows = dict(zip(labeled, splits)) | {i: "unlabeled" for i in manifest.loc[manifest["mask_path"] == "", "image_id"]}
+    (root / "splits.csv").write_text("image_id,split\n" + "".join(f"{i},{s}\n" for i, s in rows.items()))
+    return root / "ingested", root / "splits.csv"
+
+
+def _params(**sections) -> object:
+    base = {
+        "train": {"archs": ["unet"], "epochs": 1, "batch_size": 4, "crop_size": SIZE, "device": "cpu"},
+        "teacher": {"arch": "unet", "epochs": 3, "snapshots": 1, "rounds": 1},
+        "pseudo_label": {"threshold": 0.95, "class_balanced": True, "class_keep_fraction": 0.5,
+                         "reliable_fraction": 0.5},
+        "evaluate": {"batch_size": 4, "num_overlays": 0, "inference": {"flip": True}},
+        "models": {"unet": {"encoder_name": "resnet18"}},
+    }
+    for section, values in sections.items():
+        base[section] = base.get(section, {}) | values
+    return parse_params(base)
+
+
+def test_semi_supervised_rounds_on_the_default_data(semi_supervised, tmp_path):
+    data_dir, splits_csv = semi_supervised
+    params = _params()
+
+    rounds = train_teacher(params, data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "teacher",
+                           metrics_file=tmp_path / "self_training.json")
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert sum(r["best"] for r in rounds) == 1
+    metrics = json.loads((tmp_path / "self_training.json").read_text())
+    assert metrics["round_1"]["coverage"] > 0 and 0 <= metrics["round_1"]["pseudo_accuracy"] <= 1
+    assert load_model(tmp_path / "teacher")[1].extra["val_miou"] == pytest.approx(metrics["best_val_miou"])
+    assert len(list((tmp_path / "teacher" / "snapshots").glob("epoch_*"))) == 1
+
+    # The architecture stage's pseudo-labels: the kept teacher labels every unlabeled image.
+    from segflow.pseudo_label import pseudo_label
+
+    summary = pseudo_label(params, teacher_dir=tmp_path / "teacher", data_dir=data_dir, splits_csv=splits_csv,
+                           out_dir=tmp_path / "pseudo", metrics_file=tmp_path / "pseudo_label.json")
+    unlabeled = load_samples(data_dir, splits_csv, "unlabeled")
+    assert summary["images"] == len(unlabeled) == 16
+    masks = {p.stem: read_mask(p) for p in (tmp_path / "pseudo/masks").glob("*.png")}
+    assert len(masks) == 16 and all(m.shape == (SIZE, SIZE) for m in masks.values())
+    assert 0 < summary["coverage"] < 1
+    assert summary["hidden_mask_pixels"] == 10 * SIZE * SIZE  # only the hidden masks are scored
+    assert set(summary["pseudo_class_accuracy"]) == set(summary["thresholds"])
+    manifest = pd.read_csv(tmp_path / "pseudo/pseudo_manifest.csv")
+    assert manifest["reliability"].between(0, 1).all()
+
+    # Class-balanced thresholds: every class the teacher predicts is still in the pseudo-labels.
+    model, _ = load_model(tmp_path / "teacher")
+    batch = pad_collate([SegmentationDataset(unlabeled)[i] for i in range(len(unlabeled))])
+    predicted = set(torch.unique(predict_classes(model, batch["image"], params.evaluate.inference)).tolist())
+    kept = set(np.unique(np.concatenate([m.ravel() for m in masks.values()]))) - {IGNORE_INDEX}
+    assert predicted <= kept
+
+    # The student trains on labeled + pseudo-labeled images and is scored on the same test split as the
+    # labeled-only arm (the comparison the CamVid benchmark makes at full size).
+    arms = {}
+    for arm, pseudo_dir in (("labeled-only", None), ("pseudo-labeled", tmp_path / "pseudo")):
+        train(params, "unet", data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / arm, pseudo_dir=pseudo_dir)
+        arms[arm] = evaluate(params, arm, model_dir=tmp_path / arm, data_dir=data_dir, splits_csv=splits_csv,
+                             metrics_file=tmp_path / f"{arm}.json", out_dir=tmp_path / f"eval-{arm}",
+                             plots_dir=tmp_path / "plots")
+    assert all(math.isfinite(m["miou"]) for m in arms.values())
+    assert arms["labeled-only"]["test_data_hash"] == arms["pseudo-labeled"]["test_data_hash"]

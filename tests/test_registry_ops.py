@@ -1,0 +1,216 @@
+"""Registry operations on a real (embedded) MLflow store: list, promote through the gate or by force, roll back,
+concurrent promotions, a version whose files are gone, and serving the champion with `mlflow models serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+from test_register import register_version, workspace  # noqa: F401  (the tiny model, data and splits)
+
+import segflow.register
+from segflow.config import parse_params
+from segflow.data import load_samples
+from segflow.errors import SegflowError
+from segflow.evaluate import split_fingerprint
+from segflow.register import Decision, PromotionRefused, champion_history, score_on
+from segflow.registry import FORCED_REASON_TAG, format_versions, list_versions, promote_version, rollback
+
+PARAMS = parse_params({"register": {"margin": 0.01}})
+BIN = Path(sys.executable).parent
+
+
+def current_hash(workspace: Path) -> str:
+    return split_fingerprint(load_samples(workspace / "data", workspace / "splits.csv", "test"))
+
+
+def add_version(name: str, miou: float, data_hash: str) -> str:
+    """Another version of ``name`` sharing version 1's model files (cheaper than logging a model again)."""
+    client = MlflowClient()
+    first = client.get_model_version(name, "1")
+    tags = {**first.tags, "test_miou": str(miou), "test_data_hash": data_hash}
+    return str(client.create_model_version(name, first.source, run_id=first.run_id, tags=tags).version)
+
+
+def champion(name: str) -> str:
+    return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
+
+
+def promote(workspace: Path, name: str, version: str, **force_and_reason) -> Decision:
+    return promote_version(PARAMS, name, version, data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
+                           **force_and_reason)
+
+
+def test_models_list_shows_every_version_with_its_aliases_and_test_data(workspace):
+    register_version(workspace, "reg-list", 0.5, data_hash="a" * 40)
+    add_version("reg-list", 0.4, "b" * 40)
+    rows = list_versions(MlflowClient(), "reg-list", "miou")
+    assert [(r.version, r.aliases, r.score, r.test_data_hash) for r in rows] == [
+        ("1", "challenger,champion", "0.5", "a" * 12), ("2", "-", "0.4", "b" * 12)]
+    assert rows[0].arch == "fcn32s" and rows[0].git_commit and rows[0].created.startswith("20")
+    table = format_versions(rows, "miou").splitlines()
+    assert table[0].split()[:4] == ["version", "aliases", "arch", "test"] and len(table) == 3
+
+
+def test_promote_gates_on_the_current_test_data_and_force_needs_a_reason(workspace):
+    data_hash = current_hash(workspace)
+    register_version(workspace, "reg-gate", 0.5, data_hash=data_hash)
+    close = add_version("reg-gate", 0.505, data_hash)  # better, but not by the 0.01 margin
+    refused = promote(workspace, "reg-gate", close)
+    assert not refused.promoted and refused.champion_score == pytest.approx(0.5) and "does not beat" in refused.reason
+    # 0.99 was measured on other test data: the gate must re-score the weights on the current split.
+    elsewhere = add_version("reg-gate", 0.99, "another-test-split")
+    rescored = promote(workspace, "reg-gate", elsewhere)
+    assert rescored.score < 0.99 and rescored.promoted == (rescored.score > 0.5 + 0.01)
+
+    with pytest.raises(SegflowError, match="--reason"):
+        promote(workspace, "reg-gate", close, force=True)
+    forced = promote(workspace, "reg-gate", close, force=True, reason="hotfix for customer X")
+    assert forced.promoted and champion("reg-gate") == close
+    assert MlflowClient().get_model_version("reg-gate", close).tags[FORCED_REASON_TAG] == "hotfix for customer X"
+    last = champion_history(MlflowClient(), "reg-gate")[-1]
+    assert (last["version"], last["action"], last["reason"]) == (close, "forced", "hotfix for customer X")
+    with pytest.raises(PromotionRefused, match="already the champion"):
+        promote(workspace, "reg-gate", close, force=True, reason="again")
+
+
+def test_rollback_walks_back_through_the_champions_and_stops_at_the_first(workspace):
+    data_hash = current_hash(workspace)
+    register_version(workspace, "reg-back", 0.5, data_hash=data_hash)
+    for miou in (0.6, 0.7):
+        promote(workspace, "reg-back", add_version("reg-back", miou, data_hash))
+    assert champion("reg-back") == "3"
+    assert rollback(PARAMS, "reg-back") == ("3", "2")
+    assert rollback(PARAMS, "reg-back") == ("2", "1") and champion("reg-back") == "1"
+    with pytest.raises(SegflowError, match="no previous champion"):
+        rollback(PARAMS, "reg-back")
+    history = champion_history(MlflowClient(), "reg-back")
+    assert [(h["version"], h["action"]) for h in history] == [
+        ("1", "promote"), ("2", "promote"), ("3", "promote"), ("2", "rollback"), ("1", "rollback")]
+
+
+def test_a_champion_change_while_gating_is_gated_again(workspace, monkeypatch):
+    data_hash = current_hash(workspace)
+    register_version(workspace, "reg-regate", 0.5, data_hash=data_hash)
+    candidate, rival = add_version("reg-regate", 0.7, data_hash), add_version("reg-regate", 0.9, data_hash)
+
+    def score_while_a_rival_is_promoted(params, version, *args):
+        if str(version.version) == "1":  # another promotion lands while the gate scores the old champion
+            promote(workspace, "reg-regate", rival, force=True, reason="concurrent")
+        return score_on(params, version, *args)
+
+    monkeypatch.setattr(segflow.register, "score_on", score_while_a_rival_is_promoted)
+    decision = promote(workspace, "reg-regate", candidate)
+    # 0.7 beats the old champion's 0.5 but must not replace the rival's 0.9 that won meanwhile.
+    assert not decision.promoted and decision.champion_version == rival and champion("reg-regate") == rival
+
+
+# Force-promotes NAME VERSION once stdin says go, so that both processes reach the registry together.
+PROMOTE_ON_GO = """
+import sys
+from pathlib import Path
+from segflow.config import parse_params
+from segflow.registry import promote_version
+print("ready", flush=True)
+sys.stdin.readline()
+promote_version(parse_params({}), sys.argv[1], sys.argv[2], data_dir=Path("-"), splits_csv=Path("-"), force=True,
+                reason="concurrent " + sys.argv[2])
+"""
+
+
+def test_concurrent_promotions_leave_alias_and_history_in_agreement(workspace):
+    register_version(workspace, "reg-race", 0.5)
+    versions = [add_version("reg-race", 0.5, "hash-1") for _ in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-c", PROMOTE_ON_GO, "reg-race", v], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True) for v in versions]
+    for worker in workers:
+        assert worker.stdout.readline() == "ready\n"
+    for worker in workers:
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
+    history = champion_history(MlflowClient(), "reg-race")
+    # Neither promotion is lost, and the alias is the one written last.
+    assert sorted(h["version"] for h in history[1:]) == sorted(versions)
+    assert champion("reg-race") == history[-1]["version"]
+    assert history[-1]["previous"] == history[-2]["version"]
+    assert "reg-race.promotion-lock" not in {m.name for m in MlflowClient().search_registered_models()}
+
+
+def test_a_version_whose_model_files_were_deleted_is_never_promoted(workspace):
+    register_version(workspace, "reg-gone", 0.5)
+    broken = register_version(workspace, "reg-gone", 0.4).version  # its own model files, kept as challenger
+    files = Path(MlflowClient().get_model_version_download_uri("reg-gone", broken).removeprefix("file://"))
+    (files / "artifacts" / "fcn32s" / "model.safetensors").unlink()
+    with pytest.raises(PromotionRefused, match=rf"reg-gone v{broken} .*missing artifacts/fcn32s/model.safetensors"):
+        promote(workspace, "reg-gone", broken, force=True, reason="try anyway")
+    assert champion("reg-gone") == "1"
+
+
+def test_cli_refused_promotion_exits_1_with_the_reason(workspace, tmp_path):
+    register_version(workspace, "reg-cli", 0.5, data_hash=current_hash(workspace))
+    worse = add_version("reg-cli", 0.2, current_hash(workspace))
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "ingested").symlink_to(workspace / "data")
+    (project / "data" / "splits.csv").symlink_to(workspace / "splits.csv")
+    (project / "params.yaml").write_text(yaml.safe_dump({"register": {"margin": 0.01}}))
+    result = subprocess.run([str(BIN / "segflow"), "promote", "reg-cli", "--version", worse], cwd=project,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert f"reg-cli v{worse} not promoted" in result.stderr and "does not beat champion v1" in result.stderr
+    assert "Traceback" not in result.stderr and champion("reg-cli") == "1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_mlflow_models_serve_returns_a_mask_for_a_json_image(workspace, tmp_path):
+    register_version(workspace, "reg-serve", 0.5)
+    local = Path(MlflowClient().get_model_version_download_uri("reg-serve", "1").removeprefix("file://"))
+    assert not list(local.rglob("*.pkl")) and list(local.rglob("*.safetensors"))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"  # model code, not a pickled object
+
+    port, log = _free_port(), tmp_path / "serve.log"
+    # The scoring server is started as `uvicorn`, found on PATH.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/reg-serve@champion", "--env-manager", "local",
+         "-p", str(port), "-h", "127.0.0.1"],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"mlflow models serve exited: {log.read_text()}"
+            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping within 120 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        image = np.random.default_rng(0).integers(0, 256, (12, 20, 3))
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": image.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            mask = np.asarray(json.loads(response.read())["predictions"])
+        assert mask.shape == (12, 20) and set(np.unique(mask)) <= {0, 1}
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
