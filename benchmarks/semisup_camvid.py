@@ -32,6 +32,7 @@ from segflow.evaluate import evaluate  # noqa: E402
 from segflow.ingest import ingest_from_params  # noqa: E402
 from segflow.self_training import self_train  # noqa: E402
 from segflow.split import make_splits  # noqa: E402
+from segflow.inference import CARD_FILE, read_card  # noqa: E402
 from segflow.train import train  # noqa: E402
 from segflow.validate import validate  # noqa: E402
 
@@ -52,6 +53,8 @@ def benchmark_params(args: argparse.Namespace, labeled_images: int) -> dict:
     params["evaluate"].update({"num_overlays": 0, "inference": {"mode": "whole", "flip": True,
                                                                 "scales": [0.75, 1.0, 1.25]}})
     params["models"] = {args.arch: {"encoder_name": "resnet18", "encoder_weights": None}}
+    if not args.strong_augment:
+        params["train"]["pseudo_augment"] = {"color_jitter": 0, "grayscale": 0, "blur": 0, "cutout": 0}
     return params
 
 
@@ -70,6 +73,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--reliable-fraction", type=float, default=0.5)
+    parser.add_argument("--strong-augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="strong augmentation of pseudo-labeled images (train.pseudo_augment)")
     args = parser.parse_args()
 
     work = args.work.resolve()
@@ -95,11 +100,11 @@ def main() -> None:
         "class_weighting": "median frequency", "teacher_tta": "flip + scales 0.75/1/1.25",
         "evaluation": "same TTA for every model", "threshold": f"{args.threshold}, class-balanced (keep 0.5)",
         "reliable_fraction_round_1": args.reliable_fraction, "rounds": args.rounds,
-        "stopping_rule": "a round must raise val mIoU", "device": _device(),
+        "stopping_rule": "a round must raise val mIoU", "strong_augment": args.strong_augment, "device": _device(),
     }
     rows, table = [], []
     for fraction in args.fractions:
-        run_dir = work / f"{size}-fraction-{fraction:g}-steps-{args.steps}"
+        run_dir = work / f"{size}-fraction-{fraction:g}-steps-{args.steps}{'' if args.strong_augment else '-weak'}"
         splits_csv = run_dir / "splits.csv"
         run_dir.mkdir(exist_ok=True)
         frame = make_splits(data_dir, stats_csv, splits_csv, seed=0, val_fraction=0.15, test_fraction=0.2,
@@ -145,11 +150,12 @@ def run_fraction(params, fraction: float, labeled: int, data_dir: Path, splits_c
     if len(records) > 1:
         student_steps = records[1]["epochs"] * (records[1]["train_images"] // batch)
         control_epochs = math.ceil(student_steps / max(1, labeled // batch))
-        control_dir = run_dir / "labeled_only_long"
-        result = train(params, params.teacher.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=control_dir,
-                       epochs=control_epochs, run_name="labeled-only control")
-        records.append({"round": 0, "control": True, "val_miou": result.best_miou, "epochs": control_epochs,
-                        "model_dir": str(control_dir), "best": False})
+        control_dir = run_dir.parent / f"{run_dir.name.removesuffix('-weak')}-control-{control_epochs}-epochs"
+        if not (control_dir / CARD_FILE).exists():  # shared by the runs that differ only in the pseudo-labeled arm
+            train(params, params.teacher.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=control_dir,
+                  epochs=control_epochs, run_name="labeled-only control")
+        records.append({"round": 0, "control": True, "val_miou": read_card(control_dir).extra["val_miou"],
+                        "epochs": control_epochs, "model_dir": str(control_dir), "best": False})
     rows = []
     for record in records:
         name = "control" if record.get("control") else f"round_{record['round']}"
