@@ -19,7 +19,7 @@ from segflow.evaluate import evaluate
 from segflow.imageio import read_mask
 from segflow.inference import load_model, predict_classes
 from segflow.ingest import ingest_coco
-from segflow.pseudo_label import HISTOGRAM_BINS, class_thresholds, prediction_agreement
+from segflow.pseudo_label import HISTOGRAM_BINS, class_thresholds, prediction_agreement, pseudo_label
 from segflow.self_training import train_teacher
 from segflow.synth import generate
 from segflow.train import mix_labeled_and_pseudo, train
@@ -140,8 +140,6 @@ def test_semi_supervised_rounds_on_the_default_data(semi_supervised, tmp_path):
     assert len(list((tmp_path / "teacher" / "snapshots").glob("epoch_*"))) == 1
 
     # The architecture stage's pseudo-labels: the kept teacher labels every unlabeled image.
-    from segflow.pseudo_label import pseudo_label
-
     summary = pseudo_label(params, teacher_dir=tmp_path / "teacher", data_dir=data_dir, splits_csv=splits_csv,
                            out_dir=tmp_path / "pseudo", metrics_file=tmp_path / "pseudo_label.json")
     unlabeled = load_samples(data_dir, splits_csv, "unlabeled")

@@ -84,8 +84,12 @@ def to_unit_float(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
 
 
+_MEAN = torch.tensor(MEAN).view(3, 1, 1)
+_STD = torch.tensor(STD).view(3, 1, 1)
+
+
 def normalize(tensor: torch.Tensor) -> torch.Tensor:
-    return (tensor - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return (tensor - _MEAN) / _STD
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -150,7 +154,7 @@ class SegmentationDataset(Dataset):
 
     def _augment(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         aug = self.augment
-        scale = aug.scale_min + (aug.scale_max - aug.scale_min) * torch.rand(()).item()
+        scale = _uniform(aug.scale_min, aug.scale_max)
         height, width = (max(1, round(s * scale)) for s in image.shape[1:])
         image = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False)[0]
         mask = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
@@ -201,8 +205,8 @@ def strong_augment(
 def _random_crop(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     pad_h, pad_w = max(0, size - image.shape[1]), max(0, size - image.shape[2])
     if pad_h or pad_w:
-        mean = torch.tensor(MEAN).view(3, 1, 1)  # pad with the mean colour, which normalises to 0
-        image = F.pad(image - mean, (0, pad_w, 0, pad_h)) + mean
+        # pad with the mean colour, which normalises to 0
+        image = F.pad(image - _MEAN, (0, pad_w, 0, pad_h)) + _MEAN
         mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
     top = int(torch.randint(0, image.shape[1] - size + 1, ()))
     left = int(torch.randint(0, image.shape[2] - size + 1, ()))
