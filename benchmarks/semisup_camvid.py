@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,11 +46,14 @@ def benchmark_params(args: argparse.Namespace, labeled_images: int) -> dict:
         "archs": [args.arch], "batch_size": args.batch, "crop_size": min(args.height, args.width),
         "optimizer": "adamw", "lr": args.lr, "lr_schedule": "poly", "class_weighting": True, "seed": 0,
         "device": "auto", "pseudo_weight": 1.0, "oversample_labeled": True,
+        "decoded_cache": False,  # the cache is the DVC stage's output; this script decodes the resized copy
     })
     params["teacher"] = {"arch": args.arch, "epochs": math.ceil(args.steps / steps_per_epoch), "snapshots": 2,
                          "rounds": args.rounds, "min_improvement": 0.0}
     params["pseudo_label"] = {"threshold": args.threshold, "batch_size": 16, "class_balanced": True,
-                              "class_keep_fraction": 0.5, "reliable_fraction": args.reliable_fraction}
+                              "class_keep_fraction": 0.5, "reliable_fraction": args.reliable_fraction,
+                              "prior_correction": args.prior_correction if args.prior_correction == "auto"
+                              else float(args.prior_correction)}
     params["evaluate"].update({"num_overlays": 0, "inference": {"mode": "whole", "flip": True,
                                                                 "scales": [0.75, 1.0, 1.25]}})
     params["models"] = {args.arch: {"encoder_name": "resnet18", "encoder_weights": None}}
@@ -73,6 +77,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--reliable-fraction", type=float, default=0.5)
+    parser.add_argument("--prior-correction", default="auto",
+                        help="pseudo_label.prior_correction: auto, or 0 to 1 (0: the teacher's probabilities as they are)")
+    parser.add_argument("--tag", default="", help="suffix of this try's work folders (round 0 is shared)")
     parser.add_argument("--strong-augment", action=argparse.BooleanOptionalAction, default=True,
                         help="strong augmentation of pseudo-labeled images (train.pseudo_augment)")
     args = parser.parse_args()
@@ -100,13 +107,18 @@ def main() -> None:
         "class_weighting": "median frequency", "teacher_tta": "flip + scales 0.75/1/1.25",
         "evaluation": "same TTA for every model", "threshold": f"{args.threshold}, class-balanced (keep 0.5)",
         "reliable_fraction_round_1": args.reliable_fraction, "rounds": args.rounds,
-        "stopping_rule": "a round must raise val mIoU", "strong_augment": args.strong_augment, "device": _device(),
+        "stopping_rule": "a round must raise val mIoU", "strong_augment": args.strong_augment,
+        "prior_correction": args.prior_correction, "device": _device(),
     }
     rows, table = [], []
     for fraction in args.fractions:
-        run_dir = work / f"{size}-fraction-{fraction:g}-steps-{args.steps}{'' if args.strong_augment else '-weak'}"
+        base_dir = work / f"{size}-fraction-{fraction:g}-steps-{args.steps}"
+        run_dir = base_dir.with_name(base_dir.name + ("" if args.strong_augment else "-weak") + args.tag)
         splits_csv = run_dir / "splits.csv"
         run_dir.mkdir(exist_ok=True)
+        if run_dir != base_dir and (base_dir / "rounds/round_0/round.json").exists():
+            # The labeled-only round does not depend on how pseudo-labels are made: shared by every try.
+            shutil.copytree(base_dir / "rounds/round_0", run_dir / "rounds/round_0", dirs_exist_ok=True)
         frame = make_splits(data_dir, stats_csv, splits_csv, seed=0, val_fraction=0.15, test_fraction=0.2,
                             labeled_fraction=fraction)
         labeled = int((frame["split"] == "train").sum())
@@ -116,7 +128,7 @@ def main() -> None:
             rows += json.loads(rows_file.read_text())
         else:
             started = time.perf_counter()
-            fraction_rows = run_fraction(params, fraction, labeled, data_dir, splits_csv, run_dir)
+            fraction_rows = run_fraction(params, fraction, labeled, data_dir, splits_csv, run_dir, base_dir.name)
             for row in fraction_rows:
                 row["minutes"] = (time.perf_counter() - started) / 60
             rows_file.write_text(json.dumps(fraction_rows, indent=2))
@@ -143,14 +155,16 @@ def main() -> None:
         print(_markdown(setup, rows, table))
 
 
-def run_fraction(params, fraction: float, labeled: int, data_dir: Path, splits_csv: Path, run_dir: Path) -> list[dict]:
+def run_fraction(
+    params, fraction: float, labeled: int, data_dir: Path, splits_csv: Path, run_dir: Path, base_name: str,
+) -> list[dict]:
     """The self-training rounds, and a labeled-only control trained for as many steps as the first student."""
     records = self_train(params, data_dir=data_dir, splits_csv=splits_csv, work_dir=run_dir / "rounds")
     batch = params.train.batch_size
     if len(records) > 1:
         student_steps = records[1]["epochs"] * (records[1]["train_images"] // batch)
         control_epochs = math.ceil(student_steps / max(1, labeled // batch))
-        control_dir = run_dir.parent / f"{run_dir.name.removesuffix('-weak')}-control-{control_epochs}-epochs"
+        control_dir = run_dir.parent / f"{base_name}-control-{control_epochs}-epochs"
         if not (control_dir / CARD_FILE).exists():  # shared by the runs that differ only in the pseudo-labeled arm
             train(params, params.teacher.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=control_dir,
                   epochs=control_epochs, run_name="labeled-only control")
@@ -169,6 +183,7 @@ def run_fraction(params, fraction: float, labeled: int, data_dir: Path, splits_c
             "fraction": fraction, "labeled_images": labeled, "arm": arm, "round": record["round"],
             "test_miou": metrics["miou"], "val_miou": record["val_miou"], "epochs": record["epochs"],
             "coverage": record.get("coverage"), "pseudo_accuracy": record.get("pseudo_accuracy"),
+            "prior_correction": record.get("prior_correction"),
             "kept": record["best"],
         }
         rows.append(row)
@@ -182,19 +197,24 @@ def _device() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
 
 
+def _blank(value) -> str:
+    return "" if value is None else f"{value:g}"
+
+
 def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
     lines = [
         "# Semi-supervised CamVid: labeled-only against pseudo-labeled",
         "",
         "Setup: " + "; ".join(f"{k} {v}" for k, v in setup.items()) + ". Test split: 233 images, 11 classes.",
         "",
-        "| labeled | arm | round | test mIoU | val mIoU | pseudo coverage | pseudo accuracy | kept |",
-        "|---|---|---|---|---|---|---|---|",
+        "| labeled | arm | round | test mIoU | val mIoU | pseudo coverage | pseudo accuracy | prior correction | kept |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         quality = (f"{100 * r['coverage']:.1f}%", f"{100 * r['pseudo_accuracy']:.1f}%") if r["coverage"] is not None else ("", "")
         lines.append(f"| {r['fraction']:g} ({r['labeled_images']}) | {r['arm']} | {r['round']} | {100 * r['test_miou']:.1f} "
-                     f"| {100 * r['val_miou']:.1f} | {quality[0]} | {quality[1]} | {'yes' if r['kept'] else ''} |")
+                     f"| {100 * r['val_miou']:.1f} | {quality[0]} | {quality[1]} | {_blank(r.get('prior_correction'))} "
+                     f"| {'yes' if r['kept'] else ''} |")
     lines += ["", "| labeled | labeled-only | labeled-only, student's steps | pseudo-labeled (round by val) | gain | "
               "gain over the longer control | time (min) |", "|---|---|---|---|---|---|---|"]
 

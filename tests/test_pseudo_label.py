@@ -17,9 +17,11 @@ from segflow.config import PseudoLabelParams, StrongAugmentParams, parse_params
 from segflow.data import Sample, SegmentationDataset, load_pseudo_samples, load_samples, pad_collate, strong_augment
 from segflow.evaluate import evaluate
 from segflow.imageio import read_mask
-from segflow.inference import load_model, predict_classes
+from segflow.inference import load_model, probabilities
 from segflow.ingest import ingest_coco
-from segflow.pseudo_label import HISTOGRAM_BINS, class_thresholds, prediction_agreement, pseudo_label
+from segflow.pseudo_label import (
+    HISTOGRAM_BINS, choose_prior_correction, class_thresholds, corrected, prediction_agreement, pseudo_label,
+)
 from segflow.self_training import train_teacher
 from segflow.synth import generate
 from segflow.train import mix_labeled_and_pseudo, train
@@ -126,9 +128,45 @@ def _params(**sections) -> object:
     return parse_params(base)
 
 
+def test_prior_correction_recovers_the_posterior_that_class_weighting_inflated():
+    posterior = torch.tensor([0.6, 0.3, 0.1]).view(1, 3, 1, 1)
+    class_weight = torch.tensor([0.5, 1.0, 8.0])
+    weighted = posterior * class_weight.view(1, 3, 1, 1)
+    weighted = weighted / weighted.sum(dim=1, keepdim=True)  # what weighted cross-entropy learns
+    assert weighted.argmax(dim=1).item() == 2
+    assert torch.allclose(corrected(weighted, class_weight, 1.0), posterior)
+    assert torch.equal(corrected(weighted, class_weight, 0.0), weighted)
+    assert torch.equal(corrected(weighted, None, 1.0), weighted)
+
+
+class _ConstantLogits(torch.nn.Module):
+    """A "teacher" that predicts the same class probabilities at every pixel."""
+
+    def __init__(self, probabilities: list[float]):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(probabilities).log().view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(images.shape[0], -1, *images.shape[-2:])
+
+
+def test_auto_prior_correction_picks_the_strength_with_the_best_val_miou(semi_supervised):
+    data_dir, splits_csv = semi_supervised
+    val = load_samples(data_dir, splits_csv, "val")
+    # Background (class 0) covers most val pixels; the weighting inflated class 1 above it.
+    teacher = _ConstantLogits([0.3, 0.6, 0.025, 0.025, 0.025, 0.025])
+    class_weight = torch.tensor([1.0, 4.0, 1.0, 1.0, 1.0, 1.0])
+    strength, val_miou = choose_prior_correction(_params(), teacher, class_weight, val, torch.device("cpu"), 6)
+    assert strength == 0.75  # the weakest correction that gives class 0 back: 0.6 / 4 ** 0.75 < 0.3
+    assert val_miou["0.75"] == val_miou["1"] > val_miou["0"]
+    fixed = _params(pseudo_label={"prior_correction": 0.25})
+    assert choose_prior_correction(fixed, teacher, class_weight, val, torch.device("cpu"), 6) == (0.25, {})
+    assert choose_prior_correction(_params(), teacher, None, val, torch.device("cpu"), 6) == (0.0, {})
+
+
 def test_semi_supervised_rounds_on_the_default_data(semi_supervised, tmp_path):
     data_dir, splits_csv = semi_supervised
-    params = _params()
+    params = _params(train={"class_weighting": True})
 
     rounds = train_teacher(params, data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "teacher",
                            metrics_file=tmp_path / "self_training.json")
@@ -149,13 +187,20 @@ def test_semi_supervised_rounds_on_the_default_data(semi_supervised, tmp_path):
     assert 0 < summary["coverage"] < 1
     assert summary["hidden_mask_pixels"] == 10 * SIZE * SIZE  # only the hidden masks are scored
     assert set(summary["pseudo_class_accuracy"]) == set(summary["thresholds"])
+    # The teacher's card carries its class weights; their bias is undone as much as val mIoU says.
+    model, card = load_model(tmp_path / "teacher")
+    assert len(card.extra["class_weight"]) == card.num_classes
+    assert len(summary["prior_correction_val_miou"]) == 5
+    assert summary["prior_correction_val_miou"][f"{summary['prior_correction']:g}"] == max(
+        summary["prior_correction_val_miou"].values())
     manifest = pd.read_csv(tmp_path / "pseudo/pseudo_manifest.csv")
     assert manifest["reliability"].between(0, 1).all()
 
     # Class-balanced thresholds: every class the teacher predicts is still in the pseudo-labels.
-    model, _ = load_model(tmp_path / "teacher")
     batch = pad_collate([SegmentationDataset(unlabeled)[i] for i in range(len(unlabeled))])
-    predicted = set(torch.unique(predict_classes(model, batch["image"], params.evaluate.inference)).tolist())
+    teacher_probabilities = corrected(probabilities(model, batch["image"], params.evaluate.inference),
+                                      torch.tensor(card.extra["class_weight"]), summary["prior_correction"])
+    predicted = set(torch.unique(teacher_probabilities.argmax(dim=1)).tolist())
     kept = set(np.unique(np.concatenate([m.ravel() for m in masks.values()]))) - {IGNORE_INDEX}
     assert predicted <= kept
 

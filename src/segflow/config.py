@@ -143,6 +143,17 @@ class PseudoLabelParams(_Section):
     class_keep_fraction: float = Field(0.5, gt=0, le=1)
     # Train on this share of the pseudo-labeled images, the most reliable first (ST++; needs teacher.snapshots).
     reliable_fraction: float = Field(1.0, gt=0, le=1)
+    # A teacher trained with train.class_weighting over-predicts the rare classes (weighted cross-entropy learns
+    # probabilities proportional to weight x posterior): its probabilities are divided by weight ** this (0: as
+    # they are, 1: the whole weighting undone); auto: the value of 0, 0.25, ..., 1 with the best val mIoU.
+    prior_correction: float | Literal["auto"] = "auto"
+
+    @field_validator("prior_correction")
+    @classmethod
+    def _correction_in_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 <= value <= 1:
+            raise ValueError("must be 'auto' or a number from 0 to 1")
+        return value
 
 
 class InferenceParams(_Section):

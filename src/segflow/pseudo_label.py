@@ -28,10 +28,12 @@ from segflow.data import Sample, SegmentationDataset, load_samples, pad_collate
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_image, read_mask, write_mask
 from segflow.inference import SNAPSHOTS_DIR, load_model, logits, probabilities, resolve_device
+from segflow.metrics import ConfusionMatrix
 from segflow.visualize import colorize, save_grid
 
 HISTOGRAM_BINS = 1000
 GRID_EXAMPLES = 4
+PRIOR_CORRECTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)  # tried by prior_correction: auto
 
 
 def class_thresholds(histograms: torch.Tensor, cfg: PseudoLabelParams) -> torch.Tensor:
@@ -56,6 +58,42 @@ def class_thresholds(histograms: torch.Tensor, cfg: PseudoLabelParams) -> torch.
     return thresholds
 
 
+def corrected(probabilities: torch.Tensor, class_weight: torch.Tensor | None, strength: float) -> torch.Tensor:
+    """N×K×H×W probabilities divided by ``class_weight ** strength`` and renormalised: weighted cross-entropy
+    learns probabilities proportional to weight × posterior, a prior shift that can be undone (as in logit
+    adjustment, Menon et al. 2021), so the pseudo-labels stop over-predicting the rare, up-weighted classes."""
+    if class_weight is None or strength == 0:
+        return probabilities
+    adjusted = probabilities / class_weight.view(1, -1, 1, 1) ** strength
+    return adjusted / adjusted.sum(dim=1, keepdim=True)
+
+
+def choose_prior_correction(
+    params: Params, model: torch.nn.Module, class_weight: torch.Tensor | None, val_samples: list[Sample],
+    device: torch.device, num_classes: int,
+) -> tuple[float, dict[str, float]]:
+    """The correction strength, and the teacher's val mIoU for each strength tried: ``auto`` picks the one with
+    the best val mIoU (labeled images the teacher did not train on); a number is used as it is."""
+    cfg = params.pseudo_label
+    if class_weight is None:  # the teacher was trained without class weighting: nothing to undo
+        return 0.0, {}
+    if cfg.prior_correction != "auto":
+        return float(cfg.prior_correction), {}
+    if not val_samples:
+        return 0.0, {}
+    confusions = {strength: ConfusionMatrix(num_classes, device) for strength in PRIOR_CORRECTIONS}
+    loader = DataLoader(SegmentationDataset(val_samples), batch_size=cfg.batch_size, collate_fn=pad_collate,
+                        num_workers=params.train.num_workers)
+    for batch in loader:
+        images, masks = batch["image"].to(device), batch["mask"].to(device)
+        probs = probabilities(model, images, params.evaluate.inference, params.train.crop_size)
+        for strength, confusion in confusions.items():
+            confusion.update(masks, corrected(probs, class_weight, strength).argmax(dim=1))
+    val_miou = {f"{strength:g}": confusion.compute()["miou"] for strength, confusion in confusions.items()}
+    best = max(PRIOR_CORRECTIONS, key=lambda strength: val_miou[f"{strength:g}"])
+    return best, val_miou
+
+
 def prediction_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
     """Mean IoU between two label maps over the classes present in either (ST++'s stability score)."""
     pairs = torch.bincount((a * num_classes + b).flatten(), minlength=num_classes * num_classes)
@@ -68,6 +106,7 @@ def prediction_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> 
 
 def _predict_and_stream(
     params: Params, model, snapshots: list, samples: list[Sample], raw_dir: Path, device: torch.device, num_classes: int,
+    class_weight: torch.Tensor | None, strength: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Pass 1: write each image's labels and confidence to ``raw_dir``; returns class histograms and the
     images' reliability (mean agreement of the snapshots with the final teacher; 1 without snapshots)."""
@@ -80,7 +119,8 @@ def _predict_and_stream(
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         # The teacher predicts as evaluation does (sliding window, test-time augmentation).
-        confidence, labels = probabilities(model, images, params.evaluate.inference, params.train.crop_size).max(dim=1)
+        probs = probabilities(model, images, params.evaluate.inference, params.train.crop_size)
+        confidence, labels = corrected(probs, class_weight, strength).max(dim=1)
         snapshot_labels = [logits(snapshot, images).argmax(dim=1) for snapshot in snapshots]
         bins = (confidence * HISTOGRAM_BINS).long().clamp_(max=HISTOGRAM_BINS - 1)
         for row, index in enumerate(batch["index"].tolist()):
@@ -149,6 +189,8 @@ def pseudo_label(
     model, card = load_model(teacher_dir, device)
     snapshots = [load_model(path, device)[0] for path in sorted((teacher_dir / SNAPSHOTS_DIR).glob("epoch_*"))]
     samples = load_samples(data_dir, splits_csv, "unlabeled")
+    class_weight = card.extra.get("class_weight")
+    class_weight = None if class_weight is None else torch.tensor(class_weight, device=device)
     class_pixels = np.zeros(card.num_classes, dtype=np.int64)
     kept_pixels = total_pixels = 0
     score = PseudoLabelScore(card.num_classes)
@@ -156,7 +198,10 @@ def pseudo_label(
     with tracking.stage_run(params.mlflow, "pseudo_label", run_name), atomic_dir(out_dir) as staging:
         raw_dir = staging / ".raw"
         raw_dir.mkdir()
-        histograms, reliability = _predict_and_stream(params, model, snapshots, samples, raw_dir, device, card.num_classes)
+        strength, correction_val_miou = choose_prior_correction(
+            params, model, class_weight, load_samples(data_dir, splits_csv, "val"), device, card.num_classes)
+        histograms, reliability = _predict_and_stream(params, model, snapshots, samples, raw_dir, device,
+                                                      card.num_classes, class_weight, strength)
         thresholds = class_thresholds(histograms, cfg).numpy()
         (staging / "masks").mkdir()
         with open(staging / "pseudo_manifest.csv", "w", newline="") as manifest_file:
@@ -184,6 +229,8 @@ def pseudo_label(
             "images": len(samples),
             "coverage": kept_pixels / total_pixels if total_pixels else 0.0,
             "class_balanced": cfg.class_balanced,
+            "prior_correction": strength,
+            "prior_correction_val_miou": correction_val_miou,
             "thresholds": {name: float(thresholds[i]) for i, name in enumerate(card.classes)},
             "class_share": {
                 name: float(class_pixels[i] / class_pixels.sum()) if class_pixels.sum() else 0.0
@@ -203,12 +250,13 @@ def _log_to_mlflow(summary: dict, teacher_arch: str, cfg: PseudoLabelParams, gri
     mlflow.log_params({
         "teacher_arch": teacher_arch, "threshold": cfg.threshold, "class_balanced": cfg.class_balanced,
         "class_keep_fraction": cfg.class_keep_fraction, "unlabeled_images": summary["images"],
+        "prior_correction_setting": cfg.prior_correction,
     })
-    metrics = {"coverage": summary["coverage"]}
+    metrics = {"coverage": summary["coverage"], "prior_correction": summary["prior_correction"]}
     for key in ("teacher_accuracy", "pseudo_accuracy", "mean_reliability"):
         if summary.get(key) is not None:
             metrics[key] = summary[key]
-    for group in ("thresholds", "class_share", "pseudo_class_accuracy"):
+    for group in ("thresholds", "class_share", "pseudo_class_accuracy", "prior_correction_val_miou"):
         metrics |= {f"{group}.{name}": value for name, value in summary.get(group, {}).items() if value is not None}
     mlflow.log_metrics({key.replace(" ", "_"): value for key, value in metrics.items()})
     mlflow.log_dict(summary, "pseudo_label_summary.json")

@@ -78,6 +78,7 @@ def self_train(params: Params, *, data_dir: Path, splits_csv: Path, work_dir: Pa
                 "round": round_number, "val_miou": result.best_miou, "epochs": student_epochs,
                 "train_images": student_images, "model_dir": str(result.model_dir),
                 "coverage": quality["coverage"], "pseudo_accuracy": quality.get("pseudo_accuracy"),
+                "prior_correction": quality["prior_correction"],
             })
         records.append(record)
         if not record["val_miou"] > best["val_miou"] + cfg.min_improvement:

@@ -379,7 +379,9 @@ def _train(
                                 model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
     snapshot_epochs = {round(epochs * k / (snapshots + 1)) for k in range(1, snapshots + 1)} - {0, epochs}
-    card = ModelCard(arch=arch, num_classes=len(classes), classes=classes, options=options)
+    # The class weights go with the model: pseudo-labeling undoes the bias they give its probabilities.
+    card = ModelCard(arch=arch, num_classes=len(classes), classes=classes, options=options,
+                     extra={} if class_weight is None else {"class_weight": class_weight.tolist()})
     every = cfg.checkpoint_every_steps or 0
     run = tracking.stage_run(params.mlflow, "train", run_name, run_id=progress.run_id) if group.is_main \
         else contextlib.nullcontext()
@@ -453,7 +455,7 @@ def _write_model_dir(out_dir: Path, resume_dir: Path, card: ModelCard, progress:
     """The model folder, whole: the best epoch's weights, its card, the history and any snapshots."""
     with atomic_dir(out_dir) as staging:
         shutil.copyfile(resume_dir / BEST_DIR / WEIGHTS_FILE, staging / WEIGHTS_FILE)
-        extra = {"best_epoch": progress.best_epoch, "val_miou": progress.best_miou, "train_seconds": seconds}
+        extra = {**card.extra, "best_epoch": progress.best_epoch, "val_miou": progress.best_miou, "train_seconds": seconds}
         atomic_write_json(staging / CARD_FILE, asdict(replace(card, extra=extra)))
         (staging / "history.json").write_text(json.dumps(progress.history, indent=2) + "\n")
         if (resume_dir / SNAPSHOTS_DIR).is_dir():
