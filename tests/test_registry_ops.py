@@ -1,5 +1,6 @@
 """Registry operations on a real (embedded) MLflow store: list, promote through the gate or by force, roll back,
-concurrent promotions, a version whose files are gone, and serving the champion with `mlflow models serve`."""
+concurrent promotions, a version whose files are gone, and serving the champion with `mlflow models serve`.
+tests/pipelines/test_tracking_faults.py runs the concurrency and deleted-files checks on the MLflow server too."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from test_register import register_version, workspace  # noqa: F401  (the tiny model, data and splits)
 
 import segflow.register
@@ -39,7 +41,11 @@ def add_version(name: str, miou: float, data_hash: str) -> str:
     client = MlflowClient()
     first = client.get_model_version(name, "1")
     tags = {**first.tags, "test_miou": str(miou), "test_data_hash": data_hash}
-    return str(client.create_model_version(name, first.source, run_id=first.run_id, tags=tags).version)
+    # The source is the logged model, `models:/<model_id>`; a server wants its id as well (and leaves the
+    # version's model_id out of its answers).
+    model_id = first.source.removeprefix("models:/")
+    return str(client.create_model_version(name, first.source, run_id=first.run_id, tags=tags,
+                                           model_id=model_id).version)
 
 
 def champion(name: str) -> str:
@@ -128,10 +134,11 @@ promote_version(parse_params({}), sys.argv[1], sys.argv[2], data_dir=Path("-"), 
 """
 
 
-def test_concurrent_promotions_leave_alias_and_history_in_agreement(workspace):
-    register_version(workspace, "reg-race", 0.5)
-    versions = [add_version("reg-race", 0.5, "hash-1") for _ in range(2)]
-    workers = [subprocess.Popen([sys.executable, "-c", PROMOTE_ON_GO, "reg-race", v], stdin=subprocess.PIPE,
+def check_concurrent_promotions(workspace: Path, name: str) -> None:
+    """Two processes force-promote two versions of ``name`` at once (in the store of MLFLOW_TRACKING_URI)."""
+    register_version(workspace, name, 0.5)
+    versions = [add_version(name, 0.5, "hash-1") for _ in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-c", PROMOTE_ON_GO, name, v], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True) for v in versions]
     for worker in workers:
         assert worker.stdout.readline() == "ready\n"
@@ -139,22 +146,31 @@ def test_concurrent_promotions_leave_alias_and_history_in_agreement(workspace):
         worker.stdin.write("go\n")
         worker.stdin.flush()
     assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
-    history = champion_history(MlflowClient(), "reg-race")
+    history = champion_history(MlflowClient(), name)
     # Neither promotion is lost, and the alias is the one written last.
     assert sorted(h["version"] for h in history[1:]) == sorted(versions)
-    assert champion("reg-race") == history[-1]["version"]
+    assert champion(name) == history[-1]["version"]
     assert history[-1]["previous"] == history[-2]["version"]
-    assert "reg-race.promotion-lock" not in {m.name for m in MlflowClient().search_registered_models()}
+    assert f"{name}.promotion-lock" not in {m.name for m in MlflowClient().search_registered_models()}
+
+
+def test_concurrent_promotions_leave_alias_and_history_in_agreement(workspace):
+    check_concurrent_promotions(workspace, "reg-race")
+
+
+def check_deleted_model_files_are_refused(workspace: Path, name: str) -> None:
+    """A version whose weights were deleted from the artifact store (of MLFLOW_TRACKING_URI) is not promoted."""
+    register_version(workspace, name, 0.5)
+    broken = register_version(workspace, name, 0.4).version  # its own model files, kept as challenger
+    files = get_artifact_repository(MlflowClient().get_model_version_download_uri(name, broken))
+    files.delete_artifacts("artifacts/fcn32s/model.safetensors")
+    with pytest.raises(PromotionRefused, match=rf"{name} v{broken} .*missing artifacts/fcn32s/model.safetensors"):
+        promote(workspace, name, broken, force=True, reason="try anyway")
+    assert champion(name) == "1"
 
 
 def test_a_version_whose_model_files_were_deleted_is_never_promoted(workspace):
-    register_version(workspace, "reg-gone", 0.5)
-    broken = register_version(workspace, "reg-gone", 0.4).version  # its own model files, kept as challenger
-    files = Path(MlflowClient().get_model_version_download_uri("reg-gone", broken).removeprefix("file://"))
-    (files / "artifacts" / "fcn32s" / "model.safetensors").unlink()
-    with pytest.raises(PromotionRefused, match=rf"reg-gone v{broken} .*missing artifacts/fcn32s/model.safetensors"):
-        promote(workspace, "reg-gone", broken, force=True, reason="try anyway")
-    assert champion("reg-gone") == "1"
+    check_deleted_model_files_are_refused(workspace, "reg-gone")
 
 
 def test_cli_refused_promotion_exits_1_with_the_reason(workspace, tmp_path):

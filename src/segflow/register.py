@@ -4,11 +4,15 @@ The new version always gets the alias ``challenger``; it becomes ``champion`` on
 the champion's by ``register.margin`` on the same test data (a version scored on other test data is
 re-scored on the current test split). Every change of champion is appended to the registered model's
 ``champion_history`` tag, under a lock (see :func:`promotion_lock`), so the alias and the history agree.
+A version is created with every tag the gate reads; registering the same model again (same weights, score
+and test data) reuses its version, so a registration cut short by a tracking-server failure is finished by
+the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -24,8 +28,9 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.types import Schema, TensorSpec
 from torch.utils.data import DataLoader
 
@@ -36,12 +41,14 @@ from segflow.data import SegmentationDataset, load_samples, pad_collate
 from segflow.errors import SegflowError
 from segflow.evaluate import compare_metrics, confusion_over
 from segflow.fsutil import atomic_write_json
-from segflow.inference import load_model, resolve_model_dir
+from segflow.inference import CARD_FILE, WEIGHTS_FILE, load_model, resolve_model_dir
 
 log = logging.getLogger("segflow.register")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
+WEIGHTS_TAG = "weights_sha256"
+MLMODEL_FILE = "MLmodel"
 # A promotion whose champion changed while it was being gated is gated again against the new one.
 GATE_ATTEMPTS = 3
 # How long to wait for another process's promotion; the lock is held for a handful of registry calls.
@@ -183,6 +190,26 @@ def score_on(params: Params, version: ModelVersion, test_data_hash: str, data_di
     return score_registered_version(params, version.name, str(version.version), data_dir, splits_csv)
 
 
+def missing_artifacts(name: str, version: str) -> list[str]:
+    """The files the served model needs (MLmodel, the model code, the weights and card) that the artifact
+    store no longer has."""
+    uri = f"models:/{name}/{version}"
+    try:
+        repo = get_artifact_repository(uri)
+        present = {f.path for f in repo.list_artifacts("")}
+    except MlflowException as exc:
+        raise PromotionRefused(f"{name} v{version}: cannot read its model artifact ({exc.message}).") from None
+    if MLMODEL_FILE not in present:
+        return [MLMODEL_FILE]
+    flavor = Model.load(uri).flavors.get("python_function", {})
+    model_dir = flavor.get("artifacts", {}).get("model_dir", {}).get("path")
+    if model_dir is None or "model_code_path" not in flavor:
+        raise SegflowError(f"{name} v{version} is not a segflow model (no model code and model_dir in its MLmodel).")
+    present |= {f.path for f in repo.list_artifacts(model_dir)}
+    needed = [Path(flavor["model_code_path"]).name, f"{model_dir}/{WEIGHTS_FILE}", f"{model_dir}/{CARD_FILE}"]
+    return [path for path in needed if path not in present]
+
+
 def gate_and_promote(
     params: Params, client: MlflowClient, candidate: ModelVersion, score: float, test_data_hash: str,
     data_dir: Path, splits_csv: Path,
@@ -217,6 +244,24 @@ def gate_and_promote(
                        "promote it again when the other promotions are done.")
 
 
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def earlier_registration(client: MlflowClient, name: str, identity: dict[str, str]) -> ModelVersion | None:
+    """The newest version of ``name`` registered with ``identity`` before whose files are all in the store.
+
+    Registering the same model again reuses it rather than adding a duplicate: that is how a register that
+    failed after creating its version (the tracking server went away), leaving it without the challenger
+    alias and ungated, is finished."""
+    query = " and ".join([f"name = '{name}'", *(f"tags.`{key}` = '{value}'" for key, value in identity.items())])
+    for version in sorted(client.search_model_versions(query), key=lambda v: int(v.version), reverse=True):
+        if not missing_artifacts(name, str(version.version)):
+            return version
+    return None
+
+
 def register(
     params: Params, *, metrics_dir: Path, models_dir: Path, data_dir: Path, splits_csv: Path, out_file: Path
 ) -> Decision:
@@ -232,24 +277,37 @@ def register(
     best_arch, best_score = compare_metrics(metrics, cfg.metric)[0]
     best = metrics[best_arch]
 
+    weights = Path(models_dir) / best_arch / WEIGHTS_FILE
+    if not weights.is_file():
+        raise SegflowError(f"{weights}: no trained model for {best_arch}; run the train stage first.")
+    # What makes two registrations the same: these weights, scored this way on this test data.
+    identity = {
+        "arch": best_arch, f"test_{cfg.metric}": str(best_score), "test_data_hash": str(best["test_data_hash"]),
+        WEIGHTS_TAG: file_sha256(weights),
+    }
     with tracking.stage_run(params.mlflow, "register") as run:
         client = MlflowClient()
-        model_info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-            artifacts={"model_dir": str(Path(models_dir) / best_arch)},
-            signature=SIGNATURE,
-            pip_requirements=PIP_REQUIREMENTS,
-        )
-        tags = {
-            "arch": best_arch, f"test_{cfg.metric}": str(best_score), "test_data_hash": str(best["test_data_hash"]),
-            "git_commit": tracking.git_commit() or "unknown", "source_run_id": run.info.run_id,
-        }
-        candidate = mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags)
+        candidate = earlier_registration(client, cfg.model_name, identity)
+        if candidate is None:
+            model_info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                artifacts={"model_dir": str(Path(models_dir) / best_arch)},
+                signature=SIGNATURE,
+                pip_requirements=PIP_REQUIREMENTS,
+            )
+            # Every tag the gate reads is created with the version, in one transaction of the store: no version
+            # is ever seen without them.
+            tags = {**identity, "git_commit": tracking.git_commit() or "unknown", "source_run_id": run.info.run_id}
+            candidate = mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, candidate.version)
         mlflow.log_metrics({f"challenger_{cfg.metric}": best_score})
-        decision = gate_and_promote(params, client, candidate, best_score, str(best["test_data_hash"]),
-                                    data_dir, splits_csv)
+        if version_number(champion_version(client, cfg.model_name)) == str(candidate.version):
+            decision = Decision(cfg.model_name, str(candidate.version), best_arch, best_score, str(candidate.version),
+                                best_score, True, "already the champion (an earlier register promoted it)")
+        else:
+            decision = gate_and_promote(params, client, candidate, best_score, str(best["test_data_hash"]),
+                                        data_dir, splits_csv)
         mlflow.set_tags({"segflow.promoted": str(decision.promoted), "segflow.decision": decision.reason})
         atomic_write_json(out_file, asdict(decision))
         mlflow.log_artifact(str(out_file))

@@ -15,22 +15,18 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from segflow import tracking
 from segflow.config import Params
 from segflow.data import load_samples
 from segflow.errors import SegflowError
 from segflow.evaluate import split_fingerprint
-from segflow.inference import CARD_FILE, WEIGHTS_FILE
 from segflow.register import (
     Decision, PromotionRefused, champion_history, champion_lineage, champion_version, gate_and_promote,
-    history_entry, promotion_lock, record_champion, score_on, version_number,
+    history_entry, missing_artifacts, promotion_lock, record_champion, score_on, version_number,
 )
 
 FORCED_REASON_TAG = "forced_promotion_reason"
-MLMODEL_FILE = "MLmodel"
 
 
 def connect(params: Params) -> MlflowClient:
@@ -89,26 +85,6 @@ def format_versions(rows: list[VersionRow], metric: str) -> str:
     table = [list(vars(row).values()) for row in [header, *rows]]
     widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip() for cells in table)
-
-
-def missing_artifacts(name: str, version: str) -> list[str]:
-    """The files the served model needs (MLmodel, the model code, the weights and card) that the artifact
-    store no longer has."""
-    uri = f"models:/{name}/{version}"
-    try:
-        repo = get_artifact_repository(uri)
-        present = {f.path for f in repo.list_artifacts("")}
-    except MlflowException as exc:
-        raise PromotionRefused(f"{name} v{version}: cannot read its model artifact ({exc.message}).") from None
-    if MLMODEL_FILE not in present:
-        return [MLMODEL_FILE]
-    flavor = Model.load(uri).flavors.get("python_function", {})
-    model_dir = flavor.get("artifacts", {}).get("model_dir", {}).get("path")
-    if model_dir is None or "model_code_path" not in flavor:
-        raise SegflowError(f"{name} v{version} is not a segflow model (no model code and model_dir in its MLmodel).")
-    present |= {f.path for f in repo.list_artifacts(model_dir)}
-    needed = [Path(flavor["model_code_path"]).name, f"{model_dir}/{WEIGHTS_FILE}", f"{model_dir}/{CARD_FILE}"]
-    return [path for path in needed if path not in present]
 
 
 def require_artifacts(name: str, version: str) -> None:

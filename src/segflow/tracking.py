@@ -14,6 +14,8 @@ from pathlib import Path
 
 import mlflow
 import requests
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+from mlflow.exceptions import MlflowException
 
 from segflow.config import MlflowParams
 from segflow.errors import SegflowError
@@ -28,6 +30,8 @@ def tracking_uri(params: MlflowParams) -> str:
 
 def setup(params: MlflowParams) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    # Synchronous logging: a call returns once the server holds the data, waiting through a server restart
+    # (see stage_run). MLflow's async queue only logs a batch it failed to send, and the metric is lost.
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
@@ -66,17 +70,46 @@ def stage_run(
     params: MlflowParams, stage: str, name: str | None = None, run_id: str | None = None
 ) -> Iterator[mlflow.ActiveRun]:
     """A run for one stage (or one architecture), nested under the pipeline's parent run when there is one;
-    with ``run_id``, that earlier run continues (a resumed training)."""
+    with ``run_id``, that earlier run continues (a resumed training).
+
+    A tracking server that goes away inside is waited for: MLflow retries each request with back-off
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and ``..._BACKOFF_FACTOR``: about four minutes by default), so a
+    logging call made during a restart returns, nothing lost, once the server is back. A longer outage fails
+    the stage with :func:`unreachable_server_error`.
+    """
     setup(params)
+    nested = mlflow.active_run() is not None
     if run_id is not None:
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
+        run = mlflow.start_run(run_id=run_id, nested=nested)
+    else:
+        tags = _run_tags(stage)
+        if parent := os.environ.get(PARENT_RUN_ENV):
+            tags["mlflow.parentRunId"] = parent
+        run = mlflow.start_run(run_name=name or stage, tags=tags, nested=nested)
+    with run:
+        try:
             yield run
-        return
-    tags = _run_tags(stage)
-    if parent := os.environ.get(PARENT_RUN_ENV):
-        tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=name or stage, tags=tags, nested=mlflow.active_run() is not None) as run:
-        yield run
+        except Exception as exc:
+            if (error := unreachable_server_error(exc)) is None:
+                raise
+            # Marking the run failed needs the server too: one try, not a second round of retries (while the
+            # server is still down the run stays RUNNING in the store; a resumed training reopens it anyway).
+            with _single_request_attempt(), contextlib.suppress(MlflowException):
+                mlflow.end_run("FAILED")
+            raise error from exc
+
+
+@contextlib.contextmanager
+def _single_request_attempt() -> Iterator[None]:
+    previous = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get_raw()
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES.set(0)
+    try:
+        yield
+    finally:
+        if previous is None:
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES.unset()
+        else:
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES.set(previous)
 
 
 @contextlib.contextmanager
@@ -121,5 +154,6 @@ def unreachable_server_error(exc: BaseException) -> SegflowError | None:
     return SegflowError(
         f"{SERVER_UNREACHABLE} at {mlflow.get_tracking_uri()} ({type(cause).__name__}: {cause}). Start it, or "
         "point MLFLOW_TRACKING_URI at a running one, and run the stage again (a stage writes its outputs, and "
-        "register moves the champion alias, only when it completes)."
+        "register moves the champion alias, only when it completes); `segflow train --arch NAME --resume` "
+        "continues an interrupted training from its last checkpoint, in the same MLflow run."
     )
