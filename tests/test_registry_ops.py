@@ -105,6 +105,32 @@ def test_rollback_walks_back_through_the_champions_and_stops_at_the_first(worksp
         ("1", "promote"), ("2", "promote"), ("3", "promote"), ("2", "rollback"), ("1", "rollback")]
 
 
+def test_a_promotion_cut_short_between_history_and_alias_does_not_count(workspace, monkeypatch):
+    data_hash = current_hash(workspace)
+    register_version(workspace, "reg-cut", 0.5, data_hash=data_hash)
+    second = add_version("reg-cut", 0.6, data_hash)
+    set_alias = MlflowClient.set_registered_model_alias
+
+    def server_gone_before_the_champion_alias(client, name, alias, version):
+        if alias == "champion":
+            raise ConnectionError("tracking server went away")
+        return set_alias(client, name, alias, version)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_registered_model_alias", server_gone_before_the_champion_alias)
+        with pytest.raises(ConnectionError):
+            promote(workspace, "reg-cut", second, force=True, reason="cut short")
+    assert champion("reg-cut") == "1"
+    stored = json.loads(MlflowClient().get_registered_model("reg-cut").tags["champion_history"])
+    assert [h["version"] for h in stored] == ["1", second]  # the history got ahead of the alias
+    assert [h["version"] for h in champion_history(MlflowClient(), "reg-cut")] == ["1"]
+    # Promoting again works, and a rollback goes back to version 1, not to the promotion that never was.
+    third = add_version("reg-cut", 0.7, data_hash)
+    assert promote(workspace, "reg-cut", third).promoted
+    assert [h["version"] for h in champion_history(MlflowClient(), "reg-cut")] == ["1", third]
+    assert rollback(PARAMS, "reg-cut") == (third, "1")
+
+
 def test_a_champion_change_while_gating_is_gated_again(workspace, monkeypatch):
     data_hash = current_hash(workspace)
     register_version(workspace, "reg-regate", 0.5, data_hash=data_hash)

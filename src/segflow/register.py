@@ -96,7 +96,13 @@ def version_number(version: ModelVersion | None) -> str | None:
 
 
 def champion_history(client: MlflowClient, name: str) -> list[dict]:
-    return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+    """The champion changes, oldest first. The history is written before the alias (record_champion), so a
+    failure between the two leaves entries after the current champion's last one that never took effect:
+    they are left out (when the champion is in the history at all; otherwise it is returned as stored)."""
+    history = json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+    champion = version_number(champion_version(client, name))
+    effective = [i for i, entry in enumerate(history) if entry["version"] == champion]
+    return history[: effective[-1] + 1] if effective else history
 
 
 def champion_lineage(history: list[dict]) -> list[str]:
