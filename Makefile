@@ -27,7 +27,7 @@ run: setup
 	$(PYTHON) pipelines/training_pipeline.py
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 clean:
 	rm -rf data models metrics evaluation registry mlflow.db mlartifacts .prefect
