@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from test_register import register_version, workspace  # noqa: F401  (the tiny model, data and splits)
 
@@ -27,6 +29,7 @@ from segflow.errors import SegflowError
 from segflow.evaluate import split_fingerprint
 from segflow.register import Decision, PromotionRefused, champion_history, score_on
 from segflow.registry import FORCED_REASON_TAG, format_versions, list_versions, promote_version, rollback
+from segflow.tracking import SERVER_UNREACHABLE
 
 PARAMS = parse_params({"register": {"margin": 0.01}})
 BIN = Path(sys.executable).parent
@@ -129,6 +132,21 @@ def test_a_promotion_cut_short_between_history_and_alias_does_not_count(workspac
     assert promote(workspace, "reg-cut", third).promoted
     assert [h["version"] for h in champion_history(MlflowClient(), "reg-cut")] == ["1", third]
     assert rollback(PARAMS, "reg-cut") == (third, "1")
+
+
+def test_an_unreachable_artifact_store_is_not_a_broken_version(workspace, monkeypatch):
+    register_version(workspace, "reg-store-down", 0.5, data_hash=current_hash(workspace))
+
+    def store_down(uri):
+        try:
+            raise requests.exceptions.ConnectionError("connection refused")
+        except requests.exceptions.ConnectionError:
+            raise MlflowException("API request failed") from None  # MLflow keeps the cause as the context
+
+    monkeypatch.setattr(segflow.register, "get_artifact_repository", store_down)
+    with pytest.raises(SegflowError, match=SERVER_UNREACHABLE) as refused:
+        segflow.register.missing_artifacts("reg-store-down", "1")
+    assert not isinstance(refused.value, PromotionRefused)
 
 
 def test_a_champion_change_while_gating_is_gated_again(workspace, monkeypatch):

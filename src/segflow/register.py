@@ -204,6 +204,8 @@ def missing_artifacts(name: str, version: str) -> list[str]:
         repo = get_artifact_repository(uri)
         present = {f.path for f in repo.list_artifacts("")}
     except MlflowException as exc:
+        if (unreachable := tracking.unreachable_server_error(exc)) is not None:
+            raise unreachable from exc  # the store is down, not the version broken
         raise PromotionRefused(f"{name} v{version}: cannot read its model artifact ({exc.message}).") from None
     if MLMODEL_FILE not in present:
         return [MLMODEL_FILE]
