@@ -49,7 +49,7 @@ def benchmark_params(args: argparse.Namespace, labeled_images: int) -> dict:
         "decoded_cache": False,  # the cache is the DVC stage's output; this script decodes the resized copy
     })
     params["teacher"] = {"arch": args.arch, "epochs": math.ceil(args.steps / steps_per_epoch), "snapshots": 2,
-                         "rounds": args.rounds, "min_improvement": 0.0}
+                         "rounds": args.rounds, "min_improvement": 0.0, "student_init": args.student_init}
     params["pseudo_label"] = {"threshold": args.threshold, "batch_size": 16, "class_balanced": True,
                               "class_keep_fraction": 0.5, "reliable_fraction": args.reliable_fraction,
                               "prior_correction": args.prior_correction if args.prior_correction == "auto"
@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--reliable-fraction", type=float, default=0.5)
     parser.add_argument("--prior-correction", default="auto",
                         help="pseudo_label.prior_correction: auto, or 0 to 1 (0: the teacher's probabilities as they are)")
+    parser.add_argument("--student-init", choices=["scratch", "teacher"], default="scratch",
+                        help="teacher.student_init: students from random weights, or fine-tuning their teacher")
     parser.add_argument("--tag", default="", help="suffix of this try's work folders (round 0 is shared)")
     parser.add_argument("--strong-augment", action=argparse.BooleanOptionalAction, default=True,
                         help="strong augmentation of pseudo-labeled images (train.pseudo_augment)")
@@ -108,7 +110,7 @@ def main() -> None:
         "evaluation": "same TTA for every model", "threshold": f"{args.threshold}, class-balanced (keep 0.5)",
         "reliable_fraction_round_1": args.reliable_fraction, "rounds": args.rounds,
         "stopping_rule": "a round must raise val mIoU", "strong_augment": args.strong_augment,
-        "prior_correction": args.prior_correction, "device": _device(),
+        "prior_correction": args.prior_correction, "student_init": args.student_init, "device": _device(),
     }
     rows, table = [], []
     for fraction in args.fractions:

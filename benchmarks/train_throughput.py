@@ -18,26 +18,37 @@ both alike and decides nothing. On CUDA it also prints the share of the bf16 mat
 large matmul; model FLOPs per image from FlopCounterMode, x3 for forward + backward) and the GPU idle share of
 segflow's loop: the gaps between GPU work (kernels, copies) over a few extra profiled steps, i.e. the time the
 data pipeline or the host leaves the GPU waiting. Everywhere it prints the data wait share (host time blocked on
-the next batch / total). The last line is ``ratio: X``, the geometric mean over the models of segflow /
-reference images per second.
+the next batch / total), and at the end its total wall time. The last line is ``ratio: X``, the geometric mean
+over the models of segflow / reference images per second.
 
     python benchmarks/train_throughput.py --device cuda --size 512 --batch 8 --steps 20
     python benchmarks/train_throughput.py --device cpu --size 128 --steps 10   # Unet-ResNet34, batch 2: < 1 min
 
 On the CPU segflow runs the same fp32 work as the reference (autocast and channels-last are CUDA-only; channels-
 last was no faster on a 2-core AVX-512 CPU), so the ratio there shows only that segflow adds no cost: about 1.
-On a machine that other processes keep busy, two OpenMP threads stall each other at every barrier and the
-numbers swing; ``OMP_NUM_THREADS=1`` gives steady ones.
+Segflow's training on the CPU makes glibc's malloc keep the memory a step frees (segflow.train.keep_freed_memory,
+from prepare_model): without it, whenever the gradients segflow frees at the end of its step lay at the top of the
+heap (as they did here, beside the reference's model), glibc gave them back to the OS and every backward page-
+faulted ~100 MB in again (ratio 0.6-0.9). The setting is process-wide: the reference runs with it too.
+On a machine that other processes keep busy, OpenMP threads spinning at barriers take the cores from the
+thread they wait for: with libgomp's default (spin first) the 2-core CPU run took 160-170 s beside two other training
+jobs, against 17 s with ``OMP_WAIT_POLICY=PASSIVE``, which this script therefore sets unless the environment
+says otherwise (for both loops alike). ``OMP_NUM_THREADS=1`` gives the steadiest numbers.
 """
 
 from __future__ import annotations
 
+import os
+import time
+
+STARTED = time.perf_counter()  # the total wall time printed at the end includes the imports (seconds of them)
+# Read when torch loads OpenMP: threads that wait at a barrier sleep instead of spinning (see the docstring).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import math
-import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +310,7 @@ def main() -> None:
             del ours, reference  # the loaders' workers and the models go before the next model's
             if cuda:
                 torch.cuda.empty_cache()
+    print(f"total wall time {time.perf_counter() - STARTED:.0f} s")
     print(f"ratio: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}")
 
 

@@ -1,4 +1,6 @@
 import logging
+import resource
+import sys
 
 import numpy as np
 import pytest
@@ -8,11 +10,13 @@ import torch.nn.functional as F
 from segflow import IGNORE_INDEX
 from segflow.config import Layout, parse_params
 from segflow.data import Sample
+from segflow.errors import SegflowError
 from segflow.imageio import write_mask
 from segflow.train import (
     CompiledOrEager,
     median_frequency_weights,
     pixel_weighted_cross_entropy,
+    prepare_model,
     segmentation_loss,
     train,
 )
@@ -131,3 +135,33 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(monkeypatc
     assert all(torch.equal(out, module(x)) for out in outputs)
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == len(caplog.records) == 1
     assert "no C++ compiler" in caplog.records[0].message
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a glibc malloc setting")
+def test_cpu_training_reuses_freed_memory_without_page_faults():
+    """What a CPU step frees (here 64 MiB of 256 KiB tensors, like a model's gradients) comes back without the OS
+    paging it in anew; glibc's defaults would give the heap's top back (segflow.train.keep_freed_memory)."""
+    prepare_model(torch.nn.Linear(1, 1), torch.device("cpu"))
+
+    def step() -> None:
+        tensors = [torch.ones(64 * 1024) for _ in range(256)]
+        del tensors
+
+    step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 1000  # 16384 pages when given back
+
+
+def test_a_student_can_start_from_its_teachers_weights(plain_project, tmp_path):
+    data = {"data_dir": plain_project / Layout.ingested, "splits_csv": plain_project / Layout.splits}
+    train(_plain_params(batch_size=8), "unet_original", out_dir=tmp_path / "teacher", **data)
+    # A learning rate too small to move the weights: what comes out is what went in.
+    train(_plain_params(batch_size=8, lr=1e-12), "unet_original", out_dir=tmp_path / "student",
+          init_from=tmp_path / "teacher", **data)
+    teacher, student = weights(tmp_path / "teacher"), weights(tmp_path / "student")
+    for name, expected in teacher.items():
+        torch.testing.assert_close(student[name], expected, rtol=0, atol=1e-6)
+
+    with pytest.raises(SegflowError, match="architecture and classes must be the same"):
+        train(_plain_params(), "fcn8s", out_dir=tmp_path / "other", init_from=tmp_path / "teacher", **data)

@@ -132,6 +132,8 @@ class TeacherParams(_Section):
     snapshots: int = Field(0, ge=0)        # earlier checkpoints kept to rank pseudo-labels by stability (ST++)
     rounds: int = Field(0, ge=0)           # self-training rounds: the student becomes the next teacher
     min_improvement: float = Field(0.0, ge=0)  # a round must raise val mIoU by more than this to continue
+    # scratch: each student starts from random weights (Noisy Student); teacher: it fine-tunes its teacher.
+    student_init: Literal["scratch", "teacher"] = "scratch"
 
 
 class PseudoLabelParams(_Section):

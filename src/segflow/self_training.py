@@ -73,7 +73,8 @@ def self_train(params: Params, *, data_dir: Path, splits_csv: Path, work_dir: Pa
             student_epochs = _student_epochs(epochs, len(labeled), student_images, len(pseudo))
             result = train(round_params, cfg.arch, data_dir=data_dir, splits_csv=splits_csv,
                            out_dir=round_dir / "model", pseudo_dir=pseudo_dir, epochs=student_epochs,
-                           run_name=f"teacher round {round_number}", snapshots=cfg.snapshots)
+                           run_name=f"teacher round {round_number}", snapshots=cfg.snapshots,
+                           init_from=Path(best["model_dir"]) if cfg.student_init == "teacher" else None)
             record = _save_round(round_dir, {
                 "round": round_number, "val_miou": result.best_miou, "epochs": student_epochs,
                 "train_images": student_images, "model_dir": str(result.model_dir),

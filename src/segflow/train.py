@@ -9,10 +9,12 @@ Resumable (segflow.checkpoint) and data-parallel under torchrun (segflow.distrib
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +25,7 @@ import mlflow
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -38,7 +41,7 @@ from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_mask
-from segflow.inference import CARD_FILE, SNAPSHOTS_DIR, WEIGHTS_FILE, ModelCard, save_model
+from segflow.inference import CARD_FILE, SNAPSHOTS_DIR, WEIGHTS_FILE, ModelCard, read_card, save_model
 
 log = logging.getLogger("segflow.train")
 
@@ -130,14 +133,41 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD_MAX = 32 << 20  # the largest glibc accepts on 64-bit, and the cap of its adaptive threshold
+TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep the memory one CPU training step frees for the next step (process-wide).
+
+    A step frees its activations and, at its end, its gradients (``zero_grad(set_to_none=True)``), then allocates
+    them again. By default glibc gives the top of its heap back to the OS once more than twice its adaptive mmap
+    threshold lies free there: when the freed gradients end up there (it depends on whatever else the process
+    allocated, e.g. a second model in benchmarks/train_throughput.py), each backward page-faults all of them in
+    again (24k minor faults, ~100 MB, per Unet-ResNet34 step: 10-35% of the step on 2 cores). Fixed thresholds
+    (which also switch the adaptive ones off) keep blocks up to 32 MiB on the heap and its top in the process,
+    whose resident size then stays at the step's peak, reached every step anyway. Linux/glibc only; elsewhere
+    nothing (musl's mallopt is a no-op)."""
+    if sys.platform != "linux":
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+
+
 def prepare_model(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
-    """On the device; on CUDA channels-last (tensor cores want NHWC) with cuDNN picking the fastest kernels."""
+    """On the device; on CUDA channels-last (tensor cores want NHWC) with cuDNN picking the fastest kernels; on the
+    CPU with malloc keeping freed memory for the next step (:func:`keep_freed_memory`)."""
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
+    else:
+        keep_freed_memory()
     return model
 
 
@@ -279,6 +309,7 @@ def train(
     snapshots: int = 0,
     resume: bool = False,
     cache_dir: Path = CACHE_DIR,
+    init_from: Path | None = None,
 ) -> TrainResult:
     """Train ``arch`` and write ``out_dir/{model.safetensors, model.json, history.json}`` atomically.
 
@@ -289,7 +320,7 @@ def train(
     runs; ``resume`` continues from it, a plain run starts over. Under torchrun every process calls this;
     ``train.batch_size`` is per process and rank 0 alone logs and writes (segflow.distributed).
     With ``train.decoded_cache`` images come from the cache in ``cache_dir`` (segflow.cache), built from
-    ``data_dir``.
+    ``data_dir``. ``init_from`` (a model folder of the same architecture and classes) gives the starting weights.
     """
     if arch not in models.available():
         raise SegflowError(f"unknown architecture {arch!r}; available: {', '.join(models.available())}.")
@@ -297,14 +328,24 @@ def train(
     try:
         return _train(params, arch, group, data_dir=data_dir, splits_csv=splits_csv, out_dir=Path(out_dir),
                       pseudo_dir=pseudo_dir, epochs=epochs or params.train.epochs, run_name=run_name or arch,
-                      snapshots=snapshots, resume=resume, cache_dir=cache_dir)
+                      snapshots=snapshots, resume=resume, cache_dir=cache_dir, init_from=init_from)
     finally:
         distributed.teardown(group)
+
+
+def load_initial_weights(network: nn.Module, arch: str, classes: list[str], model_dir: Path) -> None:
+    """Start from a trained model's weights (a self-training student fine-tuning its teacher)."""
+    card = read_card(model_dir)
+    if (card.arch, card.classes) != (arch, classes):
+        raise SegflowError(f"{model_dir}: cannot start {arch} ({len(classes)} classes) from this {card.arch} model "
+                           f"({card.num_classes} classes); the architecture and classes must be the same.")
+    network.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS_FILE)))
 
 
 def _train(
     params: Params, arch: str, group: ProcessGroup, *, data_dir: Path, splits_csv: Path, out_dir: Path,
     pseudo_dir: Path | None, epochs: int, run_name: str, snapshots: int, resume: bool, cache_dir: Path,
+    init_from: Path | None,
 ) -> TrainResult:
     cfg = params.train
     device = group.device
@@ -340,8 +381,10 @@ def _train(
     )
 
     options = params.model_options(arch)
-    model = prepare_model(models.build(arch, num_classes=len(classes), **options), device,
-                          sync_batchnorm=group.distributed and cfg.sync_batchnorm)
+    network = models.build(arch, num_classes=len(classes), **options)
+    if init_from is not None:
+        load_initial_weights(network, arch, classes, init_from)
+    model = prepare_model(network, device, sync_batchnorm=group.distributed and cfg.sync_batchnorm)
     network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if group.distributed else model
     optimizer = build_optimizer(cfg, model, device)
@@ -358,7 +401,7 @@ def _train(
     resume_dir = checkpoint.resume_dir_for(out_dir)
     settings = {
         "arch": arch, "epochs": epochs, "model_options": options, "train_images": len(train_samples),
-        "processes": group.world_size,
+        "processes": group.world_size, "init_from": None if init_from is None else str(init_from),
         # Settings that change neither the numbers nor the order may differ when resuming.
         **{f"train.{key}": value for key, value in cfg.model_dump(mode="json").items()
            if key not in ("num_workers", "device", "checkpoint_every_steps", "compile", "decoded_cache", "archs")},
