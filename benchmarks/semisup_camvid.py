@@ -160,16 +160,19 @@ def main() -> None:
 def run_fraction(
     params, fraction: float, labeled: int, data_dir: Path, splits_csv: Path, run_dir: Path, base_name: str,
 ) -> list[dict]:
-    """The self-training rounds, and a labeled-only control trained for as many steps as the first student."""
+    """The self-training rounds, and a labeled-only control trained for as many steps as the first student
+    (fine-tuning the labeled-only model when the students fine-tune their teacher)."""
     records = self_train(params, data_dir=data_dir, splits_csv=splits_csv, work_dir=run_dir / "rounds")
     batch = params.train.batch_size
     if len(records) > 1:
         student_steps = records[1]["epochs"] * (records[1]["train_images"] // batch)
         control_epochs = math.ceil(student_steps / max(1, labeled // batch))
-        control_dir = run_dir.parent / f"{base_name}-control-{control_epochs}-epochs"
+        from_teacher = params.teacher.student_init == "teacher"
+        control_dir = run_dir.parent / f"{base_name}-control-{control_epochs}-epochs{'-from-teacher' if from_teacher else ''}"
         if not (control_dir / CARD_FILE).exists():  # shared by the runs that differ only in the pseudo-labeled arm
             train(params, params.teacher.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=control_dir,
-                  epochs=control_epochs, run_name="labeled-only control")
+                  epochs=control_epochs, run_name="labeled-only control",
+                  init_from=Path(records[0]["model_dir"]) if from_teacher else None)
         records.append({"round": 0, "control": True, "val_miou": read_card(control_dir).extra["val_miou"],
                         "epochs": control_epochs, "model_dir": str(control_dir), "best": False})
     rows = []
@@ -181,6 +184,8 @@ def run_fraction(
         arm = "pseudo-labeled" if record["round"] else "labeled-only"
         if record.get("control"):
             arm = "labeled-only, as many steps as round 1"
+            if params.teacher.student_init == "teacher":
+                arm += ", fine-tuning round 0"
         row = {
             "fraction": fraction, "labeled_images": labeled, "arm": arm, "round": record["round"],
             "test_miou": metrics["miou"], "val_miou": record["val_miou"], "epochs": record["epochs"],
