@@ -6,8 +6,14 @@ For each labeled fraction, ``split.labeled_fraction`` keeps a seeded share of Ca
 labeled and hides the masks of the rest (they become the unlabeled pool, their masks used only to score the
 pseudo-labels). segflow's own self-training (``segflow.self_training.self_train``) then trains the labeled-only
 model (round 0, the "labeled-only" arm) and the self-training rounds (the "pseudo-labeled" arm: teacher TTA,
-class-balanced thresholds, ST++ reliability, strong augmentation, labeled oversampling), each round with the
-same number of optimizer steps as round 0, from scratch. Every round's model is scored on the 233 test images.
+class-balanced thresholds with the class weighting's bias undone, ST++ reliability, strong augmentation,
+labeled oversampling), each student seeing each labeled image as often as round 0 did and fine-tuning its teacher
+(``--student-init scratch``: from random weights). No pretrained weights anywhere. A labeled-only control trains
+for as many steps as the first student (from round 0 when the students fine-tune). Every model is scored on the
+233 test images; the pseudo-labeled arm's model is the round its validation mIoU picks.
+
+    python benchmarks/semisup_camvid.py --steps 400 --rounds 4 --tag=-v4   # a try: work folders get the tag;
+                                                                            # round 0 is shared between tries
 
 Writes ``reports/semisup_camvid.{json,md}`` (fraction, arm, round, test mIoU, and the pseudo-labels' quality).
 """
@@ -79,7 +85,7 @@ def main() -> None:
     parser.add_argument("--reliable-fraction", type=float, default=0.5)
     parser.add_argument("--prior-correction", default="auto",
                         help="pseudo_label.prior_correction: auto, or 0 to 1 (0: the teacher's probabilities as they are)")
-    parser.add_argument("--student-init", choices=["scratch", "teacher"], default="scratch",
+    parser.add_argument("--student-init", choices=["scratch", "teacher"], default="teacher",
                         help="teacher.student_init: students from random weights, or fine-tuning their teacher")
     parser.add_argument("--tag", default="", help="suffix of this try's work folders (round 0 is shared)")
     parser.add_argument("--strong-augment", action=argparse.BooleanOptionalAction, default=True,

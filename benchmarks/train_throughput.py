@@ -2,7 +2,9 @@
 
 segflow: the code path of ``segflow train`` (segflow.train.TrainStep: bf16/fp16 autocast, channels-last, cuDNN
 autotuning, fused optimizer, no host sync per step; the loader with pinned memory, EpochSampler and SeededDataset;
-images from the decoded-image cache, segflow.cache, as ``train.decoded_cache: true`` in params.yaml).
+images from the decoded-image cache, segflow.cache, as ``train.decoded_cache: true`` in params.yaml; with
+``--batch-augment`` on, default on CUDA as ``train.batch_augment: auto``, the loader yields whole uint8 images and
+the random scale, crop and flip run per batch on the device, segflow.data.BatchAugment).
 reference: torchvision's references/segmentation style: ``model.train()``, fp32, ``loss.item()`` every step, a
 shuffling DataLoader of per-image CPU transforms decoding each image each time. Both take the same images
 (written once to a temporary folder) through segflow's SegmentationDataset (random scale, crop, flip), with the
@@ -64,7 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from segflow import IGNORE_INDEX, models
 from segflow.cache import DecodedCache, build_cache, open_cache
 from segflow.config import parse_params
-from segflow.data import Sample, SegmentationDataset, pad_collate
+from segflow.data import BatchAugment, Sample, SegmentationDataset, batch_augment_on, pad_collate
 from segflow.distributed import EpochSampler, SeededDataset
 from segflow.imageio import read_image, read_mask, write_image, write_mask
 from segflow.train import TrainStep, amp_dtype, build_optimizer, build_scheduler, prepare_model
@@ -177,7 +179,8 @@ def measure(loops: list[Loop], warmup: int, steps: int, block: int) -> None:
             loop.timed(block)
 
 
-def segflow_loop(arch: str, options: dict, dataset: SegmentationDataset, args, device: torch.device) -> Loop:
+def segflow_loop(arch: str, options: dict, dataset: SegmentationDataset, args, device: torch.device,
+                 batch_augment: BatchAugment | None) -> Loop:
     train = {"batch_size": args.batch, "crop_size": args.size, "num_workers": args.workers, "optimizer": "sgd", **SGD}
     cfg = parse_params({"train": train, "models": {arch: options}}).train
     model = prepare_model(models.build(arch, NUM_CLASSES, **options), device)
@@ -186,7 +189,8 @@ def segflow_loop(arch: str, options: dict, dataset: SegmentationDataset, args, d
     scheduler = build_scheduler(cfg, optimizer, args.total_steps)
     amp = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    step = TrainStep(model, optimizer, scheduler, scaler, device=device, amp=amp, aux_weight=AUX_WEIGHT)
+    step = TrainStep(model, optimizer, scheduler, scaler, device=device, amp=amp, aux_weight=AUX_WEIGHT,
+                     batch_augment=batch_augment)
     sampler = EpochSampler(len(dataset), seed=0)
     loader = DataLoader(SeededDataset(dataset), batch_size=args.batch, sampler=sampler, drop_last=True,
                         num_workers=args.workers, pin_memory=device.type == "cuda", collate_fn=pad_collate,
@@ -262,6 +266,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on CUDA, 2 on CPU)")
     parser.add_argument("--block", type=int, default=None, help="steps per timed block (default 5 on CUDA, 1 on CPU)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPU cores, at most 8)")
+    parser.add_argument("--batch-augment", choices=["auto", "true", "false"], default="auto",
+                        help="segflow's scale, crop and flip per batch on the device (train.batch_augment; "
+                             "default auto: on CUDA only)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
                         help=f"default on CUDA: all ({', '.join(MODELS)}); on CPU: {', '.join(CPU_MODELS)} only")
     args = parser.parse_args()
@@ -273,10 +280,11 @@ def main() -> None:
     args.workers = args.workers if args.workers is not None else min(8, len(os.sched_getaffinity(0)))
     args.total_steps = args.warmup + args.steps + (PROFILED_STEPS if cuda else 0)
     names = args.models or (list(MODELS) if cuda else CPU_MODELS)
+    batch_augmenting = batch_augment_on({"true": True, "false": False}.get(args.batch_augment, "auto"), device)
     peak = bf16_peak_flops(device) if cuda else None
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), size {args.size}, "
           f"batch {args.batch}, {args.steps} timed steps in blocks of {args.block} after {args.warmup}, "
-          f"{args.workers} workers"
+          f"{args.workers} workers, segflow augments {'per batch on the device' if batch_augmenting else 'per image'}"
           + (f", bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
 
     ratios = []
@@ -290,10 +298,12 @@ def main() -> None:
               f"decoded cache {cache_seconds * 1e3:.3f} ms")
         augment = parse_params({}).train.augment
         decoding = SegmentationDataset(samples, crop_size=args.size, augment=augment)
-        cached = SegmentationDataset(samples, crop_size=args.size, augment=augment, cache=cache)
+        cached = SegmentationDataset(samples, crop_size=args.size, augment=augment, cache=cache,
+                                     batch_augment=batch_augmenting)
+        batch_augment = BatchAugment(augment, args.size) if batch_augmenting else None
         for name in names:
             arch, options = MODELS[name]
-            ours = segflow_loop(arch, options, cached, args, device)
+            ours = segflow_loop(arch, options, cached, args, device, batch_augment)
             reference = reference_loop(arch, options, decoding, args, device)
             measure([ours, reference], args.warmup, args.steps, args.block)
             ours_rate, reference_rate = (loop.images_per_second(args.batch * args.block) for loop in (ours, reference))

@@ -119,6 +119,8 @@ class TrainParams(_Section):
     sync_batchnorm: bool = True               # batch-norm statistics over all processes under torchrun
     compile: bool = False                     # torch.compile the model (falls back to eager if it fails)
     decoded_cache: bool = False               # read images from data/cache (segflow cache), not decode them
+    # Random scale, crop and flip per batch on the training device, not per image in the loader; auto: on CUDA.
+    batch_augment: bool | Literal["auto"] = "auto"
     use_pseudo_labels: bool = True
     pseudo_weight: float = Field(1.0, ge=0)
     oversample_labeled: bool = True   # repeat labeled images to match the pseudo-labeled ones
@@ -132,8 +134,9 @@ class TeacherParams(_Section):
     snapshots: int = Field(0, ge=0)        # earlier checkpoints kept to rank pseudo-labels by stability (ST++)
     rounds: int = Field(0, ge=0)           # self-training rounds: the student becomes the next teacher
     min_improvement: float = Field(0.0, ge=0)  # a round must raise val mIoU by more than this to continue
-    # scratch: each student starts from random weights (Noisy Student); teacher: it fine-tunes its teacher.
-    student_init: Literal["scratch", "teacher"] = "scratch"
+    # teacher: each student fine-tunes its teacher (better from a weak teacher: reports/semisup_camvid.md);
+    # scratch: it starts from random weights (Noisy Student).
+    student_init: Literal["scratch", "teacher"] = "teacher"
 
 
 class PseudoLabelParams(_Section):

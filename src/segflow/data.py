@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -105,6 +106,9 @@ class SegmentationDataset(Dataset):
 
     With a ``cache`` (segflow.cache) images and ingested masks come from it instead of being decoded; pseudo
     masks, written after the cache, are still decoded.
+
+    With ``batch_augment`` the scale, crop and flip are left to :class:`BatchAugment` on the training device:
+    samples are the whole uint8 image and mask (see :meth:`_unaugmented`) with the uniforms that decide them.
     """
 
     def __init__(
@@ -115,34 +119,54 @@ class SegmentationDataset(Dataset):
         augment: AugmentParams | None = None,
         strong_augment: StrongAugmentParams | None = None,
         cache: DecodedCache | None = None,
+        batch_augment: bool = False,
     ):
         self.samples = samples
         self.crop_size = crop_size
         self.augment = augment
         self.strong_augment = strong_augment
         self.cache = cache
+        self.batch_augment = batch_augment
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
-        image = to_unit_float(self._read_image(sample))
+        pixels = self._read_image(sample)
         if sample.mask_path is None:
-            mask = torch.full(image.shape[1:], IGNORE_INDEX, dtype=torch.long)
+            mask = torch.full(pixels.shape[:2], IGNORE_INDEX, dtype=torch.long)
         else:
             mask = torch.from_numpy(self._read_mask(sample)).long()
-            if mask.shape != image.shape[1:]:
+            if mask.shape != pixels.shape[:2]:
                 raise SegflowError(
                     f"{sample.mask_path}: mask is {tuple(mask.shape)} but its image {sample.image_path} is "
-                    f"{tuple(image.shape[1:])} (height, width)."
+                    f"{pixels.shape[:2]} (height, width)."
                 )
+        if self.batch_augment:
+            return self._unaugmented(sample, index, pixels, mask)
+        image = to_unit_float(pixels)
         if self.augment is not None:
             image, mask = self._augment(image, mask)
         if sample.pseudo and self.strong_augment is not None:
             image, mask = strong_augment(image, mask, self.strong_augment)
         return {"image": normalize(image), "mask": mask, "pseudo": torch.tensor(sample.pseudo), "index": torch.tensor(index),
                 "size": torch.tensor(image.shape[1:])}
+
+    def _unaugmented(
+        self, sample: Sample, index: int, pixels: np.ndarray, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """uint8 3xHxW image and HxW mask: a quarter of float32's bytes to collate, pin and copy to the device,
+        where :class:`BatchAugment` normalises them. A pseudo-labeled image's strong augmentation stays here on the
+        CPU, per image, before the scale and crop (so cutout's box is drawn on the whole image), quantised back to
+        uint8. The augmentation's uniforms are drawn here, under the sample's seed (segflow.distributed)."""
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+        if sample.pseudo and self.strong_augment is not None:
+            unit, mask = strong_augment(image.float().div_(255), mask, self.strong_augment)
+            image = unit.mul_(255).round_().to(torch.uint8)
+        return {"image": image.contiguous(), "mask": mask.to(torch.uint8), "pseudo": torch.tensor(sample.pseudo),
+                "index": torch.tensor(index), "size": torch.tensor(image.shape[1:]),
+                "augment_draws": torch.rand(AUGMENT_DRAWS)}
 
     def _read_image(self, sample: Sample) -> np.ndarray:
         return self.cache.image(sample.image_id) if self.cache is not None else read_image(sample.image_path)
@@ -163,6 +187,80 @@ class SegmentationDataset(Dataset):
         if aug.hflip and torch.rand(()).item() < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
         return image, mask
+
+
+AUGMENT_DRAWS = 4  # uniforms per image for BatchAugment: scale, crop top, crop left, flip
+
+
+def batch_augment_on(setting: bool | str, device: torch.device) -> bool:
+    """``train.batch_augment``: ``auto`` is on CUDA only, where per-image CPU work in the loader would starve the
+    GPU; on the CPU both run on the same cores and the per-image path does less work (no padding to the batch)."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """:meth:`SegmentationDataset._augment`'s random scale, crop to ``crop_size`` and horizontal flip for a whole
+    batch at once, on the batch's device: one bilinear ``grid_sample`` for the images, one gather for the masks.
+
+    Each output pixel maps back to a point of its own image, as resizing by the drawn scale (bilinear with
+    ``align_corners=False``, as the per-image path, clamped to the image's edges), padding bottom/right to the
+    crop and cropping would: pixels beyond the scaled image (padding, or the batch's padding to its largest
+    image) become the mean colour (0 once normalised) and the ignore index in the mask. Masks are sampled at
+    the nearest pixel centre (``nearest-exact``), so they stay aligned with the image within half a pixel.
+    """
+
+    augment: AugmentParams
+    crop_size: int
+
+    def __call__(
+        self, images: torch.Tensor, masks: torch.Tensor, sizes: torch.Tensor, draws: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 Bx3xHxW images and BxHxW masks (each image in the top-left ``sizes[b]`` = (height, width)),
+        ``draws`` Bx4 uniforms in [0, 1) -> normalised float Bx3xCxC images and long BxCxC masks."""
+        device, crop, aug = images.device, self.crop_size, self.augment
+        sizes = sizes.to(device, torch.float32, non_blocking=True)
+        draws = draws.to(device, torch.float32, non_blocking=True)
+        scale = aug.scale_min + (aug.scale_max - aug.scale_min) * draws[:, :1]
+        scaled = (sizes * scale).round().clamp_min(1)  # (height, width) after resizing, as the per-image path
+        room = (scaled - crop).clamp_min(0)
+        start = (draws[:, 1:3] * (room + 1)).floor().minimum(room)  # crop's top and left
+        steps = torch.arange(crop, device=device, dtype=torch.float32)
+        flipped = torch.where(draws[:, 3:] < 0.5, crop - 1 - steps, steps) if aug.hflip else steps
+        row_inside, row_linear, row_nearest = _source(start[:, :1] + steps, sizes[:, :1], scaled[:, :1])
+        col_inside, col_linear, col_nearest = _source(start[:, 1:] + flipped, sizes[:, 1:], scaled[:, 1:])
+        height, width = images.shape[-2:]
+        grid = torch.stack(torch.broadcast_tensors(  # grid_sample's (x, y) in [-1, 1] over the padded batch
+            (col_linear * 2 / max(width - 1, 1) - 1)[:, None, :], (row_linear * 2 / max(height - 1, 1) - 1)[:, :, None]
+        ), dim=-1)
+        sampled = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+        inside = row_inside[:, :, None] & col_inside[:, None, :]
+        mean, std = _mean_std_on(device)
+        image = (sampled.div_(255) - mean) / std
+        image = torch.where(inside[:, None], image, 0)
+        batch = torch.arange(images.shape[0], device=device)[:, None, None]
+        mask = masks[batch, row_nearest[:, :, None], col_nearest[:, None, :]].long()
+        return image, mask.masked_fill_(~inside, IGNORE_INDEX)
+
+
+@functools.cache
+def _mean_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation's constants on ``device``, copied once: a copy from pageable memory each batch would
+    wait for the GPU."""
+    return _MEAN.to(device), _STD.to(device)
+
+
+def _source(
+    positions: torch.Tensor, size: torch.Tensor, scaled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Along one axis, for positions in the image resized from ``size`` to ``scaled`` pixels: whether each lies
+    in the resized image, the bilinear source coordinate (``F.interpolate``'s with
+    ``align_corners=False``, clamped to the image) and the nearest-exact source index."""
+    ratio = size / scaled
+    centre = (positions + 0.5) * ratio
+    linear = (centre - 0.5).clamp_min(0).minimum(size - 1)
+    nearest = centre.floor().minimum(size - 1).long()
+    return positions < scaled, linear, nearest
 
 
 def _chance(probability: float) -> bool:
@@ -221,11 +319,10 @@ def stack_padded(tensors: list[torch.Tensor], value: float = 0) -> torch.Tensor:
 
 
 def pad_collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack samples of different sizes by padding to the largest (images with 0, masks with ignore)."""
+    """Stack samples of different sizes by padding to the largest (images with 0, masks with ignore); the other
+    fields are stacked as they are."""
+    padding = {"image": 0, "mask": IGNORE_INDEX}
     return {
-        "image": stack_padded([item["image"] for item in batch]),
-        "mask": stack_padded([item["mask"] for item in batch], IGNORE_INDEX),
-        "pseudo": torch.stack([item["pseudo"] for item in batch]),
-        "index": torch.stack([item["index"] for item in batch]),
-        "size": torch.stack([item["size"] for item in batch]),
+        key: stack_padded(values, padding[key]) if key in padding else torch.stack(values)
+        for key, values in ((key, [item[key] for item in batch]) for key in batch[0])
     }

@@ -35,7 +35,16 @@ from segflow import IGNORE_INDEX, checkpoint, distributed, models, tracking
 from segflow.cache import CACHE_DIR, open_cache
 from segflow.checkpoint import Progress
 from segflow.config import Params, TrainParams
-from segflow.data import Sample, SegmentationDataset, load_pseudo_samples, load_samples, pad_collate, read_classes
+from segflow.data import (
+    BatchAugment,
+    Sample,
+    SegmentationDataset,
+    batch_augment_on,
+    load_pseudo_samples,
+    load_samples,
+    pad_collate,
+    read_classes,
+)
 from segflow.distributed import EpochSampler, ProcessGroup, SeededDataset
 from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over
@@ -214,6 +223,7 @@ class TrainStep:
         pseudo_weight: float = 1.0,
         class_weight: torch.Tensor | None = None,
         compile: bool = False,
+        batch_augment: BatchAugment | None = None,
     ) -> None:
         self.network = network  # possibly DistributedDataParallel
         self.forward = CompiledOrEager(network) if compile else network
@@ -221,6 +231,7 @@ class TrainStep:
         self.device, self.amp = device, amp
         self.aux_weight, self.class_weight = aux_weight, class_weight
         self.pseudo_weight = torch.tensor(pseudo_weight, device=device)
+        self.batch_augment = batch_augment  # the loader then yields un-augmented uint8 batches
 
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float = 1.0, sync: bool = True) -> torch.Tensor:
         """Accumulate the gradients of ``loss_scale`` x the batch loss; returns the (unscaled) loss.
@@ -228,6 +239,8 @@ class TrainStep:
         ``sync=False`` skips the gradient all-reduce under DDP (a batch that is not the last one accumulated)."""
         images = batch["image"].to(self.device, non_blocking=True)
         masks = batch["mask"].to(self.device, non_blocking=True)
+        if self.batch_augment is not None:
+            images, masks = self.batch_augment(images, masks, batch["size"], batch["augment_draws"])
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         weight = torch.where(batch["pseudo"].to(self.device), self.pseudo_weight, torch.ones_like(self.pseudo_weight))
@@ -363,10 +376,12 @@ def _train(
         raise SegflowError(f"{splits_csv}: the train and val splits must both hold labeled images.")
 
     cache = open_cache(cache_dir, data_dir) if cfg.decoded_cache else None
+    batch_augment = BatchAugment(cfg.augment, cfg.crop_size) if batch_augment_on(cfg.batch_augment, device) else None
     sampler = EpochSampler(len(train_samples), seed=cfg.seed, rank=group.rank, world_size=group.world_size)
     train_loader = DataLoader(
         SeededDataset(SegmentationDataset(train_samples, crop_size=cfg.crop_size, augment=cfg.augment,
-                                          strong_augment=cfg.pseudo_augment, cache=cache)),
+                                          strong_augment=cfg.pseudo_augment, cache=cache,
+                                          batch_augment=batch_augment is not None)),
         batch_size=cfg.batch_size, sampler=sampler, drop_last=sampler.per_rank > cfg.batch_size,
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda", collate_fn=pad_collate,
         # Worker base seeds come from here, not from the global RNG the checkpoint restores (and SeededDataset
@@ -396,7 +411,8 @@ def _train(
     if cfg.class_weighting:  # from the labeled training masks only: pseudo-labels would echo the teacher's bias
         class_weight = median_frequency_weights(labeled_samples, len(classes)).to(device)
     step = TrainStep(network, optimizer, scheduler, scaler, device=device, amp=amp, aux_weight=cfg.aux_weight,
-                     pseudo_weight=cfg.pseudo_weight, class_weight=class_weight, compile=cfg.compile)
+                     pseudo_weight=cfg.pseudo_weight, class_weight=class_weight, compile=cfg.compile,
+                     batch_augment=batch_augment)
 
     resume_dir = checkpoint.resume_dir_for(out_dir)
     settings = {
@@ -405,6 +421,7 @@ def _train(
         # Settings that change neither the numbers nor the order may differ when resuming.
         **{f"train.{key}": value for key, value in cfg.model_dump(mode="json").items()
            if key not in ("num_workers", "device", "checkpoint_every_steps", "compile", "decoded_cache", "archs")},
+        "train.batch_augment": batch_augment is not None,  # what auto became: it differs between devices
     }
     loss_sum = torch.zeros((), device=device)
     if resume:
