@@ -13,8 +13,8 @@ import yaml
 
 # Small enough for the whole pipeline to run in about a minute on two cores.
 TINY = {
-    "synth": {"num_labeled": 30, "num_unlabeled": 12, "image_size": 64},
-    "train": {"archs": ["unet", "pspnet"], "epochs": 2, "batch_size": 4, "crop_size": 64},
+    "synth": {"num_labeled": 24, "num_unlabeled": 8, "image_size": 48},
+    "train": {"archs": ["unet", "pspnet"], "epochs": 2, "batch_size": 4, "crop_size": 48},
     "teacher": {"arch": "unet", "epochs": 2},
 }
 
