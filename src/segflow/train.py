@@ -355,6 +355,53 @@ def load_initial_weights(network: nn.Module, arch: str, classes: list[str], mode
     network.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS_FILE)))
 
 
+@dataclass
+class TrainingData:
+    labeled_samples: list[Sample]
+    pseudo_count: int
+    train_count: int        # labeled (repeated to match the pseudo-labeled ones) + pseudo-labeled
+    val_count: int
+    sampler: EpochSampler
+    train_loader: DataLoader
+    val_loader: DataLoader  # this rank's share of the val images
+
+
+def _training_data(
+    params: Params, group: ProcessGroup, *, data_dir: Path, splits_csv: Path, pseudo_dir: Path | None,
+    cache_dir: Path, batch_augment: bool,
+) -> TrainingData:
+    """The samples and the loaders of one training: labeled + pseudo-labeled images in a per-epoch seeded order
+    split across ranks (segflow.distributed), val images split across ranks."""
+    cfg = params.train
+    labeled_samples = load_samples(data_dir, splits_csv, "train")
+    pseudo_samples = []
+    if pseudo_dir is not None and cfg.use_pseudo_labels:
+        pseudo_samples = load_pseudo_samples(pseudo_dir, params.pseudo_label.reliable_fraction)
+    train_samples = mix_labeled_and_pseudo(labeled_samples, pseudo_samples, cfg.oversample_labeled)
+    val_samples = load_samples(data_dir, splits_csv, "val")
+    if not labeled_samples or not val_samples:
+        raise SegflowError(f"{splits_csv}: the train and val splits must both hold labeled images.")
+
+    cache = open_cache(cache_dir, data_dir) if cfg.decoded_cache else None
+    sampler = EpochSampler(len(train_samples), seed=cfg.seed, rank=group.rank, world_size=group.world_size)
+    train_loader = DataLoader(
+        SeededDataset(SegmentationDataset(train_samples, crop_size=cfg.crop_size, augment=cfg.augment,
+                                          strong_augment=cfg.pseudo_augment, cache=cache, batch_augment=batch_augment)),
+        batch_size=cfg.batch_size, sampler=sampler, drop_last=sampler.per_rank > cfg.batch_size,
+        num_workers=cfg.num_workers, pin_memory=group.device.type == "cuda", collate_fn=pad_collate,
+        # Worker base seeds come from here, not from the global RNG the checkpoint restores (and SeededDataset
+        # makes them irrelevant to the data anyway).
+        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.num_workers > 0,
+    )
+    val_loader = DataLoader(
+        SegmentationDataset(val_samples[group.rank :: group.world_size], cache=cache),
+        batch_size=params.evaluate.batch_size,
+        num_workers=cfg.num_workers, collate_fn=pad_collate,
+    )
+    return TrainingData(labeled_samples, len(pseudo_samples), len(train_samples), len(val_samples), sampler,
+                        train_loader, val_loader)
+
+
 def _train(
     params: Params, arch: str, group: ProcessGroup, *, data_dir: Path, splits_csv: Path, out_dir: Path,
     pseudo_dir: Path | None, epochs: int, run_name: str, snapshots: int, resume: bool, cache_dir: Path,
@@ -365,35 +412,11 @@ def _train(
     torch.manual_seed(cfg.seed)
     classes = read_classes(data_dir)
 
-    labeled_samples = load_samples(data_dir, splits_csv, "train")
-    pseudo_samples = []
-    if pseudo_dir is not None and cfg.use_pseudo_labels:
-        pseudo_samples = load_pseudo_samples(pseudo_dir, params.pseudo_label.reliable_fraction)
-    train_samples = mix_labeled_and_pseudo(labeled_samples, pseudo_samples, cfg.oversample_labeled)
-    pseudo_count = len(pseudo_samples)
-    val_samples = load_samples(data_dir, splits_csv, "val")
-    if not labeled_samples or not val_samples:
-        raise SegflowError(f"{splits_csv}: the train and val splits must both hold labeled images.")
-
-    cache = open_cache(cache_dir, data_dir) if cfg.decoded_cache else None
     batch_augment = BatchAugment(cfg.augment, cfg.crop_size) if batch_augment_on(cfg.batch_augment, device) else None
-    sampler = EpochSampler(len(train_samples), seed=cfg.seed, rank=group.rank, world_size=group.world_size)
-    train_loader = DataLoader(
-        SeededDataset(SegmentationDataset(train_samples, crop_size=cfg.crop_size, augment=cfg.augment,
-                                          strong_augment=cfg.pseudo_augment, cache=cache,
-                                          batch_augment=batch_augment is not None)),
-        batch_size=cfg.batch_size, sampler=sampler, drop_last=sampler.per_rank > cfg.batch_size,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", collate_fn=pad_collate,
-        # Worker base seeds come from here, not from the global RNG the checkpoint restores (and SeededDataset
-        # makes them irrelevant to the data anyway).
-        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.num_workers > 0,
-    )
+    data = _training_data(params, group, data_dir=data_dir, splits_csv=splits_csv, pseudo_dir=pseudo_dir,
+                          cache_dir=cache_dir, batch_augment=batch_augment is not None)
+    labeled_samples, sampler, train_loader = data.labeled_samples, data.sampler, data.train_loader
     batches_per_epoch = len(train_loader)
-    val_loader = DataLoader(
-        SegmentationDataset(val_samples[group.rank :: group.world_size], cache=cache),
-        batch_size=params.evaluate.batch_size,
-        num_workers=cfg.num_workers, collate_fn=pad_collate,
-    )
 
     options = params.model_options(arch)
     network = models.build(arch, num_classes=len(classes), **options)
@@ -416,7 +439,7 @@ def _train(
 
     resume_dir = checkpoint.resume_dir_for(out_dir)
     settings = {
-        "arch": arch, "epochs": epochs, "model_options": options, "train_images": len(train_samples),
+        "arch": arch, "epochs": epochs, "model_options": options, "train_images": data.train_count,
         "processes": group.world_size, "init_from": None if init_from is None else str(init_from),
         # Settings that change neither the numbers nor the order may differ when resuming.
         **{f"train.{key}": value for key, value in cfg.model_dump(mode="json").items()
@@ -454,8 +477,8 @@ def _train(
                 "aux_weight": cfg.aux_weight, "device": device.type, "amp": str(amp),
                 "processes": group.world_size, "accumulate_steps": cfg.accumulate_steps,
                 "global_batch_size": cfg.batch_size * cfg.accumulate_steps * group.world_size,
-                "train_images": len(labeled_samples), "pseudo_images": pseudo_count,
-                "pseudo_weight": cfg.pseudo_weight, "val_images": len(val_samples),
+                "train_images": len(labeled_samples), "pseudo_images": data.pseudo_count,
+                "pseudo_weight": cfg.pseudo_weight, "val_images": data.val_count,
                 "class_weighting": cfg.class_weighting,
                 **{f"model.{k}": v for k, v in options.items()},
             })
@@ -480,7 +503,7 @@ def _train(
             train_loss = (loss_sum / max(1, batches_per_epoch * group.world_size)).item()
             if not math.isfinite(train_loss):
                 raise SegflowError(f"training {arch} diverged at epoch {epoch} (loss {train_loss}); lower train.lr.")
-            val = validate(model, val_loader, len(classes), group)
+            val = validate(model, data.val_loader, len(classes), group)
             record = {
                 "epoch": epoch, "train_loss": train_loss, "val_miou": val["miou"],
                 "val_pixel_accuracy": val["pixel_accuracy"], "lr": scheduler.get_last_lr()[0],
