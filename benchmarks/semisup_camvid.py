@@ -90,6 +90,14 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of this try's work folders (round 0 is shared)")
     parser.add_argument("--strong-augment", action=argparse.BooleanOptionalAction, default=True,
                         help="strong augmentation of pseudo-labeled images (train.pseudo_augment)")
+    parser.add_argument("--consistency", type=float, default=0.0,
+                        help="also train the consistency arm: round 0's steps from scratch with "
+                             "train.consistency.weight this (FixMatch/UniMatch on the unlabeled images)")
+    parser.add_argument("--consistency-threshold", type=float, default=0.95)
+    parser.add_argument("--consistency-init", choices=["scratch", "teacher"], default="scratch",
+                        help="the consistency arm from random weights (round 0's epochs), or fine-tuning round 0 "
+                             "(--consistency-epochs, against a labeled-only control fine-tuned as long)")
+    parser.add_argument("--consistency-epochs", type=int, default=None, help="default: round 0's")
     args = parser.parse_args()
 
     work = args.work.resolve()
@@ -116,7 +124,9 @@ def main() -> None:
         "evaluation": "same TTA for every model", "threshold": f"{args.threshold}, class-balanced (keep 0.5)",
         "reliable_fraction_round_1": args.reliable_fraction, "rounds": args.rounds,
         "stopping_rule": "a round must raise val mIoU", "strong_augment": args.strong_augment,
-        "prior_correction": args.prior_correction, "student_init": args.student_init, "device": _device(),
+        "prior_correction": args.prior_correction, "student_init": args.student_init,
+        "consistency": f"weight {args.consistency}, threshold {args.consistency_threshold}, cutmix 0.5"
+        if args.consistency else "off", "device": _device(),
     }
     rows, table = [], []
     for fraction in args.fractions:
@@ -136,7 +146,7 @@ def main() -> None:
             rows += json.loads(rows_file.read_text())
         else:
             started = time.perf_counter()
-            fraction_rows = run_fraction(params, fraction, labeled, data_dir, splits_csv, run_dir, base_dir.name)
+            fraction_rows = run_fraction(params, fraction, labeled, data_dir, splits_csv, run_dir, base_dir.name, args)
             for row in fraction_rows:
                 row["minutes"] = (time.perf_counter() - started) / 60
             rows_file.write_text(json.dumps(fraction_rows, indent=2))
@@ -144,15 +154,16 @@ def main() -> None:
         minutes = next(r for r in rows if r["fraction"] == fraction)["minutes"]
         baseline = next(r for r in rows if r["fraction"] == fraction and r["arm"] == "labeled-only")["test_miou"]
         mine = [r for r in rows if r["fraction"] == fraction]
-        control = next((r["test_miou"] for r in mine if r["arm"].startswith("labeled-only, as many")), None)
-        # The pseudo-labeled arm's model is the round its own validation score picks (test never chooses).
-        students = [r for r in mine if r["arm"] == "pseudo-labeled"]
+        # The semi-supervised model is the one its own validation score picks (test never chooses).
+        students = [r for r in mine if r["arm"] == "pseudo-labeled" or r["arm"].startswith(CONSISTENCY_ARM)]
         student = max(students, key=lambda r: r["val_miou"]) if students else None
+        control = student and student.get("control_test_miou")
         table.append({
             "fraction": fraction, "labeled_images": labeled, "labeled_only": baseline, "labeled_only_long": control,
-            "pseudo_labeled": student and student["test_miou"], "pseudo_round": student and student["round"],
+            "semi_supervised": student and student["test_miou"], "semi_supervised_arm": student and student["arm"],
+            "semi_supervised_round": student and student["round"],
             "gain": student and student["test_miou"] - baseline,
-            "gain_over_long": student and control is not None and student["test_miou"] - control,
+            "gain_over_long": None if student is None or control is None else student["test_miou"] - control,
             "minutes": minutes,
         })
         # Rewritten after every fraction, so a long run leaves its finished figures behind.
@@ -163,35 +174,65 @@ def main() -> None:
         print(_markdown(setup, rows, table))
 
 
+CONSISTENCY_ARM = "weak-to-strong consistency"
+
+
 def run_fraction(
     params, fraction: float, labeled: int, data_dir: Path, splits_csv: Path, run_dir: Path, base_name: str,
+    args: argparse.Namespace,
 ) -> list[dict]:
-    """The self-training rounds, and a labeled-only control trained for as many steps as the first student
-    (fine-tuning the labeled-only model when the students fine-tune their teacher)."""
+    """The self-training rounds, a labeled-only control trained for as many steps as the first student
+    (fine-tuning the labeled-only model when the students fine-tune their teacher) and, with ``--consistency``,
+    a model trained with weak-to-strong consistency on the unlabeled images: from scratch for round 0's steps, or
+    fine-tuning round 0 against a labeled-only control fine-tuned for as many steps."""
     records = self_train(params, data_dir=data_dir, splits_csv=splits_csv, work_dir=run_dir / "rounds")
-    batch = params.train.batch_size
-    if len(records) > 1:
-        student_steps = records[1]["epochs"] * (records[1]["train_images"] // batch)
-        control_epochs = math.ceil(student_steps / max(1, labeled // batch))
-        from_teacher = params.teacher.student_init == "teacher"
-        control_dir = run_dir.parent / f"{base_name}-control-{control_epochs}-epochs{'-from-teacher' if from_teacher else ''}"
-        if not (control_dir / CARD_FILE).exists():  # shared by the runs that differ only in the pseudo-labeled arm
+    round_0 = Path(records[0]["model_dir"])
+
+    def control(epochs: int, from_teacher: bool) -> dict:
+        control_dir = run_dir.parent / f"{base_name}-control-{epochs}-epochs{'-from-teacher' if from_teacher else ''}"
+        if not (control_dir / CARD_FILE).exists():  # shared by the runs that differ only in the other arms
             train(params, params.teacher.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=control_dir,
-                  epochs=control_epochs, run_name="labeled-only control",
-                  init_from=Path(records[0]["model_dir"]) if from_teacher else None)
-        records.append({"round": 0, "control": True, "val_miou": read_card(control_dir).extra["val_miou"],
-                        "epochs": control_epochs, "model_dir": str(control_dir), "best": False})
+                  epochs=epochs, run_name="labeled-only control", init_from=round_0 if from_teacher else None)
+        return {"round": 0, "control": True, "val_miou": read_card(control_dir).extra["val_miou"],
+                "epochs": epochs, "model_dir": str(control_dir), "best": False, "from_teacher": from_teacher}
+
+    controls = []
+    if len(records) > 1:
+        student_steps = records[1]["epochs"] * (records[1]["train_images"] // params.train.batch_size)
+        controls.append((math.ceil(student_steps / max(1, labeled // params.train.batch_size)),
+                         params.teacher.student_init == "teacher"))
+        for record in records[1:]:
+            record["control_key"] = controls[0]
+    if args.consistency:
+        from_teacher = args.consistency_init == "teacher"
+        epochs = args.consistency_epochs or params.teacher.epochs
+        consistency_dir = run_dir / (f"consistency-{args.consistency:g}-threshold-{args.consistency_threshold:g}"
+                                     f"-{epochs}-epochs{'-from-teacher' if from_teacher else ''}")
+        if not (consistency_dir / CARD_FILE).exists():
+            online = params.model_copy(deep=True)
+            online.train.consistency = online.train.consistency.model_copy(
+                update={"weight": args.consistency, "threshold": args.consistency_threshold})
+            train(online, params.teacher.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=consistency_dir,
+                  epochs=epochs, run_name="consistency", init_from=round_0 if from_teacher else None)
+        records.append({"round": 0, "consistency": True, "val_miou": read_card(consistency_dir).extra["val_miou"],
+                        "epochs": epochs, "model_dir": str(consistency_dir), "best": False,
+                        "from_teacher": from_teacher})
+        if from_teacher or epochs != params.teacher.epochs:  # else round 0 is its control
+            controls.append((epochs, from_teacher))
+            records[-1]["control_key"] = controls[-1]
+    records += [control(epochs, from_teacher) for epochs, from_teacher in dict.fromkeys(controls)]
     rows = []
     for record in records:
-        name = "control" if record.get("control") else f"round_{record['round']}"
+        name = f"control-{record['epochs']}" if record.get("control") else "consistency" \
+            if record.get("consistency") else f"round_{record['round']}"
         metrics = evaluate(params, name, model_dir=Path(record["model_dir"]), data_dir=data_dir,
                            splits_csv=splits_csv, metrics_file=run_dir / "metrics" / f"{name}.json",
                            out_dir=run_dir / "evaluation" / name, plots_dir=run_dir / "plots")
         arm = "pseudo-labeled" if record["round"] else "labeled-only"
+        if record.get("consistency"):
+            arm = CONSISTENCY_ARM + (", fine-tuning round 0" if record["from_teacher"] else "")
         if record.get("control"):
-            arm = "labeled-only, as many steps as round 1"
-            if params.teacher.student_init == "teacher":
-                arm += ", fine-tuning round 0"
+            arm = f"labeled-only, {record['epochs']} epochs" + (", fine-tuning round 0" if record["from_teacher"] else "")
         row = {
             "fraction": fraction, "labeled_images": labeled, "arm": arm, "round": record["round"],
             "test_miou": metrics["miou"], "val_miou": record["val_miou"], "epochs": record["epochs"],
@@ -201,6 +242,11 @@ def run_fraction(
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
+    control_test = {(r["epochs"], record["from_teacher"]): r["test_miou"]
+                    for r, record in zip(rows, records) if record.get("control")}
+    for row, record in zip(rows, records):
+        if "control_key" in record:
+            row["control_test_miou"] = control_test[record["control_key"]]
     return rows
 
 
@@ -228,7 +274,7 @@ def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
         lines.append(f"| {r['fraction']:g} ({r['labeled_images']}) | {r['arm']} | {r['round']} | {100 * r['test_miou']:.1f} "
                      f"| {100 * r['val_miou']:.1f} | {quality[0]} | {quality[1]} | {_blank(r.get('prior_correction'))} "
                      f"| {'yes' if r['kept'] else ''} |")
-    lines += ["", "| labeled | labeled-only | labeled-only, student's steps | pseudo-labeled (round by val) | gain | "
+    lines += ["", "| labeled | labeled-only | labeled-only, chosen model's steps | semi-supervised (chosen by val) | gain | "
               "gain over the longer control | time (min) |", "|---|---|---|---|---|---|---|"]
 
     def pct(value, sign=""):
@@ -236,7 +282,7 @@ def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
 
     for t in table:
         lines.append(f"| {t['fraction']:g} ({t['labeled_images']}) | {pct(t['labeled_only'])} | "
-                     f"{pct(t['labeled_only_long'])} | {pct(t['pseudo_labeled'])} (round {t['pseudo_round']}) | "
+                     f"{pct(t['labeled_only_long'])} | {pct(t['semi_supervised'])} ({t['semi_supervised_arm']}, round {t['semi_supervised_round']}) | "
                      f"{pct(t['gain'], '+')} | {pct(t['gain_over_long'], '+')} | {t['minutes']:.0f} |")
     return "\n".join(lines) + "\n"
 

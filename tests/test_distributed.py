@@ -1,5 +1,5 @@
 """Data-parallel training: the epoch's order dealt to the ranks, and two processes under torchrun train like
-one process with the same global batch."""
+one process with the same global batch, unlabeled images' consistency loss included."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def test_ranks_share_the_epoch_permutation_and_a_resumed_epoch_skips_what_was_tr
 def _params(batch_size: int) -> dict:
     return {
         "train": {"epochs": 1, "batch_size": batch_size, "crop_size": SIZE, "device": "cpu", "optimizer": "sgd",
-                  "lr": 0.05, "use_pseudo_labels": False, "augment": NO_AUGMENT},
+                  "lr": 0.05, "use_pseudo_labels": False, "augment": NO_AUGMENT,
+                  # Every pixel teaches; no CutMix, whose boxes pair crops within each process's batch.
+                  "consistency": {"weight": 1.0, "threshold": 0.0, "cutmix": 0.0}},
         "models": {ARCH: PLAIN_UNET},
         "evaluate": {"batch_size": 2},
         "mlflow": {"experiment": "ddp-test"},
@@ -51,6 +53,9 @@ def _params(batch_size: int) -> dict:
 
 def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(tmp_path):
     root = make_project(tmp_path / "project", train=16)
+    splits = (root / Layout.splits).read_text().splitlines()
+    (root / Layout.splits).write_text("\n".join(row.replace(",train", ",unlabeled") if i > 12 else row
+                                                for i, row in enumerate(splits)) + "\n")  # 12 train, 4 unlabeled
     write_params(root, _params(batch_size=4))
     segflow = Path(sys.executable).parent / "segflow"
     launched = subprocess.run(
@@ -69,3 +74,4 @@ def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(
     # The loss averaged over both processes, the val confusion matrix summed over their shares of the images.
     assert history[0]["train_loss"] == pytest.approx(reference.history[0]["train_loss"], rel=1e-5)
     assert history[0]["val_pixel_accuracy"] == reference.history[0]["val_pixel_accuracy"]
+    assert history[0]["unlabeled_confident"] == reference.history[0]["unlabeled_confident"] == 1.0

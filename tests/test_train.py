@@ -252,3 +252,35 @@ def test_a_student_can_start_from_its_teachers_weights(plain_project, tmp_path):
 
     with pytest.raises(SegflowError, match="architecture and classes must be the same"):
         train(_plain_params(), "fcn8s", out_dir=tmp_path / "other", init_from=tmp_path / "teacher", **data)
+
+
+@pytest.fixture(scope="module")
+def splits_with_unlabeled(plain_project, tmp_path_factory):
+    """plain_project's splits with a quarter of the train images turned unlabeled."""
+    rows = (plain_project / Layout.splits).read_text().splitlines()
+    train_rows = [i for i, row in enumerate(rows) if row.endswith(",train")]
+    for i in train_rows[-4:]:
+        rows[i] = rows[i].replace(",train", ",unlabeled")
+    path = tmp_path_factory.mktemp("splits") / "splits.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("threshold, changes_training", [(1.0, False), (0.0, True)])
+def test_consistency_on_unlabeled_images_adds_only_the_confident_pixels_loss(
+    plain_project, splits_with_unlabeled, threshold, changes_training, tmp_path
+):
+    """Without batch norm the labeled images' outputs do not depend on the unlabeled crops beside them in the
+    batch: when no pixel is confident enough the training is the labeled-only one (up to float summation
+    order); when every pixel is, the unlabeled loss moves the weights."""
+    data = {"data_dir": plain_project / Layout.ingested, "splits_csv": splits_with_unlabeled}
+    params = {"batch_size": 4, "augment": {"hflip": True, "scale_min": 0.75, "scale_max": 1.25}, "crop_size": 24}
+    train(_plain_params(**params), "unet_original", out_dir=tmp_path / "labeled", **data)
+    result = train(_plain_params(**params, consistency={"weight": 1.0, "threshold": threshold, "cutmix": 0.5}),
+                   "unet_original", out_dir=tmp_path / "consistency", **data)
+    assert result.history[0]["unlabeled_confident"] == (1.0 if changes_training else 0.0)
+    labeled, consistency = weights(tmp_path / "labeled"), weights(tmp_path / "consistency")
+    largest_change = max((consistency[k] - labeled[k]).abs().max().item() for k in labeled)
+    assert (largest_change > 1e-3) == changes_training, largest_change
+    if not changes_training:
+        assert largest_change < 1e-5

@@ -97,6 +97,16 @@ class StrongAugmentParams(_Section):
     cutout: float = Field(0.5, ge=0, le=1)   # a random box is blanked and its pixels ignored by the loss
 
 
+class ConsistencyParams(_Section):
+    """Weak-to-strong consistency on the unlabeled images while training (FixMatch, UniMatch): the model's
+    confident predictions on a crop are the targets of the same crop strongly perturbed (``pseudo_augment``
+    without cutout) and CutMix-ed with another unlabeled crop."""
+
+    weight: float = Field(0.0, ge=0)          # weight of the unlabeled loss; 0: off
+    threshold: float = Field(0.95, ge=0, le=1)  # pixels predicted with less confidence teach nothing
+    cutmix: float = Field(0.5, ge=0, le=1)    # probability that a crop gets a box of another unlabeled crop
+
+
 class TrainParams(_Section):
     archs: list[str] = Field(default_factory=lambda: ["unet", "deeplabv3plus", "pspnet", "fcn8s"])
     epochs: int = Field(8, ge=1)
@@ -126,6 +136,7 @@ class TrainParams(_Section):
     oversample_labeled: bool = True   # repeat labeled images to match the pseudo-labeled ones
     augment: AugmentParams = Field(default_factory=AugmentParams)
     pseudo_augment: StrongAugmentParams = Field(default_factory=StrongAugmentParams)
+    consistency: ConsistencyParams = Field(default_factory=ConsistencyParams)
 
 
 class TeacherParams(_Section):

@@ -263,7 +263,7 @@ def _source(
     return positions < scaled, linear, nearest
 
 
-def _chance(probability: float) -> bool:
+def chance(probability: float) -> bool:
     return probability > 0 and torch.rand(()).item() < probability
 
 
@@ -275,29 +275,34 @@ def strong_augment(
     image: torch.Tensor, mask: torch.Tensor, params: StrongAugmentParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ST++'s strong perturbations of a 3xHxW [0, 1] image; cutout's box is ignored by the loss."""
-    if _chance(params.color_jitter):  # ColorJitter(0.5, 0.5, 0.5, 0.25)
+    if chance(params.color_jitter):  # ColorJitter(0.5, 0.5, 0.5, 0.25)
         image = TF.adjust_brightness(image, _uniform(0.5, 1.5))
         image = TF.adjust_contrast(image, _uniform(0.5, 1.5))
         image = TF.adjust_saturation(image, _uniform(0.5, 1.5))
         image = TF.adjust_hue(image, _uniform(-0.25, 0.25))
-    if _chance(params.grayscale):
+    if chance(params.grayscale):
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
-    if _chance(params.blur):
+    if chance(params.blur):
         sigma = _uniform(0.1, 2.0)
         image = TF.gaussian_blur(image, kernel_size=2 * math.ceil(2 * sigma) + 1, sigma=sigma)
-    if _chance(params.cutout):
-        height, width = image.shape[1:]
-        area = _uniform(0.02, 0.4) * height * width
-        aspect = math.exp(_uniform(math.log(0.3), math.log(1 / 0.3)))
-        box_h = min(height, max(1, round(math.sqrt(area * aspect))))
-        box_w = min(width, max(1, round(math.sqrt(area / aspect))))
-        top = int(torch.randint(0, height - box_h + 1, ()))
-        left = int(torch.randint(0, width - box_w + 1, ()))
+    if chance(params.cutout):
+        box = random_box(*image.shape[1:])
         image = image.clone()
-        image[:, top : top + box_h, left : left + box_w] = torch.rand(3, 1, 1)
+        image[:, box] = torch.rand(3, 1, 1)
         mask = mask.clone()
-        mask[top : top + box_h, left : left + box_w] = IGNORE_INDEX
+        mask[box] = IGNORE_INDEX
     return image.clamp(0, 1), mask
+
+
+def random_box(height: int, width: int) -> tuple[slice, slice]:
+    """Cutout's and CutMix's box: 2% to 40% of the image, aspect ratio 0.3 to 3.3, anywhere inside it."""
+    area = _uniform(0.02, 0.4) * height * width
+    aspect = math.exp(_uniform(math.log(0.3), math.log(1 / 0.3)))
+    box_h = min(height, max(1, round(math.sqrt(area * aspect))))
+    box_w = min(width, max(1, round(math.sqrt(area / aspect))))
+    top = int(torch.randint(0, height - box_h + 1, ()))
+    left = int(torch.randint(0, width - box_w + 1, ()))
+    return slice(top, top + box_h), slice(left, left + box_w)
 
 
 def _random_crop(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,8 @@ from tqdm import tqdm
 from segflow import IGNORE_INDEX, checkpoint, distributed, models, tracking
 from segflow.cache import CACHE_DIR, open_cache
 from segflow.checkpoint import Progress
-from segflow.config import Params, TrainParams
+from segflow.consistency import UnlabeledViews, consistency_loss, consistency_targets, unlabeled_batches
+from segflow.config import ConsistencyParams, Params, TrainParams
 from segflow.data import (
     BatchAugment,
     Sample,
@@ -224,6 +225,7 @@ class TrainStep:
         class_weight: torch.Tensor | None = None,
         compile: bool = False,
         batch_augment: BatchAugment | None = None,
+        consistency: ConsistencyParams | None = None,
     ) -> None:
         self.network = network  # possibly DistributedDataParallel
         self.forward = CompiledOrEager(network) if compile else network
@@ -232,11 +234,19 @@ class TrainStep:
         self.aux_weight, self.class_weight = aux_weight, class_weight
         self.pseudo_weight = torch.tensor(pseudo_weight, device=device)
         self.batch_augment = batch_augment  # the loader then yields un-augmented uint8 batches
+        self.consistency = consistency
+        self.unlabeled_pixels = torch.zeros(2, device=device)  # confident, image pixels of the unlabeled crops
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float = 1.0, sync: bool = True) -> torch.Tensor:
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], loss_scale: float = 1.0, sync: bool = True,
+        unlabeled: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Accumulate the gradients of ``loss_scale`` x the batch loss; returns the (unscaled) loss.
 
-        ``sync=False`` skips the gradient all-reduce under DDP (a batch that is not the last one accumulated)."""
+        ``sync=False`` skips the gradient all-reduce under DDP (a batch that is not the last one accumulated).
+        An ``unlabeled`` batch (segflow.consistency) adds ``consistency.weight`` x its consistency loss; its strong
+        views go through the model in the same forward as the labeled images (one forward per backward, as DDP
+        wants)."""
         images = batch["image"].to(self.device, non_blocking=True)
         masks = batch["mask"].to(self.device, non_blocking=True)
         if self.batch_augment is not None:
@@ -247,10 +257,25 @@ class TrainStep:
         skip_sync = not sync and isinstance(self.network, DistributedDataParallel)
         with self.network.no_sync() if skip_sync else contextlib.nullcontext():
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                targets = None
+                if unlabeled is not None:
+                    targets = consistency_targets(self.forward, unlabeled, self.consistency, self.device)
+                    self.unlabeled_pixels += torch.stack([targets.confident.sum(), targets.valid.sum()])
+                    images = torch.cat([images, targets.strong.to(images.dtype)])
                 output = self.forward(images)
+                if targets is not None:
+                    output, unlabeled_logits = _split_batch(output, len(masks))
                 loss = segmentation_loss(output, masks, weight, self.aux_weight, self.class_weight)
+                if targets is not None:
+                    loss = loss + self.consistency.weight * consistency_loss(unlabeled_logits, targets)
             self.scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
         return loss.detach()
+
+    def unlabeled_confident_share(self) -> float:
+        """Share of the unlabeled pixels confident enough to teach since the last call (then reset)."""
+        confident, pixels = self.unlabeled_pixels.tolist()
+        self.unlabeled_pixels.zero_()
+        return confident / max(pixels, 1)
 
     def optimizer_step(self) -> None:
         self.scaler.step(self.optimizer)
@@ -264,6 +289,15 @@ class TrainStep:
         return loss
 
 
+def _split_batch(
+    output: torch.Tensor | dict[str, torch.Tensor], labeled: int
+) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
+    """The labeled images' output (every head) and the main logits of the unlabeled ones after them."""
+    if isinstance(output, torch.Tensor):
+        return output[:labeled], output[labeled:]
+    return {name: logits[:labeled] for name, logits in output.items()}, output["out"][labeled:]
+
+
 def train_epoch(
     step: TrainStep,
     batches: Any,
@@ -273,15 +307,18 @@ def train_epoch(
     accumulate: int,
     loss_sum: torch.Tensor,
     after_optimizer_step: Callable[[int], None],
+    unlabeled: Iterator[dict[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """Train on ``batches`` (the epoch's, after the first ``first_batch``): one optimizer step per ``accumulate``
-    batches (fewer at the end of the epoch), each batch's loss divided by the group's size. Returns
-    ``loss_sum`` plus the batch losses; calls ``after_optimizer_step(batches done)`` after each step."""
+    """Train on ``batches`` (the epoch's, after the first ``first_batch``), each with the next ``unlabeled`` batch
+    if given: one optimizer step per ``accumulate`` batches (fewer at the end of the epoch), each batch's loss
+    divided by the group's size. Returns ``loss_sum`` plus the batch losses; calls
+    ``after_optimizer_step(batches done)`` after each step."""
     for number, batch in enumerate(batches, start=first_batch + 1):
         group_start = (number - 1) // accumulate * accumulate
         group_size = min(accumulate, batches_per_epoch - group_start)
         closes_group = number == group_start + group_size
-        loss_sum += step.forward_backward(batch, 1 / group_size, sync=closes_group)
+        loss_sum += step.forward_backward(batch, 1 / group_size, sync=closes_group,
+                                          unlabeled=None if unlabeled is None else next(unlabeled))
         if closes_group:
             step.optimizer_step()
             after_optimizer_step(number)
@@ -364,6 +401,9 @@ class TrainingData:
     sampler: EpochSampler
     train_loader: DataLoader
     val_loader: DataLoader  # this rank's share of the val images
+    unlabeled_count: int = 0
+    unlabeled_sampler: EpochSampler | None = None
+    unlabeled_loader: DataLoader | None = None  # with train.consistency: weak and strong views (segflow.consistency)
 
 
 def _training_data(
@@ -371,7 +411,8 @@ def _training_data(
     cache_dir: Path, batch_augment: bool,
 ) -> TrainingData:
     """The samples and the loaders of one training: labeled + pseudo-labeled images in a per-epoch seeded order
-    split across ranks (segflow.distributed), val images split across ranks."""
+    split across ranks (segflow.distributed), val images split across ranks, and with ``train.consistency`` the
+    unlabeled images' views, in their own seeded order."""
     cfg = params.train
     labeled_samples = load_samples(data_dir, splits_csv, "train")
     pseudo_samples = []
@@ -398,8 +439,27 @@ def _training_data(
         batch_size=params.evaluate.batch_size,
         num_workers=cfg.num_workers, collate_fn=pad_collate,
     )
-    return TrainingData(labeled_samples, len(pseudo_samples), len(train_samples), len(val_samples), sampler,
+    data = TrainingData(labeled_samples, len(pseudo_samples), len(train_samples), len(val_samples), sampler,
                         train_loader, val_loader)
+    if cfg.consistency.weight > 0:
+        unlabeled_samples = load_samples(data_dir, splits_csv, "unlabeled")
+        if not unlabeled_samples:
+            log.warning("train.consistency.weight is %g but %s holds no unlabeled images: labeled images only.",
+                        cfg.consistency.weight, splits_csv)
+            return data
+        # Its own seed: the labeled image at the same position must not share the unlabeled one's draws.
+        data.unlabeled_sampler = EpochSampler(len(unlabeled_samples), seed=cfg.seed + 1, rank=group.rank,
+                                              world_size=group.world_size)
+        data.unlabeled_count = len(unlabeled_samples)
+        data.unlabeled_loader = DataLoader(
+            SeededDataset(UnlabeledViews(unlabeled_samples, crop_size=cfg.crop_size, augment=cfg.augment,
+                                         strong=cfg.pseudo_augment, cutmix=cfg.consistency.cutmix, cache=cache)),
+            batch_size=cfg.batch_size, sampler=data.unlabeled_sampler,
+            drop_last=data.unlabeled_sampler.per_rank >= cfg.batch_size, num_workers=cfg.num_workers,
+            pin_memory=group.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed + 1),
+            persistent_workers=cfg.num_workers > 0,
+        )
+    return data
 
 
 def _train(
@@ -435,7 +495,7 @@ def _train(
         class_weight = median_frequency_weights(labeled_samples, len(classes)).to(device)
     step = TrainStep(network, optimizer, scheduler, scaler, device=device, amp=amp, aux_weight=cfg.aux_weight,
                      pseudo_weight=cfg.pseudo_weight, class_weight=class_weight, compile=cfg.compile,
-                     batch_augment=batch_augment)
+                     batch_augment=batch_augment, consistency=cfg.consistency)
 
     resume_dir = checkpoint.resume_dir_for(out_dir)
     settings = {
@@ -479,11 +539,15 @@ def _train(
                 "global_batch_size": cfg.batch_size * cfg.accumulate_steps * group.world_size,
                 "train_images": len(labeled_samples), "pseudo_images": data.pseudo_count,
                 "pseudo_weight": cfg.pseudo_weight, "val_images": data.val_count,
-                "class_weighting": cfg.class_weighting,
+                "class_weighting": cfg.class_weighting, "unlabeled_images": data.unlabeled_count,
+                **({"consistency_weight": cfg.consistency.weight, "consistency_threshold": cfg.consistency.threshold,
+                    "consistency_cutmix": cfg.consistency.cutmix} if data.unlabeled_loader is not None else {}),
                 **{f"model.{k}": v for k, v in options.items()},
             })
             mlflow.set_tag("segflow.arch", arch)
 
+        unlabeled = None if data.unlabeled_loader is None else unlabeled_batches(
+            data.unlabeled_loader, data.unlabeled_sampler, (progress.epoch - 1) * batches_per_epoch + progress.batches_done)
         for epoch in range(progress.epoch, epochs + 1):
             first_batch = progress.batches_done if epoch == progress.epoch else 0
 
@@ -498,7 +562,8 @@ def _train(
             bar = tqdm(train_loader, desc=f"{run_name} epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True,
                        initial=first_batch, total=batches_per_epoch, disable=not group.is_main)
             train_epoch(step, bar, first_batch=first_batch, batches_per_epoch=batches_per_epoch,
-                        accumulate=cfg.accumulate_steps, loss_sum=loss_sum, after_optimizer_step=after_optimizer_step)
+                        accumulate=cfg.accumulate_steps, loss_sum=loss_sum, after_optimizer_step=after_optimizer_step,
+                        unlabeled=unlabeled)
             distributed.all_reduce_sum(loss_sum, group)
             train_loss = (loss_sum / max(1, batches_per_epoch * group.world_size)).item()
             if not math.isfinite(train_loss):
@@ -508,6 +573,8 @@ def _train(
                 "epoch": epoch, "train_loss": train_loss, "val_miou": val["miou"],
                 "val_pixel_accuracy": val["pixel_accuracy"], "lr": scheduler.get_last_lr()[0],
             }
+            if unlabeled is not None:  # this rank's share; how much of the unlabeled images teaches
+                record["unlabeled_confident"] = step.unlabeled_confident_share()
             progress.history.append(record)
             # NaN (no class seen yet) must not leave the run without any checkpoint.
             improved = epoch == 1 or val["miou"] > progress.best_miou

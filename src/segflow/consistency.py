@@ -1,0 +1,93 @@
+"""Weak-to-strong consistency on the unlabeled images while training (``train.consistency``).
+
+FixMatch (Sohn et al., NeurIPS 2020) as UniMatch (Yang et al., CVPR 2023) applies it to segmentation: each
+training batch comes with a batch of unlabeled crops; the model's own prediction on the weakly augmented crop
+(scale, crop, flip), where it is confident, is the target of the same crop strongly perturbed (colour jitter,
+grayscale, blur) and CutMix-ed with another unlabeled crop. Unlike the offline pseudo-labels of the
+``pseudo_label`` stage, the targets improve as the model does, and every unlabeled image regularises the model
+from the first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from segflow import IGNORE_INDEX
+from segflow.config import ConsistencyParams, StrongAugmentParams
+from segflow.data import SegmentationDataset, chance, normalize, random_box, strong_augment, to_unit_float
+from segflow.distributed import EpochSampler
+
+
+class UnlabeledViews(SegmentationDataset):
+    """An unlabeled image's weakly augmented crop (``weak``), the same crop strongly perturbed (``strong``), which
+    of its pixels are image rather than padding (``valid``) and the box another crop is pasted into (``box``)."""
+
+    def __init__(self, samples, *, crop_size, augment, strong: StrongAugmentParams, cutmix: float, cache=None):
+        # No cutout: CutMix's box takes its place, and its pixels get a target.
+        super().__init__(samples, crop_size=crop_size, augment=augment, strong_augment=strong.model_copy(update={"cutout": 0}),
+                         cache=cache)
+        self.cutmix = cutmix
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        pixels = self._read_image(self.samples[index])
+        image, valid = self._augment(to_unit_float(pixels), torch.zeros(pixels.shape[:2], dtype=torch.long))
+        strong, _ = strong_augment(image, valid, self.strong_augment)
+        box = torch.zeros(image.shape[1:], dtype=torch.bool)
+        if chance(self.cutmix):
+            box[random_box(*image.shape[1:])] = True
+        valid = valid != IGNORE_INDEX
+        # Padding stays the mean colour (0 once normalised) in the strong view too, as in the weak one.
+        return {"weak": normalize(image), "strong": normalize(strong).where(valid, 0), "valid": valid, "box": box}
+
+
+def unlabeled_batches(loader: DataLoader, sampler: EpochSampler, first: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Unlabeled batches without end, one per training batch, starting at the training's batch ``first``
+    (counted over all epochs): a resumed training gets the batches it would have had."""
+    per_epoch = len(loader)
+    epoch, skip = divmod(first, per_epoch)
+    while True:
+        sampler.set_epoch(epoch + 1, start=skip * loader.batch_size)
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+@dataclass
+class ConsistencyTargets:
+    strong: torch.Tensor      # Bx3xHxW strong views, CutMix applied
+    target: torch.Tensor      # BxHxW class the weak view predicts
+    confident: torch.Tensor   # BxHxW bool: confidence at least the threshold, on image pixels
+    valid: torch.Tensor       # BxHxW bool: image pixels (not the crop's padding)
+
+
+def consistency_targets(
+    forward, batch: dict[str, torch.Tensor], cfg: ConsistencyParams, device: torch.device
+) -> ConsistencyTargets:
+    """Predict the weak views (no gradient) and CutMix the strong views and their targets alike: crop ``b``'s
+    box comes from crop ``b + 1`` (wrapping round), as do the targets inside it."""
+    weak = batch["weak"].to(device, non_blocking=True)
+    strong = batch["strong"].to(device, non_blocking=True)
+    valid = batch["valid"].to(device, non_blocking=True)
+    box = batch["box"].to(device, non_blocking=True)
+    with torch.no_grad():
+        output = forward(weak)
+        logits = output["out"] if isinstance(output, dict) else output
+        confidence, target = logits.float().softmax(1).max(1)
+    confident = (confidence >= cfg.threshold) & valid
+
+    def mixed(tensor: torch.Tensor) -> torch.Tensor:
+        other = tensor.roll(-1, dims=0)
+        return torch.where(box[:, None] if tensor.dim() == 4 else box, other, tensor)
+
+    return ConsistencyTargets(mixed(strong), mixed(target), mixed(confident), mixed(valid))
+
+
+def consistency_loss(logits: torch.Tensor, targets: ConsistencyTargets) -> torch.Tensor:
+    """Cross-entropy on the confident pixels, averaged over all image pixels (UniMatch): a model that is
+    confident nowhere gets no unlabeled loss, rather than a loss from a few pixels."""
+    per_pixel = F.cross_entropy(logits.float(), targets.target, reduction="none")
+    return (per_pixel * targets.confident).sum() / targets.valid.sum().clamp_min(1)
