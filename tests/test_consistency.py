@@ -93,7 +93,7 @@ def test_targets_keep_confident_image_pixels_and_cutmix_moves_image_and_targets_
     assert torch.equal(targets.strong[1], strong[1])  # no box: untouched
 
 
-def test_consistency_loss_is_cross_entropy_on_confident_pixels_over_all_image_pixels():
+def test_consistency_loss_is_cross_entropy_on_confident_pixels_over_all_image_pixels_class_weighted_or_not():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 4, 4)
     target = torch.randint(0, 3, (2, 4, 4))
@@ -103,6 +103,11 @@ def test_consistency_loss_is_cross_entropy_on_confident_pixels_over_all_image_pi
     targets = ConsistencyTargets(torch.zeros(2, 3, 4, 4), target, confident & valid, valid)
     expected = F.cross_entropy(logits, target, reduction="none")[confident & valid].sum() / valid.sum()
     assert consistency_loss(logits, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+
+    class_weight = torch.tensor([0.5, 1.0, 3.0])  # as the labeled loss weighs them
+    weighted = F.cross_entropy(logits, target, weight=class_weight, reduction="none")
+    expected = weighted[confident & valid].sum() / class_weight[target][valid].sum()
+    assert consistency_loss(logits, targets, class_weight).item() == pytest.approx(expected.item(), rel=1e-6)
 
     nothing = ConsistencyTargets(targets.strong, target, torch.zeros_like(valid), valid)
     assert consistency_loss(logits, nothing).item() == 0.0

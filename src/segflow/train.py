@@ -267,7 +267,7 @@ class TrainStep:
                     output, unlabeled_logits = _split_batch(output, len(masks))
                 loss = segmentation_loss(output, masks, weight, self.aux_weight, self.class_weight)
                 if targets is not None:
-                    loss = loss + self.consistency.weight * consistency_loss(unlabeled_logits, targets)
+                    loss = loss + self.consistency.weight * consistency_loss(unlabeled_logits, targets, self.class_weight)
             self.scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
         return loss.detach()
 
