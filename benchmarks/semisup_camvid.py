@@ -10,10 +10,17 @@ class-balanced thresholds with the class weighting's bias undone, ST++ reliabili
 labeled oversampling), each student seeing each labeled image as often as round 0 did and fine-tuning its teacher
 (``--student-init scratch``: from random weights). No pretrained weights anywhere. A labeled-only control trains
 for as many steps as the first student (from round 0 when the students fine-tune). Every model is scored on the
-233 test images; the pseudo-labeled arm's model is the round its validation mIoU picks.
+233 test images; the semi-supervised model is the one (round or arm) its validation mIoU picks.
+
+``--consistency 1`` adds the online arm (``train.consistency``: weak-to-strong consistency with CutMix on the
+unlabeled images); ``--consistency-init teacher`` makes it fine-tune round 0 for as many steps as the first
+student, against the same labeled-only control.
 
     python benchmarks/semisup_camvid.py --steps 400 --rounds 4 --tag=-v4   # a try: work folders get the tag;
                                                                             # round 0 is shared between tries
+
+Every model and score stays in the work folder, so running again adds only what is new. Time is the models'
+training time (pseudo-labeling and scoring left out).
 
 Writes ``reports/semisup_camvid.{json,md}`` (fraction, arm, round, test mIoU, and the pseudo-labels' quality).
 """
@@ -26,7 +33,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -97,7 +103,8 @@ def main() -> None:
     parser.add_argument("--consistency-init", choices=["scratch", "teacher"], default="scratch",
                         help="the consistency arm from random weights (round 0's epochs), or fine-tuning round 0 "
                              "(--consistency-epochs, against a labeled-only control fine-tuned as long)")
-    parser.add_argument("--consistency-epochs", type=int, default=None, help="default: round 0's")
+    parser.add_argument("--consistency-epochs", type=int, default=None,
+                        help="default: round 0's from scratch; fine-tuning, the labeled-only control's of round 1")
     args = parser.parse_args()
 
     work = args.work.resolve()
@@ -141,17 +148,9 @@ def main() -> None:
                             labeled_fraction=fraction)
         labeled = int((frame["split"] == "train").sum())
         params = parse_params(benchmark_params(args, labeled), f"benchmark params (fraction {fraction})")
-        rows_file = run_dir / "rows.json"
-        if rows_file.exists():  # finished by an earlier run of this script
-            rows += json.loads(rows_file.read_text())
-        else:
-            started = time.perf_counter()
-            fraction_rows = run_fraction(params, fraction, labeled, data_dir, splits_csv, run_dir, base_dir.name, args)
-            for row in fraction_rows:
-                row["minutes"] = (time.perf_counter() - started) / 60
-            rows_file.write_text(json.dumps(fraction_rows, indent=2))
-            rows += fraction_rows
-        minutes = next(r for r in rows if r["fraction"] == fraction)["minutes"]
+        # Every model and score is kept in the work folders: a second run only adds what is new.
+        rows += run_fraction(params, fraction, labeled, data_dir, splits_csv, run_dir, base_dir.name, args)
+        minutes = sum(r["train_minutes"] for r in rows if r["fraction"] == fraction)
         baseline = next(r for r in rows if r["fraction"] == fraction and r["arm"] == "labeled-only")["test_miou"]
         mine = [r for r in rows if r["fraction"] == fraction]
         # The semi-supervised model is the one its own validation score picks (test never chooses).
@@ -205,7 +204,7 @@ def run_fraction(
             record["control_key"] = controls[0]
     if args.consistency:
         from_teacher = args.consistency_init == "teacher"
-        epochs = args.consistency_epochs or params.teacher.epochs
+        epochs = args.consistency_epochs or (controls[0][0] if controls and from_teacher else params.teacher.epochs)
         consistency_dir = run_dir / (f"consistency-{args.consistency:g}-threshold-{args.consistency_threshold:g}"
                                      f"-{epochs}-epochs{'-from-teacher' if from_teacher else ''}")
         if not (consistency_dir / CARD_FILE).exists():
@@ -223,11 +222,12 @@ def run_fraction(
     records += [control(epochs, from_teacher) for epochs, from_teacher in dict.fromkeys(controls)]
     rows = []
     for record in records:
-        name = f"control-{record['epochs']}" if record.get("control") else "consistency" \
-            if record.get("consistency") else f"round_{record['round']}"
-        metrics = evaluate(params, name, model_dir=Path(record["model_dir"]), data_dir=data_dir,
-                           splits_csv=splits_csv, metrics_file=run_dir / "metrics" / f"{name}.json",
-                           out_dir=run_dir / "evaluation" / name, plots_dir=run_dir / "plots")
+        model_dir = Path(record["model_dir"])
+        name = f"round_{record['round']}" if model_dir.name == "model" else model_dir.name
+        metrics_file = run_dir / "metrics" / f"{name}.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else evaluate(
+            params, name, model_dir=model_dir, data_dir=data_dir, splits_csv=splits_csv, metrics_file=metrics_file,
+            out_dir=run_dir / "evaluation" / name, plots_dir=run_dir / "plots")
         arm = "pseudo-labeled" if record["round"] else "labeled-only"
         if record.get("consistency"):
             arm = CONSISTENCY_ARM + (", fine-tuning round 0" if record["from_teacher"] else "")
@@ -238,7 +238,7 @@ def run_fraction(
             "test_miou": metrics["miou"], "val_miou": record["val_miou"], "epochs": record["epochs"],
             "coverage": record.get("coverage"), "pseudo_accuracy": record.get("pseudo_accuracy"),
             "prior_correction": record.get("prior_correction"),
-            "kept": record["best"],
+            "kept": record["best"], "train_minutes": read_card(model_dir).extra["train_seconds"] / 60,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -262,7 +262,7 @@ def _blank(value) -> str:
 
 def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
     lines = [
-        "# Semi-supervised CamVid: labeled-only against pseudo-labeled",
+        "# Semi-supervised CamVid: labeled-only against pseudo-labeled and consistency-trained",
         "",
         "Setup: " + "; ".join(f"{k} {v}" for k, v in setup.items()) + ". Test split: 233 images, 11 classes.",
         "",
@@ -275,7 +275,7 @@ def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
                      f"| {100 * r['val_miou']:.1f} | {quality[0]} | {quality[1]} | {_blank(r.get('prior_correction'))} "
                      f"| {'yes' if r['kept'] else ''} |")
     lines += ["", "| labeled | labeled-only | labeled-only, chosen model's steps | semi-supervised (chosen by val) | gain | "
-              "gain over the longer control | time (min) |", "|---|---|---|---|---|---|---|"]
+              "gain over the longer control | training time (min) |", "|---|---|---|---|---|---|---|"]
 
     def pct(value, sign=""):
         return "" if value is None else f"{100 * value:{sign}.1f}"
