@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--consistency-init", choices=["scratch", "teacher"], default="scratch",
                         help="the consistency arm from random weights (round 0's epochs), or fine-tuning round 0 "
                              "(--consistency-epochs, against a labeled-only control fine-tuned as long)")
+    parser.add_argument("--oracle", action="store_true",
+                        help="also fine-tune round 0 as long as the first student with every training mask: the "
+                             "most that perfect pseudo-labels could give")
     parser.add_argument("--consistency-epochs", type=int, default=None,
                         help="default: round 0's from scratch; fine-tuning, the labeled-only control's of round 1")
     args = parser.parse_args()
@@ -149,7 +152,10 @@ def main() -> None:
         labeled = int((frame["split"] == "train").sum())
         params = parse_params(benchmark_params(args, labeled), f"benchmark params (fraction {fraction})")
         # Every model and score is kept in the work folders: a second run only adds what is new.
-        rows += run_fraction(params, fraction, labeled, data_dir, splits_csv, run_dir, base_dir.name, args)
+        oracle_splits = work / "splits-all-labeled.csv"  # same val and test images (labeled_fraction moves train only)
+        every_mask = make_splits(data_dir, stats_csv, oracle_splits, seed=0, val_fraction=0.15, test_fraction=0.2)
+        rows += run_fraction(params, fraction, labeled, data_dir, splits_csv, run_dir, base_dir.name, args,
+                             (oracle_splits, int((every_mask["split"] == "train").sum())))
         minutes = sum(r["train_minutes"] for r in rows if r["fraction"] == fraction)
         baseline = next(r for r in rows if r["fraction"] == fraction and r["arm"] == "labeled-only")["test_miou"]
         mine = [r for r in rows if r["fraction"] == fraction]
@@ -162,6 +168,7 @@ def main() -> None:
             "semi_supervised": student and student["test_miou"], "semi_supervised_arm": student and student["arm"],
             "semi_supervised_round": student and student["round"],
             "gain": student and student["test_miou"] - baseline,
+            "oracle": next((r["test_miou"] for r in mine if r["arm"] == ORACLE_ARM), None),
             "gain_over_long": None if student is None or control is None else student["test_miou"] - control,
             "minutes": minutes,
         })
@@ -174,11 +181,12 @@ def main() -> None:
 
 
 CONSISTENCY_ARM = "weak-to-strong consistency"
+ORACLE_ARM = "every training mask (oracle), fine-tuning round 0"
 
 
 def run_fraction(
     params, fraction: float, labeled: int, data_dir: Path, splits_csv: Path, run_dir: Path, base_name: str,
-    args: argparse.Namespace,
+    args: argparse.Namespace, oracle: tuple[Path, int],
 ) -> list[dict]:
     """The self-training rounds, a labeled-only control trained for as many steps as the first student
     (fine-tuning the labeled-only model when the students fine-tune their teacher) and, with ``--consistency``,
@@ -220,6 +228,16 @@ def run_fraction(
             controls.append((epochs, from_teacher))
             records[-1]["control_key"] = controls[-1]
     records += [control(epochs, from_teacher) for epochs, from_teacher in dict.fromkeys(controls)]
+    if args.oracle and controls:
+        steps = controls[0][0] * (labeled // params.train.batch_size)
+        oracle_splits, oracle_images = oracle
+        epochs = math.ceil(steps / (oracle_images // params.train.batch_size))
+        oracle_dir = run_dir.parent / f"{base_name}-oracle-{epochs}-epochs-from-teacher"
+        if not (oracle_dir / CARD_FILE).exists():
+            train(params, params.teacher.arch, data_dir=data_dir, splits_csv=oracle_splits, out_dir=oracle_dir,
+                  epochs=epochs, run_name="oracle", init_from=round_0)
+        records.append({"round": 0, "oracle": True, "val_miou": read_card(oracle_dir).extra["val_miou"],
+                        "epochs": epochs, "model_dir": str(oracle_dir), "best": False})
     rows = []
     for record in records:
         model_dir = Path(record["model_dir"])
@@ -231,6 +249,8 @@ def run_fraction(
         arm = "pseudo-labeled" if record["round"] else "labeled-only"
         if record.get("consistency"):
             arm = CONSISTENCY_ARM + (", fine-tuning round 0" if record["from_teacher"] else "")
+        if record.get("oracle"):
+            arm = ORACLE_ARM
         if record.get("control"):
             arm = f"labeled-only, {record['epochs']} epochs" + (", fine-tuning round 0" if record["from_teacher"] else "")
         row = {
@@ -275,7 +295,7 @@ def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
                      f"| {100 * r['val_miou']:.1f} | {quality[0]} | {quality[1]} | {_blank(r.get('prior_correction'))} "
                      f"| {'yes' if r['kept'] else ''} |")
     lines += ["", "| labeled | labeled-only | labeled-only, chosen model's steps | semi-supervised (chosen by val) | gain | "
-              "gain over the longer control | training time (min) |", "|---|---|---|---|---|---|---|"]
+              "gain over the longer control | every mask (oracle) | training time (min) |", "|---|---|---|---|---|---|---|---|"]
 
     def pct(value, sign=""):
         return "" if value is None else f"{100 * value:{sign}.1f}"
@@ -283,7 +303,7 @@ def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
     for t in table:
         lines.append(f"| {t['fraction']:g} ({t['labeled_images']}) | {pct(t['labeled_only'])} | "
                      f"{pct(t['labeled_only_long'])} | {pct(t['semi_supervised'])} ({t['semi_supervised_arm']}, round {t['semi_supervised_round']}) | "
-                     f"{pct(t['gain'], '+')} | {pct(t['gain_over_long'], '+')} | {t['minutes']:.0f} |")
+                     f"{pct(t['gain'], '+')} | {pct(t['gain_over_long'], '+')} | {pct(t.get('oracle'))} | {t['minutes']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
