@@ -286,11 +286,11 @@ def strong_augment(
         sigma = _uniform(0.1, 2.0)
         image = TF.gaussian_blur(image, kernel_size=2 * math.ceil(2 * sigma) + 1, sigma=sigma)
     if chance(params.cutout):
-        box = random_box(*image.shape[1:])
+        rows, cols = random_box(*image.shape[1:])
         image = image.clone()
-        image[:, box] = torch.rand(3, 1, 1)
+        image[:, rows, cols] = torch.rand(3, 1, 1)
         mask = mask.clone()
-        mask[box] = IGNORE_INDEX
+        mask[rows, cols] = IGNORE_INDEX
     return image.clamp(0, 1), mask
 
 

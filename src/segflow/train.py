@@ -479,12 +479,7 @@ def _train(
     batches_per_epoch = len(train_loader)
 
     options = params.model_options(arch)
-    network = models.build(arch, num_classes=len(classes), **options)
-    if init_from is not None:
-        load_initial_weights(network, arch, classes, init_from)
-    model = prepare_model(network, device, sync_batchnorm=group.distributed and cfg.sync_batchnorm)
-    network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if group.distributed else model
+    model, network = _build_model(arch, classes, options, group, sync_batchnorm=cfg.sync_batchnorm, init_from=init_from)
     optimizer = build_optimizer(cfg, model, device)
     steps_per_epoch = -(-batches_per_epoch // cfg.accumulate_steps)
     scheduler = build_scheduler(cfg, optimizer, epochs * steps_per_epoch)
@@ -531,19 +526,7 @@ def _train(
     with run as active:
         if group.is_main and progress.run_id is None:
             progress.run_id = active.info.run_id
-            mlflow.log_params({
-                "arch": arch, "epochs": epochs, "batch_size": cfg.batch_size, "crop_size": cfg.crop_size,
-                "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                "aux_weight": cfg.aux_weight, "device": device.type, "amp": str(amp),
-                "processes": group.world_size, "accumulate_steps": cfg.accumulate_steps,
-                "global_batch_size": cfg.batch_size * cfg.accumulate_steps * group.world_size,
-                "train_images": len(labeled_samples), "pseudo_images": data.pseudo_count,
-                "pseudo_weight": cfg.pseudo_weight, "val_images": data.val_count,
-                "class_weighting": cfg.class_weighting, "unlabeled_images": data.unlabeled_count,
-                **({"consistency_weight": cfg.consistency.weight, "consistency_threshold": cfg.consistency.threshold,
-                    "consistency_cutmix": cfg.consistency.cutmix} if data.unlabeled_loader is not None else {}),
-                **{f"model.{k}": v for k, v in options.items()},
-            })
+            mlflow.log_params(_run_params(cfg, arch, epochs, group, amp, data, options))
             mlflow.set_tag("segflow.arch", arch)
 
         unlabeled = None if data.unlabeled_loader is None else unlabeled_batches(
@@ -599,6 +582,42 @@ def _train(
             checkpoint.remove(resume_dir)
     distributed.barrier(group)
     return TrainResult(out_dir, progress.best_miou, progress.best_epoch, seconds, progress.history)
+
+
+def _build_model(
+    arch: str, classes: list[str], options: dict[str, Any], group: ProcessGroup, *, sync_batchnorm: bool,
+    init_from: Path | None,
+) -> tuple[nn.Module, nn.Module]:
+    """The model on the training device, and what the training step calls: the model itself, or its
+    DistributedDataParallel wrapper under torchrun."""
+    network = models.build(arch, num_classes=len(classes), **options)
+    if init_from is not None:
+        load_initial_weights(network, arch, classes, init_from)
+    device = group.device
+    model = prepare_model(network, device, sync_batchnorm=group.distributed and sync_batchnorm)
+    if not group.distributed:
+        return model, model
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _run_params(
+    cfg: TrainParams, arch: str, epochs: int, group: ProcessGroup, amp: torch.dtype | None, data: TrainingData,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The training's parameters as the MLflow run records them."""
+    return {
+        "arch": arch, "epochs": epochs, "batch_size": cfg.batch_size, "crop_size": cfg.crop_size,
+        "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+        "aux_weight": cfg.aux_weight, "device": group.device.type, "amp": str(amp),
+        "processes": group.world_size, "accumulate_steps": cfg.accumulate_steps,
+        "global_batch_size": cfg.batch_size * cfg.accumulate_steps * group.world_size,
+        "train_images": len(data.labeled_samples), "pseudo_images": data.pseudo_count,
+        "pseudo_weight": cfg.pseudo_weight, "val_images": data.val_count,
+        "class_weighting": cfg.class_weighting, "unlabeled_images": data.unlabeled_count,
+        **({"consistency_weight": cfg.consistency.weight, "consistency_threshold": cfg.consistency.threshold,
+            "consistency_cutmix": cfg.consistency.cutmix} if data.unlabeled_loader is not None else {}),
+        **{f"model.{k}": v for k, v in options.items()},
+    }
 
 
 def _write_model_dir(out_dir: Path, resume_dir: Path, card: ModelCard, progress: Progress, seconds: float) -> None:
