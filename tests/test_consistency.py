@@ -118,7 +118,7 @@ def test_unlabeled_stream_started_at_a_batch_gives_the_batches_an_uninterrupted_
         sampler = EpochSampler(len(unlabeled_images), seed=3)
         loader = DataLoader(SeededDataset(_views(unlabeled_images, cutmix=0.5, strong=StrongAugmentParams())),
                             batch_size=2, sampler=sampler, drop_last=True)
-        return unlabeled_batches(loader, sampler, first)
+        return unlabeled_batches(loader, first)
 
     uninterrupted = list(itertools.islice(stream(0), 8))  # 3 batches an epoch: crosses two epoch ends
     resumed = list(itertools.islice(stream(4), 4))

@@ -45,9 +45,11 @@ class UnlabeledViews(SegmentationDataset):
         return {"weak": normalize(image), "strong": normalize(strong).where(valid, 0), "valid": valid, "box": box}
 
 
-def unlabeled_batches(loader: DataLoader, sampler: EpochSampler, first: int) -> Iterator[dict[str, torch.Tensor]]:
+def unlabeled_batches(loader: DataLoader, first: int) -> Iterator[dict[str, torch.Tensor]]:
     """Unlabeled batches without end, one per training batch, starting at the training's batch ``first``
-    (counted over all epochs): a resumed training gets the batches it would have had."""
+    (counted over all epochs): a resumed training gets the batches it would have had. ``loader.sampler`` is an
+    :class:`EpochSampler`."""
+    sampler: EpochSampler = loader.sampler
     per_epoch = len(loader)
     epoch, skip = divmod(first, per_epoch)
     while True:

@@ -402,7 +402,6 @@ class TrainingData:
     train_loader: DataLoader
     val_loader: DataLoader  # this rank's share of the val images
     unlabeled_count: int = 0
-    unlabeled_sampler: EpochSampler | None = None
     unlabeled_loader: DataLoader | None = None  # with train.consistency: weak and strong views (segflow.consistency)
 
 
@@ -448,15 +447,14 @@ def _training_data(
                         cfg.consistency.weight, splits_csv)
             return data
         # Its own seed: the labeled image at the same position must not share the unlabeled one's draws.
-        data.unlabeled_sampler = EpochSampler(len(unlabeled_samples), seed=cfg.seed + 1, rank=group.rank,
-                                              world_size=group.world_size)
+        unlabeled_sampler = EpochSampler(len(unlabeled_samples), seed=cfg.seed + 1, rank=group.rank,
+                                         world_size=group.world_size)
         data.unlabeled_count = len(unlabeled_samples)
         data.unlabeled_loader = DataLoader(
             SeededDataset(UnlabeledViews(unlabeled_samples, crop_size=cfg.crop_size, augment=cfg.augment,
                                          strong=cfg.pseudo_augment, cutmix=cfg.consistency.cutmix, cache=cache)),
-            batch_size=cfg.batch_size, sampler=data.unlabeled_sampler,
-            drop_last=data.unlabeled_sampler.per_rank >= cfg.batch_size, num_workers=cfg.num_workers,
-            pin_memory=group.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed + 1),
+            batch_size=cfg.batch_size, sampler=unlabeled_sampler, drop_last=unlabeled_sampler.per_rank >= cfg.batch_size,
+            num_workers=cfg.num_workers, pin_memory=group.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed + 1),
             persistent_workers=cfg.num_workers > 0,
         )
     return data
@@ -530,7 +528,7 @@ def _train(
             mlflow.set_tag("segflow.arch", arch)
 
         unlabeled = None if data.unlabeled_loader is None else unlabeled_batches(
-            data.unlabeled_loader, data.unlabeled_sampler, (progress.epoch - 1) * batches_per_epoch + progress.batches_done)
+            data.unlabeled_loader, (progress.epoch - 1) * batches_per_epoch + progress.batches_done)
         for epoch in range(progress.epoch, epochs + 1):
             first_batch = progress.batches_done if epoch == progress.epoch else 0
 
