@@ -29,8 +29,8 @@ class UnlabeledViews(SegmentationDataset):
 
     def __init__(self, samples, *, crop_size, augment, strong: StrongAugmentParams, cutmix: float, cache=None):
         # No cutout: CutMix's box takes its place, and its pixels get a target.
-        super().__init__(samples, crop_size=crop_size, augment=augment, strong_augment=strong.model_copy(update={"cutout": 0}),
-                         cache=cache)
+        super().__init__(samples, crop_size=crop_size, augment=augment,
+                         strong_augment=strong.model_copy(update={"cutout": 0}), cache=cache)
         self.cutmix = cutmix
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

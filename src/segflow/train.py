@@ -453,8 +453,9 @@ def _training_data(
         data.unlabeled_loader = DataLoader(
             SeededDataset(UnlabeledViews(unlabeled_samples, crop_size=cfg.crop_size, augment=cfg.augment,
                                          strong=cfg.pseudo_augment, cutmix=cfg.consistency.cutmix, cache=cache)),
-            batch_size=cfg.batch_size, sampler=unlabeled_sampler, drop_last=unlabeled_sampler.per_rank >= cfg.batch_size,
-            num_workers=cfg.num_workers, pin_memory=group.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed + 1),
+            batch_size=cfg.batch_size, sampler=unlabeled_sampler,
+            drop_last=unlabeled_sampler.per_rank >= cfg.batch_size, num_workers=cfg.num_workers,
+            pin_memory=group.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed + 1),
             persistent_workers=cfg.num_workers > 0,
         )
     return data
