@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from segflow import IGNORE_INDEX
 from segflow.config import ConsistencyParams, StrongAugmentParams
 from segflow.data import SegmentationDataset, chance, normalize, random_box, strong_augment, to_unit_float
 from segflow.distributed import EpochSampler
+from segflow.losses import weighted_cross_entropy
 
 
 class UnlabeledViews(SegmentationDataset):
@@ -97,8 +97,4 @@ def consistency_loss(
     With the labeled loss's ``class_weight`` both losses agree on what the model should predict; unweighted, the
     unlabeled loss pulls towards the frequent classes the weighting pushes away from, and the model's confident
     mistakes (pavement taken for road) teach themselves (measured on CamVid: reports/semisup_camvid.md)."""
-    per_pixel = F.cross_entropy(logits.float(), targets.target, weight=class_weight, reduction="none")
-    counted = targets.valid.float()
-    if class_weight is not None:
-        counted = counted * class_weight[targets.target]
-    return (per_pixel * targets.confident).sum() / counted.sum().clamp_min(1e-12)
+    return weighted_cross_entropy(logits, targets.target, targets.confident, targets.valid, class_weight)

@@ -24,7 +24,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -51,6 +50,7 @@ from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_mask
+from segflow.losses import segmentation_loss
 from segflow.inference import CARD_FILE, SNAPSHOTS_DIR, WEIGHTS_FILE, ModelCard, read_card, save_model
 
 log = logging.getLogger("segflow.train")
@@ -89,36 +89,6 @@ def median_frequency_weights(samples: list[Sample], num_classes: int) -> torch.T
     if seen.any():
         weights[seen] = np.median(frequency[seen]) / frequency[seen]
     return torch.tensor(weights, dtype=torch.float32)
-
-
-def pixel_weighted_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, class_weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Cross-entropy averaged over non-ignored pixels, each weighted by its image's weight (pseudo-labeled images
-    get less trust) and, optionally, by its class's weight (normalised like ``F.cross_entropy(weight=...)``)."""
-    per_pixel = F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="none")
-    labeled = target != IGNORE_INDEX
-    pixel_weight = weight.view(-1, 1, 1) * labeled
-    if class_weight is not None:
-        pixel_weight = pixel_weight * class_weight[target.where(labeled, 0)]
-    return (per_pixel * weight.view(-1, 1, 1)).sum() / pixel_weight.sum().clamp_min(1e-12)
-
-
-def segmentation_loss(
-    output: torch.Tensor | dict[str, torch.Tensor],
-    target: torch.Tensor,
-    weight: torch.Tensor,
-    aux_weight: float,
-    class_weight: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Main loss plus ``aux_weight`` times the loss of any auxiliary head (PSPNet's is 0.4 in the paper)."""
-    if isinstance(output, torch.Tensor):
-        return pixel_weighted_cross_entropy(output, target, weight, class_weight)
-    loss = pixel_weighted_cross_entropy(output["out"], target, weight, class_weight)
-    for name, aux_logits in output.items():
-        if name != "out":
-            loss = loss + aux_weight * pixel_weighted_cross_entropy(aux_logits, target, weight, class_weight)
-    return loss
 
 
 BEST_DIR = "best"  # inside the resume folder: the best weights so far survive a kill
