@@ -303,16 +303,39 @@ def validate(model: nn.Module, loader: DataLoader, num_classes: int, group: Proc
 
 
 class Checkpointer:
-    """Writes the exact-resume checkpoint (rank 0; every rank hands over its RNG states and running loss)."""
+    """Exact resume: restores a training's state and writes it (rank 0; every rank hands over its RNG states and
+    running loss)."""
 
-    def __init__(self, resume_dir: Path, group: ProcessGroup, settings: dict[str, Any], started: float, **state: Any):
-        self.resume_dir, self.group, self.settings, self.started = resume_dir, group, settings, started
+    def __init__(self, resume_dir: Path, group: ProcessGroup, settings: dict[str, Any], **state: Any):
+        self.resume_dir, self.group, self.settings = resume_dir, group, settings
         self.state = state  # model, optimizer, scheduler, scaler
+        self.started = time.perf_counter()
+
+    def begin(self, resume: bool) -> tuple[Progress, torch.Tensor]:
+        """The progress and this rank's running loss to go on from: the checkpoint's with ``resume`` (refused
+        under other settings), else fresh ones, any old checkpoint removed."""
+        device = self.group.device
+        if resume:
+            saved = checkpoint.load(self.resume_dir)
+            checkpoint.check_settings(saved, self.settings, self.resume_dir)
+            checkpoint.restore(saved, rank=self.group.rank, **self.state)
+            progress = saved.progress
+            loss_sum = checkpoint.of_rank(saved.tensors, self.group.rank)["loss_sum"].to(device)
+        else:
+            progress, loss_sum = Progress(), torch.zeros((), device=device)
+            if self.group.is_main:
+                checkpoint.remove(self.resume_dir)
+        self.started = time.perf_counter() - progress.seconds
+        return progress, loss_sum
+
+    def elapsed(self) -> float:
+        """Seconds of training, those before a resume included."""
+        return time.perf_counter() - self.started
 
     def save(self, progress: Progress, loss_sum: torch.Tensor) -> None:
         per_rank = distributed.gather_tensors({**checkpoint.rng_state(), "loss_sum": loss_sum}, self.group)
         if self.group.is_main:
-            progress.seconds = time.perf_counter() - self.started
+            progress.seconds = self.elapsed()
             checkpoint.save(self.resume_dir, progress=progress, settings=self.settings, tensors=per_rank, **self.state)
 
 
@@ -462,28 +485,10 @@ def _train(
                      batch_augment=batch_augment, consistency=cfg.consistency)
 
     resume_dir = checkpoint.resume_dir_for(out_dir)
-    settings = {
-        "arch": arch, "epochs": epochs, "model_options": options, "train_images": data.train_count,
-        "processes": group.world_size, "init_from": None if init_from is None else str(init_from),
-        # Settings that change neither the numbers nor the order may differ when resuming.
-        **{f"train.{key}": value for key, value in cfg.model_dump(mode="json").items()
-           if key not in ("num_workers", "device", "checkpoint_every_steps", "compile", "decoded_cache", "archs")},
-        "train.batch_augment": batch_augment is not None,  # what auto became: it differs between devices
-    }
-    loss_sum = torch.zeros((), device=device)
-    if resume:
-        saved = checkpoint.load(resume_dir)
-        checkpoint.check_settings(saved, settings, resume_dir)
-        checkpoint.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, rank=group.rank)
-        progress = saved.progress
-        loss_sum = checkpoint.of_rank(saved.tensors, group.rank)["loss_sum"].to(device)
-    else:
-        progress = Progress()
-        if group.is_main:
-            checkpoint.remove(resume_dir)
-    started = time.perf_counter() - progress.seconds
-    checkpointer = Checkpointer(resume_dir, group, settings, started,
+    settings = _resume_settings(cfg, arch, epochs, options, data, group, init_from, batch_augment is not None)
+    checkpointer = Checkpointer(resume_dir, group, settings,
                                 model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    progress, loss_sum = checkpointer.begin(resume)
 
     snapshot_epochs = {round(epochs * k / (snapshots + 1)) for k in range(1, snapshots + 1)} - {0, epochs}
     # The class weights go with the model: pseudo-labeling undoes the bias they give its probabilities.
@@ -543,7 +548,7 @@ def _train(
             loss_sum.zero_()
             checkpointer.save(progress, loss_sum)
 
-        seconds = time.perf_counter() - started
+        seconds = checkpointer.elapsed()
         if group.is_main:
             _write_model_dir(out_dir, resume_dir, card, progress, seconds)
             mlflow.log_metrics({"best_val_miou": progress.best_miou, "train_seconds": seconds})
@@ -567,6 +572,21 @@ def _build_model(
     if not group.distributed:
         return model, model
     return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _resume_settings(
+    cfg: TrainParams, arch: str, epochs: int, options: dict[str, Any], data: TrainingData, group: ProcessGroup,
+    init_from: Path | None, batch_augment: bool,
+) -> dict[str, Any]:
+    """What a resumed training must share with the interrupted one to continue it exactly."""
+    return {
+        "arch": arch, "epochs": epochs, "model_options": options, "train_images": data.train_count,
+        "processes": group.world_size, "init_from": None if init_from is None else str(init_from),
+        # Settings that change neither the numbers nor the order may differ when resuming.
+        **{f"train.{key}": value for key, value in cfg.model_dump(mode="json").items()
+           if key not in ("num_workers", "device", "checkpoint_every_steps", "compile", "decoded_cache", "archs")},
+        "train.batch_augment": batch_augment,  # what auto became: it differs between devices
+    }
 
 
 def _run_params(
