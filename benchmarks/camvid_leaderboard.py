@@ -105,7 +105,7 @@ def main() -> None:
     archs = {name: ({k: v for k, v in ARCHS[name].items() if k != "width"} if args.full_width else ARCHS[name])
              for name in args.archs}
     resize_camvid(args.camvid.resolve(), work / "camvid", args.height, args.width)
-    params_file = write_params(work, args, archs)
+    write_params(work, args, archs)
     if not (work / "data/splits.csv").exists():
         segflow(work, "ingest", "from-params")
         segflow(work, "validate", "data/ingested", "--out", "data/validation")

@@ -40,12 +40,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from camvid_leaderboard import CLASSES, REPO, SPLITS, VOID, resize_camvid  # noqa: E402
 
+from segflow import CARD_FILE  # noqa: E402
 from segflow.config import DataParams, parse_params  # noqa: E402
 from segflow.evaluate import evaluate  # noqa: E402
 from segflow.ingest import ingest_from_params  # noqa: E402
 from segflow.self_training import self_train  # noqa: E402
 from segflow.split import make_splits  # noqa: E402
-from segflow.inference import CARD_FILE, read_card  # noqa: E402
+from segflow.inference import read_card  # noqa: E402
 from segflow.train import train  # noqa: E402
 from segflow.validate import validate  # noqa: E402
 

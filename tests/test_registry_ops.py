@@ -23,12 +23,16 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from test_register import register_version, workspace  # noqa: F401  (the tiny model, data and splits)
 
 import segflow.register
+import segflow.registry
 from segflow.config import parse_params
 from segflow.data import load_samples
 from segflow.errors import SegflowError
 from segflow.evaluate import split_fingerprint
-from segflow.register import Decision, PromotionRefused, champion_history, score_on
-from segflow.registry import FORCED_REASON_TAG, format_versions, list_versions, promote_version, rollback
+from segflow.register import score_on
+from segflow.registry import (
+    FORCED_REASON_TAG, Decision, PromotionRefused, champion_history, format_versions, list_versions, promote_version,
+    rollback,
+)
 from segflow.tracking import SERVER_UNREACHABLE
 
 PARAMS = parse_params({"register": {"margin": 0.01}})
@@ -58,6 +62,13 @@ def champion(name: str) -> str:
 def promote(workspace: Path, name: str, version: str, **force_and_reason) -> Decision:
     return promote_version(PARAMS, name, version, data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
                            **force_and_reason)
+
+
+def test_listing_forcing_and_rolling_back_do_not_load_torch():
+    # Importing torch and the models costs seconds on every `segflow models list` / `rollback`; only gating scores.
+    code = "import sys, segflow.registry; print(sorted({'torch', 'segflow.register'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 def test_models_list_shows_every_version_with_its_aliases_and_test_data(workspace):
@@ -143,9 +154,9 @@ def test_an_unreachable_artifact_store_is_not_a_broken_version(workspace, monkey
         except requests.exceptions.ConnectionError:
             raise MlflowException("API request failed") from None  # MLflow keeps the cause as the context
 
-    monkeypatch.setattr(segflow.register, "get_artifact_repository", store_down)
+    monkeypatch.setattr(segflow.registry, "get_artifact_repository", store_down)
     with pytest.raises(SegflowError, match=SERVER_UNREACHABLE) as refused:
-        segflow.register.missing_artifacts("reg-store-down", "1")
+        segflow.registry.missing_artifacts("reg-store-down", "1")
     assert not isinstance(refused.value, PromotionRefused)
 
 

@@ -235,8 +235,7 @@ def promote(
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Make a version champion through the register gate on the current test split (exit 1 if refused)."""
-    from segflow.register import PromotionRefused
-    from segflow.registry import promote_version
+    from segflow.registry import PromotionRefused, promote_version
 
     decision = promote_version(load_params(params_file), name, version, data_dir=Layout.ingested,
                                splits_csv=Layout.splits, force=force, reason=reason)

@@ -16,14 +16,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from segflow import models
+from segflow import CARD_FILE, WEIGHTS_FILE, models
 from segflow.config import InferenceParams
 from segflow.data import MEAN, STD, to_tensor
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_write_json
 
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "model.json"
 SNAPSHOTS_DIR = "snapshots"  # earlier checkpoints kept inside a model folder (ST++ reliability)
 # Sliding-window crops sent through the network at once: bounds memory whatever the image size.
 WINDOWS_PER_BATCH = 8

@@ -3,7 +3,7 @@
 The new version always gets the alias ``challenger``; it becomes ``champion`` only when its test score beats
 the champion's by ``register.margin`` on the same test data (a version scored on other test data is
 re-scored on the current test split). Every change of champion is appended to the registered model's
-``champion_history`` tag, under a lock (see :func:`promotion_lock`), so the alias and the history agree.
+``champion_history`` tag, under a lock (see :func:`segflow.registry.promotion_lock`), so the alias and the history agree.
 A version is created with every tag the gate reads; registering the same model again (same weights, score
 and test data) reuses its version, so a registration cut short by a tracking-server failure is finished by
 the next one.
@@ -11,15 +11,10 @@ the next one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import socket
-import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -27,34 +22,28 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from torch.utils.data import DataLoader
 
 import segflow
-from segflow import tracking
+from segflow import WEIGHTS_FILE, tracking
 from segflow.config import Params
 from segflow.data import SegmentationDataset, load_samples, pad_collate
 from segflow.errors import SegflowError
-from segflow.evaluate import compare_metrics, confusion_over
+from segflow.evaluate import compare_metrics, confusion_over, split_fingerprint
 from segflow.fsutil import atomic_write_json
-from segflow.inference import CARD_FILE, WEIGHTS_FILE, load_model, resolve_model_dir
+from segflow.inference import load_model, resolve_model_dir
+from segflow.registry import (
+    CHALLENGER, Decision, PromotionRefused, champion_version, history_entry, missing_artifacts, promotion_lock,
+    record_champion, version_number,
+)
 
 log = logging.getLogger("segflow.register")
 
-CHAMPION, CHALLENGER = "champion", "challenger"
-HISTORY_TAG = "champion_history"
 WEIGHTS_TAG = "weights_sha256"
-MLMODEL_FILE = "MLmodel"
 # A promotion whose champion changed while it was being gated is gated again against the new one.
 GATE_ATTEMPTS = 3
-# How long to wait for another process's promotion; the lock is held for a handful of registry calls.
-LOCK_WAIT_S = 60.0
-# Does-not-exist too: the holder released the lock between our failed insert and MLflow's look-up of it.
-_LOCK_TAKEN = (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(RESOURCE_DOES_NOT_EXIST))
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),
     outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]),
@@ -64,115 +53,6 @@ PIP_REQUIREMENTS = [
     f"segflow=={segflow.__version__}", "torch==2.14.1", "torchvision==0.29.1", "segmentation-models-pytorch==0.6.0",
     "timm==1.0.31", "safetensors==0.8.0", "numpy==2.4.6", "pillow==13.0.0", "mlflow==3.17.2",
 ]
-
-
-class PromotionRefused(SegflowError):
-    """The gate (or the registry's state) refused a promotion; the champion is unchanged."""
-
-    exit_code = 1
-
-
-@dataclass
-class Decision:
-    model_name: str
-    version: str
-    arch: str
-    score: float | None
-    champion_version: str | None
-    champion_score: float | None
-    promoted: bool
-    reason: str
-
-
-def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def version_number(version: ModelVersion | None) -> str | None:
-    return str(version.version) if version is not None else None
-
-
-def champion_history(client: MlflowClient, name: str) -> list[dict]:
-    """The champion changes, oldest first. The history is written before the alias (record_champion), so a
-    failure between the two leaves entries after the current champion's last one that never took effect:
-    they are left out (when the champion is in the history at all; otherwise it is returned as stored)."""
-    history = json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
-    champion = version_number(champion_version(client, name))
-    effective = [i for i, entry in enumerate(history) if entry["version"] == champion]
-    return history[: effective[-1] + 1] if effective else history
-
-
-def champion_lineage(history: list[dict]) -> list[str]:
-    """The champions still to roll back through, oldest first: a promotion pushes, a rollback pops."""
-    lineage: list[str] = []
-    for entry in history:
-        if entry.get("action") == "rollback":
-            del lineage[-1:]
-        else:
-            lineage.append(entry["version"])
-    return lineage
-
-
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def history_entry(version: str, action: str, reason: str, previous: ModelVersion | None) -> dict:
-    return {
-        "version": str(version), "at": _utc_now(), "action": action,
-        "reason": reason, "previous": version_number(previous),
-    }
-
-
-@contextlib.contextmanager
-def promotion_lock(client: MlflowClient, name: str) -> Iterator[None]:
-    """Only one process at a time changes ``name``'s champion, whatever the store (SQLite or a server).
-
-    MLflow has no transactions and no compare-and-set on tags or aliases, but creating a registered model
-    whose name is taken fails atomically (a unique key in the store's database). So the lock is a registered
-    model ``NAME.promotion-lock`` that exists while held. A process killed while holding it leaves it behind;
-    the next promotion then fails after ``LOCK_WAIT_S``, naming it, rather than guessing that it is stale.
-    """
-    lock_name = f"{name}.promotion-lock"
-    holder = f"{socket.gethostname()} pid {os.getpid()}"
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            client.create_registered_model(lock_name, tags={"holder": holder, "since": _utc_now()},
-                                           description=f"segflow: a promotion of {name} is in progress")
-            break
-        except MlflowException as exc:
-            if exc.error_code not in _LOCK_TAKEN:
-                raise
-        if time.monotonic() > deadline:
-            with contextlib.suppress(MlflowException):
-                holder = client.get_registered_model(lock_name).tags.get("holder", "unknown")
-            raise SegflowError(
-                f"{name}: another promotion ({holder}) has held the registry lock for over {LOCK_WAIT_S:.0f} s. "
-                f"If no segflow promotion is running, delete the registered model '{lock_name}' and try again."
-            )
-        time.sleep(0.1)
-    try:
-        yield
-    finally:
-        client.delete_registered_model(lock_name)
-
-
-def record_champion(client: MlflowClient, name: str, entry: dict) -> None:
-    """Point ``champion`` at ``entry["version"]`` and append ``entry`` to the history (hold the lock)."""
-    history = champion_history(client, name) + [entry]
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    client.set_registered_model_alias(name, CHAMPION, entry["version"])
-    # Read both back: a writer that bypassed the lock (UI, another tool) must not leave them silently apart.
-    champion = champion_version(client, name)
-    if champion is None or str(champion.version) != entry["version"] or champion_history(client, name)[-1] != entry:
-        raise SegflowError(
-            f"{name}: the champion alias or '{HISTORY_TAG}' changed outside segflow while v{entry['version']} "
-            "was being promoted; check both in the MLflow UI before promoting again."
-        )
 
 
 def score_registered_version(params: Params, name: str, version: str, data_dir: Path, splits_csv: Path) -> float:
@@ -194,28 +74,6 @@ def score_on(params: Params, version: ModelVersion, test_data_hash: str, data_di
         return float(recorded)
     log.info("v%s was scored on other test data; re-scoring it on the current test split", version.version)
     return score_registered_version(params, version.name, str(version.version), data_dir, splits_csv)
-
-
-def missing_artifacts(name: str, version: str) -> list[str]:
-    """The files the served model needs (MLmodel, the model code, the weights and card) that the artifact
-    store no longer has."""
-    uri = f"models:/{name}/{version}"
-    try:
-        repo = get_artifact_repository(uri)
-        present = {f.path for f in repo.list_artifacts("")}
-    except MlflowException as exc:
-        if (unreachable := tracking.unreachable_server_error(exc)) is not None:
-            raise unreachable from exc  # the store is down, not the version broken
-        raise PromotionRefused(f"{name} v{version}: cannot read its model artifact ({exc.message}).") from None
-    if MLMODEL_FILE not in present:
-        return [MLMODEL_FILE]
-    flavor = Model.load(uri).flavors.get("python_function", {})
-    model_dir = flavor.get("artifacts", {}).get("model_dir", {}).get("path")
-    if model_dir is None or "model_code_path" not in flavor:
-        raise SegflowError(f"{name} v{version} is not a segflow model (no model code and model_dir in its MLmodel).")
-    present |= {f.path for f in repo.list_artifacts(model_dir)}
-    needed = [Path(flavor["model_code_path"]).name, f"{model_dir}/{WEIGHTS_FILE}", f"{model_dir}/{CARD_FILE}"]
-    return [path for path in needed if path not in present]
 
 
 def gate_and_promote(
@@ -250,6 +108,19 @@ def gate_and_promote(
         log.info("the champion changed while v%s was gated; gating it again", version)
     raise SegflowError(f"{name}: the champion changed {GATE_ATTEMPTS} times while v{version} was being gated; "
                        "promote it again when the other promotions are done.")
+
+
+def gate_on_test_split(
+    params: Params, client: MlflowClient, candidate: ModelVersion, data_dir: Path, splits_csv: Path
+) -> Decision:
+    """Gate ``candidate`` (scored again if its recorded score is from other test data) on the current test split."""
+    samples = load_samples(data_dir, splits_csv, "test")
+    if not samples:
+        raise SegflowError(
+            f"{splits_csv}: no test images to gate v{candidate.version} on; run the split stage first.")
+    test_data_hash = split_fingerprint(samples)
+    score = score_on(params, candidate, test_data_hash, data_dir, splits_csv)
+    return gate_and_promote(params, client, candidate, score, test_data_hash, data_dir, splits_csv)
 
 
 def file_sha256(path: Path) -> str:

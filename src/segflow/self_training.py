@@ -16,7 +16,7 @@ import mlflow
 
 from segflow import tracking
 from segflow.config import Params
-from segflow.data import Sample, load_pseudo_samples, load_samples
+from segflow.data import load_pseudo_samples, load_samples
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.pseudo_label import pseudo_label
 from segflow.train import mix_labeled_and_pseudo, train

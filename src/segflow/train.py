@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segflow import IGNORE_INDEX, checkpoint, distributed, models, tracking
+from segflow import CARD_FILE, IGNORE_INDEX, WEIGHTS_FILE, checkpoint, distributed, models, tracking
 from segflow.cache import CACHE_DIR, open_cache
 from segflow.checkpoint import Progress
 from segflow.consistency import UnlabeledViews, consistency_loss, consistency_targets, unlabeled_batches
@@ -51,7 +51,7 @@ from segflow.evaluate import confusion_over
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_mask
 from segflow.losses import segmentation_loss
-from segflow.inference import CARD_FILE, SNAPSHOTS_DIR, WEIGHTS_FILE, ModelCard, read_card, save_model
+from segflow.inference import SNAPSHOTS_DIR, ModelCard, read_card, save_model
 
 log = logging.getLogger("segflow.train")
 

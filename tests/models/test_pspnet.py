@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from segflow import models
-from segflow.models.pspnet import PSPNet
 
 from zoo_testing import check_training_step, count_params, tiny
 

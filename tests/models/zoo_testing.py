@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from segflow import models
-from segflow.models import base
 
 # The cheapest faithful configuration of every registered model (resnet18 encoders, width 1/8 VGGs, ...).
 TINY: dict[str, dict[str, Any]] = {

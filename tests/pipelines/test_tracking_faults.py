@@ -30,7 +30,8 @@ from test_registry_ops import check_concurrent_promotions, check_deleted_model_f
 
 from segflow.config import Layout
 from segflow.errors import SegflowError
-from segflow.register import CHALLENGER, CHAMPION, WEIGHTS_TAG, champion_history
+from segflow.register import WEIGHTS_TAG
+from segflow.registry import CHALLENGER, CHAMPION, champion_history
 from segflow.tracking import SERVER_UNREACHABLE
 from train_testing import make_project, segflow_command, subprocess_env, weights, write_params
 
