@@ -10,7 +10,7 @@ from torch import nn
 from segflow.config import InferenceParams
 from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over
-from segflow.inference import WINDOWS_PER_BATCH, logits, predict_mask, probabilities
+from segflow.inference import logits, predict_mask, probabilities
 
 NUM_CLASSES = 4
 
@@ -53,12 +53,15 @@ def test_image_smaller_than_the_window_is_padded():
     torch.testing.assert_close(slide, probabilities(model, images, InferenceParams()))
 
 
-def test_slide_sends_only_windows_in_small_batches():
+@pytest.mark.parametrize("windows_per_batch", [3, 8])
+def test_slide_sends_only_windows_in_batches_of_windows_per_batch(windows_per_batch):
     model = _RecordingModel()
-    out = probabilities(model, _images(50, 70, batch=3), InferenceParams(mode="slide", crop_size=16))
+    inference = InferenceParams(mode="slide", crop_size=16, windows_per_batch=windows_per_batch)
+    out = probabilities(model, _images(50, 70, batch=3), inference)
     assert out.shape == (3, NUM_CLASSES, 50, 70)
-    assert len(model.shapes) > 1
-    assert all(n <= WINDOWS_PER_BATCH and h <= 16 and w <= 16 for n, _, h, w in model.shapes)
+    sizes = [n for n, _, h, w in model.shapes if h == w == 16]
+    assert len(sizes) == len(model.shapes)  # windows only, never the whole image
+    assert max(sizes) == windows_per_batch and sum(sizes) == 3 * 5 * 7  # 5x7 windows of 16 at stride 10
 
 
 def test_flip_changes_nothing_for_a_mirror_equivariant_model_and_something_otherwise():

@@ -178,6 +178,7 @@ class InferenceParams(_Section):
     mode: Literal["whole", "slide"] = "whole"
     crop_size: int | None = Field(None, ge=16)   # slide window; null: train.crop_size
     stride: int | None = Field(None, ge=1)       # null: two thirds of the window
+    windows_per_batch: int = Field(8, ge=1)      # slide windows per forward pass: memory against speed
     flip: bool = False                           # average with the horizontally flipped prediction
     scales: list[float] = Field(default_factory=lambda: [1.0])  # multi-scale TTA: probabilities averaged
 

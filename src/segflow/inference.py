@@ -23,8 +23,6 @@ from segflow.errors import SegflowError
 from segflow.fsutil import atomic_write_json
 
 SNAPSHOTS_DIR = "snapshots"  # earlier checkpoints kept inside a model folder (ST++ reliability)
-# Sliding-window crops sent through the network at once: bounds memory whatever the image size.
-WINDOWS_PER_BATCH = 8
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/, runs:/, s3://, file://, ...
 
 
@@ -129,7 +127,8 @@ def probabilities(
         for flip in flips:
             batch = scaled.flip(-1) if flip else scaled
             if inference.mode == "slide":
-                out = _sliding_window_logits(model, batch, *_window(inference, train_crop_size))
+                out = _sliding_window_logits(model, batch, *_window(inference, train_crop_size),
+                                              inference.windows_per_batch)
             else:
                 out = logits(model, batch)
             out = (out.flip(-1) if flip else out).softmax(dim=1)
@@ -159,9 +158,12 @@ def _window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def _sliding_window_logits(model: torch.nn.Module, images: torch.Tensor, window: int, stride: int) -> torch.Tensor:
+def _sliding_window_logits(
+    model: torch.nn.Module, images: torch.Tensor, window: int, stride: int, windows_per_batch: int
+) -> torch.Tensor:
     """Logits N×K×H×W from window×window crops (overlaps averaged); images smaller than the window are
-    zero-padded (the dataset mean after normalisation). Crops go through the network a few at a time."""
+    zero-padded (the dataset mean after normalisation). Crops go through the network ``windows_per_batch`` at a
+    time, which bounds memory whatever the image size."""
     height, width = images.shape[-2:]
     padded = F.pad(images, (0, max(0, window - width), 0, max(0, window - height)))
     padded_height, padded_width = padded.shape[-2:]
@@ -169,8 +171,8 @@ def _sliding_window_logits(model: torch.nn.Module, images: torch.Tensor, window:
                for left in _window_starts(padded_width, window, stride)]
     tiles = [(n, top, left) for n in range(images.shape[0]) for top, left in offsets]
     summed: torch.Tensor | None = None
-    for first in range(0, len(tiles), WINDOWS_PER_BATCH):
-        chunk = tiles[first : first + WINDOWS_PER_BATCH]
+    for first in range(0, len(tiles), windows_per_batch):
+        chunk = tiles[first : first + windows_per_batch]
         crops = torch.stack([padded[n, :, top : top + window, left : left + window] for n, top, left in chunk])
         out = logits(model, crops)
         if summed is None:
