@@ -158,8 +158,10 @@ def main() -> None:
         rows += run_fraction(params, fraction, labeled, data_dir, splits_csv, run_dir, base_dir.name, args,
                              (oracle_splits, int((every_mask["split"] == "train").sum())))
         minutes = sum(r["train_minutes"] for r in rows if r["fraction"] == fraction)
-        baseline = next(r for r in rows if r["fraction"] == fraction and r["arm"] == "labeled-only")["test_miou"]
         mine = [r for r in rows if r["fraction"] == fraction]
+        baseline_row = next(r for r in mine if r["arm"] == "labeled-only")
+        oracle_row = next((r for r in mine if r["arm"] == ORACLE_ARM), None)
+        baseline = baseline_row["test_miou"]
         # The semi-supervised model is the one its own validation score picks (test never chooses).
         students = [r for r in mine if r["arm"] == "pseudo-labeled" or r["arm"].startswith(CONSISTENCY_ARM)]
         student = max(students, key=lambda r: r["val_miou"]) if students else None
@@ -169,9 +171,16 @@ def main() -> None:
             "semi_supervised": student and student["test_miou"], "semi_supervised_arm": student and student["arm"],
             "semi_supervised_round": student and student["round"],
             "gain": student and student["test_miou"] - baseline,
-            "oracle": next((r["test_miou"] for r in mine if r["arm"] == ORACLE_ARM), None),
+            "oracle": oracle_row and oracle_row["test_miou"],
             "gain_over_long": None if student is None or control is None else student["test_miou"] - control,
             "minutes": minutes,
+            # Which classes each arm gets right: where pseudo-labels help and hurt, and what real labels would give.
+            "per_class_iou": {arm: per_class for arm, per_class in [
+                ("labeled-only", baseline_row["per_class_iou"]),
+                ("semi-supervised", student and student["per_class_iou"]),
+                ("labeled-only, as long", student and student.get("control_per_class_iou")),
+                ("oracle", oracle_row and oracle_row["per_class_iou"]),
+            ] if per_class},
         })
         # Rewritten after every fraction, so a long run leaves its finished figures behind.
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,14 +269,15 @@ def run_fraction(
             "coverage": record.get("coverage"), "pseudo_accuracy": record.get("pseudo_accuracy"),
             "prior_correction": record.get("prior_correction"),
             "kept": record["best"], "train_minutes": read_card(model_dir).extra["train_seconds"] / 60,
+            "per_class_iou": metrics["per_class_iou"],
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    control_test = {(r["epochs"], record["from_teacher"]): r["test_miou"]
-                    for r, record in zip(rows, records) if record.get("control")}
+    controls = {(r["epochs"], record["from_teacher"]): r for r, record in zip(rows, records) if record.get("control")}
     for row, record in zip(rows, records):
         if "control_key" in record:
-            row["control_test_miou"] = control_test[record["control_key"]]
+            control = controls[record["control_key"]]
+            row["control_test_miou"], row["control_per_class_iou"] = control["test_miou"], control["per_class_iou"]
     return rows
 
 
@@ -305,6 +315,12 @@ def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
         lines.append(f"| {t['fraction']:g} ({t['labeled_images']}) | {pct(t['labeled_only'])} | "
                      f"{pct(t['labeled_only_long'])} | {pct(t['semi_supervised'])} ({t['semi_supervised_arm']}, round {t['semi_supervised_round']}) | "
                      f"{pct(t['gain'], '+')} | {pct(t['gain_over_long'], '+')} | {pct(t.get('oracle'))} | {t['minutes']:.0f} |")
+    for t in table:
+        arms = t["per_class_iou"]
+        lines += ["", f"Per-class test IoU at {t['fraction']:g} labeled (semi-supervised: the model val chose):", "",
+                  "| class | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+        for name in next(iter(arms.values())):
+            lines.append(f"| {name} | " + " | ".join(pct(per_class[name]) for per_class in arms.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
