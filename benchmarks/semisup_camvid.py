@@ -114,12 +114,12 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    resize_camvid(args.camvid.resolve(), work / "camvid", args.height, args.width)
-    size = f"{args.height}x{args.width}"  # work folders per resolution: the resized copy is replaced
+    size = f"{args.height}x{args.width}"  # work folders per resolution: runs at two resolutions never mix
+    resize_camvid(args.camvid.resolve(), work / f"camvid-{size}", args.height, args.width)
     data_dir = work / f"ingested-{size}"
     if not (data_dir / "manifest.csv").exists():
         ingest_from_params(DataParams(
-            format="masks", root=work / "camvid", unlabeled=None, strict=True,
+            format="masks", root=work / f"camvid-{size}", unlabeled=None, strict=True,
             masks={"folders": [{"images": i, "masks": m, "split": i} for i, m in SPLITS.items()],
                    "classes": CLASSES, "ignore_value": VOID},
         ), data_dir)
@@ -153,7 +153,7 @@ def main() -> None:
         labeled = int((frame["split"] == "train").sum())
         params = parse_params(benchmark_params(args, labeled), f"benchmark params (fraction {fraction})")
         # Every model and score is kept in the work folders: a second run only adds what is new.
-        oracle_splits = work / "splits-all-labeled.csv"  # same val and test images (labeled_fraction moves train only)
+        oracle_splits = work / f"splits-all-labeled-{size}.csv"  # same val and test images (labeled_fraction moves train only)
         every_mask = make_splits(data_dir, stats_csv, oracle_splits, seed=0, val_fraction=0.15, test_fraction=0.2)
         rows += run_fraction(params, fraction, labeled, data_dir, splits_csv, run_dir, base_dir.name, args,
                              (oracle_splits, int((every_mask["split"] == "train").sum())))
