@@ -7,7 +7,8 @@ resolution (images bilinear, masks nearest) in a work folder; then each architec
 ``segflow ingest``, ``validate``, ``split``, ``train`` and ``evaluate`` exactly as ``dvc repro`` runs them,
 with one shared budget (resolution, epochs, batch, optimizer, median frequency balancing as in SegNet).
 Writes ``reports/camvid_leaderboard.{json,md}`` with the published anchors beside the results.
-Architectures already evaluated in the work folder are not retrained (delete it to start over).
+Architectures already evaluated under the same settings (a work subfolder per resolution, epochs, batch, lr and
+width) are not retrained (delete it to start over).
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def main() -> None:
     parser.add_argument("--full-width", action="store_true", help="the VGG models at the paper's width")
     args = parser.parse_args()
 
-    work = args.work.resolve()
+    # Models and scores are cached in the work folder: one folder per setting, so no two settings ever mix.
+    setting = f"{args.height}x{args.width}-epochs-{args.epochs}-batch-{args.batch}-lr-{args.lr:g}"
+    work = args.work.resolve() / (setting + ("-full-width" if args.full_width else ""))
     work.mkdir(parents=True, exist_ok=True)
     archs = {name: ({k: v for k, v in ARCHS[name].items() if k != "width"} if args.full_width else ARCHS[name])
              for name in args.archs}
