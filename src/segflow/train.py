@@ -50,8 +50,8 @@ from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_mask
-from segflow.losses import segmentation_loss
 from segflow.inference import SNAPSHOTS_DIR, ModelCard, read_card, save_model
+from segflow.losses import segmentation_loss
 
 log = logging.getLogger("segflow.train")
 
