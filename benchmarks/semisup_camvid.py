@@ -105,8 +105,9 @@ def main() -> None:
                         help="the consistency arm from random weights (round 0's epochs), or fine-tuning round 0 "
                              "(--consistency-epochs, against a labeled-only control fine-tuned as long)")
     parser.add_argument("--oracle", action="store_true",
-                        help="also fine-tune round 0 as long as the first student with every training mask: the "
-                             "most that perfect pseudo-labels could give")
+                        help="also train with every training mask, as long as the first student (fine-tuning round "
+                             "0 when it does) or, without rounds, as long as round 0: the most that perfect "
+                             "pseudo-labels could give")
     parser.add_argument("--consistency-epochs", type=int, default=None,
                         help="default: round 0's from scratch; fine-tuning, the labeled-only control's of round 1")
     args = parser.parse_args()
@@ -160,7 +161,7 @@ def main() -> None:
         minutes = sum(r["train_minutes"] for r in rows if r["fraction"] == fraction)
         mine = [r for r in rows if r["fraction"] == fraction]
         baseline_row = next(r for r in mine if r["arm"] == "labeled-only")
-        oracle_row = next((r for r in mine if r["arm"] == ORACLE_ARM), None)
+        oracle_row = next((r for r in mine if r["arm"].startswith(ORACLE_ARM)), None)
         baseline = baseline_row["test_miou"]
         # The semi-supervised model is the one its own validation score picks (test never chooses).
         students = [r for r in mine if r["arm"] == "pseudo-labeled" or r["arm"].startswith(CONSISTENCY_ARM)]
@@ -191,7 +192,7 @@ def main() -> None:
 
 
 CONSISTENCY_ARM = "weak-to-strong consistency"
-ORACLE_ARM = "every training mask (oracle), fine-tuning round 0"
+ORACLE_ARM = "every training mask (oracle)"
 
 
 def run_fraction(
@@ -238,16 +239,18 @@ def run_fraction(
             controls.append((epochs, from_teacher))
             records[-1]["control_key"] = controls[-1]
     records += [control(epochs, from_teacher) for epochs, from_teacher in dict.fromkeys(controls)]
-    if args.oracle and controls:
-        steps = controls[0][0] * (labeled // params.train.batch_size)
+    if args.oracle:
+        # As long as the first student, fine-tuning round 0 when the students do; else round 0's steps from scratch.
+        from_teacher = bool(controls) and controls[0][1]
+        epochs = controls[0][0] if controls else params.teacher.epochs
         oracle_splits, oracle_images = oracle
-        epochs = math.ceil(steps / (oracle_images // params.train.batch_size))
-        oracle_dir = run_dir.parent / f"{base_name}-oracle-{epochs}-epochs-from-teacher"
+        epochs = math.ceil(epochs * (labeled // params.train.batch_size) / (oracle_images // params.train.batch_size))
+        oracle_dir = run_dir.parent / f"{base_name}-oracle-{epochs}-epochs{'-from-teacher' if from_teacher else ''}"
         if not (oracle_dir / CARD_FILE).exists():
             train(params, params.teacher.arch, data_dir=data_dir, splits_csv=oracle_splits, out_dir=oracle_dir,
-                  epochs=epochs, run_name="oracle", init_from=round_0)
+                  epochs=epochs, run_name="oracle", init_from=round_0 if from_teacher else None)
         records.append({"round": 0, "oracle": True, "val_miou": read_card(oracle_dir).extra["val_miou"],
-                        "epochs": epochs, "model_dir": str(oracle_dir), "best": False})
+                        "epochs": epochs, "model_dir": str(oracle_dir), "best": False, "from_teacher": from_teacher})
     rows = []
     for record in records:
         model_dir = Path(record["model_dir"])
@@ -260,7 +263,7 @@ def run_fraction(
         if record.get("consistency"):
             arm = CONSISTENCY_ARM + (", fine-tuning round 0" if record["from_teacher"] else "")
         if record.get("oracle"):
-            arm = ORACLE_ARM
+            arm = ORACLE_ARM + (", fine-tuning round 0" if record["from_teacher"] else "")
         if record.get("control"):
             arm = f"labeled-only, {record['epochs']} epochs" + (", fine-tuning round 0" if record["from_teacher"] else "")
         row = {
