@@ -11,7 +11,7 @@ from segflow.config import AugmentParams, Layout, parse_params
 from segflow.data import MEAN, STD, BatchAugment, Sample, load_samples, stack_padded
 from segflow.errors import SegflowError
 from segflow.imageio import write_mask
-from segflow.train import CompiledOrEager, median_frequency_weights, prepare_model, train
+from segflow.train import Checkpointer, CompiledOrEager, median_frequency_weights, prepare_model, train
 
 from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, weights
 
@@ -81,6 +81,20 @@ def test_training_with_batch_augmentation_and_pseudo_labels_runs_on_the_cpu(plai
                    pseudo_dir=tmp_path, out_dir=tmp_path / "model")
     assert np.isfinite(result.history[0]["train_loss"])
     assert (tmp_path / "model/model.safetensors").exists()
+
+
+def test_val_interval_validates_and_checkpoints_every_nth_epoch_and_the_last(plain_project, tmp_path, monkeypatch):
+    saved_after = []
+    save = Checkpointer.save
+    monkeypatch.setattr(Checkpointer, "save", lambda self, progress, loss_sum: (
+        saved_after.append(progress.epoch - 1), save(self, progress, loss_sum))[1])
+    result = train(_plain_params(epochs=5, val_interval=2, batch_size=8), "unet_original",
+                   data_dir=plain_project / Layout.ingested, splits_csv=plain_project / Layout.splits,
+                   out_dir=tmp_path / "model")
+    assert [record["epoch"] for record in result.history] == [2, 4, 5]
+    assert all("val_miou" in record for record in result.history)
+    assert result.best_epoch in (2, 4, 5)
+    assert saved_after == [2, 4, 5]
 
 
 def _coordinate_batch(sizes, axis):

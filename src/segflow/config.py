@@ -124,7 +124,8 @@ class TrainParams(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Exact-resume checkpoint (models/.NAME.resume) each epoch and also every this many optimizer steps.
-    checkpoint_every_steps: int | None = Field(None, ge=0)   # 0 / null: each epoch only
+    checkpoint_every_steps: int | None = Field(None, ge=0)   # 0 / null: each validated epoch only
+    val_interval: int = Field(1, ge=1)        # validate (and checkpoint) every N epochs and after the last
     accumulate_steps: int = Field(1, ge=1)   # optimizer step every N batches: batch_size x N x processes
     sync_batchnorm: bool = True               # batch-norm statistics over all processes under torchrun
     compile: bool = False                     # torch.compile the model (falls back to eager if it fails)

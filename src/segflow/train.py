@@ -525,28 +525,33 @@ def _train(
             train_loss = (loss_sum / max(1, batches_per_epoch * group.world_size)).item()
             if not math.isfinite(train_loss):
                 raise SegflowError(f"training {arch} diverged at epoch {epoch} (loss {train_loss}); lower train.lr.")
-            val = validate(model, data.val_loader, len(classes), group)
-            record = {
-                "epoch": epoch, "train_loss": train_loss, "val_miou": val["miou"],
-                "val_pixel_accuracy": val["pixel_accuracy"], "lr": scheduler.get_last_lr()[0],
-            }
+            record = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
             if unlabeled is not None:  # this rank's share; how much of the unlabeled images teaches
                 record["unlabeled_confident"] = step.unlabeled_confident_share()
-            progress.history.append(record)
-            # NaN (no class seen yet) must not leave the run without any checkpoint.
-            improved = epoch == 1 or val["miou"] > progress.best_miou
-            if improved:
-                progress.best_miou, progress.best_epoch = val["miou"], epoch
+            # Small training sets make short epochs, where validating and checkpointing each one costs as much
+            # as the training itself: train.val_interval spaces them (the last epoch is always validated).
+            validating = epoch % cfg.val_interval == 0 or epoch == epochs
+            improved = False
+            if validating:
+                val = validate(model, data.val_loader, len(classes), group)
+                record |= {"val_miou": val["miou"], "val_pixel_accuracy": val["pixel_accuracy"]}
+                progress.history.append(record)
+                # NaN (no class seen yet) must not leave the run without a best model, nor stay the best.
+                improved = progress.best_epoch == 0 or math.isnan(progress.best_miou) or val["miou"] > progress.best_miou
+                if improved:
+                    progress.best_miou, progress.best_epoch = val["miou"], epoch
             if group.is_main:
                 mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-                log.info("%s epoch %d: loss %.4f, val mIoU %.4f", arch, epoch, train_loss, val["miou"])
+                if validating:
+                    log.info("%s epoch %d: loss %.4f, val mIoU %.4f", arch, epoch, train_loss, val["miou"])
                 if epoch in snapshot_epochs:
                     save_model(model, replace(card, extra={"epoch": epoch}), resume_dir / SNAPSHOTS_DIR / f"epoch_{epoch}")
                 if improved:
                     save_model(model, card, resume_dir / BEST_DIR)
             progress.epoch, progress.batches_done = epoch + 1, 0
             loss_sum.zero_()
-            checkpointer.save(progress, loss_sum)
+            if validating:  # a resumed run replays the epochs since, exactly (the checkpoint holds the RNG states)
+                checkpointer.save(progress, loss_sum)
 
         seconds = checkpointer.elapsed()
         if group.is_main:
