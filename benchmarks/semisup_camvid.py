@@ -51,6 +51,9 @@ from segflow.train import train  # noqa: E402
 from segflow.validate import validate  # noqa: E402
 
 
+VAL_STEPS = 50
+
+
 def benchmark_params(args: argparse.Namespace, labeled_images: int) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     # Round 0 gets `steps` optimizer steps; every student the same (self_train matches the images seen).
@@ -60,6 +63,8 @@ def benchmark_params(args: argparse.Namespace, labeled_images: int) -> dict:
         "optimizer": "adamw", "lr": args.lr, "lr_schedule": "poly", "class_weighting": True, "seed": 0,
         "device": "auto", "pseudo_weight": 1.0, "oversample_labeled": True,
         "decoded_cache": False,  # the cache is the DVC stage's output; this script decodes the resized copy
+        # Validated about every VAL_STEPS optimizer steps: with few labeled images an epoch is a handful of steps.
+        "val_interval": max(1, VAL_STEPS // steps_per_epoch),
     })
     params["teacher"] = {"arch": args.arch, "epochs": math.ceil(args.steps / steps_per_epoch), "snapshots": 2,
                          "rounds": args.rounds, "min_improvement": 0.0, "student_init": args.student_init}
@@ -132,7 +137,8 @@ def main() -> None:
     setup = {
         "arch": f"{args.arch} (resnet18, from scratch)", "resolution": [args.height, args.width],
         "steps_per_round": args.steps, "batch": args.batch, "optimizer": f"AdamW lr {args.lr}, poly",
-        "class_weighting": "median frequency", "teacher_tta": "flip + scales 0.75/1/1.25",
+        "class_weighting": "median frequency", "validation": f"every ~{VAL_STEPS} labeled-only steps (train.val_interval)",
+        "teacher_tta": "flip + scales 0.75/1/1.25",
         "evaluation": "same TTA for every model", "threshold": f"{args.threshold}, class-balanced (keep 0.5)",
         "reliable_fraction_round_1": args.reliable_fraction, "rounds": args.rounds,
         "stopping_rule": "a round must raise val mIoU", "strong_augment": args.strong_augment,
@@ -247,7 +253,9 @@ def run_fraction(
         epochs = math.ceil(epochs * (labeled // params.train.batch_size) / (oracle_images // params.train.batch_size))
         oracle_dir = run_dir.parent / f"{base_name}-oracle-{epochs}-epochs{'-from-teacher' if from_teacher else ''}"
         if not (oracle_dir / CARD_FILE).exists():
-            train(params, params.teacher.arch, data_dir=data_dir, splits_csv=oracle_splits, out_dir=oracle_dir,
+            every_mask = params.model_copy(deep=True)
+            every_mask.train.val_interval = max(1, VAL_STEPS // (oracle_images // params.train.batch_size))
+            train(every_mask, params.teacher.arch, data_dir=data_dir, splits_csv=oracle_splits, out_dir=oracle_dir,
                   epochs=epochs, run_name="oracle", init_from=round_0 if from_teacher else None)
         records.append({"round": 0, "oracle": True, "val_miou": read_card(oracle_dir).extra["val_miou"],
                         "epochs": epochs, "model_dir": str(oracle_dir), "best": False, "from_teacher": from_teacher})
