@@ -536,8 +536,8 @@ def _train(
                 val = validate(model, data.val_loader, len(classes), group)
                 record |= {"val_miou": val["miou"], "val_pixel_accuracy": val["pixel_accuracy"]}
                 progress.history.append(record)
-                # NaN (no class seen yet) must not leave the run without a best model, nor stay the best.
-                improved = progress.best_epoch == 0 or math.isnan(progress.best_miou) or val["miou"] > progress.best_miou
+                # NaN (no labeled val pixel) must not leave the run without any checkpoint.
+                improved = progress.best_epoch == 0 or val["miou"] > progress.best_miou
                 if improved:
                     progress.best_miou, progress.best_epoch = val["miou"], epoch
             if group.is_main:
