@@ -251,7 +251,9 @@ def run_fraction(
         epochs = controls[0][0] if controls else params.teacher.epochs
         oracle_splits, oracle_images = oracle
         epochs = math.ceil(epochs * (labeled // params.train.batch_size) / (oracle_images // params.train.batch_size))
-        oracle_dir = run_dir.parent / f"{base_name}-oracle-{epochs}-epochs{'-from-teacher' if from_teacher else ''}"
+        # From scratch it does not depend on the fraction: one model serves them all.
+        oracle_dir = run_dir.parent / (f"{base_name}-oracle-{epochs}-epochs-from-teacher" if from_teacher
+                                       else f"{base_name.split('-fraction-')[0]}-oracle-{epochs}-epochs")
         if not (oracle_dir / CARD_FILE).exists():
             every_mask = params.model_copy(deep=True)
             every_mask.train.val_interval = max(1, VAL_STEPS // (oracle_images // params.train.batch_size))
@@ -302,6 +304,12 @@ def _blank(value) -> str:
     return "" if value is None else f"{value:g}"
 
 
+def _chosen(summary: dict) -> str:
+    if summary["semi_supervised"] is None:
+        return ""
+    return f"{100 * summary['semi_supervised']:.1f} ({summary['semi_supervised_arm']}, round {summary['semi_supervised_round']})"
+
+
 def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
     lines = [
         "# Semi-supervised CamVid: labeled-only against pseudo-labeled and consistency-trained",
@@ -324,7 +332,7 @@ def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
 
     for t in table:
         lines.append(f"| {t['fraction']:g} ({t['labeled_images']}) | {pct(t['labeled_only'])} | "
-                     f"{pct(t['labeled_only_long'])} | {pct(t['semi_supervised'])} ({t['semi_supervised_arm']}, round {t['semi_supervised_round']}) | "
+                     f"{pct(t['labeled_only_long'])} | {_chosen(t)} | "
                      f"{pct(t['gain'], '+')} | {pct(t['gain_over_long'], '+')} | {pct(t.get('oracle'))} | {t['minutes']:.0f} |")
     for t in table:
         arms = t["per_class_iou"]
