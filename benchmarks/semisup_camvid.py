@@ -304,12 +304,6 @@ def _blank(value) -> str:
     return "" if value is None else f"{value:g}"
 
 
-def _chosen(summary: dict) -> str:
-    if summary["semi_supervised"] is None:
-        return ""
-    return f"{100 * summary['semi_supervised']:.1f} ({summary['semi_supervised_arm']}, round {summary['semi_supervised_round']})"
-
-
 def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
     lines = [
         "# Semi-supervised CamVid: labeled-only against pseudo-labeled and consistency-trained",
@@ -330,9 +324,13 @@ def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
     def pct(value, sign=""):
         return "" if value is None else f"{100 * value:{sign}.1f}"
 
+    def chosen(summary):
+        return f" ({summary['semi_supervised_arm']}, round {summary['semi_supervised_round']})" \
+            if summary["semi_supervised_arm"] else ""
+
     for t in table:
         lines.append(f"| {t['fraction']:g} ({t['labeled_images']}) | {pct(t['labeled_only'])} | "
-                     f"{pct(t['labeled_only_long'])} | {_chosen(t)} | "
+                     f"{pct(t['labeled_only_long'])} | {pct(t['semi_supervised'])}{chosen(t)} | "
                      f"{pct(t['gain'], '+')} | {pct(t['gain_over_long'], '+')} | {pct(t.get('oracle'))} | {t['minutes']:.0f} |")
     for t in table:
         arms = t["per_class_iou"]
