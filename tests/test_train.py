@@ -84,10 +84,13 @@ def test_training_with_batch_augmentation_and_pseudo_labels_runs_on_the_cpu(plai
 
 
 def test_val_interval_validates_and_checkpoints_every_nth_epoch_and_the_last(plain_project, tmp_path, monkeypatch):
-    saved_after = []
-    save = Checkpointer.save
-    monkeypatch.setattr(Checkpointer, "save", lambda self, progress, loss_sum: (
-        saved_after.append(progress.epoch - 1), save(self, progress, loss_sum))[1])
+    saved_after, save = [], Checkpointer.save
+
+    def recording_save(self, progress, loss_sum):
+        saved_after.append(progress.epoch - 1)  # progress already points at the next epoch
+        save(self, progress, loss_sum)
+
+    monkeypatch.setattr(Checkpointer, "save", recording_save)
     result = train(_plain_params(epochs=5, val_interval=2, batch_size=8), "unet_original",
                    data_dir=plain_project / Layout.ingested, splits_csv=plain_project / Layout.splits,
                    out_dir=tmp_path / "model")

@@ -123,7 +123,7 @@ class TrainParams(_Section):
     num_workers: int = Field(0, ge=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Exact-resume checkpoint (models/.NAME.resume) each epoch and also every this many optimizer steps.
+    # Exact-resume checkpoint (models/.NAME.resume) each validated epoch and also every this many optimizer steps.
     checkpoint_every_steps: int | None = Field(None, ge=0)   # 0 / null: each validated epoch only
     val_interval: int = Field(1, ge=1)        # validate (and checkpoint) every N epochs and after the last
     accumulate_steps: int = Field(1, ge=1)   # optimizer step every N batches: batch_size x N x processes
