@@ -1,37 +1,35 @@
-"""Semi-supervised CamVid: does pseudo-labeling pay off when labels are scarce?
+"""Semi-supervised CamVid: do the unlabeled images pay, and how much room is there for them to pay?
 
-    python benchmarks/semisup_camvid.py --camvid ../shared/datasets/camvid --fractions 0.125 0.25
+    nice python benchmarks/semisup_camvid.py --camvid ../shared/datasets/camvid --fractions 0.0625 0.125 --seeds 0 1
 
-For each labeled fraction, ``split.labeled_fraction`` keeps a seeded share of CamVid's 367 training images
-labeled and hides the masks of the rest (they become the unlabeled pool, their masks used only to score the
-pseudo-labels). segflow's own self-training (``segflow.self_training.self_train``) then trains the labeled-only
-model (round 0, the "labeled-only" arm) and the self-training rounds (the "pseudo-labeled" arm: teacher TTA,
-class-balanced thresholds with the class weighting's bias undone, ST++ reliability, strong augmentation,
-labeled oversampling), each student seeing each labeled image as often as round 0 did and fine-tuning its teacher
-(``--student-init scratch``: from random weights). No pretrained weights anywhere. A labeled-only control trains
-for as many steps as the first student (from round 0 when the students fine-tune). Every model is scored on the
-233 test images; the semi-supervised model is the one (round or arm) its validation mIoU picks.
+For each labeled fraction and seed, ``split.labeled_fraction`` keeps a seeded share of CamVid's 367 training
+images labeled (the seed draws the subset and the initial weights) and hides the masks of the rest, which become
+the unlabeled pool. Three arms train the same model from scratch through ``segflow.train.train``:
 
-``--consistency 1`` adds the online arm (``train.consistency``: weak-to-strong consistency with CutMix on the
-unlabeled images); ``--consistency-init teacher`` makes it fine-tune round 0 for as many steps as the first
-student, against the same labeled-only control.
+- ``labeled-only``: the labeled images alone, Mean Teacher weights (``train.ema``) evaluated;
+- ``semi-supervised``: the same, plus weak-to-strong consistency on the unlabeled images (``train.consistency``:
+  FixMatch/UniMatch with CutMix, targets from the Mean Teacher in eval mode, the strong views in a forward pass
+  of their own, unweighted unlabeled loss, ramp-up): same optimizer steps, same initial weights, same seed;
+- ``oracle``: every training mask (what perfect pseudo-labels could give at most), one model per seed for every
+  fraction, trained longer (``--oracle-steps``) so that its val score has stopped rising.
 
-    python benchmarks/semisup_camvid.py --steps 400 --rounds 4 --tag=-v4   # a try: work folders get the tag;
-                                                                            # round 0 is shared between tries
+Headroom = oracle - labeled-only: the room any use of the unlabeled images has. Every arm validates about ten
+times; the row gives the test mIoU of the checkpoint val picked (``test_miou``) and of the final weights
+(``test_miou_last``), and the step at which val peaked. CamVid's val split is one 6.7-second clip between two
+training frames, so val picks only the checkpoint; the figures compared are test's.
 
-Every model and score stays in the work folder, so running again adds only what is new. Time is the models'
-training time (pseudo-labeling and scoring left out).
-
-Writes ``reports/semisup_camvid.{json,md}`` (fraction, arm, round, test mIoU, and the pseudo-labels' quality).
+Each finished run is cached in the work folder (``--work``): running again trains only what is missing, so a
+stopped benchmark resumes. Writes ``reports/semisup_camvid.json`` (setup, rows of ``fraction``, ``seed``,
+``arm``, ``round``, ``test_miou``, ``val_miou``, ``steps``, ``minutes``, ...; summary per fraction) and the
+Markdown beside it, after every finished run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,44 +38,146 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from camvid_leaderboard import CLASSES, REPO, SPLITS, VOID, resize_camvid  # noqa: E402
 
-from segflow import CARD_FILE  # noqa: E402
-from segflow.config import DataParams, parse_params  # noqa: E402
-from segflow.evaluate import evaluate  # noqa: E402
+from segflow.config import DataParams, Params, parse_params  # noqa: E402
+from segflow.data import SegmentationDataset, load_samples, pad_collate  # noqa: E402
+from segflow.evaluate import confusion_over  # noqa: E402
+from segflow.inference import LAST_DIR, load_model, read_card, resolve_device  # noqa: E402
 from segflow.ingest import ingest_from_params  # noqa: E402
-from segflow.self_training import self_train  # noqa: E402
 from segflow.split import make_splits  # noqa: E402
-from segflow.inference import read_card  # noqa: E402
 from segflow.train import train  # noqa: E402
 from segflow.validate import validate  # noqa: E402
 
+ARMS = ("labeled-only", "semi-supervised", "oracle")
+VALIDATIONS = 10  # per training: enough to see where val peaks
 
-VAL_STEPS = 50
 
-
-def benchmark_params(args: argparse.Namespace, labeled_images: int) -> dict:
+def arm_params(args: argparse.Namespace, arm: str, seed: int, train_images: int) -> Params:
+    """The benchmark's settings for one arm: the same for all but the unlabeled loss and the budget."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    # Round 0 gets `steps` optimizer steps; every student the same (self_train matches the images seen).
-    steps_per_epoch = max(1, labeled_images // args.batch)
+    steps = args.oracle_steps if arm == "oracle" else args.steps
+    steps_per_epoch = max(1, train_images // args.batch)
+    epochs = max(1, round(steps / steps_per_epoch))
     params["train"].update({
-        "archs": [args.arch], "batch_size": args.batch, "crop_size": min(args.height, args.width),
-        "optimizer": "adamw", "lr": args.lr, "lr_schedule": "poly", "class_weighting": True, "seed": 0,
-        "device": "auto", "pseudo_weight": 1.0, "oversample_labeled": True,
-        "decoded_cache": False,  # the cache is the DVC stage's output; this script decodes the resized copy
-        # Validated about every VAL_STEPS optimizer steps: with few labeled images an epoch is a handful of steps.
-        "val_interval": max(1, VAL_STEPS // steps_per_epoch),
+        "archs": [args.arch], "epochs": epochs, "batch_size": args.batch, "crop_size": args.crop,
+        "optimizer": "adamw", "lr": args.lr, "weight_decay": 1e-4, "lr_schedule": "poly",
+        "class_weighting": args.class_weighting, "unlabeled_class_weighting": "none", "seed": seed,
+        "device": "auto", "decoded_cache": False, "val_interval": max(1, epochs // VALIDATIONS),
+        "use_pseudo_labels": False,
+        "ema": {"decay": args.ema_decay, "evaluate": True},
+        "consistency": {"weight": args.consistency if arm == "semi-supervised" else 0.0,
+                        "threshold": args.threshold, "cutmix": 0.5, "rampup": args.rampup},
     })
-    params["teacher"] = {"arch": args.arch, "epochs": math.ceil(args.steps / steps_per_epoch), "snapshots": 2,
-                         "rounds": args.rounds, "min_improvement": 0.0, "student_init": args.student_init}
-    params["pseudo_label"] = {"threshold": args.threshold, "batch_size": 16, "class_balanced": True,
-                              "class_keep_fraction": 0.5, "reliable_fraction": args.reliable_fraction,
-                              "prior_correction": args.prior_correction if args.prior_correction == "auto"
-                              else float(args.prior_correction)}
-    params["evaluate"].update({"num_overlays": 0, "inference": {"mode": "whole", "flip": True,
-                                                                "scales": [0.75, 1.0, 1.25]}})
-    params["models"] = {args.arch: {"encoder_name": "resnet18", "encoder_weights": None}}
-    if not args.strong_augment:
-        params["train"]["pseudo_augment"] = {"color_jitter": 0, "grayscale": 0, "blur": 0, "cutout": 0}
-    return params
+    params["evaluate"].update({"batch_size": 16, "num_overlays": 0,
+                               "inference": {"mode": "whole", "flip": False, "scales": [1.0]}})
+    params["models"] = {args.arch: json.loads(args.model_options)}
+    return parse_params(params, f"benchmark params ({arm})")
+
+
+def score(params: Params, model_dir: Path, data_dir: Path, splits_csv: Path, split: str) -> dict:
+    device = resolve_device(params.train.device)
+    model, _ = load_model(model_dir, device)
+    loader = SegmentationDataset(load_samples(data_dir, splits_csv, split))
+    from torch.utils.data import DataLoader
+
+    confusion = confusion_over(model, DataLoader(loader, batch_size=16, collate_fn=pad_collate), len(CLASSES), device,
+                               params.evaluate.inference, params.train.crop_size)
+    return confusion.compute()
+
+
+def run_arm(args, arm: str, fraction: float | None, seed: int, data_dir: Path, stats_csv: Path, work: Path) -> dict:
+    """Train and score one arm (cached in its folder: a second call reads the row)."""
+    name = "oracle" if arm == "oracle" else f"fraction-{fraction:g}-{arm}"
+    run_dir = work / f"seed-{seed}" / name
+    row_file = run_dir / "row.json"
+    if row_file.exists():
+        return json.loads(row_file.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    splits_csv = run_dir / "splits.csv"
+    frame = make_splits(data_dir, stats_csv, splits_csv, seed=seed, val_fraction=0.15, test_fraction=0.2,
+                        labeled_fraction=None if arm == "oracle" else fraction)
+    labeled = int((frame["split"] == "train").sum())
+    params = arm_params(args, arm, seed, labeled)
+    model_dir = run_dir / "model"
+    result = train(params, args.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=model_dir,
+                   run_name=f"{arm} seed {seed}")
+    test = score(params, model_dir, data_dir, splits_csv, "test")
+    last_dir = model_dir / LAST_DIR
+    test_last = score(params, last_dir, data_dir, splits_csv, "test")["miou"] if last_dir.is_dir() else test["miou"]
+    steps_per_epoch = max(1, labeled // params.train.batch_size)
+    row = {
+        "fraction": fraction, "seed": seed, "arm": arm, "round": 0, "labeled_images": labeled,
+        "test_miou": test["miou"], "test_miou_last": test_last, "val_miou": result.best_miou,
+        "steps": params.train.epochs * steps_per_epoch, "best_step": result.best_epoch * steps_per_epoch,
+        "minutes": read_card(model_dir).extra["train_seconds"] / 60,
+        "val_curve": [[r["epoch"] * steps_per_epoch, r["val_miou"]] for r in result.history if "val_miou" in r],
+        "per_class_iou": dict(zip(CLASSES, test["per_class_iou"])),
+    }
+    row_file.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def summarise(rows: list[dict], fractions: list[float]) -> list[dict]:
+    """Per fraction: each arm's mean and spread over seeds, the gain over the equal-budget control and the
+    oracle's headroom (over the seeds both arms have)."""
+    oracle = {r["seed"]: r["test_miou"] for r in rows if r["arm"] == "oracle"}
+    table = []
+    for fraction in fractions:
+        by_arm = {arm: {r["seed"]: r for r in rows if r["fraction"] == fraction and r["arm"] == arm}
+                  for arm in ARMS[:2]}
+        seeds = sorted(set(by_arm["labeled-only"]) & set(by_arm["semi-supervised"]))
+        gains = [by_arm["semi-supervised"][s]["test_miou"] - by_arm["labeled-only"][s]["test_miou"] for s in seeds]
+        headrooms = [oracle[s] - by_arm["labeled-only"][s]["test_miou"] for s in by_arm["labeled-only"] if s in oracle]
+        entry = {"fraction": fraction, "seeds": seeds,
+                 "labeled_images": next(iter(by_arm["labeled-only"].values()), {}).get("labeled_images")}
+        for arm, runs in [*by_arm.items(), ("oracle", {s: {"test_miou": v} for s, v in oracle.items()})]:
+            entry[arm] = _mean_spread([r["test_miou"] for r in runs.values()])
+        entry["gain"] = _mean_spread(gains)
+        entry["headroom"] = _mean_spread(headrooms)
+        entry["recovered"] = (entry["gain"]["mean"] / entry["headroom"]["mean"]
+                              if gains and headrooms and entry["headroom"]["mean"] > 0 else None)
+        table.append(entry)
+    return table
+
+
+def _mean_spread(values: list[float]) -> dict:
+    """Mean and spread (max - min) over seeds; None when there is nothing yet."""
+    if not values:
+        return {"mean": None, "spread": None, "n": 0}
+    return {"mean": statistics.fmean(values), "spread": max(values) - min(values), "n": len(values)}
+
+
+def _pct(value: float | None, sign: str = "") -> str:
+    return "" if value is None else f"{100 * value:{sign}.1f}"
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.0f}%"
+
+
+def markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
+    lines = ["# Semi-supervised CamVid: labeled-only, semi-supervised (Mean Teacher + weak-to-strong consistency), oracle",
+             "", "Setup: " + "; ".join(f"{k} {v}" for k, v in setup.items()) + ".", "",
+             "| labeled | labeled-only | semi-supervised | gain (semi - labeled-only) | oracle | headroom "
+             "(oracle - labeled-only) | share of headroom recovered | seeds |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(stat: dict, sign: str = "") -> str:
+        if stat["mean"] is None:
+            return ""
+        return f"{_pct(stat['mean'], sign)} (spread {_pct(stat['spread'])}, n={stat['n']})"
+
+    for t in table:
+        lines.append(f"| {t['fraction']:g} ({t['labeled_images']}) | {cell(t['labeled-only'])} | "
+                     f"{cell(t['semi-supervised'])} | {cell(t['gain'], '+')} | {cell(t['oracle'])} | "
+                     f"{cell(t['headroom'], '+')} | {_share(t['recovered'])} | {', '.join(map(str, t['seeds']))} |")
+    lines += ["", "Every run (test mIoU of the checkpoint val picked, and of the final weights; the step at which val "
+              "peaked out of the steps trained):", "",
+              "| labeled | seed | arm | test mIoU | test mIoU, final weights | val mIoU | best step / steps | minutes |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["fraction"] or 1, r["arm"], r["seed"])):
+        fraction = "all (367)" if r["fraction"] is None else f"{r['fraction']:g} ({r['labeled_images']})"
+        lines.append(f"| {fraction} | {r['seed']} | {r['arm']} | {_pct(r['test_miou'])} | {_pct(r['test_miou_last'])} "
+                     f"| {_pct(r['val_miou'])} | {r['best_step']} / {r['steps']} | {r['minutes']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -85,42 +185,36 @@ def main() -> None:
     parser.add_argument("--camvid", type=Path, default=REPO.parent / "shared/datasets/camvid")
     parser.add_argument("--work", type=Path, default=REPO / ".bench/semisup")
     parser.add_argument("--out", type=Path, default=REPO / "reports/semisup_camvid")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25])
-    parser.add_argument("--arch", default="deeplabv3plus")
-    parser.add_argument("--height", type=int, default=72)
-    parser.add_argument("--width", type=int, default=96)
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per round")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.0625, 0.125])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    # Ronneberger's U-Net at a quarter width (1.9M parameters): the from-scratch U-Net of UniMatch's ACDC setting,
+    # at 0.27 s per labeled step on 2 cores (U-Net-ResNet18: 0.49 s), so every arm gets two seeds on a CPU.
+    parser.add_argument("--arch", default="unet_original")
+    parser.add_argument("--model-options", default='{"width": 0.25}', help="the architecture's builder options (JSON)")
+    parser.add_argument("--height", type=int, default=96)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--crop", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps of labeled-only and semi-supervised")
+    parser.add_argument("--oracle-steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--reliable-fraction", type=float, default=0.5)
-    parser.add_argument("--prior-correction", default="auto",
-                        help="pseudo_label.prior_correction: auto, or 0 to 1 (0: the teacher's probabilities as they are)")
-    parser.add_argument("--student-init", choices=["scratch", "teacher"], default="teacher",
-                        help="teacher.student_init: students from random weights, or fine-tuning their teacher")
-    parser.add_argument("--tag", default="", help="suffix of this try's work folders (round 0 is shared)")
-    parser.add_argument("--strong-augment", action=argparse.BooleanOptionalAction, default=True,
-                        help="strong augmentation of pseudo-labeled images (train.pseudo_augment)")
-    parser.add_argument("--consistency", type=float, default=0.0,
-                        help="also train the consistency arm: round 0's steps from scratch with "
-                             "train.consistency.weight this (FixMatch/UniMatch on the unlabeled images)")
-    parser.add_argument("--consistency-threshold", type=float, default=0.95)
-    parser.add_argument("--consistency-init", choices=["scratch", "teacher"], default="scratch",
-                        help="the consistency arm from random weights (round 0's epochs), or fine-tuning round 0 "
-                             "(--consistency-epochs, against a labeled-only control fine-tuned as long)")
-    parser.add_argument("--oracle", action="store_true",
-                        help="also train with every training mask, as long as the first student (fine-tuning round "
-                             "0 when it does) or, without rounds, as long as round 0: the most that perfect "
-                             "pseudo-labels could give")
-    parser.add_argument("--consistency-epochs", type=int, default=None,
-                        help="default: round 0's from scratch; fine-tuning, the labeled-only control's of round 1")
+    parser.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=True,
+                        help="median-frequency class weights on labeled pixels (never on unlabeled ones)")
+    parser.add_argument("--ema-decay", type=float, default=0.99)
+    parser.add_argument("--consistency", type=float, default=1.0)
+    parser.add_argument("--threshold", type=float, default=0.95)
+    parser.add_argument("--rampup", type=float, default=0.1)
     args = parser.parse_args()
 
+    size = f"{args.height}x{args.width}"
     work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    setting = (f"{size}-{args.arch}-crop{args.crop}-b{args.batch}-lr{args.lr:g}-steps{args.steps}-oracle"
+               f"{args.oracle_steps}-ema{args.ema_decay:g}-w{args.consistency:g}-t{args.threshold:g}"
+               f"-r{args.rampup:g}{'-cw' if args.class_weighting else ''}")
+    runs = work / setting  # one folder per setting: a run under other settings never reuses these models
+    runs.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    size = f"{args.height}x{args.width}"  # work folders per resolution: runs at two resolutions never mix
     resize_camvid(args.camvid.resolve(), work / f"camvid-{size}", args.height, args.width)
     data_dir = work / f"ingested-{size}"
     if not (data_dir / "manifest.csv").exists():
@@ -135,210 +229,35 @@ def main() -> None:
                  test_fraction=0.2)
 
     setup = {
-        "arch": f"{args.arch} (resnet18, from scratch)", "resolution": [args.height, args.width],
-        "steps_per_round": args.steps, "batch": args.batch, "optimizer": f"AdamW lr {args.lr}, poly",
-        "class_weighting": "median frequency", "validation": f"every ~{VAL_STEPS} labeled-only steps (train.val_interval)",
-        "teacher_tta": "flip + scales 0.75/1/1.25",
-        "evaluation": "same TTA for every model", "threshold": f"{args.threshold}, class-balanced (keep 0.5)",
-        "reliable_fraction_round_1": args.reliable_fraction, "rounds": args.rounds,
-        "stopping_rule": "a round must raise val mIoU", "strong_augment": args.strong_augment,
-        "prior_correction": args.prior_correction, "student_init": args.student_init,
-        "consistency": f"weight {args.consistency}, threshold {args.consistency_threshold}, cutmix 0.5"
-        if args.consistency else "off", "device": _device(),
+        "model": f"{args.arch} {args.model_options}, from scratch", "resolution": size, "crop": args.crop,
+        "batch": args.batch, "optimizer": f"AdamW lr {args.lr:g}, poly, weight decay 1e-4",
+        "steps": f"{args.steps} (labeled-only and semi-supervised), {args.oracle_steps} (oracle)",
+        "labeled loss": "cross-entropy" + (", median-frequency class weights" if args.class_weighting else ""),
+        "Mean Teacher": f"EMA decay {args.ema_decay:g}, its weights evaluated (every arm)",
+        "unlabeled loss": f"weight {args.consistency:g}, threshold {args.threshold:g}, CutMix 0.5, ramp-up over "
+                          f"{args.rampup:.0%} of the steps, no class weights",
+        "inference": "whole image, no TTA", "device": _device(),
     }
-    rows, table = [], []
-    for fraction in args.fractions:
-        base_dir = work / f"{size}-fraction-{fraction:g}-steps-{args.steps}"
-        run_dir = base_dir.with_name(base_dir.name + ("" if args.strong_augment else "-weak") + args.tag)
-        splits_csv = run_dir / "splits.csv"
-        run_dir.mkdir(exist_ok=True)
-        if run_dir != base_dir and (base_dir / "rounds/round_0/round.json").exists():
-            # The labeled-only round does not depend on how pseudo-labels are made: shared by every try.
-            shutil.copytree(base_dir / "rounds/round_0", run_dir / "rounds/round_0", dirs_exist_ok=True)
-        frame = make_splits(data_dir, stats_csv, splits_csv, seed=0, val_fraction=0.15, test_fraction=0.2,
-                            labeled_fraction=fraction)
-        labeled = int((frame["split"] == "train").sum())
-        params = parse_params(benchmark_params(args, labeled), f"benchmark params (fraction {fraction})")
-        # Every model and score is kept in the work folders: a second run only adds what is new.
-        oracle_splits = work / f"splits-all-labeled-{size}.csv"  # same val and test images (labeled_fraction moves train only)
-        every_mask = make_splits(data_dir, stats_csv, oracle_splits, seed=0, val_fraction=0.15, test_fraction=0.2)
-        rows += run_fraction(params, fraction, labeled, data_dir, splits_csv, run_dir, base_dir.name, args,
-                             (oracle_splits, int((every_mask["split"] == "train").sum())))
-        minutes = sum(r["train_minutes"] for r in rows if r["fraction"] == fraction)
-        mine = [r for r in rows if r["fraction"] == fraction]
-        baseline_row = next(r for r in mine if r["arm"] == "labeled-only")
-        oracle_row = next((r for r in mine if r["arm"].startswith(ORACLE_ARM)), None)
-        baseline = baseline_row["test_miou"]
-        # The semi-supervised model is the one its own validation score picks (test never chooses).
-        students = [r for r in mine if r["arm"] == "pseudo-labeled" or r["arm"].startswith(CONSISTENCY_ARM)]
-        student = max(students, key=lambda r: r["val_miou"]) if students else None
-        control = student and student.get("control_test_miou")
-        table.append({
-            "fraction": fraction, "labeled_images": labeled, "labeled_only": baseline, "labeled_only_long": control,
-            "semi_supervised": student and student["test_miou"], "semi_supervised_arm": student and student["arm"],
-            "semi_supervised_round": student and student["round"],
-            "gain": student and student["test_miou"] - baseline,
-            "oracle": oracle_row and oracle_row["test_miou"],
-            "gain_over_long": None if student is None or control is None else student["test_miou"] - control,
-            "minutes": minutes,
-            # Which classes each arm gets right: where pseudo-labels help and hurt, and what real labels would give.
-            "per_class_iou": {arm: per_class for arm, per_class in [
-                ("labeled-only", baseline_row["per_class_iou"]),
-                ("semi-supervised", student and student["per_class_iou"]),
-                ("labeled-only, as long", student and student.get("control_per_class_iou")),
-                ("oracle", oracle_row and oracle_row["per_class_iou"]),
-            ] if per_class},
-        })
-        # Rewritten after every fraction, so a long run leaves its finished figures behind.
+    rows: list[dict] = []
+    plan = []  # seed by seed, so that a stopped run leaves whole seeds behind
+    for seed in args.seeds:
+        plan += [(arm, fraction, seed) for fraction in args.fractions for arm in args.arms if arm != "oracle"]
+        plan += [("oracle", None, seed)] if "oracle" in args.arms else []
+    for arm, fraction, seed in plan:
+        rows.append(run_arm(args, arm, fraction, seed, data_dir, stats_csv, runs))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("per_class_iou", "val_curve")}), flush=True)
+        table = summarise(rows, args.fractions)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(
             json.dumps({"setup": setup, "rows": rows, "summary": table}, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(_markdown(setup, rows, table))
-        print(_markdown(setup, rows, table))
-
-
-CONSISTENCY_ARM = "weak-to-strong consistency"
-ORACLE_ARM = "every training mask (oracle)"
-
-
-def run_fraction(
-    params, fraction: float, labeled: int, data_dir: Path, splits_csv: Path, run_dir: Path, base_name: str,
-    args: argparse.Namespace, oracle: tuple[Path, int],
-) -> list[dict]:
-    """The self-training rounds, a labeled-only control trained for as many steps as the first student
-    (fine-tuning the labeled-only model when the students fine-tune their teacher) and, with ``--consistency``,
-    a model trained with weak-to-strong consistency on the unlabeled images: from scratch for round 0's steps, or
-    fine-tuning round 0 against a labeled-only control fine-tuned for as many steps."""
-    records = self_train(params, data_dir=data_dir, splits_csv=splits_csv, work_dir=run_dir / "rounds")
-    round_0 = Path(records[0]["model_dir"])
-
-    def control(epochs: int, from_teacher: bool) -> dict:
-        control_dir = run_dir.parent / f"{base_name}-control-{epochs}-epochs{'-from-teacher' if from_teacher else ''}"
-        if not (control_dir / CARD_FILE).exists():  # shared by the runs that differ only in the other arms
-            train(params, params.teacher.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=control_dir,
-                  epochs=epochs, run_name="labeled-only control", init_from=round_0 if from_teacher else None)
-        return {"round": 0, "control": True, "val_miou": read_card(control_dir).extra["val_miou"],
-                "epochs": epochs, "model_dir": str(control_dir), "best": False, "from_teacher": from_teacher}
-
-    controls = []
-    if len(records) > 1:
-        student_steps = records[1]["epochs"] * (records[1]["train_images"] // params.train.batch_size)
-        controls.append((math.ceil(student_steps / max(1, labeled // params.train.batch_size)),
-                         params.teacher.student_init == "teacher"))
-        for record in records[1:]:
-            record["control_key"] = controls[0]
-    if args.consistency:
-        from_teacher = args.consistency_init == "teacher"
-        epochs = args.consistency_epochs or (controls[0][0] if controls and from_teacher else params.teacher.epochs)
-        consistency_dir = run_dir / (f"consistency-{args.consistency:g}-threshold-{args.consistency_threshold:g}"
-                                     f"-{epochs}-epochs{'-from-teacher' if from_teacher else ''}")
-        if not (consistency_dir / CARD_FILE).exists():
-            online = params.model_copy(deep=True)
-            online.train.consistency = online.train.consistency.model_copy(
-                update={"weight": args.consistency, "threshold": args.consistency_threshold})
-            train(online, params.teacher.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=consistency_dir,
-                  epochs=epochs, run_name="consistency", init_from=round_0 if from_teacher else None)
-        records.append({"round": 0, "consistency": True, "val_miou": read_card(consistency_dir).extra["val_miou"],
-                        "epochs": epochs, "model_dir": str(consistency_dir), "best": False,
-                        "from_teacher": from_teacher})
-        if from_teacher or epochs != params.teacher.epochs:  # else round 0 is its control
-            controls.append((epochs, from_teacher))
-            records[-1]["control_key"] = controls[-1]
-    records += [control(epochs, from_teacher) for epochs, from_teacher in dict.fromkeys(controls)]
-    if args.oracle:
-        # As long as the first student, fine-tuning round 0 when the students do; else round 0's steps from scratch.
-        from_teacher = bool(controls) and controls[0][1]
-        epochs = controls[0][0] if controls else params.teacher.epochs
-        oracle_splits, oracle_images = oracle
-        epochs = math.ceil(epochs * (labeled // params.train.batch_size) / (oracle_images // params.train.batch_size))
-        # From scratch it does not depend on the fraction: one model serves them all.
-        oracle_dir = run_dir.parent / (f"{base_name}-oracle-{epochs}-epochs-from-teacher" if from_teacher
-                                       else f"{base_name.split('-fraction-')[0]}-oracle-{epochs}-epochs")
-        if not (oracle_dir / CARD_FILE).exists():
-            every_mask = params.model_copy(deep=True)
-            every_mask.train.val_interval = max(1, VAL_STEPS // (oracle_images // params.train.batch_size))
-            train(every_mask, params.teacher.arch, data_dir=data_dir, splits_csv=oracle_splits, out_dir=oracle_dir,
-                  epochs=epochs, run_name="oracle", init_from=round_0 if from_teacher else None)
-        records.append({"round": 0, "oracle": True, "val_miou": read_card(oracle_dir).extra["val_miou"],
-                        "epochs": epochs, "model_dir": str(oracle_dir), "best": False, "from_teacher": from_teacher})
-    rows = []
-    for record in records:
-        model_dir = Path(record["model_dir"])
-        name = f"round_{record['round']}" if model_dir.name == "model" else model_dir.name
-        metrics_file = run_dir / "metrics" / f"{name}.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else evaluate(
-            params, name, model_dir=model_dir, data_dir=data_dir, splits_csv=splits_csv, metrics_file=metrics_file,
-            out_dir=run_dir / "evaluation" / name, plots_dir=run_dir / "plots")
-        arm = "pseudo-labeled" if record["round"] else "labeled-only"
-        if record.get("consistency"):
-            arm = CONSISTENCY_ARM + (", fine-tuning round 0" if record["from_teacher"] else "")
-        if record.get("oracle"):
-            arm = ORACLE_ARM + (", fine-tuning round 0" if record["from_teacher"] else "")
-        if record.get("control"):
-            arm = f"labeled-only, {record['epochs']} epochs" + (", fine-tuning round 0" if record["from_teacher"] else "")
-        row = {
-            "fraction": fraction, "labeled_images": labeled, "arm": arm, "round": record["round"],
-            "test_miou": metrics["miou"], "val_miou": record["val_miou"], "epochs": record["epochs"],
-            "coverage": record.get("coverage"), "pseudo_accuracy": record.get("pseudo_accuracy"),
-            "prior_correction": record.get("prior_correction"),
-            "kept": record["best"], "train_minutes": read_card(model_dir).extra["train_seconds"] / 60,
-            "per_class_iou": metrics["per_class_iou"],
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    controls = {(r["epochs"], record["from_teacher"]): r for r, record in zip(rows, records) if record.get("control")}
-    for row, record in zip(rows, records):
-        if "control_key" in record:
-            control = controls[record["control_key"]]
-            row["control_test_miou"], row["control_per_class_iou"] = control["test_miou"], control["per_class_iou"]
-    return rows
+        args.out.with_suffix(".md").write_text(markdown(setup, rows, table))
+    print(markdown(setup, rows, summarise(rows, args.fractions)))
 
 
 def _device() -> str:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-
-
-def _blank(value) -> str:
-    return "" if value is None else f"{value:g}"
-
-
-def _markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
-    lines = [
-        "# Semi-supervised CamVid: labeled-only against pseudo-labeled and consistency-trained",
-        "",
-        "Setup: " + "; ".join(f"{k} {v}" for k, v in setup.items()) + ". Test split: 233 images, 11 classes.",
-        "",
-        "| labeled | arm | round | test mIoU | val mIoU | pseudo coverage | pseudo accuracy | prior correction | kept |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        quality = (f"{100 * r['coverage']:.1f}%", f"{100 * r['pseudo_accuracy']:.1f}%") if r["coverage"] is not None else ("", "")
-        lines.append(f"| {r['fraction']:g} ({r['labeled_images']}) | {r['arm']} | {r['round']} | {100 * r['test_miou']:.1f} "
-                     f"| {100 * r['val_miou']:.1f} | {quality[0]} | {quality[1]} | {_blank(r.get('prior_correction'))} "
-                     f"| {'yes' if r['kept'] else ''} |")
-    lines += ["", "| labeled | labeled-only | labeled-only, chosen model's steps | semi-supervised (chosen by val) | gain | "
-              "gain over the longer control | every mask (oracle) | training time (min) |", "|---|---|---|---|---|---|---|---|"]
-
-    def pct(value, sign=""):
-        return "" if value is None else f"{100 * value:{sign}.1f}"
-
-    def chosen(summary):
-        return f" ({summary['semi_supervised_arm']}, round {summary['semi_supervised_round']})" \
-            if summary["semi_supervised_arm"] else ""
-
-    for t in table:
-        lines.append(f"| {t['fraction']:g} ({t['labeled_images']}) | {pct(t['labeled_only'])} | "
-                     f"{pct(t['labeled_only_long'])} | {pct(t['semi_supervised'])}{chosen(t)} | "
-                     f"{pct(t['gain'], '+')} | {pct(t['gain_over_long'], '+')} | {pct(t.get('oracle'))} | {t['minutes']:.0f} |")
-    for t in table:
-        arms = t["per_class_iou"]
-        lines += ["", f"Per-class test IoU at {t['fraction']:g} labeled (semi-supervised: the model val chose):", "",
-                  "| class | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
-        for name in next(iter(arms.values())):
-            lines.append(f"| {name} | " + " | ".join(pct(per_class[name]) for per_class in arms.values()) + " |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

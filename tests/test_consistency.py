@@ -10,8 +10,10 @@ from segflow.config import AugmentParams, ConsistencyParams, StrongAugmentParams
 from segflow.consistency import (
     ConsistencyTargets,
     UnlabeledViews,
+    batchnorm_statistics_frozen,
     consistency_loss,
     consistency_targets,
+    sigmoid_rampup,
     unlabeled_batches,
 )
 from segflow.data import Sample
@@ -65,8 +67,17 @@ def test_cutmix_draws_a_box_with_its_probability(unlabeled_images):
     assert boxes[0][rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
 
 
+class _Constant(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images):
+        return self.logits
+
+
 def _constant_forward(logits):
-    return lambda images: logits
+    return _Constant(logits)
 
 
 def test_targets_keep_confident_image_pixels_and_cutmix_moves_image_and_targets_together():
@@ -126,3 +137,64 @@ def test_unlabeled_stream_started_at_a_batch_gives_the_batches_an_uninterrupted_
         for key in expected:
             assert torch.equal(expected[key], got[key]), key
     assert not torch.equal(uninterrupted[0]["weak"], uninterrupted[3]["weak"])  # a new epoch, a new order
+
+
+class _DropoutNet(torch.nn.Module):
+    """Conv, batch norm, Dropout(0.5) (as in SMP DeepLabV3+'s ASPP projection), classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                            torch.nn.ReLU(), torch.nn.Dropout(0.5))
+        self.classifier = torch.nn.Conv2d(8, 3, 1)
+
+    def forward(self, images):
+        return self.classifier(self.features(images))
+
+
+def _batch(seed=0, size=8):
+    generator = torch.Generator().manual_seed(seed)
+    weak = torch.randn(2, 3, size, size, generator=generator)
+    return {"weak": weak, "strong": weak + 3, "valid": torch.ones(2, size, size, dtype=torch.bool),
+            "box": torch.zeros(2, size, size, dtype=torch.bool)}
+
+
+def test_targets_are_predicted_in_eval_mode_and_the_model_goes_back_to_training():
+    """A model in training mode with dropout gives the same targets twice (dropout off, running statistics),
+    and stays in training mode."""
+    torch.manual_seed(0)
+    model = _DropoutNet().train()
+    batch, cfg = _batch(), ConsistencyParams(threshold=0.0)
+    first = consistency_targets(model, batch, cfg, torch.device("cpu"))
+    second = consistency_targets(model, batch, cfg, torch.device("cpu"))
+    assert torch.equal(first.target, second.target)
+    assert model.training and model.features[3].training
+    with torch.no_grad():  # in training mode the same images do not give the same predictions
+        assert not torch.equal(model(batch["weak"]), model(batch["weak"]))
+
+
+def test_strong_views_leave_batch_norm_running_statistics_alone_but_are_normalised_by_their_own():
+    torch.manual_seed(0)
+    model = _DropoutNet().train()
+    norm = model.features[1]
+    model(torch.randn(4, 3, 8, 8))  # some running statistics to keep
+    before = {name: buffer.clone() for name, buffer in norm.named_buffers()}
+    strong = torch.randn(4, 3, 8, 8) * 5 + 2
+    with batchnorm_statistics_frozen(model):
+        model(strong)
+        batch_mean = model.features[0](strong).mean(dim=(0, 2, 3))
+    for name, buffer in norm.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    assert norm.track_running_stats  # back on afterwards
+    model(strong)  # without the context they move
+    assert not torch.equal(norm.running_mean, before["running_mean"])
+    assert not torch.allclose(batch_mean, before["running_mean"])  # the strong batch's statistics differ
+
+
+def test_sigmoid_rampup_rises_from_near_zero_to_one_and_stays():
+    assert sigmoid_rampup(0, 100) == pytest.approx(np.exp(-5))
+    assert sigmoid_rampup(50, 100) == pytest.approx(np.exp(-5 * 0.25))
+    assert sigmoid_rampup(100, 100) == sigmoid_rampup(1000, 100) == 1.0
+    assert sigmoid_rampup(0, 0) == 1.0  # no ramp-up
+    values = [sigmoid_rampup(step, 100) for step in range(101)]
+    assert values == sorted(values)

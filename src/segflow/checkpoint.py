@@ -137,12 +137,15 @@ def save(
     progress: Progress,
     settings: dict[str, Any],
     tensors: dict[str, torch.Tensor],
+    ema: torch.nn.Module | None = None,
 ) -> None:
-    """Write a checkpoint; ``tensors`` adds the per-process tensors (RNG states, running loss)."""
+    """Write a checkpoint; ``tensors`` adds the per-process tensors (RNG states, running loss), ``ema`` the
+    Mean Teacher's weights (segflow.ema)."""
     resume_dir.mkdir(parents=True, exist_ok=True)
     optimizer_tensors, optimizer_state = _split_optimizer(optimizer.state_dict())
     all_tensors = {
         **{f"model.{name}": value for name, value in model.state_dict().items()},
+        **({} if ema is None else {f"ema.{name}": value for name, value in ema.state_dict().items()}),
         **optimizer_tensors,
         **tensors,
     }
@@ -197,10 +200,13 @@ def restore(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     rank: int = 0,
+    ema: torch.nn.Module | None = None,
 ) -> None:
-    """Load model, optimizer, scheduler and scaler state and this rank's RNG states."""
+    """Load model, optimizer, scheduler, scaler and Mean Teacher state and this rank's RNG states."""
     tensors = checkpoint.tensors
     model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.load_state_dict({k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")})
     optimizer.load_state_dict(_join_optimizer(tensors, checkpoint.state["optimizer"]))
     scheduler.load_state_dict({**scheduler.state_dict(), **checkpoint.state["scheduler"]})
     if checkpoint.state["scaler"]:

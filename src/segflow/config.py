@@ -105,6 +105,17 @@ class ConsistencyParams(_Section):
     weight: float = Field(0.0, ge=0)          # weight of the unlabeled loss; 0: off
     threshold: float = Field(0.95, ge=0, le=1)  # pixels predicted with less confidence teach nothing
     cutmix: float = Field(0.5, ge=0, le=1)    # probability that a crop gets a box of another unlabeled crop
+    # Share of the training's optimizer steps over which the weight rises from 0 (Mean Teacher's sigmoid ramp-up):
+    # from scratch the first targets come from a model that is itself still random.
+    rampup: float = Field(0.0, ge=0, le=1)
+
+
+class EmaParams(_Section):
+    """Mean Teacher (Tarvainen & Valpola, NeurIPS 2017): an exponential moving average of the weights, in eval
+    mode, predicts the consistency targets; it can also be the model that is validated, kept and registered."""
+
+    decay: float = Field(0.0, ge=0, lt=1)   # ema = decay * ema + (1 - decay) * weights, each step; 0: off
+    evaluate: bool = True                   # with decay > 0: the EMA weights are the model validated and kept
 
 
 class TrainParams(_Section):
@@ -134,10 +145,14 @@ class TrainParams(_Section):
     batch_augment: bool | Literal["auto"] = "auto"
     use_pseudo_labels: bool = True
     pseudo_weight: float = Field(1.0, ge=0)
+    # class_weighting's weights on pseudo-labeled and unlabeled pixels: none (ST++, UniMatch: the rare classes'
+    # pseudo-labels are the least precise), sqrt (softened) or full (as on labeled pixels).
+    unlabeled_class_weighting: Literal["none", "sqrt", "full"] = "none"
     oversample_labeled: bool = True   # repeat labeled images to match the pseudo-labeled ones
     augment: AugmentParams = Field(default_factory=AugmentParams)
     pseudo_augment: StrongAugmentParams = Field(default_factory=StrongAugmentParams)
     consistency: ConsistencyParams = Field(default_factory=ConsistencyParams)
+    ema: EmaParams = Field(default_factory=EmaParams)
 
 
 class TeacherParams(_Section):

@@ -6,14 +6,22 @@ training batch comes with a batch of unlabeled crops; the model's own prediction
 grayscale, blur) and CutMix-ed with another unlabeled crop. Unlike the offline pseudo-labels of the
 ``pseudo_label`` stage, the targets improve as the model does, and every unlabeled image regularises the model
 from the first step.
+
+The targets are predicted in eval mode (no dropout, batch-norm running statistics), by the Mean Teacher (an EMA
+of the weights, ``train.ema``) when there is one, else by the model itself; the strong views get a forward pass
+of their own that leaves the running statistics alone, so the statistics evaluation uses come from clean images
+(separate batch norm for strong views: Yuan et al., ICCV 2021).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from segflow import IGNORE_INDEX
@@ -66,17 +74,42 @@ class ConsistencyTargets:
     valid: torch.Tensor       # BxHxW bool: image pixels (not the crop's padding)
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (dropout off, batch norm on its running statistics), its own mode back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def batchnorm_statistics_frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Batch norm normalises with the batch's own statistics, as in training, but leaves the running statistics
+    (what evaluation uses) as they are: for the strongly perturbed views."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
 def consistency_targets(
-    forward, batch: dict[str, torch.Tensor], cfg: ConsistencyParams, device: torch.device
+    teacher: nn.Module, batch: dict[str, torch.Tensor], cfg: ConsistencyParams, device: torch.device
 ) -> ConsistencyTargets:
-    """Predict the weak views (no gradient) and CutMix the strong views and their targets alike: crop ``b``'s
-    box comes from crop ``b + 1`` (wrapping round), as do the targets inside it."""
+    """Predict the weak views with ``teacher`` in eval mode (no gradient) and CutMix the strong views and their
+    targets alike: crop ``b``'s box comes from crop ``b + 1`` (wrapping round), as do the targets inside it."""
     weak = batch["weak"].to(device, non_blocking=True)
     strong = batch["strong"].to(device, non_blocking=True)
     valid = batch["valid"].to(device, non_blocking=True)
     box = batch["box"].to(device, non_blocking=True)
-    with torch.no_grad():
-        output = forward(weak)
+    with torch.no_grad(), evaluating(teacher):
+        output = teacher(weak)
         logits = output["out"] if isinstance(output, dict) else output
         confidence, target = logits.float().softmax(1).max(1)
     confident = (confidence >= cfg.threshold) & valid
@@ -92,9 +125,13 @@ def consistency_loss(
     logits: torch.Tensor, targets: ConsistencyTargets, class_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Cross-entropy on the confident pixels, averaged over all image pixels (UniMatch): a model that is
-    confident nowhere gets no unlabeled loss, rather than a loss from a few pixels.
-
-    With the labeled loss's ``class_weight`` both losses agree on what the model should predict; unweighted, the
-    unlabeled loss pulls towards the frequent classes the weighting pushes away from, and the model's confident
-    mistakes (pavement taken for road) teach themselves (measured on CamVid: reports/semisup_camvid.md)."""
+    confident nowhere gets no unlabeled loss, rather than a loss from a few pixels. ``class_weight`` is
+    ``train.unlabeled_class_weighting``'s (none by default, as in ST++, UniMatch and CPS)."""
     return weighted_cross_entropy(logits, targets.target, targets.confident, targets.valid, class_weight)
+
+
+def sigmoid_rampup(step: int, rampup_steps: float) -> float:
+    """Mean Teacher's ramp-up of the unlabeled weight: ``exp(-5 (1 - t)^2)`` for ``t = step / rampup_steps``, 1 after."""
+    if rampup_steps <= 0 or step >= rampup_steps:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - step / rampup_steps) ** 2)

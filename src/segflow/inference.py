@@ -23,6 +23,8 @@ from segflow.errors import SegflowError
 from segflow.fsutil import atomic_write_json
 
 SNAPSHOTS_DIR = "snapshots"  # earlier checkpoints kept inside a model folder (ST++ reliability)
+EMA_DIR = "ema"  # the Mean Teacher inside a model folder whose trained weights were the ones evaluated
+LAST_DIR = "last"  # the final weights inside a model folder whose best validation came earlier
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/, runs:/, s3://, file://, ...
 
 

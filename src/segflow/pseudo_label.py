@@ -27,7 +27,7 @@ from segflow.config import Params, PseudoLabelParams
 from segflow.data import Sample, SegmentationDataset, load_samples, pad_collate
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_image, read_mask, write_mask
-from segflow.inference import SNAPSHOTS_DIR, load_model, logits, probabilities, resolve_device
+from segflow.inference import EMA_DIR, SNAPSHOTS_DIR, load_model, probabilities, resolve_device
 from segflow.metrics import ConfusionMatrix
 from segflow.visualize import colorize, save_grid
 
@@ -121,7 +121,9 @@ def _predict_and_stream(
         # The teacher predicts as evaluation does (sliding window, test-time augmentation).
         probs = probabilities(model, images, params.evaluate.inference, params.train.crop_size)
         confidence, labels = corrected(probs, class_weight, strength).max(dim=1)
-        snapshot_labels = [logits(snapshot, images).argmax(dim=1) for snapshot in snapshots]
+        # Snapshots predict as the teacher does (TTA included): agreement then measures stability, not TTA.
+        snapshot_labels = [probabilities(snapshot, images, params.evaluate.inference, params.train.crop_size)
+                           .argmax(dim=1) for snapshot in snapshots]
         bins = (confidence * HISTOGRAM_BINS).long().clamp_(max=HISTOGRAM_BINS - 1)
         for row, index in enumerate(batch["index"].tolist()):
             sample = samples[index]
@@ -186,7 +188,8 @@ def pseudo_label(
     cfg = params.pseudo_label
     device = resolve_device(params.train.device)
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
-    model, card = load_model(teacher_dir, device)
+    # A Mean Teacher kept beside trained weights that were evaluated instead (train.ema.evaluate: false) labels.
+    model, card = load_model(teacher_dir / EMA_DIR if (teacher_dir / EMA_DIR).is_dir() else teacher_dir, device)
     snapshots = [load_model(path, device)[0] for path in sorted((teacher_dir / SNAPSHOTS_DIR).glob("epoch_*"))]
     samples = load_samples(data_dir, splits_csv, "unlabeled")
     class_weight = card.extra.get("class_weight")

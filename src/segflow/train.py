@@ -27,13 +27,21 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segflow import CARD_FILE, IGNORE_INDEX, WEIGHTS_FILE, checkpoint, distributed, models, tracking
 from segflow.cache import CACHE_DIR, open_cache
 from segflow.checkpoint import Progress
-from segflow.consistency import UnlabeledViews, consistency_loss, consistency_targets, unlabeled_batches
+from segflow.consistency import (
+    UnlabeledViews,
+    batchnorm_statistics_frozen,
+    consistency_loss,
+    consistency_targets,
+    sigmoid_rampup,
+    unlabeled_batches,
+)
 from segflow.config import ConsistencyParams, Params, TrainParams
 from segflow.data import (
     BatchAugment,
@@ -46,11 +54,12 @@ from segflow.data import (
     read_classes,
 )
 from segflow.distributed import EpochSampler, ProcessGroup, SeededDataset
+from segflow.ema import mean_teacher
 from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_mask
-from segflow.inference import SNAPSHOTS_DIR, ModelCard, read_card, save_model
+from segflow.inference import EMA_DIR, LAST_DIR, SNAPSHOTS_DIR, ModelCard, read_card, save_model
 from segflow.losses import segmentation_loss
 
 log = logging.getLogger("segflow.train")
@@ -89,6 +98,14 @@ def median_frequency_weights(samples: list[Sample], num_classes: int) -> torch.T
     if seen.any():
         weights[seen] = np.median(frequency[seen]) / frequency[seen]
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def unlabeled_class_weight(class_weight: torch.Tensor | None, setting: str) -> torch.Tensor | None:
+    """``train.unlabeled_class_weighting``: the labeled loss's class weights on pseudo-labeled and unlabeled
+    pixels, their square root, or none."""
+    if class_weight is None or setting == "none":
+        return None
+    return class_weight.sqrt() if setting == "sqrt" else class_weight
 
 
 BEST_DIR = "best"  # inside the resume folder: the best weights so far survive a kill
@@ -196,16 +213,27 @@ class TrainStep:
         compile: bool = False,
         batch_augment: BatchAugment | None = None,
         consistency: ConsistencyParams | None = None,
+        unlabeled_class_weight: torch.Tensor | None = None,
+        ema: AveragedModel | None = None,
+        total_steps: int = 0,
     ) -> None:
         self.network = network  # possibly DistributedDataParallel
+        self.model = network.module if isinstance(network, DistributedDataParallel) else network
         self.forward = CompiledOrEager(network) if compile else network
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.device, self.amp = device, amp
         self.aux_weight, self.class_weight = aux_weight, class_weight
+        self.unlabeled_class_weight = unlabeled_class_weight  # on pseudo-labeled and unlabeled pixels
         self.pseudo_weight = torch.tensor(pseudo_weight, device=device)
         self.batch_augment = batch_augment  # the loader then yields un-augmented uint8 batches
         self.consistency = consistency
+        self.ema = ema  # Mean Teacher: predicts the consistency targets (segflow.ema)
+        self.rampup_steps = (consistency.rampup if consistency is not None else 0) * total_steps
         self.unlabeled_pixels = torch.zeros(2, device=device)  # confident, image pixels of the unlabeled crops
+
+    def unlabeled_weight(self) -> float:
+        """``consistency.weight``, ramped up over the first ``consistency.rampup`` share of the steps."""
+        return self.consistency.weight * sigmoid_rampup(self.scheduler.last_epoch, self.rampup_steps)
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], loss_scale: float = 1.0, sync: bool = True,
@@ -214,30 +242,34 @@ class TrainStep:
         """Accumulate the gradients of ``loss_scale`` x the batch loss; returns the (unscaled) loss.
 
         ``sync=False`` skips the gradient all-reduce under DDP (a batch that is not the last one accumulated).
-        An ``unlabeled`` batch (segflow.consistency) adds ``consistency.weight`` x its consistency loss; its strong
-        views go through the model in the same forward as the labeled images (one forward per backward, as DDP
-        wants)."""
+        An ``unlabeled`` batch (segflow.consistency) adds the (ramped-up) ``consistency.weight`` x its consistency
+        loss: the targets come from the Mean Teacher (or the model) in eval mode, and the strong views get a
+        forward pass of their own that leaves batch norm's running statistics alone."""
         images = batch["image"].to(self.device, non_blocking=True)
         masks = batch["mask"].to(self.device, non_blocking=True)
         if self.batch_augment is not None:
             images, masks = self.batch_augment(images, masks, batch["size"], batch["augment_draws"])
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        weight = torch.where(batch["pseudo"].to(self.device), self.pseudo_weight, torch.ones_like(self.pseudo_weight))
+        pseudo = batch["pseudo"].to(self.device)
+        weight = torch.where(pseudo, self.pseudo_weight, torch.ones_like(self.pseudo_weight))
         skip_sync = not sync and isinstance(self.network, DistributedDataParallel)
         with self.network.no_sync() if skip_sync else contextlib.nullcontext():
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                targets = None
-                if unlabeled is not None:
-                    targets = consistency_targets(self.forward, unlabeled, self.consistency, self.device)
-                    self.unlabeled_pixels += torch.stack([targets.confident.sum(), targets.valid.sum()])
-                    images = torch.cat([images, targets.strong.to(images.dtype)])
                 output = self.forward(images)
-                if targets is not None:
-                    output, unlabeled_logits = _split_batch(output, len(masks))
-                loss = segmentation_loss(output, masks, weight, self.aux_weight, self.class_weight)
-                if targets is not None:
-                    loss = loss + self.consistency.weight * consistency_loss(unlabeled_logits, targets, self.class_weight)
+                loss = segmentation_loss(output, masks, weight, self.aux_weight, self.class_weight, pseudo,
+                                         self.unlabeled_class_weight)
+                if unlabeled is not None:
+                    teacher = self.model if self.ema is None else self.ema.module
+                    targets = consistency_targets(teacher, unlabeled, self.consistency, self.device)
+                    self.unlabeled_pixels += torch.stack([targets.confident.sum(), targets.valid.sum()])
+                    # The inner model (not a DDP wrapper's second forward): the backward below still all-reduces
+                    # every gradient once, through the hooks DDP put on the parameters.
+                    with batchnorm_statistics_frozen(self.model):
+                        strong_output = self.model(targets.strong.to(images.dtype))
+                    strong_logits = strong_output["out"] if isinstance(strong_output, dict) else strong_output
+                    loss = loss + self.unlabeled_weight() * consistency_loss(strong_logits, targets,
+                                                                             self.unlabeled_class_weight)
             self.scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
         return loss.detach()
 
@@ -252,20 +284,13 @@ class TrainStep:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = self.forward_backward(batch)
         self.optimizer_step()
         return loss
-
-
-def _split_batch(
-    output: torch.Tensor | dict[str, torch.Tensor], labeled: int
-) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
-    """The labeled images' output (every head) and the main logits of the unlabeled ones after them."""
-    if isinstance(output, torch.Tensor):
-        return output[:labeled], output[labeled:]
-    return {name: logits[:labeled] for name, logits in output.items()}, output["out"][labeled:]
 
 
 def train_epoch(
@@ -308,7 +333,7 @@ class Checkpointer:
 
     def __init__(self, resume_dir: Path, group: ProcessGroup, settings: dict[str, Any], **state: Any):
         self.resume_dir, self.group, self.settings = resume_dir, group, settings
-        self.state = state  # model, optimizer, scheduler, scaler
+        self.state = state  # model, optimizer, scheduler, scaler, ema
         self.started = time.perf_counter()
 
     def begin(self, resume: bool) -> tuple[Progress, torch.Tensor]:
@@ -480,14 +505,19 @@ def _train(
     class_weight = None
     if cfg.class_weighting:  # from the labeled training masks only: pseudo-labels would echo the teacher's bias
         class_weight = median_frequency_weights(labeled_samples, len(classes)).to(device)
+    ema = mean_teacher(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
+    # What is validated, kept and registered: the Mean Teacher's weights or the trained ones.
+    evaluated = ema.module if ema is not None and cfg.ema.evaluate else model
     step = TrainStep(network, optimizer, scheduler, scaler, device=device, amp=amp, aux_weight=cfg.aux_weight,
                      pseudo_weight=cfg.pseudo_weight, class_weight=class_weight, compile=cfg.compile,
-                     batch_augment=batch_augment, consistency=cfg.consistency)
+                     batch_augment=batch_augment, consistency=cfg.consistency,
+                     unlabeled_class_weight=unlabeled_class_weight(class_weight, cfg.unlabeled_class_weighting),
+                     ema=ema, total_steps=epochs * steps_per_epoch)
 
     resume_dir = checkpoint.resume_dir_for(out_dir)
     settings = _resume_settings(cfg, arch, epochs, options, data, group, init_from, batch_augment is not None)
-    checkpointer = Checkpointer(resume_dir, group, settings,
-                                model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    checkpointer = Checkpointer(resume_dir, group, settings, model=model, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, ema=ema)
     progress, loss_sum = checkpointer.begin(resume)
 
     snapshot_epochs = {round(epochs * k / (snapshots + 1)) for k in range(1, snapshots + 1)} - {0, epochs}
@@ -533,7 +563,7 @@ def _train(
             validating = epoch % cfg.val_interval == 0 or epoch == epochs
             improved = False
             if validating:
-                val = validate(model, data.val_loader, len(classes), group)
+                val = validate(evaluated, data.val_loader, len(classes), group)
                 record |= {"val_miou": val["miou"], "val_pixel_accuracy": val["pixel_accuracy"]}
                 progress.history.append(record)
                 # NaN (no labeled val pixel) must not leave the run without any checkpoint.
@@ -545,9 +575,10 @@ def _train(
                 if validating:
                     log.info("%s epoch %d: loss %.4f, val mIoU %.4f", arch, epoch, train_loss, val["miou"])
                 if epoch in snapshot_epochs:
-                    save_model(model, replace(card, extra={"epoch": epoch}), resume_dir / SNAPSHOTS_DIR / f"epoch_{epoch}")
+                    save_model(evaluated, replace(card, extra={"epoch": epoch}),
+                               resume_dir / SNAPSHOTS_DIR / f"epoch_{epoch}")
                 if improved:
-                    save_model(model, card, resume_dir / BEST_DIR)
+                    save_model(evaluated, card, resume_dir / BEST_DIR)
             progress.epoch, progress.batches_done = epoch + 1, 0
             loss_sum.zero_()
             if validating:  # a resumed run replays the epochs since, exactly (the checkpoint holds the RNG states)
@@ -555,6 +586,10 @@ def _train(
 
         seconds = checkpointer.elapsed()
         if group.is_main:
+            if ema is not None and evaluated is not ema.module:  # the Mean Teacher still makes the pseudo-labels
+                save_model(ema.module, card, resume_dir / EMA_DIR)
+            if progress.best_epoch != epochs:  # the final weights too, beside the best (MMSegmentation's latest)
+                save_model(evaluated, replace(card, extra={"epoch": epochs}), resume_dir / LAST_DIR)
             _write_model_dir(out_dir, resume_dir, card, progress, seconds)
             mlflow.log_metrics({"best_val_miou": progress.best_miou, "train_seconds": seconds})
             mlflow.log_artifacts(str(out_dir), artifact_path="checkpoint")
@@ -608,8 +643,11 @@ def _run_params(
         "train_images": len(data.labeled_samples), "pseudo_images": data.pseudo_count,
         "pseudo_weight": cfg.pseudo_weight, "val_images": data.val_count,
         "class_weighting": cfg.class_weighting, "unlabeled_images": data.unlabeled_count,
+        "unlabeled_class_weighting": cfg.unlabeled_class_weighting, "ema_decay": cfg.ema.decay,
+        "ema_evaluated": cfg.ema.decay > 0 and cfg.ema.evaluate,
         **({"consistency_weight": cfg.consistency.weight, "consistency_threshold": cfg.consistency.threshold,
-            "consistency_cutmix": cfg.consistency.cutmix} if data.unlabeled_loader is not None else {}),
+            "consistency_cutmix": cfg.consistency.cutmix, "consistency_rampup": cfg.consistency.rampup}
+           if data.unlabeled_loader is not None else {}),
         **{f"model.{k}": v for k, v in options.items()},
     }
 
@@ -621,5 +659,6 @@ def _write_model_dir(out_dir: Path, resume_dir: Path, card: ModelCard, progress:
         extra = {**card.extra, "best_epoch": progress.best_epoch, "val_miou": progress.best_miou, "train_seconds": seconds}
         atomic_write_json(staging / CARD_FILE, asdict(replace(card, extra=extra)))
         (staging / "history.json").write_text(json.dumps(progress.history, indent=2) + "\n")
-        if (resume_dir / SNAPSHOTS_DIR).is_dir():
-            shutil.copytree(resume_dir / SNAPSHOTS_DIR, staging / SNAPSHOTS_DIR)
+        for folder in (SNAPSHOTS_DIR, EMA_DIR, LAST_DIR):
+            if (resume_dir / folder).is_dir():
+                shutil.copytree(resume_dir / folder, staging / folder)
