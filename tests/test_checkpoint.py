@@ -71,7 +71,8 @@ def test_checkpoint_restores_model_optimizer_scheduler_and_every_rng(tmp_path):
 def _params(workers: int, **train: object) -> dict:
     return {
         "train": {"epochs": 2, "batch_size": 2, "crop_size": 32, "device": "cpu", "optimizer": "sgd", "lr": 0.05,
-                  "checkpoint_every_steps": 1, "num_workers": workers, "use_pseudo_labels": False, **train},
+                  "checkpoint_every_steps": 1, "num_workers": workers, "use_pseudo_labels": False,
+                  "ema": {"decay": 0.9}, **train},  # the Mean Teacher's weights are the ones kept: restored too
         # batch norm buffers and dropout draws (the global RNG) must come back exactly too
         "models": {ARCH: {"width": 0.125, "batch_norm": True, "dropout": 0.5}},
         "evaluate": {"batch_size": 2},

@@ -1,5 +1,6 @@
 """Pseudo-labels: class-balanced thresholds, ST++ reliability, strong augmentation of pseudo-labeled images,
-and the semi-supervised comparison on the embedded default data at a tiny size (self-training rounds)."""
+the label-next ranking, and the teacher stage's semi-supervised comparison on the embedded default data at a
+tiny size."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from segflow.imageio import read_mask
 from segflow.inference import load_model, probabilities
 from segflow.ingest import ingest_coco
 from segflow.pseudo_label import (
-    HISTOGRAM_BINS, choose_prior_correction, class_thresholds, corrected, prediction_agreement, pseudo_label,
+    HISTOGRAM_BINS, choose_prior_correction, class_thresholds, corrected, label_priority, prediction_agreement,
+    pseudo_label,
 )
-from segflow.self_training import train_teacher
+from segflow.teacher import train_teacher
 from segflow.synth import generate
 from segflow.train import mix_labeled_and_pseudo, train
 
@@ -117,7 +119,7 @@ def semi_supervised(tmp_path_factory) -> tuple[Path, Path]:
 def _params(**sections) -> object:
     base = {
         "train": {"archs": ["unet"], "epochs": 1, "batch_size": 4, "crop_size": SIZE, "device": "cpu"},
-        "teacher": {"arch": "unet", "epochs": 3, "snapshots": 1, "rounds": 1},
+        "teacher": {"arch": "unet", "epochs": 3, "snapshots": 1},
         "pseudo_label": {"threshold": 0.95, "class_balanced": True, "class_keep_fraction": 0.5,
                          "reliable_fraction": 0.5},
         "evaluate": {"batch_size": 4, "num_overlays": 0, "inference": {"flip": True}},
@@ -164,22 +166,25 @@ def test_auto_prior_correction_picks_the_strength_with_the_best_val_miou(semi_su
     assert choose_prior_correction(_params(), teacher, None, val, torch.device("cpu"), 6) == (0.0, {})
 
 
-def test_semi_supervised_rounds_on_the_default_data(semi_supervised, tmp_path):
+def test_teacher_stage_trains_both_teachers_at_one_budget_and_keeps_the_one_val_picks(semi_supervised, tmp_path):
     data_dir, splits_csv = semi_supervised
-    params = _params(train={"class_weighting": True})
+    params = _params(train={"class_weighting": True, "ema": {"decay": 0.9}})
 
-    rounds = train_teacher(params, data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "teacher",
-                           metrics_file=tmp_path / "self_training.json")
-    assert [r["round"] for r in rounds] == [0, 1]
-    assert sum(r["best"] for r in rounds) == 1
-    metrics = json.loads((tmp_path / "self_training.json").read_text())
-    assert metrics["round_1"]["coverage"] > 0 and 0 <= metrics["round_1"]["pseudo_accuracy"] <= 1
-    assert load_model(tmp_path / "teacher")[1].extra["val_miou"] == pytest.approx(metrics["best_val_miou"])
+    summary = train_teacher(params, data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "teacher",
+                            metrics_file=tmp_path / "semi_supervised.json")
+    assert json.loads((tmp_path / "semi_supervised.json").read_text()) == summary
+    labeled, semi = summary["labeled_only"], summary["with_unlabeled"]
+    assert labeled["steps"] == semi["steps"] == 3 * (6 // 4)  # the same optimizer steps
+    assert all(0 <= arm[key] <= 1 for arm in (labeled, semi) for key in ("val_miou", "test_miou"))
+    assert summary["use_unlabeled"] == (semi["val_miou"] > labeled["val_miou"])
+    assert summary["kept"] == ("with_unlabeled" if summary["use_unlabeled"] else "labeled_only")
+    assert load_model(tmp_path / "teacher")[1].extra["val_miou"] == pytest.approx(summary[summary["kept"]]["val_miou"])
     assert len(list((tmp_path / "teacher" / "snapshots").glob("epoch_*"))) == 1
 
     # The architecture stage's pseudo-labels: the kept teacher labels every unlabeled image.
     summary = pseudo_label(params, teacher_dir=tmp_path / "teacher", data_dir=data_dir, splits_csv=splits_csv,
-                           out_dir=tmp_path / "pseudo", metrics_file=tmp_path / "pseudo_label.json")
+                           out_dir=tmp_path / "pseudo", metrics_file=tmp_path / "pseudo_label.json",
+                           label_next_file=tmp_path / "label_next.csv")
     unlabeled = load_samples(data_dir, splits_csv, "unlabeled")
     assert summary["images"] == len(unlabeled) == 16
     masks = {p.stem: read_mask(p) for p in (tmp_path / "pseudo/masks").glob("*.png")}
@@ -214,3 +219,29 @@ def test_semi_supervised_rounds_on_the_default_data(semi_supervised, tmp_path):
                              plots_dir=tmp_path / "plots")
     assert all(math.isfinite(m["miou"]) for m in arms.values())
     assert arms["labeled-only"]["test_data_hash"] == arms["pseudo-labeled"]["test_data_hash"]
+
+
+def test_label_priority_grows_with_doubt_instability_and_rare_classes():
+    assert label_priority(1.0, 1.0, 0.0) == 0.0  # sure, stable, common classes: nothing to learn
+    assert label_priority(0.0, 1.0, 1.0) == 1.0
+    assert label_priority(0.5, 1.0, 0.0) < label_priority(0.4, 1.0, 0.0)
+    assert label_priority(0.8, 1.0, 0.0) < label_priority(0.8, 0.5, 0.0)
+    assert label_priority(0.8, 1.0, 0.0) < label_priority(0.8, 1.0, 0.5)
+
+
+def test_label_next_ranks_the_images_the_teacher_gets_most_wrong_first(semi_supervised, tmp_path):
+    """On the embedded default data, with the masks of the semi-supervised protocol hidden: the images ranked in
+    the first half of label_next.csv hold more of the teacher's mistakes than the second half."""
+    data_dir, splits_csv = semi_supervised
+    params = _params(train={"epochs": 40, "val_interval": 40})
+    train(params, "unet", data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "teacher")
+    pseudo_label(params, teacher_dir=tmp_path / "teacher", data_dir=data_dir, splits_csv=splits_csv,
+                 out_dir=tmp_path / "pseudo", label_next_file=tmp_path / "label_next.csv")
+    ranking = pd.read_csv(tmp_path / "label_next.csv")
+    assert ranking["rank"].tolist() == list(range(1, 17))
+    assert ranking["priority"].is_monotonic_decreasing
+    hidden = ranking.dropna(subset=["teacher_error"])  # the 10 images whose masks are hidden
+    assert len(hidden) == 10
+    first, second = hidden.iloc[:5], hidden.iloc[5:]
+    assert first["teacher_error"].mean() > second["teacher_error"].mean()
+    assert hidden["priority"].corr(hidden["teacher_error"], method="spearman") > 0.3

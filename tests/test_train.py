@@ -11,7 +11,14 @@ from segflow.config import AugmentParams, Layout, parse_params
 from segflow.data import MEAN, STD, BatchAugment, Sample, load_samples, stack_padded
 from segflow.errors import SegflowError
 from segflow.imageio import write_mask
-from segflow.train import Checkpointer, CompiledOrEager, median_frequency_weights, prepare_model, train
+from segflow.train import (
+    Checkpointer,
+    CompiledOrEager,
+    batches_per_rank,
+    median_frequency_weights,
+    prepare_model,
+    train,
+)
 
 from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, weights
 
@@ -77,10 +84,14 @@ def test_training_with_batch_augmentation_and_pseudo_labels_runs_on_the_cpu(plai
         f"{s.image_id},{s.image_path},{s.mask_path}\n" for s in pseudo))
     params = _plain_params(batch_size=8, batch_augment=True, crop_size=24, use_pseudo_labels=True,
                            augment={"hflip": True, "scale_min": 0.5, "scale_max": 1.5})
+    params.train.epochs = 3
     result = train(params, "unet_original", data_dir=ingested, splits_csv=plain_project / Layout.splits,
                    pseudo_dir=tmp_path, out_dir=tmp_path / "model")
     assert np.isfinite(result.history[0]["train_loss"])
     assert (tmp_path / "model/model.safetensors").exists()
+    # Equal budget: the optimizer steps of labeled-only training, however many pseudo-labeled images come on top.
+    labeled = load_samples(ingested, plain_project / Layout.splits, "train")
+    assert result.steps == 3 * batches_per_rank(len(labeled), 8, 1)
 
 
 def test_val_interval_validates_and_checkpoints_every_nth_epoch_and_the_last(plain_project, tmp_path, monkeypatch):

@@ -156,7 +156,8 @@ def cache(
 def train(
     arch: Annotated[Optional[str], typer.Option(help="Architecture name (see `segflow models`).")] = None,
     teacher: Annotated[bool, typer.Option(
-        help="Train the teacher (params: teacher): labeled-only, then teacher.rounds self-training rounds.")] = False,
+        help="Train the teacher (params: teacher) labeled-only and with the unlabeled images at the same budget; "
+             "keep the one val picks (metrics/semi_supervised.json).")] = False,
     resume: Annotated[bool, typer.Option(
         help="Continue a killed run from its last checkpoint (models/.NAME.resume), exactly as if uninterrupted.")] = False,
     params_file: ParamsOption = Path("params.yaml"),
@@ -166,25 +167,32 @@ def train(
     Under `torchrun --nproc_per_node N --no-python segflow train ...` it trains on N processes (one GPU each).
     """
     from segflow.train import train as run
+    from segflow.unlabeled import labeled_only, uses_unlabeled_images
 
     params = load_params(params_file)
     if teacher == (arch is not None):
         raise SegflowError("segflow train: give exactly one of --arch NAME or --teacher.")
     if teacher and resume:
-        raise SegflowError("segflow train: --resume works with --arch NAME; the teacher's rounds start over.")
+        raise SegflowError("segflow train: --resume works with --arch NAME; the teacher stage starts over.")
     if teacher:
-        from segflow.self_training import train_teacher
+        from segflow.teacher import train_teacher
 
-        rounds = train_teacher(params, data_dir=Layout.ingested, splits_csv=Layout.splits,
-                               out_dir=Layout.models / Layout.teacher, metrics_file=Layout.metrics / "self_training.json")
-        for record in rounds:
-            typer.echo(f"teacher round {record['round']}: val mIoU {record['val_miou']:.4f}"
-                       + (" (kept)" if record["best"] else ""))
+        summary = train_teacher(params, data_dir=Layout.ingested, splits_csv=Layout.splits,
+                                out_dir=Layout.models / Layout.teacher, metrics_file=Layout.semi_supervised)
+        for arm in ("labeled_only", "with_unlabeled"):
+            if arm in summary:
+                scores = summary[arm]
+                test = "–" if scores["test_miou"] is None else f"{scores['test_miou']:.4f}"
+                typer.echo(f"teacher {arm.replace('_', ' ')}: val mIoU {scores['val_miou']:.4f}, test mIoU {test}, "
+                           f"{scores['steps']} steps")
+        typer.echo(f"unlabeled images {'used' if summary['use_unlabeled'] else 'not used'}: {summary['reason']}")
     else:
-        pseudo = Layout.pseudo if params.train.use_pseudo_labels else None
-        result = run(params, arch, data_dir=Layout.ingested, splits_csv=Layout.splits,
-                     out_dir=Layout.models / arch, pseudo_dir=pseudo, resume=resume)
-        typer.echo(f"best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} ({result.seconds:.0f} s)")
+        use_unlabeled = uses_unlabeled_images(params.train.use_pseudo_labels, Layout.semi_supervised)
+        result = run(params if use_unlabeled else labeled_only(params), arch, data_dir=Layout.ingested,
+                     splits_csv=Layout.splits, out_dir=Layout.models / arch,
+                     pseudo_dir=Layout.pseudo if use_unlabeled else None, resume=resume)
+        typer.echo(f"best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} ({result.seconds:.0f} s), "
+                   f"{'with' if use_unlabeled else 'without'} the unlabeled images")
 
 
 @app.command("pseudo-label")
@@ -193,7 +201,8 @@ def pseudo_label(params_file: ParamsOption = Path("params.yaml")) -> None:
     from segflow.pseudo_label import pseudo_label as run
 
     summary = run(load_params(params_file), teacher_dir=Layout.models / Layout.teacher, data_dir=Layout.ingested,
-                  splits_csv=Layout.splits, out_dir=Layout.pseudo, metrics_file=Layout.metrics / "pseudo_label.json")
+                  splits_csv=Layout.splits, out_dir=Layout.pseudo, metrics_file=Layout.metrics / "pseudo_label.json",
+                  label_next_file=Layout.label_next)
     typer.echo(f"pseudo-labeled {summary['images']} images, coverage {summary['coverage']:.1%}")
 
 

@@ -143,7 +143,9 @@ class TrainParams(_Section):
     decoded_cache: bool = False               # read images from data/cache (segflow cache), not decode them
     # Random scale, crop and flip per batch on the training device, not per image in the loader; auto: on CUDA.
     batch_augment: bool | Literal["auto"] = "auto"
-    use_pseudo_labels: bool = True
+    # Train on the teacher's pseudo-labels (and train.consistency) too: true, false, or auto: when the teacher
+    # stage's semi-supervised teacher beat its labeled-only twin on val (metrics/semi_supervised.json).
+    use_pseudo_labels: bool | Literal["auto"] = "auto"
     pseudo_weight: float = Field(1.0, ge=0)
     # class_weighting's weights on pseudo-labeled and unlabeled pixels: none (ST++, UniMatch: the rare classes'
     # pseudo-labels are the least precise), sqrt (softened) or full (as on labeled pixels).
@@ -156,14 +158,16 @@ class TrainParams(_Section):
 
 
 class TeacherParams(_Section):
+    """The teacher stage trains ``arch`` twice at the same budget (same optimizer steps, same initial weights):
+    labeled-only, and with the unlabeled images (train.consistency with this weight, Mean Teacher targets)."""
+
     arch: str = "unet"
-    epochs: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)  # null: train.epochs (the architectures get the same budget)
     snapshots: int = Field(0, ge=0)        # earlier checkpoints kept to rank pseudo-labels by stability (ST++)
-    rounds: int = Field(0, ge=0)           # self-training rounds: the student becomes the next teacher
-    min_improvement: float = Field(0.0, ge=0)  # a round must raise val mIoU by more than this to continue
-    # teacher: each student fine-tunes its teacher (better from a weak teacher: reports/semisup_camvid.md);
-    # scratch: it starts from random weights (Noisy Student).
-    student_init: Literal["scratch", "teacher"] = "teacher"
+    consistency_weight: float = Field(1.0, gt=0)  # the semi-supervised teacher's unlabeled loss weight
+    # train.use_pseudo_labels auto: the unlabeled images are used when the semi-supervised teacher beats the
+    # labeled-only one's val mIoU by more than this.
+    margin: float = Field(0.0, ge=0)
 
 
 class PseudoLabelParams(_Section):
@@ -334,5 +338,7 @@ class Layout:
     evaluation = Path("evaluation")
     plots = Path("plots")
     registry = Path("registry/decision.json")
+    semi_supervised = Path("metrics/semi_supervised.json")  # the teacher stage's evidence and decision
+    label_next = Path("reports/label_next.csv")  # unlabeled images, the most useful to annotate first
     leaderboard = Path("leaderboard")
     teacher = "teacher"

@@ -14,6 +14,7 @@ from segflow.fsutil import atomic_write_json, atomic_write_text
 
 COLUMNS = [
     ("miou", "test mIoU", "{:.4f}"),
+    ("best_val_miou", "val mIoU", "{:.4f}"),
     ("pixel_accuracy", "pixel acc.", "{:.4f}"),
     ("mean_class_accuracy", "mean class acc.", "{:.4f}"),
     ("parameters", "params (M)", "{:.2f}"),
@@ -29,8 +30,27 @@ def _cell(value: object, fmt: str, key: str) -> str:
     return fmt.format(value / 1e6 if key == "parameters" else value)
 
 
+SEMI_SUPERVISED_FILE = "semi_supervised.json"  # the teacher stage's evidence (segflow.teacher)
+
+
+def semi_supervised_section(summary: dict, teacher_arch: str) -> list[str]:
+    """The teacher stage's comparison as Markdown: both teachers at the same budget, and what was decided."""
+    lines = ["", f"Do the unlabeled images pay? The teacher's architecture ({teacher_arch}) trained twice at the same "
+             "budget (same optimizer steps, same initial weights):", "",
+             "| teacher | val mIoU | test mIoU | optimizer steps | kept |", "|---|---|---|---|---|"]
+    for arm, title in (("labeled_only", "labeled-only"), ("with_unlabeled", "with unlabeled")):
+        if arm in summary:
+            scores = summary[arm]
+            lines.append(f"| {title} | {_cell(scores['val_miou'], '{:.4f}', '')} | "
+                         f"{_cell(scores['test_miou'], '{:.4f}', '')} | {scores['steps']} | "
+                         f"{'yes' if summary['kept'] == arm else ''} |")
+    verdict = "used by the architectures" if summary["use_unlabeled"] else "not used"
+    return [*lines, "", f"Decision: the unlabeled images are {verdict} ({summary['reason']})."]
+
+
 def leaderboard(params: Params, *, metrics_dir: Path, names: list[str], out_json: Path, out_markdown: Path) -> list[dict]:
-    """Rank ``names`` (architectures, and ``teacher``) by test mIoU; write JSON and a Markdown table."""
+    """Rank ``names`` (architectures, and ``teacher``) by test mIoU; write JSON and a Markdown table, with the
+    teacher stage's labeled-only / with-unlabeled comparison under it when there is one."""
     rows = []
     for name in names:
         path = Path(metrics_dir) / f"{name}.json"
@@ -45,10 +65,21 @@ def leaderboard(params: Params, *, metrics_dir: Path, names: list[str], out_json
     for rank, row in enumerate(rows, 1):
         cells = " | ".join(_cell(row[key], fmt, key) for key, _, fmt in COLUMNS)
         lines.append(f"| {rank} | {row['name']} | {row['arch']} | {cells} |")
+    semi_supervised_file = Path(metrics_dir) / SEMI_SUPERVISED_FILE
+    if semi_supervised_file.exists():
+        summary = json.loads(semi_supervised_file.read_text())
+        lines += semi_supervised_section(summary, params.teacher.arch)
+        for arm in ("labeled_only", "with_unlabeled"):
+            if arm in summary:
+                rows.append({"name": f"teacher, {arm.replace('_', ' ').replace('labeled only', 'labeled-only')}",
+                             "arch": params.teacher.arch, "miou": summary[arm]["test_miou"],
+                             "best_val_miou": summary[arm]["val_miou"], "kept": summary["kept"] == arm,
+                             "use_unlabeled": summary["use_unlabeled"]})
     atomic_write_json(out_json, rows)
     atomic_write_text(out_markdown, "\n".join(lines) + "\n")
     with tracking.stage_run(params.mlflow, "leaderboard"):
         mlflow.log_artifact(str(out_json))
         mlflow.log_artifact(str(out_markdown))
-        mlflow.log_table({k: [row[k] for row in rows] for k in rows[0]}, "leaderboard_table.json")
+        ranked = [row for row in rows if "kept" not in row]
+        mlflow.log_table({k: [row[k] for row in ranked] for k in ranked[0]}, "leaderboard_table.json")
     return rows

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from segflow import IGNORE_INDEX, tracking
 from segflow.config import Params, PseudoLabelParams
 from segflow.data import Sample, SegmentationDataset, load_samples, pad_collate
-from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from segflow.imageio import read_image, read_mask, write_mask
 from segflow.inference import EMA_DIR, SNAPSHOTS_DIR, load_model, probabilities, resolve_device
 from segflow.metrics import ConfusionMatrix
@@ -173,6 +173,30 @@ class PseudoLabelScore:
         }
 
 
+LABEL_NEXT_COLUMNS = ["rank", "image_id", "image_path", "priority", "mean_confidence", "reliability", "coverage",
+                      "rare_class_share", "teacher_error"]
+
+
+def label_priority(mean_confidence: float, reliability: float, rare_class_share: float) -> float:
+    """How much a label would help, in [0, 1]: the teacher's doubt (one minus its mean confidence times the
+    ST++ stability of its prediction), raised by up to half for images whose pixels it gives to the classes
+    it rarely predicts (the classes the labeled set shows least)."""
+    doubt = 1.0 - mean_confidence * reliability
+    return doubt * (1.0 + 0.5 * rare_class_share) / 1.5
+
+
+def write_label_next(rows: list[dict], path: Path) -> None:
+    """``rows`` (one per unlabeled image) ranked by priority, most useful to annotate first, as CSV."""
+    ranked = sorted(rows, key=lambda row: (-row["priority"], row["image_id"]))
+    lines = [",".join(LABEL_NEXT_COLUMNS)]
+    for rank, row in enumerate(ranked, 1):
+        values = {**row, "rank": rank}
+        lines.append(",".join(
+            "" if values[c] is None else f"{values[c]:.6f}" if isinstance(values[c], float) else str(values[c])
+            for c in LABEL_NEXT_COLUMNS))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 def pseudo_label(
     params: Params,
     *,
@@ -182,9 +206,12 @@ def pseudo_label(
     out_dir: Path,
     metrics_file: Path | None = None,
     run_name: str | None = None,
+    label_next_file: Path | None = None,
 ) -> dict:
     """Write ``out_dir/masks/*.png``, ``pseudo_manifest.csv`` (with each image's reliability and coverage) and
-    ``examples.png``; returns the summary (coverage, thresholds, quality), also written to ``metrics_file``."""
+    ``examples.png``; returns the summary (coverage, thresholds, quality), also written to ``metrics_file``.
+    ``label_next_file`` gets the unlabeled images ranked by how much a label would help (:func:`label_priority`;
+    with masks hidden by the semi-supervised protocol, the teacher's error on each is a column too)."""
     cfg = params.pseudo_label
     device = resolve_device(params.train.device)
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
@@ -206,6 +233,11 @@ def pseudo_label(
         histograms, reliability = _predict_and_stream(params, model, snapshots, samples, raw_dir, device,
                                                       card.num_classes, class_weight, strength)
         thresholds = class_thresholds(histograms, cfg).numpy()
+        predicted_share = histograms.sum(dim=1).double()
+        predicted_share = (predicted_share / predicted_share.sum().clamp_min(1)).numpy()
+        # Classes the teacher gives fewer pixels than an even share: the ones a label would show it most.
+        rare = predicted_share < 1.0 / card.num_classes
+        label_rows = []
         (staging / "masks").mkdir()
         with open(staging / "pseudo_manifest.csv", "w", newline="") as manifest_file:
             manifest = csv.writer(manifest_file)
@@ -219,8 +251,20 @@ def pseudo_label(
                 class_pixels += np.bincount(pseudo[kept], minlength=card.num_classes)[: card.num_classes]
                 kept_pixels += int(kept.sum())
                 total_pixels += pseudo.size
+                teacher_error = None
                 if sample.mask_path is not None:  # masks hidden by the semi-supervised protocol
-                    score.update(predicted, pseudo, read_mask(sample.mask_path))
+                    truth = read_mask(sample.mask_path)
+                    score.update(predicted, pseudo, truth)
+                    known = truth != IGNORE_INDEX
+                    teacher_error = float((predicted != truth)[known].mean()) if known.any() else None
+                mean_confidence = float(confidence.mean())
+                rare_class_share = float(rare[predicted].mean())
+                label_rows.append({
+                    "image_id": sample.image_id, "image_path": str(sample.image_path),
+                    "priority": label_priority(mean_confidence, reliability[sample.image_id], rare_class_share),
+                    "mean_confidence": mean_confidence, "reliability": reliability[sample.image_id],
+                    "coverage": float(kept.mean()), "rare_class_share": rare_class_share, "teacher_error": teacher_error,
+                })
                 manifest.writerow([
                     sample.image_id, os.path.relpath(sample.image_path, out_dir), f"masks/{sample.image_id}.png",
                     f"{reliability[sample.image_id]:.6f}", f"{kept.mean():.6f}",
@@ -244,6 +288,10 @@ def pseudo_label(
         }
         save_grid(examples, ["image", "pseudo mask", "confidence"], staging / "examples.png")
         _log_to_mlflow(summary, card.arch, cfg, staging / "examples.png")
+        if label_next_file is not None:
+            Path(label_next_file).parent.mkdir(parents=True, exist_ok=True)
+            write_label_next(label_rows, Path(label_next_file))
+            mlflow.log_artifact(str(label_next_file))
     if metrics_file is not None:
         atomic_write_json(metrics_file, summary)
     return summary

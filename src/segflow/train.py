@@ -72,6 +72,13 @@ class TrainResult:
     best_epoch: int
     seconds: float
     history: list[dict[str, float]]
+    steps: int = 0  # optimizer steps taken
+
+
+def batches_per_rank(images: int, batch_size: int, world_size: int) -> int:
+    """Batches per epoch of one process: the last partial batch dropped unless it is the only one."""
+    per_rank = -(-images // world_size)
+    return per_rank // batch_size if per_rank > batch_size else 1
 
 
 def mix_labeled_and_pseudo(labeled: list[Sample], pseudo: list[Sample], oversample_labeled: bool) -> list[Sample]:
@@ -433,7 +440,7 @@ def _training_data(
     cfg = params.train
     labeled_samples = load_samples(data_dir, splits_csv, "train")
     pseudo_samples = []
-    if pseudo_dir is not None and cfg.use_pseudo_labels:
+    if pseudo_dir is not None:  # the caller decided (train.use_pseudo_labels, segflow.unlabeled)
         pseudo_samples = load_pseudo_samples(pseudo_dir, params.pseudo_label.reliable_fraction)
     train_samples = mix_labeled_and_pseudo(labeled_samples, pseudo_samples, cfg.oversample_labeled)
     val_samples = load_samples(data_dir, splits_csv, "val")
@@ -494,6 +501,11 @@ def _train(
                           cache_dir=cache_dir, batch_augment=batch_augment is not None)
     labeled_samples, sampler, train_loader = data.labeled_samples, data.sampler, data.train_loader
     batches_per_epoch = len(train_loader)
+    if data.pseudo_count:  # equal budget: as many optimizer steps as labeled-only training would take
+        labeled_batches = batches_per_rank(len(labeled_samples), cfg.batch_size, group.world_size)
+        epochs = max(1, round(epochs * labeled_batches / batches_per_epoch))
+        log.info("%s: %d labeled + %d pseudo-labeled images, %d epochs: the optimizer steps of labeled-only training",
+                 arch, len(labeled_samples), data.pseudo_count, epochs)
 
     options = params.model_options(arch)
     model, network = _build_model(arch, classes, options, group, sync_batchnorm=cfg.sync_batchnorm, init_from=init_from)
@@ -595,7 +607,8 @@ def _train(
             mlflow.log_artifacts(str(out_dir), artifact_path="checkpoint")
             checkpoint.remove(resume_dir)
     distributed.barrier(group)
-    return TrainResult(out_dir, progress.best_miou, progress.best_epoch, seconds, progress.history)
+    return TrainResult(out_dir, progress.best_miou, progress.best_epoch, seconds, progress.history,
+                       scheduler.last_epoch)
 
 
 def _build_model(

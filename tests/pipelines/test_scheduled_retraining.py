@@ -33,7 +33,7 @@ SEGFLOW = str(VENV_BIN / "segflow")
 SCHEDULED = {  # smaller still than TINY: this run is about orchestration, not about the models
     "synth": {"num_labeled": 20, "num_unlabeled": 4, "image_size": 48},
     "train": {"archs": ["unet"], "epochs": 1, "crop_size": 48},  # one architecture: enough to register and promote
-    "teacher": {"epochs": 1, "rounds": 0, "snapshots": 0},
+    "teacher": {"epochs": 1, "snapshots": 0},
     "evaluate": {"num_overlays": 1},
     "register": {"model_name": "segflow-scheduled"},
     "schedule": {"cron": "30 4 * * 2", "timezone": "Europe/Berlin", "concurrency_limit": 1},

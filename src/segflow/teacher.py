@@ -1,0 +1,86 @@
+"""The teacher stage: do the unlabeled images pay, on this data, at this budget?
+
+The teacher's architecture is trained twice from the same initial weights for the same optimizer steps:
+labeled-only, and with the unlabeled images (weak-to-strong consistency, targets from the Mean Teacher when
+``train.ema`` is on). Both are scored on val and test. The semi-supervised teacher is kept, and the architectures
+use the unlabeled images (``train.use_pseudo_labels: auto``), only when it beat its labeled-only twin on val by more
+than ``teacher.margin``; the decision and the four scores go to ``metrics/semi_supervised.json``, to MLflow and to
+the leaderboard.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+from torch.utils.data import DataLoader
+
+from segflow import tracking
+from segflow.config import Params
+from segflow.data import SegmentationDataset, load_samples, pad_collate
+from segflow.evaluate import confusion_over
+from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.inference import load_model, resolve_device
+from segflow.train import train
+from segflow.unlabeled import labeled_only, unlabeled_images_won, with_unlabeled
+
+LABELED_ONLY, WITH_UNLABELED = "labeled_only", "with_unlabeled"
+
+
+def test_miou(params: Params, model_dir: Path, data_dir: Path, splits_csv: Path) -> float | None:
+    """The model's test mIoU with the inference settings evaluation uses (None without test images)."""
+    samples = load_samples(data_dir, splits_csv, "test")
+    if not samples:
+        return None
+    device = resolve_device(params.train.device)
+    model, card = load_model(model_dir, device)
+    loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
+    confusion = confusion_over(model, loader, card.num_classes, device, params.evaluate.inference,
+                               params.train.crop_size)
+    return confusion.compute()["miou"]
+
+
+def train_teacher(params: Params, *, data_dir: Path, splits_csv: Path, out_dir: Path, metrics_file: Path) -> dict:
+    """Train both teachers, keep the one the evidence picks in ``out_dir`` and write ``metrics_file``; returns
+    its contents (``labeled_only`` and ``with_unlabeled``: val and test mIoU, optimizer steps, seconds;
+    ``use_unlabeled``, ``kept``, ``margin``, ``reason``)."""
+    cfg = params.teacher
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    epochs = cfg.epochs or params.train.epochs
+    arms = {LABELED_ONLY: labeled_only(params)}
+    unlabeled = load_samples(data_dir, splits_csv, "unlabeled")
+    if unlabeled:
+        arms[WITH_UNLABELED] = with_unlabeled(params, cfg.consistency_weight)
+    scores = {}
+    with tracking.stage_run(params.mlflow, "teacher", "teacher") as run, \
+            tracking.runs_nested_under(run.info.run_id), \
+            tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-arms-") as work_dir:
+        for name, arm_params in arms.items():
+            result = train(arm_params, cfg.arch, data_dir=data_dir, splits_csv=splits_csv,
+                           out_dir=Path(work_dir) / name, epochs=epochs, run_name=f"teacher {name.replace('_', '-')}",
+                           snapshots=cfg.snapshots)
+            scores[name] = {"val_miou": result.best_miou,
+                            "test_miou": test_miou(params, result.model_dir, data_dir, splits_csv),
+                            "steps": result.steps, "seconds": result.seconds}
+        if WITH_UNLABELED not in scores:
+            use, reason = False, f"no unlabeled images in {splits_csv}"
+        else:
+            use = unlabeled_images_won(scores[LABELED_ONLY]["val_miou"], scores[WITH_UNLABELED]["val_miou"], cfg.margin)
+            reason = (f"val mIoU {scores[WITH_UNLABELED]['val_miou']:.4f} with the unlabeled images against "
+                      f"{scores[LABELED_ONLY]['val_miou']:.4f} without (margin {cfg.margin:g})")
+        kept = WITH_UNLABELED if use else LABELED_ONLY
+        with atomic_dir(out_dir) as staging:
+            shutil.copytree(Path(work_dir) / kept, staging, dirs_exist_ok=True)
+        summary = {**scores, "use_unlabeled": use, "kept": kept, "margin": cfg.margin, "reason": reason}
+        mlflow.log_params({"teacher_arch": cfg.arch, "epochs": epochs, "margin": cfg.margin,
+                           "consistency_weight": cfg.consistency_weight, "unlabeled_images": len(unlabeled)})
+        mlflow.log_metrics({f"{arm}.{key}": value for arm, arm_scores in scores.items()
+                            for key, value in arm_scores.items() if value is not None})
+        mlflow.log_metric("use_unlabeled", float(use))
+        mlflow.set_tags({"segflow.use_unlabeled": str(use).lower(), "segflow.decision": reason})
+        mlflow.log_dict(summary, "semi_supervised.json")
+    atomic_write_json(metrics_file, summary)
+    return summary

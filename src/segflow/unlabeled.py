@@ -1,0 +1,52 @@
+"""Whether the unlabeled images are used after the teacher stage: its evidence, read by the stages after it.
+
+The teacher stage trains the teacher's architecture labeled-only and with the unlabeled images at the same
+budget and writes both scores and the decision to ``metrics/semi_supervised.json``; with
+``train.use_pseudo_labels: auto`` the architectures use the unlabeled images (pseudo-labels, and
+``train.consistency`` if on) only when the semi-supervised teacher won on val by more than ``teacher.margin``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from segflow.config import Params
+from segflow.errors import SegflowError
+
+
+def unlabeled_images_won(labeled_only_val: float, with_unlabeled_val: float, margin: float) -> bool:
+    """The semi-supervised model won: its val score beats the labeled-only one's by more than ``margin``."""
+    return math.isfinite(with_unlabeled_val) and (
+        not math.isfinite(labeled_only_val) or with_unlabeled_val > labeled_only_val + margin)
+
+
+def uses_unlabeled_images(setting: bool | str, decision_file: Path) -> bool:
+    """``train.use_pseudo_labels``: true or false as set; auto as the teacher stage decided."""
+    if setting != "auto":
+        return bool(setting)
+    try:
+        return bool(json.loads(Path(decision_file).read_text())["use_unlabeled"])
+    except FileNotFoundError:
+        raise SegflowError(f"{decision_file}: missing; train.use_pseudo_labels is auto, which follows the teacher "
+                           "stage's decision: run `segflow train --teacher` first (or set it to true or false).") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise SegflowError(f"{decision_file}: not a teacher-stage decision (no use_unlabeled key); run "
+                           "`segflow train --teacher` again.") from None
+
+
+def labeled_only(params: Params) -> Params:
+    """``params`` with the unlabeled images left out: no pseudo-labels, no consistency loss."""
+    train = params.train.model_copy(update={
+        "use_pseudo_labels": False, "consistency": params.train.consistency.model_copy(update={"weight": 0.0})})
+    return params.model_copy(update={"train": train})
+
+
+def with_unlabeled(params: Params, consistency_weight: float) -> Params:
+    """``params`` with weak-to-strong consistency on the unlabeled images at ``consistency_weight`` (no
+    pseudo-labels: this is the teacher that would make them)."""
+    train = params.train.model_copy(update={
+        "use_pseudo_labels": False,
+        "consistency": params.train.consistency.model_copy(update={"weight": consistency_weight})})
+    return params.model_copy(update={"train": train})
