@@ -85,6 +85,9 @@ def test_training_with_batch_augmentation_and_pseudo_labels_runs_on_the_cpu(plai
     params = _plain_params(batch_size=8, batch_augment=True, crop_size=24, use_pseudo_labels=True,
                            augment={"hflip": True, "scale_min": 0.5, "scale_max": 1.5})
     params.train.epochs = 3
+    pseudo = pseudo * 3  # 12 pseudo-labeled images on top of the labeled ones: longer epochs, fewer of them
+    (tmp_path / "pseudo_manifest.csv").write_text("image_id,image_path,mask_path\n" + "".join(
+        f"{s.image_id}-{n},{s.image_path},{s.mask_path}\n" for n, s in enumerate(pseudo)))
     result = train(params, "unet_original", data_dir=ingested, splits_csv=plain_project / Layout.splits,
                    pseudo_dir=tmp_path, out_dir=tmp_path / "model")
     assert np.isfinite(result.history[0]["train_loss"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import json
 import logging
 import math
@@ -500,18 +501,23 @@ def _train(
     data = _training_data(params, group, data_dir=data_dir, splits_csv=splits_csv, pseudo_dir=pseudo_dir,
                           cache_dir=cache_dir, batch_augment=batch_augment is not None)
     labeled_samples, sampler, train_loader = data.labeled_samples, data.sampler, data.train_loader
-    batches_per_epoch = len(train_loader)
-    if data.pseudo_count:  # equal budget: as many optimizer steps as labeled-only training would take
-        labeled_batches = batches_per_rank(len(labeled_samples), cfg.batch_size, group.world_size)
-        epochs = max(1, round(epochs * labeled_batches / batches_per_epoch))
-        log.info("%s: %d labeled + %d pseudo-labeled images, %d epochs: the optimizer steps of labeled-only training",
-                 arch, len(labeled_samples), data.pseudo_count, epochs)
+    batches_per_epoch = last_epoch_batches = len(train_loader)
+    if data.pseudo_count:  # equal budget: the batches (so the optimizer steps) labeled-only training would take
+        total_batches = epochs * batches_per_rank(len(labeled_samples), cfg.batch_size, group.world_size)
+        epochs = -(-total_batches // batches_per_epoch)
+        last_epoch_batches = total_batches - (epochs - 1) * batches_per_epoch
+        log.info("%s: %d labeled + %d pseudo-labeled images, %d batches: as many as labeled-only training takes",
+                 arch, len(labeled_samples), data.pseudo_count, total_batches)
+
+    def epoch_batches(epoch: int) -> int:
+        return last_epoch_batches if epoch == epochs else batches_per_epoch
 
     options = params.model_options(arch)
     model, network = _build_model(arch, classes, options, group, sync_batchnorm=cfg.sync_batchnorm, init_from=init_from)
     optimizer = build_optimizer(cfg, model, device)
     steps_per_epoch = -(-batches_per_epoch // cfg.accumulate_steps)
-    scheduler = build_scheduler(cfg, optimizer, epochs * steps_per_epoch)
+    total_steps = (epochs - 1) * steps_per_epoch + -(-last_epoch_batches // cfg.accumulate_steps)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
     amp = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     class_weight = None
@@ -524,7 +530,7 @@ def _train(
                      pseudo_weight=cfg.pseudo_weight, class_weight=class_weight, compile=cfg.compile,
                      batch_augment=batch_augment, consistency=cfg.consistency,
                      unlabeled_class_weight=unlabeled_class_weight(class_weight, cfg.unlabeled_class_weighting),
-                     ema=ema, total_steps=epochs * steps_per_epoch)
+                     ema=ema, total_steps=total_steps)
 
     resume_dir = checkpoint.resume_dir_for(out_dir)
     settings = _resume_settings(cfg, arch, epochs, options, data, group, init_from, batch_augment is not None)
@@ -552,19 +558,20 @@ def _train(
 
             def after_optimizer_step(batches_done: int, epoch: int = epoch) -> None:
                 global_step = (epoch - 1) * steps_per_epoch + -(-batches_done // cfg.accumulate_steps)
-                if every and global_step % every == 0 and batches_done < batches_per_epoch:
+                if every and global_step % every == 0 and batches_done < epoch_batches(epoch):
                     progress.epoch, progress.batches_done = epoch, batches_done
                     checkpointer.save(progress, loss_sum)
 
             model.train()
             sampler.set_epoch(epoch, start=first_batch * cfg.batch_size)
-            bar = tqdm(train_loader, desc=f"{run_name} epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True,
-                       initial=first_batch, total=batches_per_epoch, disable=not group.is_main)
-            train_epoch(step, bar, first_batch=first_batch, batches_per_epoch=batches_per_epoch,
+            bar = tqdm(itertools.islice(train_loader, epoch_batches(epoch) - first_batch),
+                       desc=f"{run_name} epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True,
+                       initial=first_batch, total=epoch_batches(epoch), disable=not group.is_main)
+            train_epoch(step, bar, first_batch=first_batch, batches_per_epoch=epoch_batches(epoch),
                         accumulate=cfg.accumulate_steps, loss_sum=loss_sum, after_optimizer_step=after_optimizer_step,
                         unlabeled=unlabeled)
             distributed.all_reduce_sum(loss_sum, group)
-            train_loss = (loss_sum / max(1, batches_per_epoch * group.world_size)).item()
+            train_loss = (loss_sum / max(1, epoch_batches(epoch) * group.world_size)).item()
             if not math.isfinite(train_loss):
                 raise SegflowError(f"training {arch} diverged at epoch {epoch} (loss {train_loss}); lower train.lr.")
             record = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}

@@ -55,10 +55,19 @@ def test_pipeline_registers_and_promotes_the_best_architecture(pipeline_decision
     assert pipeline_decision["arch"] == best
     assert json.loads((project / "metrics/pseudo_label.json").read_text())["coverage"] > 0
     assert (project / "data/validation/data_docs/index.html").exists()
-    board = json.loads((project / "leaderboard/leaderboard.json").read_text())
+    rows = json.loads((project / "leaderboard/leaderboard.json").read_text())
+    board = [row for row in rows if "kept" not in row]
     assert {r["name"] for r in board} == {*TINY["train"]["archs"], "teacher"}
     assert [r["miou"] for r in board] == sorted((r["miou"] for r in board), reverse=True)
     assert all(row["gflops"] > 0 and row["train_seconds"] > 0 for row in board)
+    # The teacher stage's evidence: both teachers, scored on val and test, and the decision taken.
+    semi = json.loads((project / "metrics/semi_supervised.json").read_text())
+    twins = {row["name"]: row for row in rows if "kept" in row}
+    assert set(twins) == {"teacher, labeled-only", "teacher, with unlabeled"}
+    assert twins["teacher, with unlabeled"]["kept"] == semi["use_unlabeled"]
+    assert twins["teacher, labeled-only"]["miou"] == semi["labeled_only"]["test_miou"]
+    assert semi["labeled_only"]["steps"] == semi["with_unlabeled"]["steps"]
+    assert "Decision: the unlabeled images are" in (project / "leaderboard/leaderboard.md").read_text()
 
 
 def test_champion_loads_without_pickle_and_predicts_a_mask(pipeline_decision, project):
