@@ -119,7 +119,7 @@ class EmaParams(_Section):
 
 
 class TrainParams(_Section):
-    archs: list[str] = Field(default_factory=lambda: ["unet", "deeplabv3plus", "pspnet", "fcn8s"])
+    archs: list[str] = Field(default_factory=lambda: ["unet", "deeplabv3plus", "pspnet"])
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
     crop_size: int = Field(128, ge=16)
@@ -167,7 +167,7 @@ class TeacherParams(_Section):
     consistency_weight: float = Field(1.0, gt=0)  # the semi-supervised teacher's unlabeled loss weight
     # train.use_pseudo_labels auto: the unlabeled images are used when the semi-supervised teacher beats the
     # labeled-only one's val mIoU by more than this.
-    margin: float = Field(0.0, ge=0)
+    margin: float = Field(0.01, ge=0)
 
 
 class PseudoLabelParams(_Section):
