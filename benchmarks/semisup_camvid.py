@@ -193,7 +193,22 @@ def markdown(setup: dict, rows: list[dict], table: list[dict]) -> str:
         fraction = "all (367)" if r["fraction"] is None else f"{r['fraction']:g} ({r['labeled_images']})"
         lines.append(f"| {fraction} | {r['seed']} | {r['arm']} | {_pct(r['test_miou'])} | {_pct(r['test_miou_last'])} "
                      f"| {_pct(r['val_miou'])} | {r['best_step']} / {r['steps']} | {r['minutes']:.1f} |")
+    lines += per_class_table(rows, sorted({r["fraction"] for r in rows if r["fraction"] is not None}))
     return "\n".join(lines) + "\n\n" + HISTORY
+
+
+def per_class_table(rows: list[dict], fractions: list[float]) -> list[str]:
+    """Test IoU per class, mean over seeds: where the unlabeled images help or hurt, and what labels would give."""
+    columns = [(f"{arm} {fraction:g}", [r for r in rows if r["arm"] == arm and r["fraction"] == fraction])
+               for fraction in fractions for arm in ARMS[:2]]
+    columns.append(("oracle", [r for r in rows if r["arm"] == "oracle"]))
+    columns = [(title, runs) for title, runs in columns if runs]
+    lines = ["", "Test IoU per class (mean over seeds):", "", "| class | " + " | ".join(t for t, _ in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for name in CLASSES:
+        lines.append(f"| {name} | " + " | ".join(_pct(statistics.fmean(r["per_class_iou"][name] for r in runs))
+                                                 for _, runs in columns) + " |")
+    return lines
 
 
 def main() -> None:
@@ -253,6 +268,7 @@ def main() -> None:
         "unlabeled loss": f"weight {args.consistency:g}, threshold {args.threshold:g}, CutMix 0.5, ramp-up over "
                           f"{args.rampup:.0%} of the steps, no class weights",
         "inference": "whole image, no TTA", "device": _device(),
+        "minutes": "wall clock of each training, validation included, on a machine other jobs shared at times",
     }
     rows: list[dict] = []
     plan = []  # seed by seed, so that a stopped run leaves whole seeds behind
