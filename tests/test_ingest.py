@@ -232,7 +232,7 @@ def test_manifest_points_at_images_relative_to_final_out(tmp_path):
         "split": "",
     }
     assert (out / row["image_path"]).resolve() == image.resolve()
-    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "manifest.csv", "masks"]
+    assert sorted(p.name for p in out.iterdir()) == [".segflow-output", "classes.json", "manifest.csv", "masks"]
     assert (report.labeled, report.unlabeled, report.warnings) == (1, 0, [])
     assert report.classes == ["background", "box"]
 
@@ -660,3 +660,48 @@ def test_parse_value_map_reads_pairs():
 def test_parse_value_map_rejects_bad_text(text):
     with pytest.raises(SegflowError, match="Value map"):
         parse_value_map(text)
+
+
+# --- outputs never swallow inputs -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def coco_project(tmp_path):
+    """P/images (two images) and P/annotations.json, as a team's project folder holds them."""
+    project = tmp_path / "P"
+    for name in ("a.png", "b.png"):
+        save_image(project / "images" / name, 10, 8)
+    write_json(project / "annotations.json", good_doc())
+    return project
+
+
+@pytest.mark.parametrize("out, relation", [("images", "is the input"), (".", "contains the input"),
+                                           ("images/ingested", "lies inside the input")])
+def test_an_output_overlapping_the_inputs_is_refused_and_nothing_is_lost(coco_project, out, relation):
+    before = snapshot(coco_project)
+    with pytest.raises(SegflowError, match=f"output folder .* {relation}"):
+        ingest_coco(coco_project / "images", coco_project / "annotations.json", coco_project / out)
+    assert snapshot(coco_project) == before
+
+
+def test_masks_output_inside_a_masks_folder_is_refused(tmp_path):
+    save_image(tmp_path / "img" / "a.png", 4, 4)
+    (tmp_path / "ann").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "ann" / "a.png")
+    with pytest.raises(SegflowError, match="lies inside the input"):
+        ingest_masks([MaskSource(tmp_path / "img", tmp_path / "ann")], tmp_path / "ann" / "out")
+
+
+def test_a_folder_segflow_did_not_write_is_never_replaced_but_its_own_output_is(coco_project, tmp_path):
+    mine = tmp_path / "work"
+    (mine / ".git").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SegflowError, match=r"was not written by segflow \(it holds no .segflow-output"):
+        ingest_coco(coco_project / "images", coco_project / "annotations.json", mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / ".git").is_dir()
+
+    out = tmp_path / "out"
+    out.mkdir()  # new and empty: fine
+    for _ in range(2):  # and its own output is replaced on the next run
+        ingest_coco(coco_project / "images", coco_project / "annotations.json", out)
+    assert (out / ".segflow-output").is_file() and (out / "manifest.csv").is_file()

@@ -107,6 +107,7 @@ def test_registered_model_uri_gives_the_same_predictions(tmp_path, model_dir, im
 def test_unknown_model_and_an_output_folder_holding_the_images_are_errors(tmp_path, images_dir):
     with pytest.raises(SegflowError, match="no such model folder"), resolve_model_dir(tmp_path / "nowhere"):
         pass
-    with pytest.raises(SegflowError, match="would replace the folder holding the images"):
-        predict(parse_params(PARAMS), model=tmp_path / "nowhere", images_dir=images_dir, out_dir=tmp_path)
+    for out_dir, relation in [(tmp_path, "contains"), (images_dir, "is"), (images_dir / "predicted", "lies inside")]:
+        with pytest.raises(SegflowError, match=f"output folder .* {relation} the input"):
+            predict(parse_params(PARAMS), model=tmp_path / "nowhere", images_dir=images_dir, out_dir=out_dir)
     assert sorted(p.name for p in images_dir.iterdir()) == ["a.png", "b.jpg", "c.bmp", "notes.txt"]

@@ -41,7 +41,7 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path: Path) 
     synth.generate(tmp_path / "b", seed=11, **kwargs)
     synth.generate(tmp_path / "c", seed=12, **kwargs)
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
-    assert len(files) == 1 + 4 + 2
+    assert len(files) == 1 + 4 + 2 + 1  # annotations, images, unlabeled images, the output marker
     for relative in files:
         assert (first / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes(), relative
 
@@ -203,3 +203,15 @@ def test_bad_arguments_raise_a_user_error_naming_the_argument(
         synth.generate(out, **{"num_labeled": 2, "num_unlabeled": 0, "image_size": 32, **kwargs})
     assert "\n" not in str(excinfo.value)
     assert not out.exists()
+
+
+def test_synth_never_replaces_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / "README.md").write_text("my project")
+    with pytest.raises(SegflowError, match="was not written by segflow"):
+        synth.generate(project, num_labeled=1, num_unlabeled=0, image_size=32)
+    assert (project / "README.md").read_text() == "my project" and (project / ".git").is_dir()
+    synth.generate(tmp_path / "data", num_labeled=1, num_unlabeled=0, image_size=32)
+    synth.generate(tmp_path / "data", num_labeled=2, num_unlabeled=0, image_size=32)  # its own: replaced
+    assert len(list((tmp_path / "data/images").iterdir())) == 2

@@ -7,9 +7,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from segflow.errors import SegflowError
+
+# In every folder that a user names as an output and segflow writes whole: only such a folder is replaced.
+OUTPUT_MARKER = ".segflow-output"
 
 
 @contextlib.contextmanager
@@ -31,6 +36,38 @@ def atomic_dir(out: Path | str) -> Iterator[Path]:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_overlap(out: Path | str, inputs: Iterable[Path | str | None], command: str) -> None:
+    """Refuse an output folder that is, contains or lies inside one of ``inputs``: replacing it whole would
+    delete the input, or the input would read its own output."""
+    final = Path(out).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if final == source or final in source.parents or source in final.parents:
+            relation = "is" if final == source else "contains" if final in source.parents else "lies inside"
+            raise SegflowError(
+                f"{command}: the output folder {out} {relation} the input {given}: writing it (it is replaced "
+                "whole) would delete the input or mix with it. Choose an output folder apart from the inputs.")
+
+
+@contextlib.contextmanager
+def owned_dir(out: Path | str, command: str, inputs: Iterable[Path | str | None] = ()) -> Iterator[Path]:
+    """:func:`atomic_dir` for a folder the user names: refused when it overlaps ``inputs`` or when it exists,
+    is not empty and was not written by segflow (no :data:`OUTPUT_MARKER`), so that no user folder, a git
+    checkout say, is ever replaced. The marker goes into the new folder."""
+    out = Path(out)
+    refuse_overlap(out, inputs, command)
+    if out.exists() and not (out / OUTPUT_MARKER).exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SegflowError(
+            f"{command}: {out} exists and was not written by segflow (it holds no {OUTPUT_MARKER} file); the "
+            "output folder is replaced whole, so it must be new, empty or an earlier output. Choose another "
+            "folder, or empty or remove this one yourself.")
+    with atomic_dir(out) as staging:
+        (staging / OUTPUT_MARKER).write_text("Written by segflow, which replaces this folder whole when it runs again.\n")
+        yield staging
 
 
 @contextlib.contextmanager

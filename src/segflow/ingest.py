@@ -1,6 +1,7 @@
 """Ingest stage: turn COCO annotations or folders of index masks into segflow's dataset layout.
 
-Output, written inside ``fsutil.atomic_dir`` so a failed ingest leaves the previous output untouched:
+Output, written inside ``fsutil.owned_dir`` so a failed ingest leaves the previous output untouched (and an
+output folder that overlaps the inputs, or that segflow did not write, is refused):
 
 - ``OUT/masks/<image_id>.png``: uint8 single-channel index mask, same size as its image, 255 = ignore.
 - ``OUT/manifest.csv``: ``image_id,image_path,mask_path,width,height,split``, one row per image. Paths
@@ -48,7 +49,7 @@ from pycocotools import mask as mask_utils
 
 from segflow import IGNORE_INDEX
 from segflow.errors import SegflowError
-from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.fsutil import atomic_write_json, owned_dir, refuse_overlap
 from segflow.imageio import image_size, read_mask, write_mask
 
 if TYPE_CHECKING:
@@ -115,6 +116,8 @@ def ingest_coco(
 ) -> IngestReport:
     """Rasterize a COCO instance-segmentation file into index masks and write the dataset layout to ``out``."""
     images, annotations, out = Path(images), Path(annotations), Path(out)
+    inputs = [images, annotations, unlabeled]
+    refuse_overlap(out, inputs, "segflow ingest")  # before any work: the inputs are what it would replace
     final_out = _final_location(out)
     coco = _load_coco(annotations)
     skipped = (final_out,) if unlabeled is None else (final_out, Path(unlabeled))
@@ -127,7 +130,7 @@ def ingest_coco(
         raise SegflowError(f"{annotations}: no image it lists was found under {images}; nothing to ingest.")
 
     names = [BACKGROUND] + [name for _, name in coco.categories]
-    with atomic_dir(out) as tmp:
+    with owned_dir(out, "segflow ingest", inputs) as tmp:
         (tmp / "masks").mkdir()
         write_one = partial(_write_coco_mask, coco=coco, annotations_file=annotations, masks_dir=tmp / "masks")
         rows = _parallel_map(write_one, items)
@@ -161,6 +164,8 @@ def ingest_masks(
     final_out = _final_location(out)
     if not sources:
         raise SegflowError("ingest_masks needs at least one (images folder, masks folder) source.")
+    inputs = [unlabeled, *(folder for source in sources for folder in (source.images, source.masks))]
+    refuse_overlap(out, inputs, "segflow ingest")
     if classes is not None:
         _check_class_names(classes)
     lookup = _value_lookup(value_map, ignore_value)
@@ -177,7 +182,7 @@ def ingest_masks(
         folders = ", ".join(f"{source.images} with {source.masks}" for source in sources)
         raise SegflowError(f"No image has a mask (paired by file name without extension) in: {folders}.")
 
-    with atomic_dir(out) as tmp:
+    with owned_dir(out, "segflow ingest", inputs) as tmp:
         (tmp / "masks").mkdir()
         num_classes = None if classes is None else len(classes)
         convert_one = partial(_convert_mask, lookup=lookup, num_classes=num_classes, masks_dir=tmp / "masks")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from segflow.config import Params
 from segflow.data import stack_padded, to_tensor
 from segflow.errors import SegflowError
-from segflow.fsutil import atomic_dir, atomic_open
+from segflow.fsutil import atomic_open, owned_dir, refuse_overlap
 from segflow.imageio import read_image, write_image, write_mask
 from segflow.inference import load_model, predict_classes, resolve_device, resolve_model_dir
 from segflow.visualize import overlay
@@ -58,11 +58,9 @@ def csv_mask(mask: torch.Tensor, size: tuple[int, int]) -> str:
 
 
 def _check_outputs(images_dir: Path, out_dir: Path, csv_file: Path | None) -> None:
-    # ``out_dir`` is replaced whole: it must not hold the input images or the CSV.
-    out = out_dir.resolve()
-    if images_dir.resolve().is_relative_to(out):
-        raise SegflowError(f"--out {out_dir} would replace the folder holding the images ({images_dir}).")
-    if csv_file is not None and csv_file.resolve().is_relative_to(out):
+    # ``out_dir`` is replaced whole: it must not hold, or lie inside, the input images, nor hold the CSV.
+    refuse_overlap(out_dir, [images_dir], "segflow predict")
+    if csv_file is not None and csv_file.resolve().is_relative_to(out_dir.resolve()):
         raise SegflowError(f"--csv {csv_file} lies inside --out {out_dir}, which is replaced whole; put it elsewhere.")
 
 
@@ -83,7 +81,7 @@ def predict(
         network, card = load_model(model_dir, device)
     cfg = params.predict
     csv_output = atomic_open(csv_file, "w", newline="") if csv_file is not None else contextlib.nullcontext()
-    with csv_output as csv_handle, atomic_dir(out_dir) as staging:
+    with csv_output as csv_handle, owned_dir(out_dir, "segflow predict", [images_dir]) as staging:
         (staging / "masks").mkdir()
         (staging / "overlays").mkdir()
         rows = csv.writer(csv_handle) if csv_handle is not None else None

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from segflow.errors import SegflowError
-from segflow.fsutil import atomic_dir
+from segflow.fsutil import owned_dir
 from segflow.imageio import write_image
 
 
@@ -450,7 +450,7 @@ def generate(
     images, annotations = [], []
     instances_per_class = dict.fromkeys(CLASS_NAMES, 0)
     name_of = {c.id: c.name for c in CATEGORIES}
-    with atomic_dir(out) as tmp:
+    with owned_dir(out, "segflow synth") as tmp:
         (tmp / "images").mkdir()
         (tmp / "unlabeled").mkdir()
         for index in range(num_labeled):
