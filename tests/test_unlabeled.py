@@ -7,7 +7,13 @@ import pytest
 
 from segflow.config import parse_params
 from segflow.errors import SegflowError
-from segflow.unlabeled import labeled_only, unlabeled_images_won, uses_unlabeled_images, with_unlabeled
+from segflow.unlabeled import (
+    architecture_params,
+    labeled_only,
+    unlabeled_images_won,
+    uses_unlabeled_images,
+    with_unlabeled,
+)
 
 
 def test_unlabeled_images_win_only_by_more_than_the_margin():
@@ -47,3 +53,16 @@ def test_the_two_arms_differ_only_in_the_unlabeled_images():
     for arm in (without, semi):
         assert arm.train.model_dump(exclude={"consistency", "use_pseudo_labels"}) == \
             params.train.model_dump(exclude={"consistency", "use_pseudo_labels"})
+
+
+@pytest.mark.parametrize("decided", [True, False])
+def test_architectures_follow_the_decision_and_an_explicit_setting_keeps_its_consistency(tmp_path, decided):
+    decision = tmp_path / "semi_supervised.json"
+    decision.write_text(json.dumps({"use_unlabeled": decided}))
+    consistency = {"weight": 0.5}
+    auto, use = architecture_params(parse_params({"train": {"consistency": consistency}}), decision)
+    assert use is decided and auto.train.consistency.weight == (0.5 if decided else 0.0)
+    for setting in (True, False):
+        params = parse_params({"train": {"use_pseudo_labels": setting, "consistency": consistency}})
+        forced, use = architecture_params(params, decision)
+        assert use is setting and forced.train.consistency.weight == 0.5

@@ -167,7 +167,7 @@ def train(
     Under `torchrun --nproc_per_node N --no-python segflow train ...` it trains on N processes (one GPU each).
     """
     from segflow.train import train as run
-    from segflow.unlabeled import labeled_only, uses_unlabeled_images
+    from segflow.unlabeled import architecture_params
 
     params = load_params(params_file)
     if teacher == (arch is not None):
@@ -187,12 +187,12 @@ def train(
                            f"{scores['steps']} steps")
         typer.echo(f"unlabeled images {'used' if summary['use_unlabeled'] else 'not used'}: {summary['reason']}")
     else:
-        use_unlabeled = uses_unlabeled_images(params.train.use_pseudo_labels, Layout.semi_supervised)
-        result = run(params if use_unlabeled else labeled_only(params), arch, data_dir=Layout.ingested,
-                     splits_csv=Layout.splits, out_dir=Layout.models / arch,
-                     pseudo_dir=Layout.pseudo if use_unlabeled else None, resume=resume)
+        arch_params, use_pseudo_labels = architecture_params(params, Layout.semi_supervised)
+        result = run(arch_params, arch, data_dir=Layout.ingested, splits_csv=Layout.splits,
+                     out_dir=Layout.models / arch, pseudo_dir=Layout.pseudo if use_pseudo_labels else None,
+                     resume=resume)
         typer.echo(f"best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} ({result.seconds:.0f} s), "
-                   f"{'with' if use_unlabeled else 'without'} the unlabeled images")
+                   f"{'with' if use_pseudo_labels else 'without'} the pseudo-labels")
 
 
 @app.command("pseudo-label")

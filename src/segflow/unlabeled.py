@@ -36,6 +36,15 @@ def uses_unlabeled_images(setting: bool | str, decision_file: Path) -> bool:
                            "`segflow train --teacher` again.") from None
 
 
+def architecture_params(params: Params, decision_file: Path) -> tuple[Params, bool]:
+    """What an architecture trains with, and whether on the pseudo-labels: ``train.use_pseudo_labels`` true or
+    false as set (``train.consistency`` as set too); auto as the teacher stage decided, the consistency loss
+    dropped with the pseudo-labels when the unlabeled images did not pay."""
+    if uses_unlabeled_images(params.train.use_pseudo_labels, decision_file):
+        return params, True
+    return (params if params.train.use_pseudo_labels is False else labeled_only(params)), False
+
+
 def labeled_only(params: Params) -> Params:
     """``params`` with the unlabeled images left out: no pseudo-labels, no consistency loss."""
     train = params.train.model_copy(update={
