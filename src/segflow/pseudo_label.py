@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from segflow import IGNORE_INDEX, tracking
 from segflow.config import Params, PseudoLabelParams
 from segflow.data import Sample, SegmentationDataset, load_samples, pad_collate
-from segflow.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from segflow.fsutil import atomic_dir, atomic_open, atomic_write_json
 from segflow.imageio import read_image, read_mask, write_mask
 from segflow.inference import EMA_DIR, SNAPSHOTS_DIR, load_model, probabilities, resolve_device
 from segflow.metrics import ConfusionMatrix
@@ -188,13 +188,13 @@ def label_priority(mean_confidence: float, reliability: float, rare_class_share:
 def write_label_next(rows: list[dict], path: Path) -> None:
     """``rows`` (one per unlabeled image) ranked by priority, most useful to annotate first, as CSV."""
     ranked = sorted(rows, key=lambda row: (-row["priority"], row["image_id"]))
-    lines = [",".join(LABEL_NEXT_COLUMNS)]
-    for rank, row in enumerate(ranked, 1):
-        values = {**row, "rank": rank}
-        lines.append(",".join(
-            "" if values[c] is None else f"{values[c]:.6f}" if isinstance(values[c], float) else str(values[c])
-            for c in LABEL_NEXT_COLUMNS))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    with atomic_open(path, "w", newline="") as out:
+        table = csv.writer(out)
+        table.writerow(LABEL_NEXT_COLUMNS)
+        for rank, row in enumerate(ranked, 1):
+            values = {**row, "rank": rank}
+            table.writerow(["" if values[c] is None else f"{values[c]:.6f}" if isinstance(values[c], float)
+                            else values[c] for c in LABEL_NEXT_COLUMNS])
 
 
 def pseudo_label(
