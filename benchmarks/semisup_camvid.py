@@ -99,7 +99,7 @@ def run_arm(args, arm: str, fraction: float | None, seed: int, data_dir: Path, s
     params = arm_params(args, arm, seed, labeled)
     model_dir = run_dir / "model"
     result = train(params, args.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=model_dir,
-                   run_name=f"{arm} seed {seed}")
+                   run_name=f"{arm} seed {seed}", keep_last=True)
     test = score(params, model_dir, data_dir, splits_csv, "test")
     last_dir = model_dir / LAST_DIR
     test_last = score(params, last_dir, data_dir, splits_csv, "test")["miou"] if last_dir.is_dir() else test["miou"]

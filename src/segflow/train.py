@@ -386,6 +386,7 @@ def train(
     resume: bool = False,
     cache_dir: Path = CACHE_DIR,
     init_from: Path | None = None,
+    keep_last: bool = False,
 ) -> TrainResult:
     """Train ``arch`` and write ``out_dir/{model.safetensors, model.json, history.json}`` atomically.
 
@@ -397,6 +398,7 @@ def train(
     ``train.batch_size`` is per process and rank 0 alone logs and writes (segflow.distributed).
     With ``train.decoded_cache`` images come from the cache in ``cache_dir`` (segflow.cache), built from
     ``data_dir``. ``init_from`` (a model folder of the same architecture and classes) gives the starting weights.
+    ``keep_last`` also keeps the final weights in ``out_dir/last`` when val picked an earlier epoch.
     """
     if arch not in models.available():
         raise SegflowError(f"unknown architecture {arch!r}; available: {', '.join(models.available())}.")
@@ -404,7 +406,8 @@ def train(
     try:
         return _train(params, arch, group, data_dir=data_dir, splits_csv=splits_csv, out_dir=Path(out_dir),
                       pseudo_dir=pseudo_dir, epochs=epochs or params.train.epochs, run_name=run_name or arch,
-                      snapshots=snapshots, resume=resume, cache_dir=cache_dir, init_from=init_from)
+                      snapshots=snapshots, resume=resume, cache_dir=cache_dir, init_from=init_from,
+                      keep_last=keep_last)
     finally:
         distributed.teardown(group)
 
@@ -490,7 +493,7 @@ def _training_data(
 def _train(
     params: Params, arch: str, group: ProcessGroup, *, data_dir: Path, splits_csv: Path, out_dir: Path,
     pseudo_dir: Path | None, epochs: int, run_name: str, snapshots: int, resume: bool, cache_dir: Path,
-    init_from: Path | None,
+    init_from: Path | None, keep_last: bool,
 ) -> TrainResult:
     cfg = params.train
     device = group.device
@@ -607,7 +610,7 @@ def _train(
         if group.is_main:
             if ema is not None and evaluated is not ema.module:  # the Mean Teacher still makes the pseudo-labels
                 save_model(ema.module, card, resume_dir / EMA_DIR)
-            if progress.best_epoch != epochs:  # the final weights too, beside the best (MMSegmentation's latest)
+            if keep_last and progress.best_epoch != epochs:  # the final weights beside the best (MMSeg's latest)
                 save_model(evaluated, replace(card, extra={"epoch": epochs}), resume_dir / LAST_DIR)
             _write_model_dir(out_dir, resume_dir, card, progress, seconds)
             mlflow.log_metrics({"best_val_miou": progress.best_miou, "train_seconds": seconds})
