@@ -39,9 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from camvid_leaderboard import CLASSES, REPO, SPLITS, VOID, resize_camvid  # noqa: E402
 
 from segflow.config import DataParams, Params, parse_params  # noqa: E402
-from segflow.data import SegmentationDataset, load_samples, pad_collate  # noqa: E402
-from segflow.evaluate import confusion_over  # noqa: E402
-from segflow.inference import LAST_DIR, load_model, read_card, resolve_device  # noqa: E402
+from segflow.evaluate import score_split  # noqa: E402
+from segflow.inference import LAST_DIR, read_card  # noqa: E402
 from segflow.ingest import ingest_from_params  # noqa: E402
 from segflow.split import make_splits  # noqa: E402
 from segflow.train import train  # noqa: E402
@@ -73,17 +72,6 @@ def arm_params(args: argparse.Namespace, arm: str, seed: int, train_images: int)
     return parse_params(params, f"benchmark params ({arm})")
 
 
-def score(params: Params, model_dir: Path, data_dir: Path, splits_csv: Path, split: str) -> dict:
-    device = resolve_device(params.train.device)
-    model, _ = load_model(model_dir, device)
-    loader = SegmentationDataset(load_samples(data_dir, splits_csv, split))
-    from torch.utils.data import DataLoader
-
-    confusion = confusion_over(model, DataLoader(loader, batch_size=16, collate_fn=pad_collate), len(CLASSES), device,
-                               params.evaluate.inference, params.train.crop_size)
-    return confusion.compute()
-
-
 def run_arm(args, arm: str, fraction: float | None, seed: int, data_dir: Path, stats_csv: Path, work: Path) -> dict:
     """Train and score one arm (cached in its folder: a second call reads the row)."""
     name = "oracle" if arm == "oracle" else f"fraction-{fraction:g}-{arm}"
@@ -100,9 +88,9 @@ def run_arm(args, arm: str, fraction: float | None, seed: int, data_dir: Path, s
     model_dir = run_dir / "model"
     result = train(params, args.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=model_dir,
                    run_name=f"{arm} seed {seed}", keep_last=True)
-    test = score(params, model_dir, data_dir, splits_csv, "test")
+    test = score_split(params, model_dir, data_dir, splits_csv, "test")
     last_dir = model_dir / LAST_DIR
-    test_last = score(params, last_dir, data_dir, splits_csv, "test")["miou"] if last_dir.is_dir() else test["miou"]
+    test_last = score_split(params, last_dir, data_dir, splits_csv, "test")["miou"] if last_dir.is_dir() else test["miou"]
     steps_per_epoch = max(1, labeled // params.train.batch_size)
     row = {
         "fraction": fraction, "seed": seed, "arm": arm, "round": 0, "labeled_images": labeled,

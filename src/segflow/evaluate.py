@@ -62,6 +62,18 @@ def confusion_with_crf(
     return plain, refined
 
 
+def score_split(params: Params, model_dir: Path, data_dir: Path, splits_csv: Path, split: str) -> dict | None:
+    """A model folder's scores on one split, predicted as evaluation predicts (None when the split is empty)."""
+    samples = load_samples(data_dir, splits_csv, split)
+    if not samples:
+        return None
+    device = resolve_device(params.train.device)
+    model, card = load_model(model_dir, device)
+    loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
+    return confusion_over(model, loader, card.num_classes, device, params.evaluate.inference,
+                          params.train.crop_size).compute()
+
+
 def split_fingerprint(samples: list[Sample]) -> str:
     """Hash of the test images and masks, so a score is only ever compared with one on the same data."""
     digest = hashlib.sha1()

@@ -31,6 +31,7 @@ def _cell(value: object, fmt: str, key: str) -> str:
 
 
 SEMI_SUPERVISED_FILE = "semi_supervised.json"  # the teacher stage's evidence (segflow.teacher)
+TEACHER_ARMS = {"labeled_only": "labeled-only", "with_unlabeled": "with unlabeled"}
 
 
 def semi_supervised_section(summary: dict, teacher_arch: str) -> list[str]:
@@ -38,7 +39,7 @@ def semi_supervised_section(summary: dict, teacher_arch: str) -> list[str]:
     lines = ["", f"Do the unlabeled images pay? The teacher's architecture ({teacher_arch}) trained twice at the same "
              "budget (same optimizer steps, same initial weights):", "",
              "| teacher | val mIoU | test mIoU | optimizer steps | kept |", "|---|---|---|---|---|"]
-    for arm, title in (("labeled_only", "labeled-only"), ("with_unlabeled", "with unlabeled")):
+    for arm, title in TEACHER_ARMS.items():
         if arm in summary:
             scores = summary[arm]
             lines.append(f"| {title} | {_cell(scores['val_miou'], '{:.4f}', '')} | "
@@ -69,9 +70,9 @@ def leaderboard(params: Params, *, metrics_dir: Path, names: list[str], out_json
     if semi_supervised_file.exists():
         summary = json.loads(semi_supervised_file.read_text())
         lines += semi_supervised_section(summary, params.teacher.arch)
-        for arm in ("labeled_only", "with_unlabeled"):
+        for arm, title in TEACHER_ARMS.items():
             if arm in summary:
-                rows.append({"name": f"teacher, {arm.replace('_', ' ').replace('labeled only', 'labeled-only')}",
+                rows.append({"name": f"teacher, {title}",
                              "arch": params.teacher.arch, "miou": summary[arm]["test_miou"],
                              "best_val_miou": summary[arm]["val_miou"], "kept": summary["kept"] == arm,
                              "use_unlabeled": summary["use_unlabeled"]})

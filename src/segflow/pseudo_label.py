@@ -289,7 +289,6 @@ def pseudo_label(
         save_grid(examples, ["image", "pseudo mask", "confidence"], staging / "examples.png")
         _log_to_mlflow(summary, card.arch, cfg, staging / "examples.png")
         if label_next_file is not None:
-            Path(label_next_file).parent.mkdir(parents=True, exist_ok=True)
             write_label_next(label_rows, Path(label_next_file))
             mlflow.log_artifact(str(label_next_file))
     if metrics_file is not None:

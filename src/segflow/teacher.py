@@ -15,31 +15,15 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from torch.utils.data import DataLoader
-
 from segflow import tracking
 from segflow.config import Params
-from segflow.data import SegmentationDataset, load_samples, pad_collate
-from segflow.evaluate import confusion_over
+from segflow.data import load_samples
+from segflow.evaluate import score_split
 from segflow.fsutil import atomic_dir, atomic_write_json
-from segflow.inference import load_model, resolve_device
 from segflow.train import train
 from segflow.unlabeled import labeled_only, unlabeled_images_won, with_unlabeled
 
 LABELED_ONLY, WITH_UNLABELED = "labeled_only", "with_unlabeled"
-
-
-def test_miou(params: Params, model_dir: Path, data_dir: Path, splits_csv: Path) -> float | None:
-    """The model's test mIoU with the inference settings evaluation uses (None without test images)."""
-    samples = load_samples(data_dir, splits_csv, "test")
-    if not samples:
-        return None
-    device = resolve_device(params.train.device)
-    model, card = load_model(model_dir, device)
-    loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
-    confusion = confusion_over(model, loader, card.num_classes, device, params.evaluate.inference,
-                               params.train.crop_size)
-    return confusion.compute()["miou"]
 
 
 def train_teacher(params: Params, *, data_dir: Path, splits_csv: Path, out_dir: Path, metrics_file: Path) -> dict:
@@ -62,8 +46,9 @@ def train_teacher(params: Params, *, data_dir: Path, splits_csv: Path, out_dir: 
             result = train(arm_params, cfg.arch, data_dir=data_dir, splits_csv=splits_csv,
                            out_dir=Path(work_dir) / name, epochs=epochs, run_name=f"teacher {name.replace('_', '-')}",
                            snapshots=cfg.snapshots)
+            test = score_split(params, result.model_dir, data_dir, splits_csv, "test")
             scores[name] = {"val_miou": result.best_miou,
-                            "test_miou": test_miou(params, result.model_dir, data_dir, splits_csv),
+                            "test_miou": None if test is None else test["miou"],
                             "steps": result.steps, "seconds": result.seconds}
         if WITH_UNLABELED not in scores:
             use, reason = False, f"no unlabeled images in {splits_csv}"

@@ -47,14 +47,12 @@ def architecture_params(params: Params, decision_file: Path) -> tuple[Params, bo
 
 def labeled_only(params: Params) -> Params:
     """``params`` with the unlabeled images left out: no pseudo-labels, no consistency loss."""
-    train = params.train.model_copy(update={
-        "use_pseudo_labels": False, "consistency": params.train.consistency.model_copy(update={"weight": 0.0})})
-    return params.model_copy(update={"train": train})
+    return with_unlabeled(params, 0.0)
 
 
 def with_unlabeled(params: Params, consistency_weight: float) -> Params:
-    """``params`` with weak-to-strong consistency on the unlabeled images at ``consistency_weight`` (no
-    pseudo-labels: this is the teacher that would make them)."""
+    """``params`` with weak-to-strong consistency on the unlabeled images at ``consistency_weight`` (0: none) and
+    no pseudo-labels (this is the teacher that would make them)."""
     train = params.train.model_copy(update={
         "use_pseudo_labels": False,
         "consistency": params.train.consistency.model_copy(update={"weight": consistency_weight})})
