@@ -1,7 +1,8 @@
 """Prefect flow: the DVC pipeline, one task per stage, inside one MLflow parent run.
 
 DVC decides what is up to date (an unchanged stage is skipped in under a second); Prefect adds retries with
-back-off for transient failures, logs, and the run record. A stage that fails on bad input is not retried.
+back-off for transient failures (a killed stage, an unreachable tracking server), logs, and the run record. A
+stage that rejects its input, refuses a promotion or crashes is not retried: the same input fails the same way.
 
     python pipelines/training_pipeline.py            # ephemeral Prefect, embedded MLflow
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,39 +24,36 @@ from prefect import flow, get_run_logger, task
 from segflow import tracking
 from segflow.config import Layout, load_params
 
-USER_ERROR_MARKER = "segflow: error:"
+# What a failed segflow command prints first (segflow.cli.main): "segflow: error: ..." or "segflow: internal error: ...".
+ERROR_MARKER = re.compile(r"segflow: (?:internal )?error: (.*)")
+STAGE_EXIT = re.compile(r"exited with (-?\d+)")  # DVC's "failed to run: CMD, exited with N"
+KILLED_BY_SIGNAL = {128 + signal.SIGKILL, 128 + signal.SIGTERM}  # a shell's report of a killed process
 
 
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero for a reason that may pass (a server down, a killed process)."""
+    """A DVC stage failed in a way that running it again on the same input cannot change: rejected data or
+    parameters, a refused promotion, a crash of segflow itself."""
 
 
-class BadInput(StageFailed):
-    """A stage rejected the data or the parameters: retrying cannot help."""
+class TransientFailure(StageFailed):
+    """A stage killed from outside (out of memory, a preempted node) or a tracking server that could not be
+    reached: worth retrying."""
 
 
-def dvc_stages(project: Path) -> list[str]:
-    """Stage names (``train@unet`` for matrix stages) in dependency order, ties broken by name."""
-    with Repo(str(project)) as repo:
-        graph = repo.index.graph.reverse()  # DVC's edges point from a stage to what it depends on
-        return [stage.addressing for stage in nx.lexicographical_topological_sort(graph, key=lambda s: s.addressing)]
+def _retry_if_transient(task, task_run, state) -> bool:
+    return isinstance(state.result(raise_on_failure=False), TransientFailure)
 
 
-def _retry_unless_bad_input(task, task_run, state) -> bool:
-    return not isinstance(state.result(raise_on_failure=False), BadInput)
-
-
-def dvc_failure(what: str, returncode: int, user_errors: list[str]) -> StageFailed:
-    """The error for a failed DVC command, from the ``segflow: error:`` lines it printed.
-
-    A stage that could not reach the MLflow server failed for a reason that may pass, so only the other
-    user errors make it bad input.
-    """
-    rejected = [error for error in user_errors if tracking.SERVER_UNREACHABLE not in error]
-    if rejected:
-        return BadInput(f"{what} rejected its input: {' '.join(rejected)}")
-    detail = f": {' '.join(user_errors)}" if user_errors else "; see the log above"
-    return StageFailed(f"{what} failed (exit {returncode}){detail}")
+def dvc_failure(what: str, returncode: int, errors: list[str], stage_exit: int | None = None) -> StageFailed:
+    """The error for a failed DVC command, from the ``segflow: error:`` lines it printed and the exit status
+    of the stage's command (``stage_exit``; None when DVC failed before running one)."""
+    detail = f": {' '.join(errors)}" if errors else "; see the log above"
+    status = returncode if stage_exit is None else stage_exit
+    if any(tracking.SERVER_UNREACHABLE in error for error in errors):
+        return TransientFailure(f"{what} could not reach the tracking server{detail}")
+    if status < 0 or status in KILLED_BY_SIGNAL:
+        return TransientFailure(f"{what} was killed (exit {status}){detail}")
+    return StageFailed(f"{what} failed (exit {status}){detail}")
 
 
 def run_dvc(args: list[str], project: Path, what: str) -> None:
@@ -64,18 +64,20 @@ def run_dvc(args: list[str], project: Path, what: str) -> None:
         [sys.executable, "-m", "dvc", *args], cwd=project, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
     )
-    user_errors = []
+    errors, stage_exit = [], None
     for line in process.stdout:
         line = line.rstrip()
         if line:
             logger.info(line)
-        if USER_ERROR_MARKER in line:
-            user_errors.append(line.split(USER_ERROR_MARKER, 1)[1].strip())
+        if error := ERROR_MARKER.search(line):
+            errors.append(error.group(1).strip())
+        if status := STAGE_EXIT.search(line):
+            stage_exit = int(status.group(1))
     if process.wait() != 0:
-        raise dvc_failure(what, process.returncode, user_errors)
+        raise dvc_failure(what, process.returncode, errors, stage_exit)
 
 
-@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_bad_input, task_run_name="{stage}")
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_if_transient, task_run_name="{stage}")
 def run_stage(stage: str, project: Path) -> None:
     run_dvc(["repro", "--single-item", stage], project, f"stage {stage}")
 

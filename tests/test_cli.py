@@ -54,3 +54,28 @@ def test_models_list_of_an_unknown_registered_model_names_it(tmp_path):
 def test_ingest_masks_needs_one_mask_folder_per_image_folder(tmp_path):
     result = _run("ingest", "masks", "--images", "a", "--masks", "b", "--masks", "c", "--out", "out", cwd=tmp_path)
     assert result.returncode == 2 and "one --masks" in result.stderr
+
+
+def test_a_crash_exits_3_in_one_line_with_the_traceback_in_a_log(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from segflow import cli, split
+
+    def crash(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(split, "make_splits", crash)  # fault injection: a bug inside a stage
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["segflow", "split"])
+    monkeypatch.setenv("DVC_STAGE", "split")
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 3
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert "segflow: internal error: ZeroDivisionError: division by zero" in stderr
+    assert "`dvc checkout split` restores them" in stderr
+    logs = list((tmp_path / ".segflow/crash-logs").iterdir())
+    assert len(logs) == 1 and str(logs[0]) in stderr
+    assert "Traceback" in logs[0].read_text() and "segflow split" in logs[0].read_text()

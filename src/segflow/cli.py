@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from segflow.config import Layout, load_params
-from segflow.errors import SegflowError
+from segflow.errors import INTERNAL_ERROR, SegflowError
 
 app = typer.Typer(
     help="segflow: from raw images to a registered, promoted segmentation model. "
@@ -344,7 +344,8 @@ def list_registered_versions(
 
 
 def main() -> None:
-    """Entry point: user mistakes become one paragraph on stderr and a non-zero exit, not a traceback."""
+    """Entry point: user mistakes become one paragraph on stderr and exit 1 or 2; a crash of segflow itself one
+    line and exit 3, its traceback in a log file (segflow.errors has the codes)."""
     # Libraries stay at WARNING: Great Expectations and MLflow are chatty at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("segflow").setLevel(os.environ.get("SEGFLOW_LOG_LEVEL", "INFO"))
@@ -355,8 +356,11 @@ def main() -> None:
         # A tracking server that is down is no programming error either: say so in one paragraph too.
         error = exc if isinstance(exc, SegflowError) else _unreachable_server_error(exc)
         if error is None:
-            raise
-        typer.echo(f"segflow: error: {error}", err=True)
+            log_file = _write_crash_log(exc)
+            typer.echo(f"segflow: internal error: {type(exc).__name__}: {exc}. This is a bug in segflow, not a "
+                       f"problem with your input; the traceback is in {log_file}.{_dvc_recovery()}", err=True)
+            sys.exit(INTERNAL_ERROR)
+        typer.echo(f"segflow: error: {error}{_dvc_recovery()}", err=True)
         sys.exit(error.exit_code)
 
 
@@ -366,3 +370,31 @@ def _unreachable_server_error(exc: Exception) -> SegflowError | None:
     from segflow.tracking import unreachable_server_error
 
     return unreachable_server_error(exc)
+
+
+def _write_crash_log(exc: Exception) -> Path:
+    """The traceback and the command line in ``.segflow/crash-logs/`` (the system's temporary folder if the
+    project folder is not writable)."""
+    import tempfile
+    import time
+    import traceback
+
+    text = f"segflow {' '.join(sys.argv[1:])}\n\n{''.join(traceback.format_exception(exc))}"
+    name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
+    for folder in (Path(".segflow/crash-logs"), Path(tempfile.gettempdir()) / "segflow-crash-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return (folder / name).resolve()
+        except OSError:
+            continue
+    return Path("(unwritable: no crash log)")
+
+
+def _dvc_recovery() -> str:
+    """Under `dvc repro`, DVC removed the stage's previous outputs before running it: say how to get them back."""
+    stage = os.environ.get("DVC_STAGE")
+    if not stage:
+        return ""
+    return (f" DVC removed the previous outputs of stage {stage} before running it; `dvc checkout {stage}` "
+            "restores them from its cache.")

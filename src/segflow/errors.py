@@ -1,4 +1,13 @@
-"""User-facing errors: one readable paragraph, no traceback."""
+"""Errors and the exit codes they end a command with.
+
+0 success; 1 the data failed validation or a promotion was refused; 2 the user's input (data, parameters,
+files) is wrong; 3 segflow itself failed (a bug: the traceback goes to a log file). The Prefect flow retries
+none of these: only a stage killed from outside or a tracking server that cannot be reached is transient.
+"""
+
+VALIDATION_FAILED = 1
+USER_ERROR = 2
+INTERNAL_ERROR = 3
 
 
 class SegflowError(Exception):
@@ -8,10 +17,10 @@ class SegflowError(Exception):
     because every stage writes to a temporary place first (see ``segflow.fsutil``).
     """
 
-    exit_code = 2
+    exit_code = USER_ERROR
 
 
 class ValidationFailed(SegflowError):
     """The data did not pass the Great Expectations suite."""
 
-    exit_code = 1
+    exit_code = VALIDATION_FAILED

@@ -5,11 +5,17 @@ to champion (through the same gate as ``register``, or forced with a recorded re
 Every champion change holds :func:`promotion_lock` and appends to ``champion_history``; a version whose model
 files are gone from the artifact store is never made champion. Only gating loads torch (to score models):
 listing, forcing and rolling back stay quick.
+
+A version's files are checked against the registry, not against themselves: registering tags the version with
+the SHA-256 of its MLmodel and weights, and :func:`download_registered_model` (every segflow load of a
+``models:/`` URI) refuses a download that does not match, so write access to the artifact store alone cannot
+change what segflow loads. See :mod:`segflow.pyfunc_model` for what loading through MLflow itself checks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -25,10 +31,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from segflow import CARD_FILE, WEIGHTS_FILE, tracking
 from segflow.config import Params
-from segflow.errors import SegflowError
+from segflow.errors import VALIDATION_FAILED, SegflowError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
@@ -38,12 +45,20 @@ LOCK_WAIT_S = 60.0
 # Does-not-exist too: the holder released the lock between our failed insert and MLflow's look-up of it.
 _LOCK_TAKEN = (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(RESOURCE_DOES_NOT_EXIST))
 FORCED_REASON_TAG = "forced_promotion_reason"
+# The module MLflow imports to load a registered model (its ``_load_pyfunc``), from the installed segflow
+# package: the artifact store holds no code.
+LOADER_MODULE = "segflow.pyfunc_model"
+WEIGHTS_TAG = "weights_sha256"
+MLMODEL_TAG = "mlmodel_sha256"
+# MLmodel metadata: {file name: SHA-256} of the weights and card in the model's data folder.
+FILES_METADATA_KEY = "segflow_files_sha256"
+REGISTER_AGAIN = "register the model again with `segflow register`"
 
 
 class PromotionRefused(SegflowError):
     """The gate (or the registry's state) refused a promotion; the champion is unchanged."""
 
-    exit_code = 1
+    exit_code = VALIDATION_FAILED
 
 
 @dataclass
@@ -149,9 +164,78 @@ def record_champion(client: MlflowClient, name: str, entry: dict) -> None:
         )
 
 
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def check_sha256(model: str, recorded: dict[Path, str | None]) -> None:
+    """Refuse to load ``model`` unless each file has the SHA-256 ``recorded`` for it when it was registered."""
+    for path, expected in recorded.items():
+        actual = file_sha256(path) if path.is_file() else None
+        if actual is None or actual != expected:
+            raise SegflowError(
+                f"{model}: {path.name} has SHA-256 {actual or 'none (the file is missing)'}, not the "
+                f"{expected or 'none'} recorded when it was registered: its files in the artifact store were "
+                f"changed or damaged since, so it is not loaded. Restore them, or {REGISTER_AGAIN}."
+            )
+
+
+def segflow_flavor(mlmodel: Model, model: str) -> dict:
+    """``model``'s python_function flavor, refused unless it loads with segflow's own :data:`LOADER_MODULE` and
+    takes no code from the artifact store."""
+    flavor = mlmodel.flavors.get("python_function", {})
+    loader, code = flavor.get("loader_module"), flavor.get("code") or flavor.get("model_code_path")
+    if loader == LOADER_MODULE and not code and "data" in flavor:
+        return flavor
+    if flavor.get("model_code_path"):
+        raise SegflowError(f"{model} was registered by an older segflow, which stored the model's code in the "
+                           f"artifact store; segflow no longer loads such a version: {REGISTER_AGAIN}.")
+    raise SegflowError(
+        f"{model}: its MLmodel loads with {loader!r}{' and code from the artifact store' if code else ''}, not with "
+        f"segflow's {LOADER_MODULE!r} from the installed package: not a segflow model, or its MLmodel was "
+        "altered in the artifact store. It is neither loaded nor promoted."
+    )
+
+
+def registered_files(version: ModelVersion, local: Path) -> Path:
+    """The data folder (weights and card) of ``version``'s artifact downloaded to ``local``, once its MLmodel
+    and weights match the SHA-256s in the version's tags and the card the one in the (now trusted) MLmodel."""
+    model = f"{version.name} v{version.version}"
+    if MLMODEL_TAG not in version.tags or WEIGHTS_TAG not in version.tags:
+        raise SegflowError(f"{model} has no {MLMODEL_TAG} and {WEIGHTS_TAG} tags to check its files against "
+                           f"(registered by an older segflow, or not by segflow): {REGISTER_AGAIN}.")
+    mlmodel_file = local / MLMODEL_FILE
+    check_sha256(model, {mlmodel_file: version.tags[MLMODEL_TAG]})  # before reading anything it says
+    mlmodel = Model.load(mlmodel_file)
+    data_dir = local / segflow_flavor(mlmodel, model)["data"]
+    card_sha256 = (mlmodel.metadata or {}).get(FILES_METADATA_KEY, {}).get(CARD_FILE)
+    check_sha256(model, {data_dir / WEIGHTS_FILE: version.tags[WEIGHTS_TAG], data_dir / CARD_FILE: card_sha256})
+    return data_dir
+
+
+def download_registered_model(uri: str, dst: Path) -> Path:
+    """Download the registered version ``uri`` names (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) into
+    ``dst``; returns its data folder, checked against the registry (:func:`registered_files`)."""
+    client = MlflowClient()
+    try:
+        resolved = get_model_name_and_version(client, uri)
+        if len(resolved) == 1:  # models:/<model id>: a logged model, with no registry record to check it against
+            raise SegflowError(f"{uri}: not a registered model version; give models:/NAME/VERSION or "
+                               "models:/NAME@ALIAS, whose files segflow checks against the registry.")
+        version = client.get_model_version(*resolved)
+        # The version resolved once: an alias moved meanwhile must not bring files other than those its tags describe.
+        local = mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(dst))
+    except (MlflowException, OSError) as exc:
+        if (unreachable := tracking.unreachable_server_error(exc)) is not None:
+            raise unreachable from exc
+        raise SegflowError(f"{uri}: cannot download the model ({exc}).") from None
+    return registered_files(version, Path(local))
+
+
 def missing_artifacts(name: str, version: str) -> list[str]:
-    """The files the served model needs (MLmodel, the model code, the weights and card) that the artifact
-    store no longer has."""
+    """The files the served model needs (MLmodel, the weights and card) that the artifact store no longer has;
+    a version whose MLmodel does not load with segflow's own module is refused (:func:`segflow_flavor`)."""
     uri = f"models:/{name}/{version}"
     try:
         repo = get_artifact_repository(uri)
@@ -162,12 +246,9 @@ def missing_artifacts(name: str, version: str) -> list[str]:
         raise PromotionRefused(f"{name} v{version}: cannot read its model artifact ({exc.message}).") from None
     if MLMODEL_FILE not in present:
         return [MLMODEL_FILE]
-    flavor = Model.load(uri).flavors.get("python_function", {})
-    model_dir = flavor.get("artifacts", {}).get("model_dir", {}).get("path")
-    if model_dir is None or "model_code_path" not in flavor:
-        raise SegflowError(f"{name} v{version} is not a segflow model (no model code and model_dir in its MLmodel).")
-    present |= {f.path for f in repo.list_artifacts(model_dir)}
-    needed = [Path(flavor["model_code_path"]).name, f"{model_dir}/{WEIGHTS_FILE}", f"{model_dir}/{CARD_FILE}"]
+    data_dir = segflow_flavor(Model.load(uri), f"{name} v{version}")["data"]
+    present |= {f.path for f in repo.list_artifacts(data_dir)}
+    needed = [f"{data_dir}/{WEIGHTS_FILE}", f"{data_dir}/{CARD_FILE}"]
     return [path for path in needed if path not in present]
 
 

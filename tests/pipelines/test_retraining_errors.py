@@ -15,13 +15,17 @@ from segflow.tracking import SERVER_UNREACHABLE
 from stack_testing import free_port
 
 
-def test_dvc_failures_are_bad_input_unless_the_tracking_server_was_unreachable(project_root):
+def test_only_killed_stages_and_unreachable_servers_are_retried(project_root):
     training = load_flow_module(project_root, "training_pipeline")
-    bad = training.dvc_failure("stage ingest", 255, ["annotations.json: not valid JSON."])
-    assert isinstance(bad, training.BadInput) and "annotations.json" in str(bad)
-    down = training.dvc_failure("stage register", 255, [f"{SERVER_UNREACHABLE} at http://mlflow:5000 (...)."])
-    assert type(down) is training.StageFailed and SERVER_UNREACHABLE in str(down)
-    assert type(training.dvc_failure("stage train", -9, [])) is training.StageFailed
+    bad = training.dvc_failure("stage ingest", 1, ["annotations.json: not valid JSON."], stage_exit=2)
+    assert type(bad) is training.StageFailed and "annotations.json" in str(bad) and "exit 2" in str(bad)
+    crash = training.dvc_failure("stage train@unet", 1, ["internal error: ZeroDivisionError: ..."], stage_exit=3)
+    assert type(crash) is training.StageFailed
+    down = training.dvc_failure("stage register", 1, [f"{SERVER_UNREACHABLE} at http://mlflow:5000 (...)."], 2)
+    assert type(down) is training.TransientFailure and SERVER_UNREACHABLE in str(down)
+    assert type(training.dvc_failure("stage train", 1, [], stage_exit=-9)) is training.TransientFailure
+    assert type(training.dvc_failure("stage train", 1, [], stage_exit=137)) is training.TransientFailure
+    assert type(training.dvc_failure("stage train", -15, [])) is training.TransientFailure  # dvc itself killed
 
 
 def test_schedule_needs_a_running_prefect_server():
@@ -50,3 +54,25 @@ def test_data_is_synced_with_the_named_or_default_dvc_remote_only(tmp_path, proj
         retraining.dvc_remote(tmp_path, "team")
     dvc(tmp_path, "remote", "default", "backup")
     assert retraining.dvc_remote(tmp_path, None) == "backup"
+
+
+@pytest.mark.parametrize(("command", "runs"), [
+    ("exit 3", 1),        # segflow crashed: the same input crashes again, no retry
+    ("exit 2", 1),        # rejected input
+    ("kill -9 $$", 3),    # killed from outside (the OOM killer, a preempted node): retried twice
+])
+def test_the_flow_retries_a_killed_stage_but_not_a_failed_one(tmp_path, project_root, prefect_harness, command, runs):
+    training = load_flow_module(project_root, "training_pipeline")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc(tmp_path, "init", "-q")
+    (tmp_path / "dvc.yaml").write_text(
+        f"stages:\n  flaky:\n    cmd: sh -c 'echo run >> attempts.txt; {command}'\n    outs: [out.txt]\n")
+    from prefect import flow
+
+    @flow
+    def one_stage() -> None:
+        training.run_stage.with_options(retry_delay_seconds=0)("flaky", tmp_path)
+
+    with pytest.raises(training.StageFailed):
+        one_stage()
+    assert (tmp_path / "attempts.txt").read_text().count("run") == runs
