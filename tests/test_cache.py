@@ -1,10 +1,10 @@
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from segflow import data
 from segflow.cache import INDEX_FILE, build_cache, open_cache
 from segflow.config import Layout, parse_params
 from segflow.data import Sample, SegmentationDataset
@@ -102,13 +102,13 @@ def test_an_image_whose_size_disagrees_with_the_manifest_stops_the_build(ingeste
     assert not (tmp_path / "cache").exists()
 
 
-def test_training_from_the_cache_gives_the_same_weights(tmp_path):
+def test_training_from_the_cache_gives_the_same_weights(tmp_path, monkeypatch):
     project = make_project(tmp_path / "project", train=4)
     build_cache(project / Layout.ingested, project / "cache")
     for name, cached in [("decoded", False), ("cached", True)]:
-        if cached:  # so the run can only read the cache
-            shutil.rmtree(project / "synthetic")
-            shutil.rmtree(project / Layout.ingested / "masks")
+        if cached:  # so the run can only read the cache (the files stay: the cache is checked against them)
+            for reader in ("read_image", "read_mask"):
+                monkeypatch.setattr(data, reader, lambda path: pytest.fail(f"decoded {path}"))
         params = parse_params({
             "train": {"epochs": 1, "batch_size": 2, "crop_size": SIZE, "device": "cpu", "use_pseudo_labels": False,
                       "decoded_cache": cached},
@@ -118,3 +118,14 @@ def test_training_from_the_cache_gives_the_same_weights(tmp_path):
               out_dir=tmp_path / name, cache_dir=project / "cache")
     decoded, cached = weights(tmp_path / "decoded"), weights(tmp_path / "cached")
     assert all(torch.equal(cached[name], value) for name, value in decoded.items())
+
+
+@pytest.mark.parametrize("edit, changed", [
+    (lambda data: write_mask(data / "masks/c.png", np.zeros((32, 32), np.uint8)), "changed masks/c.png"),
+    (lambda data: write_image(data.parent / "photos/b.png", np.zeros((17, 11, 3), np.uint8)), "changed ../photos/b.png"),
+])
+def test_a_cache_of_other_pixels_is_stale_even_with_the_manifest_unchanged(ingested, tmp_path, edit, changed):
+    build_cache(ingested, tmp_path / "cache")
+    edit(ingested)  # annotations edited and re-ingested: same manifest, other masks
+    with pytest.raises(SegflowError, match=f"stale: .* has {changed} since it was built"):
+        open_cache(tmp_path / "cache", ingested)

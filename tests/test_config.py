@@ -47,3 +47,20 @@ def test_model_options_are_copies():
     options["encoder_name"] = "changed"
     assert params.model_options("unet") == {"encoder_name": "resnet18"}
     assert params.model_options("fcn8s") == {}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"train": {"epochs": True}}, "train.epochs: expected a number or text, not true/false"),
+    ({"train": {"augment": {"scale_min": 1.5, "scale_max": 1.25}}}, "scale_min 1.5 is larger than scale_max 1.25"),
+    ({"train": {"archs": []}}, "train.archs: List should have at least 1 item"),
+    ({"register": {"metric": "mIoU"}}, "register.metric: Input should be 'miou'"),
+    ({"register": {"model_name": "seg'flow"}}, "register.model_name: String should match pattern"),
+])
+def test_values_that_crashed_a_later_stage_are_refused_naming_the_key(raw, message):
+    with pytest.raises(SegflowError, match=message):
+        parse_params(raw)
+
+
+def test_true_and_false_stay_valid_where_the_key_takes_them():
+    params = parse_params({"train": {"use_pseudo_labels": True, "augment": {"hflip": False}}})
+    assert params.train.use_pseudo_labels is True and params.train.augment.hflip is False

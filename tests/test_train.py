@@ -218,6 +218,17 @@ def test_a_student_can_start_from_its_teachers_weights(plain_project, tmp_path):
         train(_plain_params(), "fcn8s", out_dir=tmp_path / "other", init_from=tmp_path / "teacher", **data)
 
 
+def test_a_crop_larger_than_every_training_image_is_refused_before_it_eats_the_memory(plain_project, tmp_path):
+    data = {"data_dir": plain_project / Layout.ingested, "splits_csv": plain_project / Layout.splits}
+    # The images' side times train.augment.scale_max (every other test trains at exactly that crop).
+    with pytest.raises(SegflowError, match=f"train.crop_size 4096 is larger .* Set train.crop_size to at most {SIZE}"):
+        train(_plain_params(crop_size=4096), "unet_original", out_dir=tmp_path / "huge", **data)
+    with pytest.raises(SegflowError, match=f"at most {SIZE * 2}"):
+        train(_plain_params(crop_size=4096, augment={**NO_AUGMENT, "scale_max": 2.0}), "unet_original",
+              out_dir=tmp_path / "huge", **data)
+    assert not (tmp_path / "huge").exists()
+
+
 @pytest.fixture(scope="module")
 def splits_with_unlabeled(plain_project, tmp_path_factory):
     """plain_project's splits with a quarter of the train images turned unlabeled."""

@@ -7,8 +7,9 @@ preparation. ``segflow cache`` (a DVC stage whose one output is the folder) deco
   then, for a labeled image, the HxW mask bytes; at most ``shard_bytes`` each (an image never spans two).
   They are opened with ``np.load(mmap_mode="r")``: only the pages read are loaded, and the DataLoader's worker
   processes share them through the page cache.
-- ``index.json``: the SHA-256 of the manifest the cache was built from (a cache of other data is stale), the
-  shards with their sizes, and per image its shard, offset, height, width and whether a mask follows.
+- ``index.json``: the SHA-256 of every file of the ingested data it was built from (manifest, images, masks:
+  a cache of other data is stale, even when only a mask changed), the shards with their sizes, and per image
+  its shard, offset, height, width and whether a mask follows.
 
 Arrays keep their decoded size (no resizing): the cache returns exactly what decoding returns, so training
 computes the same numbers with or without it. No pickle anywhere (``allow_pickle=False``).
@@ -16,7 +17,6 @@ computes the same numbers with or without it. No pickle anywhere (``allow_pickle
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 
 from segflow.errors import SegflowError
+from segflow.fingerprint import differences, ingested_sha256
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_image, read_mask
 from segflow.split import read_manifest
 
 CACHE_DIR = Path("data/cache")  # where `segflow cache` writes and training reads, relative to the project
 INDEX_FILE = "index.json"
-FORMAT = 1
+FORMAT = 2
 SHARD_BYTES = 1 << 30
 REBUILD = "rebuild it with `segflow cache` (or `dvc repro cache`)"
 
@@ -66,10 +67,6 @@ class CacheSummary:
     nbytes: int
 
 
-def manifest_hash(data_dir: Path) -> str:
-    return hashlib.sha256((Path(data_dir) / "manifest.csv").read_bytes()).hexdigest()
-
-
 def _shard_name(number: int) -> str:
     return f"shard-{number:03d}.npy"
 
@@ -93,6 +90,7 @@ def build_cache(data_dir: Path, out: Path = CACHE_DIR, shard_bytes: int = SHARD_
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     entries, sizes = _layout(manifest, shard_bytes)
+    built_from = ingested_sha256(data_dir)  # before decoding: a file changed meanwhile makes the cache stale, not wrong
     rows = {row.image_id: row for row in manifest.itertuples()}
     with atomic_dir(out) as staging:
         shards = [np.lib.format.open_memmap(staging / _shard_name(i), mode="w+", dtype=np.uint8, shape=(size,))
@@ -121,7 +119,7 @@ def build_cache(data_dir: Path, out: Path = CACHE_DIR, shard_bytes: int = SHARD_
         del shards
         atomic_write_json(staging / INDEX_FILE, {
             "format": FORMAT,
-            "manifest_sha256": manifest_hash(data_dir),
+            "built_from_sha256": built_from,
             "images": len(entries),
             "shards": [{"file": _shard_name(i), "bytes": size} for i, size in enumerate(sizes)],
             "entries": [[e.image_id, e.shard, e.offset, e.height, e.width, e.labeled] for e in entries],
@@ -196,7 +194,7 @@ def open_cache(cache_dir: Path, data_dir: Path) -> DecodedCache:
         index = json.loads(index_path.read_text())
         entries = [Entry(str(i), int(s), int(o), int(h), int(w), bool(m)) for i, s, o, h, w, m in index["entries"]]
         shard_files = [(str(shard["file"]), int(shard["bytes"])) for shard in index["shards"]]
-        count, version, built_from = int(index["images"]), index["format"], index["manifest_sha256"]
+        count, version, built_from = int(index["images"]), index["format"], dict(index["built_from_sha256"])
     except FileNotFoundError:
         raise SegflowError(f"{index_path}: no decoded-image cache here (train.decoded_cache is on); build it with "
                            "`segflow cache` (or `dvc repro cache`).") from None
@@ -204,9 +202,9 @@ def open_cache(cache_dir: Path, data_dir: Path) -> DecodedCache:
         raise SegflowError(f"{index_path}: unreadable index of the decoded-image cache ({exc!r}); {REBUILD}.") from None
     if version != FORMAT:
         raise SegflowError(f"{index_path}: cache format {version!r}, this segflow reads {FORMAT}; {REBUILD}.")
-    if built_from != manifest_hash(data_dir):
-        raise SegflowError(f"{cache_dir}: the decoded-image cache is stale: built from another "
-                           f"{Path(data_dir) / 'manifest.csv'} than the current one; {REBUILD}.")
+    if changed := differences(built_from, ingested_sha256(data_dir)):
+        raise SegflowError(f"{cache_dir}: the decoded-image cache is stale: {data_dir} has {changed} since it was "
+                           f"built; {REBUILD}.")
     if len(entries) != count or len({e.image_id for e in entries}) != count:
         raise SegflowError(f"{index_path}: lists {len(entries)} entries for {count} images; {REBUILD}.")
     outside = [e.image_id for e in entries if not (0 <= e.shard < len(shard_files)

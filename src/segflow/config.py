@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from segflow.errors import SegflowError
 
 PARAMS_FILE = Path("params.yaml")
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_accepts_bool(arg) for arg in get_args(annotation)) or (
+        get_origin(annotation) is Literal and any(isinstance(arg, bool) for arg in get_args(annotation)))
+
+
 class _Section(BaseModel):
     # A misspelt key is an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML's true/false would otherwise pass as 1/0 (pydantic's lax mode): `epochs: true` is a mistake.
+        if isinstance(value, bool) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number or text, not true/false")
+        return value
 
 
 class SynthParams(_Section):
@@ -65,6 +82,10 @@ class ValidateParams(_Section):
     min_train: int = Field(8, ge=1)
     min_val: int = Field(2, ge=1)
     min_test: int = Field(2, ge=1)
+    # Something to learn: the mean share of non-ignore pixels per mask, and the share of labeled images that
+    # show a class other than class 0 (background), must reach these.
+    min_labeled_pixel_fraction: float = Field(0.1, ge=0, le=1)
+    min_foreground_image_fraction: float = Field(0.1, ge=0, le=1)
 
 
 class SplitParams(_Section):
@@ -86,6 +107,12 @@ class AugmentParams(_Section):
     hflip: bool = True
     scale_min: float = Field(0.75, gt=0)
     scale_max: float = Field(1.25, gt=0)
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> AugmentParams:
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"scale_min {self.scale_min} is larger than scale_max {self.scale_max}")
+        return self
 
 
 class StrongAugmentParams(_Section):
@@ -119,7 +146,7 @@ class EmaParams(_Section):
 
 
 class TrainParams(_Section):
-    archs: list[str] = Field(default_factory=lambda: ["unet", "deeplabv3plus", "pspnet"])
+    archs: list[str] = Field(default_factory=lambda: ["unet", "deeplabv3plus", "pspnet"], min_length=1)
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
     crop_size: int = Field(128, ge=16)
@@ -230,8 +257,9 @@ class EvaluateParams(_Section):
 
 
 class RegisterParams(_Section):
-    model_name: str = "segflow"
-    metric: str = "miou"
+    # MLflow's registry search takes the name inside quotes: a quote or backslash would break it.
+    model_name: str = Field("segflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    metric: Literal["miou", "mean_dice", "mean_class_accuracy", "pixel_accuracy"] = "miou"
     margin: float = Field(0.0, ge=0)
 
 
