@@ -245,7 +245,7 @@ def main() -> None:
     stats_csv = work / f"validation-{size}" / "stats.csv"
     if not stats_csv.exists():
         validate(data_dir, stats_csv.parent, min_train=8, min_val=2, min_test=2, val_fraction=0.15,
-                 test_fraction=0.2)
+                 test_fraction=0.2, min_labeled_pixel_fraction=0.1, min_foreground_image_fraction=0.1)
 
     setup = {
         "model": f"{args.arch} {args.model_options}, from scratch", "resolution": size, "crop": args.crop,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +15,13 @@ from PIL import Image
 
 from segflow.errors import SegflowError, ValidationFailed
 from segflow.imageio import write_image, write_mask
+from segflow.ingest import ingest_coco
 from segflow.split import make_splits
 from segflow.validate import validate
 
 CLASSES = ["background", "cat", "dog"]
-LIMITS = dict(min_train=2, min_val=2, min_test=2, val_fraction=0.2, test_fraction=0.2)
+LIMITS = dict(min_train=2, min_val=2, min_test=2, val_fraction=0.2, test_fraction=0.2,
+              min_labeled_pixel_fraction=0.1, min_foreground_image_fraction=0.1)
 
 
 def picture(seed: int, height: int = 12, width: int = 16) -> np.ndarray:
@@ -277,3 +281,64 @@ def test_split_stage_reads_the_stats_written_here(tmp_path, monkeypatch):
     assert (splits[["unl_0", "unl_1"]] == "unlabeled").all()
     # 14 distinct pictures at 0.2/0.2 -> 8/3/3 groups; img_9 rides along with img_8.
     assert splits.drop("img_9").value_counts().to_dict() == {"train": 8, "val": 3, "test": 3, "unlabeled": 2}
+
+
+def test_masks_that_are_all_ignore_fail_from_the_command_line_naming_the_figures_and_the_keys(tmp_path):
+    rows = clean_rows()
+    for row in rows[:12]:
+        row["mask"] = np.full_like(row["mask"], 255)
+    write_dataset(tmp_path / "data", rows)
+    (tmp_path / "params.yaml").write_text("validate: {min_train: 2, min_labeled_pixel_fraction: 0.05}\n")
+
+    result = subprocess.run([str(Path(sys.executable).parent / "segflow"), "validate", "data", "--out", "out"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert ("- labeled_pixel_fraction: the masks are on average 0.0% labeled pixels (the rest is ignore 255), "
+            "below validate.min_labeled_pixel_fraction=0.05") in result.stderr  # the value params.yaml sets
+    assert "- foreground_image_fraction: 0.0% of the labeled images" in result.stderr
+    assert set(failed_checks(tmp_path / "out")) == {"labeled_pixel_fraction", "foreground_image_fraction"}
+
+
+def test_labeled_pixel_fraction_is_the_mean_over_labeled_masks(tmp_path):
+    rows = clean_rows()
+    for row in rows[:12]:
+        row["mask"][:6] = 255  # the top half of every mask ignored (with the ignored pixel at [0, 0])
+    data = write_dataset(tmp_path / "data", rows)
+    figure = 0.5
+
+    validate(data, tmp_path / "out", **{**LIMITS, "min_labeled_pixel_fraction": figure})
+    with pytest.raises(ValidationFailed, match=f"on average {figure:.1%} labeled pixels"):
+        validate(data, tmp_path / "out", **{**LIMITS, "min_labeled_pixel_fraction": figure + 0.001})
+    stats = pd.read_csv(tmp_path / "out" / "stats.csv")
+    assert stats.loc[stats["labeled"], "labeled_pixel_fraction"].to_numpy() == pytest.approx(figure)
+    assert stats.loc[~stats["labeled"], "labeled_pixel_fraction"].isna().all()  # unlabeled rows do not count
+
+
+def test_an_empty_coco_annotation_list_leaves_nothing_to_learn(tmp_path):
+    (tmp_path / "images").mkdir()
+    images = []
+    for i in range(12):
+        write_image(tmp_path / "images" / f"img_{i}.png", picture(i))
+        images.append({"id": i, "file_name": f"img_{i}.png", "width": 16, "height": 12})
+    coco = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "cat"}]}
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    ingest_coco(tmp_path / "images", tmp_path / "annotations.json", tmp_path / "ingested")
+
+    with pytest.raises(ValidationFailed) as raised:
+        validate(tmp_path / "ingested", tmp_path / "out", **LIMITS)
+
+    assert ("0.0% of the labeled images show a class other than class 0 'background', below "
+            "validate.min_foreground_image_fraction=0.1") in str(raised.value)
+    assert set(failed_checks(tmp_path / "out")) == {"foreground_image_fraction"}
+
+
+def test_a_few_images_with_foreground_are_enough(tmp_path):
+    rows = clean_rows()
+    for row in rows[2:12]:
+        row["mask"] = np.zeros_like(row["mask"])  # background only: 2 of 12 images show a class
+    data = write_dataset(tmp_path / "data", rows)
+    validate(data, tmp_path / "out", **{**LIMITS, "min_foreground_image_fraction": 2 / 12})
+    with pytest.raises(ValidationFailed, match=r"16\.7% of the labeled images"):
+        validate(data, tmp_path / "out", **{**LIMITS, "min_foreground_image_fraction": 0.2})

@@ -105,10 +105,12 @@ def validate(
     from segflow.validate import validate as run
 
     params = load_params(params_file)
+    cfg = params.validate_
     result = run(
-        data_dir, out, min_train=params.validate_.min_train, min_val=params.validate_.min_val,
-        min_test=params.validate_.min_test, val_fraction=params.split.val_fraction,
-        test_fraction=params.split.test_fraction,
+        data_dir, out, min_train=cfg.min_train, min_val=cfg.min_val, min_test=cfg.min_test,
+        val_fraction=params.split.val_fraction, test_fraction=params.split.test_fraction,
+        min_labeled_pixel_fraction=cfg.min_labeled_pixel_fraction,
+        min_foreground_image_fraction=cfg.min_foreground_image_fraction,
     )
     _log_data_docs(params, out)
     typer.echo(f"validation passed: {result.summary.get('counts')}; Data Docs in {out / 'data_docs'}")

@@ -2,9 +2,11 @@
 
 Every image and mask of ``manifest.csv`` is decoded once; the facts about it (does it decode, sizes,
 out-of-range mask values, a hash of the decoded pixels, pixel counts per class) become one row of a
-DataFrame. A GX Checkpoint validates that DataFrame and renders the result as HTML Data Docs. The
-stage writes ``stats.csv`` (read by the split stage), ``summary.json`` and ``data_docs/`` whether or
-not the data passes, then raises :class:`ValidationFailed` naming the failing files if it did not.
+DataFrame. A GX Checkpoint validates that DataFrame and renders the result as HTML Data Docs; besides
+each file, it checks that there is something to learn (masks not mostly ignore, enough images showing a
+class other than class 0). The stage writes ``stats.csv`` (read by the split stage), ``summary.json`` and
+``data_docs/`` whether or not the data passes, then raises :class:`ValidationFailed` naming the failing
+files if it did not.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def validate(
     min_test: int,
     val_fraction: float,
     test_fraction: float,
+    min_labeled_pixel_fraction: float,
+    min_foreground_image_fraction: float,
 ) -> ValidationResult:
     """Check the ingested dataset in ``data_dir``; write stats.csv, summary.json and data_docs/ to ``out_dir``."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -88,11 +92,18 @@ def validate(
     for split, minimum in minimums.items():
         if not isinstance(minimum, int) or minimum < 0:
             raise SegflowError(f"validate.min_{split} must be a whole number >= 0, got {minimum!r}.")
+    shares = {"min_labeled_pixel_fraction": min_labeled_pixel_fraction,
+              "min_foreground_image_fraction": min_foreground_image_fraction}
+    for key, share in shares.items():
+        if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise SegflowError(f"validate.{key} must be a number from 0 to 1, got {share!r}.")
     manifest = read_manifest(data_dir)
     class_names, ignore_index = _read_classes(data_dir)
     stats = image_statistics(data_dir, manifest, len(class_names), ignore_index)
     predefined = has_predefined_splits(manifest)
     checks = _checks(class_names, ignore_index, predefined, minimums, val_fraction, test_fraction)
+    if stats["mask_decodes"].any():  # with no mask to measure, any_labeled or mask_decodes already fails
+        checks |= _learnable_checks(class_names, ignore_index, shares)
 
     with atomic_dir(out_dir) as tmp:
         stats.to_csv(tmp / "stats.csv", index=False, lineterminator="\n")
@@ -162,6 +173,8 @@ def _statistics_dtypes(n_classes: int) -> dict[str, str]:
         "bad_values": "str",
         **{f"px_{k}": "Int64" for k in range(n_classes)},
         "px_ignore": "Int64",
+        "labeled_pixel_fraction": "Float64",
+        "has_foreground": "boolean",
     }
 
 
@@ -214,6 +227,8 @@ def _row_statistics(data_dir: Path, position: int, row: Any, n_classes: int, ign
         bad_values=" ".join(str(v) for v in bad),
         px_ignore=int(counts[ignore_index]),
         **{f"px_{k}": int(counts[k]) for k in range(n_classes)},
+        labeled_pixel_fraction=1 - counts[ignore_index] / mask.size,
+        has_foreground=bool(counts[1:n_classes].any()),
     )
     if image is not None:
         stats["mask_size_matches_image"] = mask.shape == image.shape[:2]
@@ -384,6 +399,42 @@ def _checks(
                 f"min_train={minimums['train']}, min_val={minimums['val']}, min_test={minimums['test']}.",
             )
         )
+    return {c.name: c for c in checks}
+
+
+def _learnable_checks(class_names: list[str], ignore_index: int, shares: dict[str, float]) -> dict[str, _Check]:
+    """Data with nothing to learn: masks all (or nearly all) ignore, or labeled images showing only class 0."""
+    expect = gx.expectations
+    labeled = Column("labeled") == True  # noqa: E712 (builds a GX condition, not a Python comparison)
+    pixels, foreground = shares["min_labeled_pixel_fraction"], shares["min_foreground_image_fraction"]
+    checks = [
+        _Check(
+            "labeled_pixel_fraction",
+            expect.ExpectColumnMeanToBeBetween(
+                column="labeled_pixel_fraction",
+                min_value=pixels,
+                row_condition=labeled,
+                description=f"On average at least {pixels:.1%} of a mask's pixels are labeled, not ignore "
+                f"{ignore_index} (validate.min_labeled_pixel_fraction).",
+            ),
+            "the masks are on average {observed:.1%} labeled pixels (the rest is ignore "
+            f"{ignore_index}), below validate.min_labeled_pixel_fraction={pixels:g}: there is little or nothing "
+            "to learn. Were the masks read right (bit depth, value_map, ignore_value)?",
+        ),
+        _Check(
+            "foreground_image_fraction",
+            expect.ExpectColumnMeanToBeBetween(
+                column="has_foreground",
+                min_value=foreground,
+                row_condition=labeled,
+                description=f"At least {foreground:.1%} of the labeled images show a class other than class 0 "
+                f"{class_names[0]!r} (validate.min_foreground_image_fraction).",
+            ),
+            "{observed:.1%} of the labeled images show a class other than class 0 "
+            f"{class_names[0]!r}, below validate.min_foreground_image_fraction={foreground:g}: there is little "
+            "or nothing to learn. Are the annotations empty, or were they not matched to their images?",
+        ),
+    ]
     return {c.name: c for c in checks}
 
 
