@@ -3,6 +3,7 @@ same weights, bit for bit, as one never interrupted."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -15,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from typer.testing import CliRunner
 
 from segflow import checkpoint
 from segflow.checkpoint import Progress
 from segflow.cli import app
 from segflow.config import Layout, parse_params
+from segflow.imageio import read_mask
 from segflow.train import train
 
 from train_testing import make_project, segflow_command, subprocess_env, weights, write_params
@@ -66,6 +69,12 @@ def test_checkpoint_restores_model_optimizer_scheduler_and_every_rng(tmp_path):
     assert all(torch.equal(fresh[1].state[p]["momentum_buffer"], m) for p, m in zip(fresh[0].parameters(), momentum))
     # Only the JSON and one tensors file; no pickle anywhere.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "tensors-2-3.safetensors"]
+
+
+def _png_bytes(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _params(workers: int, **train: object) -> dict:
@@ -130,6 +139,19 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_uninterrupted_ru
     assert re.search(r"train\.lr: 0\.05 then, 0\.01 now", str(changed.exception))
 
     write_params(root, _params(workers=0))
+    # A re-split or an edited mask (same manifest) is other data: refused naming it, then put back.
+    mask = sorted((root / Layout.ingested / "masks").iterdir())[0]
+    splits = (root / Layout.splits).read_text()
+    for path, edited, named in [
+        (root / Layout.splits, splits.replace(",val", ",test", 1).replace(",train", ",val", 1).encode(),
+         r"data/splits.csv \(SHA-256\): '[0-9a-f]{64}' then, '[0-9a-f]{64}' now"),
+        (mask, _png_bytes(np.zeros_like(read_mask(mask))), rf"data/ingested: changed masks/{mask.name}"),
+    ]:
+        original = path.read_bytes()
+        path.write_bytes(edited)
+        refused = cli.invoke(app, ["train", "--arch", ARCH, "--resume"])
+        assert refused.exit_code != 0 and re.search(named, str(refused.exception)), refused.exception
+        path.write_bytes(original)
     resumed = cli.invoke(app, ["train", "--arch", ARCH, "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert not resume_dir.exists()

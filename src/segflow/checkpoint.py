@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from segflow.errors import SegflowError
+from segflow.fingerprint import differences
 from segflow.fsutil import atomic_write_json
 
 CHECKPOINT_FILE = "checkpoint.json"
@@ -185,11 +186,17 @@ def check_settings(checkpoint: Checkpoint, settings: dict[str, Any], resume_dir:
     now = json.loads(json.dumps(settings))
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
     if changed:
-        details = "; ".join(f"{key}: {saved.get(key)!r} then, {now.get(key)!r} now" for key in changed)
+        details = "; ".join(_change(key, saved.get(key), now.get(key)) for key in changed)
         raise SegflowError(
             f"{resume_dir / CHECKPOINT_FILE}: the checkpoint was written under other settings ({details}). "
             "Restore them to resume, or run without --resume to start over."
         )
+
+
+def _change(key: str, then: Any, now: Any) -> str:
+    if isinstance(then, dict) and isinstance(now, dict) and key.endswith("(SHA-256 of each file)"):
+        return f"{key.removesuffix(' (SHA-256 of each file)')}: {differences(then, now)}"
+    return f"{key}: {then!r} then, {now!r} now"
 
 
 def restore(

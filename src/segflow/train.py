@@ -58,10 +58,12 @@ from segflow.distributed import EpochSampler, ProcessGroup, SeededDataset
 from segflow.ema import mean_teacher
 from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over
+from segflow.fingerprint import file_sha256, folder_sha256, ingested_sha256
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.imageio import read_mask
 from segflow.inference import EMA_DIR, LAST_DIR, SNAPSHOTS_DIR, ModelCard, read_card, save_model
 from segflow.losses import segmentation_loss
+from segflow.split import read_manifest
 
 log = logging.getLogger("segflow.train")
 
@@ -450,6 +452,7 @@ def _training_data(
     val_samples = load_samples(data_dir, splits_csv, "val")
     if not labeled_samples or not val_samples:
         raise SegflowError(f"{splits_csv}: the train and val splits must both hold labeled images.")
+    _check_crop_size(cfg, data_dir, labeled_samples)
 
     cache = open_cache(cache_dir, data_dir) if cfg.decoded_cache else None
     sampler = EpochSampler(len(train_samples), seed=cfg.seed, rank=group.rank, world_size=group.world_size)
@@ -488,6 +491,18 @@ def _training_data(
             persistent_workers=cfg.num_workers > 0,
         )
     return data
+
+
+def _check_crop_size(cfg: TrainParams, data_dir: Path, samples: list[Sample]) -> None:
+    """A crop larger than every (scaled) training image is only padding: memory for nothing (4096 px crops of
+    small images got the process killed by the kernel)."""
+    sizes = read_manifest(data_dir).set_index("image_id").loc[[s.image_id for s in samples], ["width", "height"]]
+    largest = math.ceil(int(sizes.astype(int).to_numpy().max()) * cfg.augment.scale_max)
+    if cfg.crop_size > largest:
+        raise SegflowError(
+            f"train.crop_size {cfg.crop_size} is larger than every training image, even scaled by "
+            f"train.augment.scale_max ({largest} px at most): the crops would hold only padding beyond that. "
+            f"Set train.crop_size to at most {largest}.")
 
 
 def _train(
@@ -536,7 +551,8 @@ def _train(
                      ema=ema, total_steps=total_steps)
 
     resume_dir = checkpoint.resume_dir_for(out_dir)
-    settings = _resume_settings(cfg, arch, epochs, options, data, group, init_from, batch_augment is not None)
+    settings = _resume_settings(params, arch, epochs, options, group, init_from, batch_augment is not None,
+                                data_dir=data_dir, splits_csv=splits_csv, pseudo_dir=pseudo_dir)
     checkpointer = Checkpointer(resume_dir, group, settings, model=model, optimizer=optimizer, scheduler=scheduler,
                                 scaler=scaler, ema=ema)
     progress, loss_sum = checkpointer.begin(resume)
@@ -586,9 +602,13 @@ def _train(
             improved = False
             if validating:
                 val = validate(evaluated, data.val_loader, len(classes), group)
+                if not math.isfinite(val["miou"]):  # NaN only when no val pixel is labeled: no model can be picked
+                    raise SegflowError(
+                        f"val mIoU is undefined: the val split of {splits_csv} has no labeled pixels (every mask "
+                        "pixel is ignore, 255), so no epoch of training can be chosen. Label some of its images, or "
+                        "re-run the validate stage (validate.min_labeled_pixel_fraction) and the split stage.")
                 record |= {"val_miou": val["miou"], "val_pixel_accuracy": val["pixel_accuracy"]}
                 progress.history.append(record)
-                # NaN (no labeled val pixel) must not leave the run without any checkpoint.
                 improved = progress.best_epoch == 0 or val["miou"] > progress.best_miou
                 if improved:
                     progress.best_miou, progress.best_epoch = val["miou"], epoch
@@ -638,17 +658,24 @@ def _build_model(
 
 
 def _resume_settings(
-    cfg: TrainParams, arch: str, epochs: int, options: dict[str, Any], data: TrainingData, group: ProcessGroup,
-    init_from: Path | None, batch_augment: bool,
+    params: Params, arch: str, epochs: int, options: dict[str, Any], group: ProcessGroup,
+    init_from: Path | None, batch_augment: bool, *, data_dir: Path, splits_csv: Path, pseudo_dir: Path | None,
 ) -> dict[str, Any]:
-    """What a resumed training must share with the interrupted one to continue it exactly."""
+    """What a resumed training must share with the interrupted one to continue it exactly: its parameters and
+    the SHA-256 of every file it reads (the ingested data, the split, the pseudo-labels)."""
+    cfg = params.train
     return {
-        "arch": arch, "epochs": epochs, "model_options": options, "train_images": data.train_count,
+        "arch": arch, "epochs": epochs, "model_options": options,
         "processes": group.world_size, "init_from": None if init_from is None else str(init_from),
         # Settings that change neither the numbers nor the order may differ when resuming.
         **{f"train.{key}": value for key, value in cfg.model_dump(mode="json").items()
            if key not in ("num_workers", "device", "checkpoint_every_steps", "compile", "decoded_cache", "archs")},
         "train.batch_augment": batch_augment,  # what auto became: it differs between devices
+        "pseudo_label.reliable_fraction": params.pseudo_label.reliable_fraction,
+        "evaluate.batch_size": params.evaluate.batch_size,
+        f"{splits_csv} (SHA-256)": file_sha256(splits_csv),
+        f"{data_dir} (SHA-256 of each file)": ingested_sha256(data_dir),
+        **({} if pseudo_dir is None else {f"{pseudo_dir} (SHA-256 of each file)": folder_sha256(pseudo_dir)}),
     }
 
 
