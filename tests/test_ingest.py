@@ -16,6 +16,7 @@ from pycocotools.coco import COCO
 
 from segflow.config import DataParams
 from segflow.errors import SegflowError
+from segflow.imageio import read_image
 from segflow.ingest import MaskSource, ingest_coco, ingest_from_params, ingest_masks, parse_value_map
 
 MANIFEST_COLUMNS = ["image_id", "image_path", "mask_path", "width", "height", "split"]
@@ -470,6 +471,43 @@ def test_two_images_with_one_image_id_are_both_named(coco_with_previous_output):
     write_json(ann_path, doc)
     expected = [str(images / "a.png"), str(images / "sub" / "a.png"), "image id 'a'"]
     assert_error_keeps_previous_output(lambda: ingest_coco(images, ann_path, out), out, before, expected)
+
+
+@pytest.mark.parametrize("way_out", ["dot-dot", "absolute", "linked folder"])
+def test_a_file_name_outside_the_images_folder_is_refused(coco_with_previous_output, way_out):
+    images, ann_path, out, before = coco_with_previous_output
+    outside = save_image(images.parent / "elsewhere" / "b.png", 10, 8)  # a real image, untracked with --images
+    (images / "linked").symlink_to(outside.parent, target_is_directory=True)
+    file_name = {"dot-dot": "sub/../../elsewhere/b.png", "absolute": str(outside), "linked folder": "linked/b.png"}
+    write_json(ann_path, set_in(good_doc(), ("images", 1, "file_name"), file_name[way_out]))
+    expected = [str(ann_path), f"image id 2 has file_name {file_name[way_out]!r}", "outside the images folder"]
+    assert_error_keeps_previous_output(lambda: ingest_coco(images, ann_path, out), out, before, expected)
+
+
+@pytest.mark.parametrize("file_name", ["sub/../b.png", "link.png"])
+def test_a_dot_dot_that_stays_inside_and_a_linked_file_are_fine(coco_with_previous_output, file_name):
+    images, ann_path, out, _ = coco_with_previous_output
+    # As DVC's symlink cache type lays out a tracked folder: the file is a link into the cache.
+    (images / "link.png").symlink_to(save_image(images.parent / "cache" / "b.png", 10, 8))
+    write_json(ann_path, set_in(good_doc(), ("images", 1, "file_name"), file_name))
+    assert ingest_coco(images, ann_path, out).labeled == 2
+
+
+def test_an_exif_rotated_photo_is_rasterized_on_the_picture_as_displayed(tmp_path):
+    stored = np.zeros((20, 40, 3), np.uint8)  # as the camera stored it: 40 wide, 20 high
+    stored[:10, :10] = 255  # shown turned a quarter clockwise: the top-right 10x10 block of a 20x40 picture
+    (tmp_path / "images").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(stored).save(tmp_path / "images" / "photo.jpg", exif=exif, quality=95)
+    block = [10, 0, 20, 0, 20, 10, 10, 10]  # drawn by the labeling tool on the displayed picture
+    doc = coco_doc([image_entry(1, "photo.jpg", width=20, height=40)], [annotation(1, 1, 1, [block])], [(1, "x")])
+
+    ingest_coco(tmp_path / "images", write_json(tmp_path / "ann.json", doc), tmp_path / "out")
+
+    shown = read_image(tmp_path / "images" / "photo.jpg")
+    np.testing.assert_array_equal(out_mask(tmp_path / "out", "photo"), (shown[..., 0] > 127).astype(np.uint8))
+    assert read_manifest(tmp_path / "out")[0]["width"] == "20"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -615,6 +615,7 @@ def _match_coco_images(
     coco: _CocoFile, images: Path, annotations: Path, skipped: tuple[Path, ...]
 ) -> tuple[list[tuple[Path, _CocoImage]], list[str]]:
     """Listed images found on disk, and warnings about listed-but-missing and on-disk-but-unlisted ones."""
+    _refuse_files_outside(coco, images, annotations)
     on_disk = {Path(os.path.normpath(path)) for path in _list_images(images, "images", skipped)}
     listed = {Path(os.path.normpath(images / entry.file_name)): entry for entry in coco.images}
     present = [(path, entry) for path, entry in listed.items() if path.is_file()]
@@ -628,6 +629,21 @@ def _match_coco_images(
         problem = f"image(s) under {images} are not listed in {annotations}"
         warnings.append(_files_warning(unlisted, problem))
     return present, warnings
+
+
+def _refuse_files_outside(coco: _CocoFile, images: Path, annotations: Path) -> None:
+    """A file_name must name a file inside ``images``: one outside (absolute, or out through ``..`` or a linked
+    folder) is data that DVC does not track, or a file the annotations' author should not get to read. The file
+    itself may be a symbolic link: DVC's symlink cache type links every tracked file into its cache."""
+    root = images.resolve()
+    for entry in coco.images:
+        folder = (images / entry.file_name).parent.resolve()
+        if Path(entry.file_name).is_absolute() or not folder.is_relative_to(root):
+            raise SegflowError(
+                f"{annotations}: image id {entry.id} has file_name {entry.file_name!r}, which lies outside the "
+                f"images folder {images} (an absolute path, or out through '..' or a linked folder). Images are "
+                "read only from inside the images folder: give file_name relative to it, or move the file into it."
+            )
 
 
 def _write_coco_mask(item: _CocoItem, coco: _CocoFile, annotations_file: Path, masks_dir: Path) -> _ManifestRow:
