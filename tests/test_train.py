@@ -1,4 +1,5 @@
 import logging
+import os
 import resource
 import sys
 
@@ -10,6 +11,7 @@ from segflow import IGNORE_INDEX
 from segflow.config import AugmentParams, Layout, parse_params
 from segflow.data import MEAN, STD, BatchAugment, Sample, load_samples, stack_padded
 from segflow.errors import SegflowError
+from segflow.fsutil import exclusive_lock
 from segflow.imageio import write_mask
 from segflow.train import (
     Checkpointer,
@@ -229,6 +231,17 @@ def test_a_crop_larger_than_every_training_image_is_refused_before_it_eats_the_m
     assert not (tmp_path / "huge").exists()
 
 
+def test_a_second_training_of_the_same_model_is_refused_and_leaves_the_first_alone(plain_project, tmp_path):
+    data = {"data_dir": plain_project / Layout.ingested, "splits_csv": plain_project / Layout.splits}
+    out_dir = tmp_path / "models" / "unet_original"
+    with exclusive_lock(tmp_path / "models" / ".unet_original.lock", "the first training"):  # held as train holds it
+        with pytest.raises(SegflowError, match=rf"a training of {out_dir} is already running \(pid {os.getpid()} on"):
+            train(_plain_params(), "unet_original", out_dir=out_dir, **data)
+    assert not (tmp_path / "models" / ".unet_original.resume").exists()
+    train(_plain_params(), "unet_original", out_dir=out_dir, **data)  # the lock went with its holder
+    assert (out_dir / "model.safetensors").is_file()
+
+
 @pytest.fixture(scope="module")
 def splits_with_unlabeled(plain_project, tmp_path_factory):
     """plain_project's splits with a quarter of the train images turned unlabeled."""
@@ -259,3 +272,16 @@ def test_consistency_on_unlabeled_images_adds_only_the_confident_pixels_loss(
     assert (largest_change > 1e-3) == changes_training, largest_change
     if not changes_training:
         assert largest_change < 1e-5
+
+
+def test_a_val_split_without_labeled_pixels_is_refused_and_no_model_is_kept(tmp_path):
+    project = make_project(tmp_path, train=2, val=2, size=16)
+    val_ids = load_samples(project / Layout.ingested, project / Layout.splits, "val")
+    for sample in val_ids:
+        write_mask(sample.mask_path, np.full((16, 16), IGNORE_INDEX, np.uint8))
+    out_dir = tmp_path / "model"
+
+    with pytest.raises(SegflowError, match="val mIoU is undefined: the val split of .* has no labeled pixels"):
+        train(_plain_params(crop_size=16, batch_size=2, decoded_cache=False), "unet_original",
+              data_dir=project / Layout.ingested, splits_csv=project / Layout.splits, out_dir=out_dir)
+    assert not out_dir.exists()

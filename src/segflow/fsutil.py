@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import math
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -71,6 +75,29 @@ def owned_dir(out: Path | str, command: str, inputs: Iterable[Path | str | None]
 
 
 @contextlib.contextmanager
+def exclusive_lock(path: Path | str, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed) while ``what`` runs; refused at once, naming the
+    holder, when another process holds it. The kernel releases it when the holder dies, so none goes stale."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            raise SegflowError(
+                f"{path}: {what} is already running ({holder}). Wait for it to finish, or stop it, then run this "
+                "again.") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+        file.flush()
+        yield
+
+
+@contextlib.contextmanager
 def atomic_open(path: Path | str, mode: str = "w", **open_args: Any) -> Iterator[IO]:
     """Write to a temporary sibling of ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
@@ -98,4 +125,25 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Standard JSON only: NaN and Infinity are refused (ValueError naming the key), never written. An undefined
+    number is the caller's to write as None (null) or to refuse with a reason."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError:
+        where = _non_finite_key(obj)
+        if where is None:  # another ValueError (a circular reference)
+            raise
+        raise ValueError(f"{path}: not written: {where} is NaN or infinite, which JSON cannot hold.") from None
+    atomic_write_text(path, text + "\n")
+
+
+def _non_finite_key(obj: Any, key: str = "") -> str | None:
+    """The dotted key of the first NaN or infinite float in ``obj`` (``per_class_iou.car``, ``history.0.loss``)."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else key or "the value"
+    children = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for child, value in children:
+        found = _non_finite_key(value, f"{key}.{child}" if key else str(child))
+        if found is not None:
+            return found
+    return None

@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -59,7 +60,7 @@ from segflow.ema import mean_teacher
 from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over
 from segflow.fingerprint import file_sha256, folder_sha256, ingested_sha256
-from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.fsutil import atomic_dir, atomic_write_json, exclusive_lock
 from segflow.imageio import read_mask
 from segflow.inference import EMA_DIR, LAST_DIR, SNAPSHOTS_DIR, ModelCard, read_card, save_model
 from segflow.losses import segmentation_loss
@@ -404,14 +405,18 @@ def train(
     """
     if arch not in models.available():
         raise SegflowError(f"unknown architecture {arch!r}; available: {', '.join(models.available())}.")
-    group = distributed.setup(params.train.device)
-    try:
-        return _train(params, arch, group, data_dir=data_dir, splits_csv=splits_csv, out_dir=Path(out_dir),
-                      pseudo_dir=pseudo_dir, epochs=epochs or params.train.epochs, run_name=run_name or arch,
-                      snapshots=snapshots, resume=resume, cache_dir=cache_dir, init_from=init_from,
-                      keep_last=keep_last)
-    finally:
-        distributed.teardown(group)
+    # One training per model folder (torchrun's ranks are one training: rank 0 holds the lock for them all).
+    lock = (exclusive_lock(checkpoint.resume_dir_for(out_dir).with_suffix(".lock"), f"a training of {out_dir}")
+            if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext())
+    with lock:
+        group = distributed.setup(params.train.device)
+        try:
+            return _train(params, arch, group, data_dir=data_dir, splits_csv=splits_csv, out_dir=Path(out_dir),
+                          pseudo_dir=pseudo_dir, epochs=epochs or params.train.epochs, run_name=run_name or arch,
+                          snapshots=snapshots, resume=resume, cache_dir=cache_dir, init_from=init_from,
+                          keep_last=keep_last)
+        finally:
+            distributed.teardown(group)
 
 
 def load_initial_weights(network: nn.Module, arch: str, classes: list[str], model_dir: Path) -> None:
