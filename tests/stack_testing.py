@@ -1,6 +1,7 @@
 """The team stack of infra/docker-compose.yml without Docker: PostgreSQL, an MLflow server on it, a Prefect server.
 
-Each server is a real process on 127.0.0.1 and a free port, its state in a temporary folder.
+Each server is a real process on 127.0.0.1 and a free port, its state in a temporary folder. Shared by
+tests/pipelines (runs against the stack) and tests/infra (the stack's authentication).
 """
 
 from __future__ import annotations
@@ -144,20 +145,32 @@ def _user_exists(name: str) -> bool:
     return True
 
 
-def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> ServerProcess:
-    """``mlflow server`` as in infra/docker-compose.yml: proxied artifacts (a folder instead of MinIO), no auth."""
+def mlflow_server(backend_uri: str, artifacts: Path, log: Path,
+                  auth_env: dict[str, str] | None = None) -> ServerProcess:
+    """``mlflow server`` as in infra/docker-compose.yml: proxied artifacts (a folder instead of MinIO).
+
+    No auth unless ``auth_env`` is given: then the basic-auth app runs, configured by that environment
+    (MLFLOW_AUTH_CONFIG_PATH, MLFLOW_AUTH_ADMIN_USERNAME / _PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY).
+    """
     port = free_port()
     command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
                "--artifacts-destination", artifacts.as_uri(), "--serve-artifacts",
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    return ServerProcess(command, dict(os.environ), log, f"http://127.0.0.1:{port}")
+    if auth_env is not None:
+        command += ["--app-name", "basic-auth"]
+    return ServerProcess(command, dict(os.environ, **(auth_env or {})), log, f"http://127.0.0.1:{port}")
 
 
-def prefect_server(home: Path, log: Path) -> ServerProcess:
-    """``prefect server start`` with its SQLite database in ``home``; a run waiting for a slot retries soon."""
+def prefect_server(home: Path, log: Path, auth_string: str | None = None) -> ServerProcess:
+    """``prefect server start`` with its SQLite database in ``home``; a run waiting for a slot retries soon.
+
+    With ``auth_string`` ("user:password") the API requires it as HTTP basic auth, as in the compose stack.
+    """
     port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_UI_ENABLED="false", PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="2")
     env.pop("PREFECT_API_URL", None)
+    if auth_string is not None:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
     command = [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     return ServerProcess(command, env, log, f"http://127.0.0.1:{port}/api")
