@@ -69,3 +69,28 @@ def test_champion_scored_on_other_test_data_is_rescored_before_comparing(workspa
     # The champion's 0.99 must not be used: its weights are re-scored on the current test image.
     assert decision.champion_score is not None and decision.champion_score < 0.99
     assert decision.promoted == (0.30 > decision.champion_score + 0.01)
+
+
+def test_a_registry_that_lost_the_projects_history_is_refused_until_forced(workspace, tmp_path, monkeypatch):
+    import mlflow
+
+    from segflow.errors import SegflowError
+
+    first = register_version(workspace, "lost-history", 0.50)
+    # mlflow.db deleted (or another tracking URI): a new, empty store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'new-mlflow.db'}")
+    # MLflow's process-wide URIs: put back after the test, for the tests that share the session's store.
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    with pytest.raises(SegflowError, match=(
+            rf"registrations.jsonl: this project registered lost-history v{first.version} on .* but the model "
+            r"registry at sqlite:///.*new-mlflow.db has no model named 'lost-history': it has lost its history")):
+        register_version(workspace, "lost-history", 0.60)
+    params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": "lost-history"}})
+    forced = register(params, metrics_dir=workspace / "metrics", models_dir=workspace / "models",
+                      data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
+                      out_file=workspace / "decision.json", force=True)
+    assert forced.version == "1" and forced.promoted
+    assert register_version(workspace, "lost-history", 0.70).version == "2"  # the new history is the record now
+    records = [json.loads(line) for line in (workspace / "registrations.jsonl").read_text().splitlines()]
+    assert [(r["version"], r["new_history"]) for r in records] == [(first.version, False), ("1", True), ("2", False)]

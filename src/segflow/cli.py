@@ -227,12 +227,17 @@ def evaluate(
 
 
 @app.command()
-def register(params_file: ParamsOption = Path("params.yaml")) -> None:
+def register(
+    force: Annotated[bool, typer.Option(
+        help="Register even though the registry lacks versions this project registered before (registry/"
+             "registrations.jsonl): starts a new history there.")] = False,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
     """Register the best architecture (alias challenger) and promote it to champion if it wins the gate."""
     from segflow.register import register as run
 
     decision = run(load_params(params_file), metrics_dir=Layout.metrics, models_dir=Layout.models,
-                   data_dir=Layout.ingested, splits_csv=Layout.splits, out_file=Layout.registry)
+                   data_dir=Layout.ingested, splits_csv=Layout.splits, out_file=Layout.registry, force=force)
     typer.echo(f"{decision.model_name} v{decision.version} ({decision.arch}): "
                f"{'promoted to champion' if decision.promoted else 'kept as challenger'} ({decision.reason})")
 

@@ -11,9 +11,9 @@ the next one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,25 +23,27 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
 from mlflow.types import Schema, TensorSpec
 from torch.utils.data import DataLoader
 
 import segflow
-from segflow import WEIGHTS_FILE, tracking
+from segflow import CARD_FILE, WEIGHTS_FILE, tracking
 from segflow.config import Params
 from segflow.data import SegmentationDataset, load_samples, pad_collate
 from segflow.errors import SegflowError
 from segflow.evaluate import compare_metrics, confusion_over, split_fingerprint
+from segflow.fingerprint import file_sha256
 from segflow.fsutil import atomic_write_json
 from segflow.inference import load_model, resolve_model_dir
 from segflow.registry import (
-    CHALLENGER, Decision, PromotionRefused, champion_version, history_entry, missing_artifacts, promotion_lock,
-    record_champion, version_number,
+    CHALLENGER, FILES_METADATA_KEY, LOADER_MODULE, MLMODEL_FILE, MLMODEL_TAG, REGISTRATIONS_FILE, WEIGHTS_TAG,
+    Decision, PromotionRefused, champion_version, check_history, history_entry, missing_artifacts, promotion_lock,
+    record_champion, record_registration, version_number,
 )
 
 log = logging.getLogger("segflow.register")
 
-WEIGHTS_TAG = "weights_sha256"
 # A promotion whose champion changed while it was being gated is gated again against the new one.
 GATE_ATTEMPTS = 3
 SIGNATURE = ModelSignature(
@@ -123,9 +125,11 @@ def gate_on_test_split(
     return gate_and_promote(params, client, candidate, score, test_data_hash, data_dir, splits_csv)
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+def stored_mlmodel_sha256(model_info: ModelInfo) -> str:
+    """The SHA-256 of the logged model's MLmodel as the artifact store holds it (what loads check it against)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return file_sha256(Path(mlflow.artifacts.download_artifacts(
+            f"{model_info.artifact_path}/{MLMODEL_FILE}", dst_path=tmp)))
 
 
 def earlier_registration(client: MlflowClient, name: str, identity: dict[str, str]) -> ModelVersion | None:
@@ -133,18 +137,23 @@ def earlier_registration(client: MlflowClient, name: str, identity: dict[str, st
 
     Registering the same model again reuses it rather than adding a duplicate: that is how a register that
     failed after creating its version (the tracking server went away), leaving it without the challenger
-    alias and ungated, is finished."""
+    alias and ungated, is finished. A version registered by an older segflow (no MLmodel hash: its model code
+    is in the artifact store) is never reused."""
     query = " and ".join([f"name = '{name}'", *(f"tags.`{key}` = '{value}'" for key, value in identity.items())])
     for version in sorted(client.search_model_versions(query), key=lambda v: int(v.version), reverse=True):
-        if not missing_artifacts(name, str(version.version)):
+        if MLMODEL_TAG in version.tags and not missing_artifacts(name, str(version.version)):
             return version
     return None
 
 
 def register(
-    params: Params, *, metrics_dir: Path, models_dir: Path, data_dir: Path, splits_csv: Path, out_file: Path
+    params: Params, *, metrics_dir: Path, models_dir: Path, data_dir: Path, splits_csv: Path, out_file: Path,
+    force: bool = False,
 ) -> Decision:
-    """Register the best of ``params.train.archs`` (by ``register.metric``) and apply the promotion gate."""
+    """Register the best of ``params.train.archs`` (by ``register.metric``) and apply the promotion gate.
+
+    Each registration is appended to ``registrations.jsonl`` beside ``out_file``; a registry that lacks versions
+    recorded there is refused (:func:`segflow.registry.check_history`) unless ``force`` starts a new history."""
     cfg = params.register_
     metrics = {}
     for arch in params.train.archs:
@@ -166,18 +175,27 @@ def register(
     }
     with tracking.stage_run(params.mlflow, "register") as run:
         client = MlflowClient()
+        record_file = Path(out_file).with_name(REGISTRATIONS_FILE)
+        if not force:
+            check_history(client, cfg.model_name, record_file)
         candidate = earlier_registration(client, cfg.model_name, identity)
         if candidate is None:
+            # The model's code is the installed segflow's (LOADER_MODULE): the artifact store holds data only.
+            model_dir = Path(models_dir) / best_arch
             model_info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-                artifacts={"model_dir": str(Path(models_dir) / best_arch)},
+                loader_module=LOADER_MODULE,
+                data_path=str(model_dir),
                 signature=SIGNATURE,
                 pip_requirements=PIP_REQUIREMENTS,
+                metadata={FILES_METADATA_KEY: {WEIGHTS_FILE: identity[WEIGHTS_TAG],
+                                               CARD_FILE: file_sha256(model_dir / CARD_FILE)}},
             )
             # Every tag the gate reads is created with the version, in one transaction of the store: no version
-            # is ever seen without them.
-            tags = {**identity, "git_commit": tracking.git_commit() or "unknown", "source_run_id": run.info.run_id}
+            # is ever seen without them. The MLmodel's and weights' hashes live in the registry, which the
+            # artifact store cannot change: loads check the downloaded files against them.
+            tags = {**identity, MLMODEL_TAG: stored_mlmodel_sha256(model_info),
+                    "git_commit": tracking.git_commit() or "unknown", "source_run_id": run.info.run_id}
             candidate = mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, candidate.version)
         mlflow.log_metrics({f"challenger_{cfg.metric}": best_score})
@@ -190,5 +208,6 @@ def register(
         mlflow.set_tags({"segflow.promoted": str(decision.promoted), "segflow.decision": decision.reason})
         atomic_write_json(out_file, asdict(decision))
         mlflow.log_artifact(str(out_file))
+        record_registration(record_file, decision, new_history=force)
     log.info("registered %s v%s (%s): %s", cfg.model_name, decision.version, best_arch, decision.reason)
     return decision

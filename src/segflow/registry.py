@@ -15,7 +15,6 @@ change what segflow loads. See :mod:`segflow.pyfunc_model` for what loading thro
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -23,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 from mlflow import MlflowClient
@@ -36,6 +36,7 @@ from mlflow.store.artifact.utils.models import get_model_name_and_version
 from segflow import CARD_FILE, WEIGHTS_FILE, tracking
 from segflow.config import Params
 from segflow.errors import VALIDATION_FAILED, SegflowError
+from segflow.fingerprint import file_sha256
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
@@ -162,11 +163,6 @@ def record_champion(client: MlflowClient, name: str, entry: dict) -> None:
             f"{name}: the champion alias or '{HISTORY_TAG}' changed outside segflow while v{entry['version']} "
             "was being promoted; check both in the MLflow UI before promoting again."
         )
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def check_sha256(model: str, recorded: dict[Path, str | None]) -> None:
@@ -362,3 +358,53 @@ def rollback(params: Params, name: str) -> tuple[str | None, str]:
         record_champion(client, name, history_entry(target, "rollback", f"rollback from v{lineage[-1]}", current))
     return version_number(current), target
 
+
+
+# --- the project's own record of its registrations -------------------------------------------------------
+
+REGISTRATIONS_FILE = "registrations.jsonl"  # beside register's decision file; kept by DVC across runs
+
+
+def _without_credentials(uri: str) -> str:
+    parts = urlsplit(uri)
+    return parts._replace(netloc=parts.hostname or "").geturl() if parts.username or parts.password else uri
+
+
+def recorded_versions(record_file: Path, name: str) -> list[dict]:
+    """The registrations of ``name`` on record since its history last started (``--force`` starts one)."""
+    if not Path(record_file).exists():
+        return []
+    entries = [json.loads(line) for line in Path(record_file).read_text().splitlines() if line.strip()]
+    entries = [entry for entry in entries if entry.get("model_name") == name]
+    starts = [i for i, entry in enumerate(entries) if entry.get("new_history")]
+    return entries[starts[-1]:] if starts else entries
+
+
+def check_history(client: MlflowClient, name: str, record_file: Path) -> None:
+    """Refuse a registry that lacks versions the project registered before (a deleted ``mlflow.db``, another
+    tracking URI): registering there would promote a first champion ungated and lose the old history."""
+    recorded = recorded_versions(record_file, name)
+    if not recorded:
+        return
+    newest = max(recorded, key=lambda entry: int(entry["version"]))
+    versions = client.search_model_versions(f"name = '{name}'")
+    highest = max((int(v.version) for v in versions), default=0)
+    if highest >= int(newest["version"]):
+        return
+    found = f"only versions up to v{highest}" if highest else f"no model named '{name}'"
+    raise SegflowError(
+        f"{record_file}: this project registered {name} v{newest['version']} on {newest['at']} in "
+        f"{newest['registry']}, but the model registry at {_without_credentials(mlflow.get_registry_uri())} has "
+        f"{found}: it has lost its history (a deleted mlflow.db, or another tracking URI). Restore that store or "
+        "point MLFLOW_TRACKING_URI at it; or, to start a new history in this registry on purpose (its first "
+        "champion is then promoted without a gate), run `segflow register --force`.")
+
+
+def record_registration(record_file: Path, decision: Decision, new_history: bool) -> None:
+    """Append the registration to the project's record (one JSON line; the file is never rewritten)."""
+    entry = {"model_name": decision.model_name, "version": decision.version, "arch": decision.arch,
+             "promoted": decision.promoted, "at": _utc_now(),
+             "registry": _without_credentials(mlflow.get_registry_uri()), "new_history": new_history}
+    Path(record_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(record_file, "a") as file:
+        file.write(json.dumps(entry) + "\n")
