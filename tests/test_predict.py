@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask, write_image
 from segflow.inference import ModelCard, resolve_model_dir, save_model
 from segflow.predict import predict
+from segflow.register import register
 
 ARCH, NUM_CLASSES = "fcn32s", 3
 SIZES = {"a.png": (20, 24), "b.jpg": (17, 31), "c.bmp": (32, 32)}  # (height, width)
@@ -85,23 +88,39 @@ def test_corrupt_image_exits_2_naming_the_file_and_writes_nothing(tmp_path, mode
 
 
 def test_registered_model_uri_gives_the_same_predictions(tmp_path, model_dir, images_dir):
-    # A version whose source is a plain segflow model folder (as train logs it): no pyfunc logging needed.
-    params = parse_params(PARAMS)
-    with tracking.stage_run(params.mlflow, "train", "predict-test") as run:  # artifacts beside the test store
-        mlflow.log_artifacts(str(model_dir), artifact_path="checkpoint")
-        source = mlflow.get_artifact_uri("checkpoint")
-    client = MlflowClient()
-    client.create_registered_model("predict-test")
-    version = client.create_model_version("predict-test", source, run_id=run.info.run_id).version
-    client.set_registered_model_alias("predict-test", "champion", version)
-    with resolve_model_dir("models:/predict-test@champion") as resolved:
-        assert (resolved / "model.json").is_file() and (resolved / "model.safetensors").is_file()
+    shutil.copytree(model_dir, tmp_path / "models" / ARCH)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / f"{ARCH}.json").write_text(json.dumps({"miou": 0.5, "test_data_hash": "h"}))
+    params = parse_params({**PARAMS, "train": {"device": "cpu", "archs": [ARCH]},
+                           "register": {"model_name": "predict-test"}})
+    register(params, metrics_dir=tmp_path / "metrics", models_dir=tmp_path / "models", data_dir=tmp_path / "-",
+             splits_csv=tmp_path / "-", out_file=tmp_path / "decision.json")  # the first version: promoted unscored
 
     predict(params, model="models:/predict-test@champion", images_dir=images_dir, out_dir=tmp_path / "registered")
     predict(params, model=model_dir, images_dir=images_dir, out_dir=tmp_path / "local")
     for stem in ("a", "b", "c"):
         np.testing.assert_array_equal(read_mask(tmp_path / "registered" / "masks" / f"{stem}.png"),
                                       read_mask(tmp_path / "local" / "masks" / f"{stem}.png"))
+
+
+def test_a_model_version_not_registered_by_segflow_is_refused(tmp_path, model_dir, images_dir, monkeypatch, capsys):
+    # A plain model folder (as train logs it) registered by hand: no registry hashes to check its files against.
+    with tracking.stage_run(parse_params(PARAMS).mlflow, "train", "predict-by-hand") as run:
+        mlflow.log_artifacts(str(model_dir), artifact_path="checkpoint")
+        source = mlflow.get_artifact_uri("checkpoint")
+    client = MlflowClient()
+    client.create_registered_model("predict-by-hand")
+    client.create_model_version("predict-by-hand", source, run_id=run.info.run_id)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(PARAMS))
+    monkeypatch.setattr(sys, "argv", ["segflow", "predict", "--model", "models:/predict-by-hand/1", "--images",
+                                      str(images_dir), "--out", str(tmp_path / "out"), "--params", str(params_file)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "predict-by-hand v1 has no mlmodel_sha256 and weights_sha256 tags" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_model_and_an_output_folder_holding_the_images_are_errors(tmp_path, images_dir):

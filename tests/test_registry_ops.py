@@ -218,8 +218,8 @@ def check_deleted_model_files_are_refused(workspace: Path, name: str) -> None:
     register_version(workspace, name, 0.5)
     broken = register_version(workspace, name, 0.4).version  # its own model files, kept as challenger
     files = get_artifact_repository(MlflowClient().get_model_version_download_uri(name, broken))
-    files.delete_artifacts("artifacts/fcn32s/model.safetensors")
-    with pytest.raises(PromotionRefused, match=rf"{name} v{broken} .*missing artifacts/fcn32s/model.safetensors"):
+    files.delete_artifacts("data/fcn32s/model.safetensors")
+    with pytest.raises(PromotionRefused, match=rf"{name} v{broken} .*missing data/fcn32s/model.safetensors"):
         promote(workspace, name, broken, force=True, reason="try anyway")
     assert champion(name) == "1"
 
@@ -254,7 +254,7 @@ def test_mlflow_models_serve_returns_a_mask_for_a_json_image(workspace, tmp_path
     local = Path(MlflowClient().get_model_version_download_uri("reg-serve", "1").removeprefix("file://"))
     assert not list(local.rglob("*.pkl")) and list(local.rglob("*.safetensors"))
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"  # model code, not a pickled object
+    assert flavor["loader_module"] == "segflow.pyfunc_model"  # the installed package's code, none from the store
 
     port, log = _free_port(), tmp_path / "serve.log"
     # The scoring server is started as `uvicorn`, found on PATH.

@@ -72,7 +72,8 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[tor
 def resolve_model_dir(source: str | Path) -> Iterator[Path]:
     """A local segflow model folder for ``source``: a folder path, or an MLflow URI (``models:/NAME@ALIAS``,
     ``models:/NAME/VERSION``, ``runs:/ID/PATH``) whose artifact is downloaded into a temporary folder that
-    lives as long as the ``with`` block."""
+    lives as long as the ``with`` block. A registered version (``models:/``) is refused unless its files match
+    the SHA-256s in its registry tags (:func:`segflow.registry.download_registered_model`)."""
     if Path(source).is_dir():
         yield Path(source)
         return
@@ -83,8 +84,14 @@ def resolve_model_dir(source: str | Path) -> Iterator[Path]:
         )
     import mlflow  # only here: slow to import, and folders need none of it
     from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import is_models_uri
+
+    from segflow.registry import download_registered_model
 
     with tempfile.TemporaryDirectory() as tmp:
+        if is_models_uri(str(source)):
+            yield download_registered_model(str(source), Path(tmp))
+            return
         try:
             local = Path(mlflow.artifacts.download_artifacts(str(source), dst_path=tmp))
         except (MlflowException, OSError) as exc:

@@ -1,0 +1,126 @@
+"""Loading a registered model runs no code from the artifact store, and its files are checked against the registry.
+
+The attacker here can write to the artifact store (the bucket: the version's folder on disk) but not to the
+registry (the database that holds the version's tags).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from test_register import ARCH, register_version, workspace  # noqa: F401  (the tiny model, data and splits)
+from test_registry_ops import promote
+
+from segflow import models
+from segflow.errors import SegflowError
+from segflow.inference import ModelCard, load_model, predict_mask, resolve_model_dir, save_model
+from segflow.fingerprint import file_sha256
+from segflow.registry import LOADER_MODULE, MLMODEL_TAG, WEIGHTS_TAG, segflow_flavor
+
+IMAGE = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+
+
+def artifact_dir(name: str, version: str = "1") -> Path:
+    """The version's model folder in the (local) artifact store, as an attacker with write access sees it."""
+    return Path(MlflowClient().get_model_version_download_uri(name, version).removeprefix("file://"))
+
+
+def segflow_mask(uri: str) -> np.ndarray:
+    with resolve_model_dir(uri) as model_dir:
+        return predict_mask(load_model(model_dir)[0], IMAGE)
+
+
+def test_the_registered_artifact_holds_data_only_and_loads_with_segflows_module(workspace):
+    register_version(workspace, "load-layout", 0.5)
+    stored = artifact_dir("load-layout")
+    assert not [p for p in stored.rglob("*") if p.suffix in (".py", ".pyc", ".pkl")]
+    flavor = yaml.safe_load((stored / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == LOADER_MODULE == "segflow.pyfunc_model" and not flavor.get("code")
+    version = MlflowClient().get_model_version("load-layout", "1")
+    assert version.tags[MLMODEL_TAG] == file_sha256(stored / "MLmodel")
+    assert version.tags[WEIGHTS_TAG] == file_sha256(stored / flavor["data"] / "model.safetensors")
+
+    model = mlflow.pyfunc.load_model("models:/load-layout@champion")
+    mask = model.predict(IMAGE)
+    assert mask.dtype == np.uint8 and mask.shape == IMAGE.shape[:2]
+    np.testing.assert_array_equal(mask, predict_mask(load_model(workspace / "models" / ARCH)[0], IMAGE))
+    np.testing.assert_array_equal(segflow_mask("models:/load-layout/1"), mask)
+    with pytest.raises(MlflowException):  # the signature: uint8 HxWx3 only
+        model.predict(IMAGE.astype(np.float32))
+
+
+def test_code_planted_in_the_artifact_store_never_runs(workspace, tmp_path):
+    register_version(workspace, "load-planted", 0.5)
+    before = segflow_mask("models:/load-planted@champion")
+    stored, marker = artifact_dir("load-planted"), tmp_path / "planted-code-ran"
+    payload = f"\nimport pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n"
+    planted = list(stored.rglob("*.py"))
+    assert planted == []  # nothing to append to: the artifact holds no code
+    planted += [stored / "pyfunc_model.py", stored / "data" / ARCH / "pyfunc_model.py"]
+    for path in planted:
+        with open(path, "a") as file:
+            file.write(payload)
+
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model("models:/load-planted@champion").predict(IMAGE), before)
+    np.testing.assert_array_equal(segflow_mask("models:/load-planted@champion"), before)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("file_name", ["model.safetensors", "model.json"])
+def test_model_files_changed_in_the_store_are_refused_naming_both_hashes(workspace, tmp_path, file_name):
+    name = f"load-swapped-{file_name.split('.')[1]}"
+    register_version(workspace, name, 0.5)
+    stored = artifact_dir(name) / "data" / ARCH / file_name
+    recorded = file_sha256(stored)
+    torch.manual_seed(1)  # other weights, or a card that normalises images differently: both well-formed
+    save_model(models.build(ARCH, num_classes=2, width=0.0625),
+               ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"], options={"width": 0.0625},
+                         mean=(0.0, 0.0, 0.0)), tmp_path / "other")
+    stored.write_bytes((tmp_path / "other" / file_name).read_bytes())
+    changed = file_sha256(stored)
+
+    with pytest.raises(SegflowError, match=rf"{name} v1: {file_name} has SHA-256 {changed}, not the {recorded}"):
+        segflow_mask(f"models:/{name}@champion")
+    # MLflow's own load checks the files against the MLmodel's record (integrity only: the MLmodel is in the store).
+    with pytest.raises(SegflowError, match=rf"{file_name} has SHA-256 {changed}, not the {recorded}"):
+        mlflow.pyfunc.load_model(f"models:/{name}@champion")
+
+
+def test_an_edited_mlmodel_is_refused(workspace):
+    register_version(workspace, "load-mlmodel", 0.5)
+    register_version(workspace, "load-mlmodel", 0.4)  # a challenger with files of its own
+    mlmodel = artifact_dir("load-mlmodel", "2") / "MLmodel"
+    recorded = file_sha256(mlmodel)
+    # Point it at a flavor that unpickles its data: whoever can write the bucket could then run code.
+    mlmodel.write_text(mlmodel.read_text().replace(f"loader_module: {LOADER_MODULE}", "loader_module: mlflow.sklearn"))
+
+    with pytest.raises(SegflowError, match=rf"load-mlmodel v2: MLmodel has SHA-256 {file_sha256(mlmodel)}, "
+                                           rf"not the {recorded}"):
+        segflow_mask("models:/load-mlmodel@challenger")
+    with pytest.raises(SegflowError, match="loads with 'mlflow.sklearn', not with segflow's 'segflow.pyfunc_model'"):
+        promote(workspace, "load-mlmodel", "2", force=True, reason="try anyway")
+    assert str(MlflowClient().get_model_version_by_alias("load-mlmodel", "champion").version) == "1"
+
+
+def test_a_version_without_the_registry_hashes_is_refused_and_registering_again_replaces_it(workspace):
+    # As a version registered by an older segflow, or by hand: nothing in the registry to check its files against.
+    register_version(workspace, "load-untagged", 0.5)
+    MlflowClient().delete_model_version_tag("load-untagged", "1", MLMODEL_TAG)
+    with pytest.raises(SegflowError, match="load-untagged v1 has no mlmodel_sha256 .*register the model again"):
+        segflow_mask("models:/load-untagged/1")
+    assert register_version(workspace, "load-untagged", 0.5).version == "2"  # not reused
+
+
+def test_a_version_logged_as_code_by_an_older_segflow_is_refused():
+    older = Model().add_flavor("python_function", loader_module="mlflow.pyfunc.loaders.code_model",
+                               model_code_path="pyfunc_model.py")
+    with pytest.raises(SegflowError, match="segflow v1 was registered by an older segflow.*register the model again"):
+        segflow_flavor(older, "segflow v1")
