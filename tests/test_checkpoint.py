@@ -23,6 +23,7 @@ from segflow import checkpoint
 from segflow.checkpoint import Progress
 from segflow.cli import app
 from segflow.config import Layout, parse_params
+from segflow.errors import SegflowError
 from segflow.imageio import read_mask
 from segflow.train import train
 
@@ -69,6 +70,11 @@ def test_checkpoint_restores_model_optimizer_scheduler_and_every_rng(tmp_path):
     assert all(torch.equal(fresh[1].state[p]["momentum_buffer"], m) for p, m in zip(fresh[0].parameters(), momentum))
     # Only the JSON and one tensors file; no pickle anywhere.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "tensors-2-3.safetensors"]
+
+    tensors = tmp_path / "tensors-2-3.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-100])  # the disk filled up, say
+    with pytest.raises(SegflowError, match="unreadable checkpoint .* run without --resume to start over"):
+        checkpoint.load(tmp_path)
 
 
 def _png_bytes(mask: np.ndarray) -> bytes:

@@ -105,3 +105,19 @@ def test_confusion_over_uses_the_inference_params():
     slide = confusion_over(model, batches, NUM_CLASSES, torch.device("cpu"), InferenceParams(mode="slide"), 16).matrix
     torch.testing.assert_close(slide, plain)
     assert int(plain.sum()) == 2 * 21 * 30
+
+
+def test_truncated_or_foreign_weights_are_named_not_a_crash(tmp_path):
+    from segflow import models
+    from segflow.inference import ModelCard, load_model, save_model
+
+    card = ModelCard(arch="fcn32s", num_classes=2, classes=["background", "thing"], options={"width": 0.0625})
+    save_model(models.build("fcn32s", num_classes=2, width=0.0625), card, tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(SegflowError, match="model.safetensors: cannot read the weights .* truncated"):
+        load_model(tmp_path / "model")
+    save_model(models.build("fcn32s", num_classes=3, width=0.0625), card, tmp_path / "model")  # 3 classes, card says 2
+    with pytest.raises(SegflowError, match="the weights do not fit .* tensors of another shape"):
+        load_model(tmp_path / "model")

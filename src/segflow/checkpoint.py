@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from segflow.errors import SegflowError
@@ -174,7 +175,7 @@ def load(resume_dir: Path) -> Checkpoint:
     try:
         saved = json.loads(path.read_text())
         tensors = load_file(str(path.parent / saved["tensors"]))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise SegflowError(f"{path}: unreadable checkpoint ({exc}); run without --resume to start over.") from None
     state = {key: saved[key] for key in ("optimizer", "scheduler", "scaler")}
     return Checkpoint(Progress(**saved["progress"]), saved["settings"], tensors, state)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from segflow import CARD_FILE, WEIGHTS_FILE, models
@@ -64,8 +65,29 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[tor
     card = read_card(model_dir)
     options = {k: v for k, v in card.options.items() if k != "encoder_weights"}
     model = models.build(card.arch, num_classes=card.num_classes, **options)
-    model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
+    load_weights(model, model_dir / WEIGHTS_FILE)
     return model.to(device).eval(), card
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``model``; a truncated file or tensors that do not fit are named, not a crash."""
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise SegflowError(f"{path}: no weights file.") from None
+    except (SafetensorError, OSError) as exc:
+        raise SegflowError(f"{path}: cannot read the weights ({exc}); the file is truncated or not safetensors. "
+                           "Train the model again, or restore the file.") from None
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    misshapen = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or misshapen:
+        problems = [f"{label} {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}"
+                    for label, names in (("missing", missing), ("unexpected", unexpected),
+                                         ("of another shape", misshapen)) if names]
+        raise SegflowError(f"{path}: the weights do not fit the model its card describes: tensors "
+                           f"{'; '.join(problems)}.")
+    model.load_state_dict(state)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
@@ -62,7 +61,7 @@ from segflow.evaluate import confusion_over
 from segflow.fingerprint import file_sha256, folder_sha256, ingested_sha256
 from segflow.fsutil import atomic_dir, atomic_write_json, exclusive_lock
 from segflow.imageio import read_mask
-from segflow.inference import EMA_DIR, LAST_DIR, SNAPSHOTS_DIR, ModelCard, read_card, save_model
+from segflow.inference import EMA_DIR, LAST_DIR, SNAPSHOTS_DIR, ModelCard, load_weights, read_card, save_model
 from segflow.losses import segmentation_loss
 from segflow.split import read_manifest
 
@@ -425,7 +424,7 @@ def load_initial_weights(network: nn.Module, arch: str, classes: list[str], mode
     if (card.arch, card.classes) != (arch, classes):
         raise SegflowError(f"{model_dir}: cannot start {arch} ({len(classes)} classes) from this {card.arch} model "
                            f"({card.num_classes} classes); the architecture and classes must be the same.")
-    network.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS_FILE)))
+    load_weights(network, Path(model_dir) / WEIGHTS_FILE)
 
 
 @dataclass
