@@ -129,3 +129,11 @@ def test_a_cache_of_other_pixels_is_stale_even_with_the_manifest_unchanged(inges
     edit(ingested)  # annotations edited and re-ingested: same manifest, other masks
     with pytest.raises(SegflowError, match=f"stale: .* has {changed} since it was built"):
         open_cache(tmp_path / "cache", ingested)
+
+
+@pytest.mark.parametrize("out", ["ingested", "ingested/cache", "."])
+def test_a_cache_folder_that_is_inside_or_holds_the_data_is_refused(ingested, tmp_path, out):
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(SegflowError, match="segflow cache: the output folder .* the input"):
+        build_cache(ingested, tmp_path / out)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -28,7 +28,7 @@ import numpy as np
 
 from segflow.errors import SegflowError
 from segflow.fingerprint import differences, ingested_sha256
-from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.fsutil import atomic_dir, atomic_write_json, refuse_overlap
 from segflow.imageio import read_image, read_mask
 from segflow.split import read_manifest
 
@@ -88,6 +88,7 @@ def build_cache(data_dir: Path, out: Path = CACHE_DIR, shard_bytes: int = SHARD_
     """Decode every image (and mask) of the ingested folder ``data_dir`` into the cache folder ``out``,
     replaced whole on success. Shapes come from the manifest and are checked against each decoded file."""
     data_dir = Path(data_dir)
+    refuse_overlap(out, [data_dir], "segflow cache")
     manifest = read_manifest(data_dir)
     entries, sizes = _layout(manifest, shard_bytes)
     built_from = ingested_sha256(data_dir)  # before decoding: a file changed meanwhile makes the cache stale, not wrong
