@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ import torch
 
 from segflow import models
 from segflow.config import parse_params
-from segflow.evaluate import evaluate
+from segflow.errors import SegflowError
+from segflow.evaluate import compare_metrics, evaluate
+from segflow.fsutil import atomic_write_json
 from segflow.imageio import write_image, write_mask
 from segflow.inference import ModelCard, save_model
 
@@ -69,3 +72,39 @@ def test_crf_scores_are_reported_beside_the_network_scores(workspace):
     neutral = _evaluate(workspace, {"crf": {"enabled": True, "bilateral_weight": 0, "gaussian_weight": 0}})
     assert neutral["miou_crf"] == pytest.approx(plain["miou"])
     assert neutral["pixel_accuracy_crf"] == pytest.approx(plain["pixel_accuracy"])
+
+
+def test_a_test_split_without_labeled_pixels_is_refused_before_anything_is_written(workspace):
+    for name in ("a", "b"):
+        write_mask(workspace / "data" / "masks" / f"{name}.png", np.full((20, 28), 255, np.uint8))
+    with pytest.raises(SegflowError, match="the test split has no labeled pixels .* its mIoU is undefined"):
+        _evaluate(workspace, {})
+    assert not any((workspace / folder).exists() for folder in ("metrics", "evaluation", "plots"))
+
+
+def test_a_class_absent_from_the_test_split_is_null_in_standard_json(workspace):
+    for name in ("a", "b"):
+        write_mask(workspace / "data" / "masks" / f"{name}.png", np.zeros((20, 28), np.uint8))  # no "thing"
+    metrics = _evaluate(workspace, {"num_overlays": 0})
+    text = (workspace / "metrics" / f"{ARCH}.json").read_text()
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the metrics file"))
+    assert strict == metrics and math.isfinite(metrics["miou"])
+    assert metrics["per_class_accuracy"]["thing"] is None  # no true "thing" pixel: undefined, not NaN
+
+
+def test_the_json_writer_refuses_nan_and_infinity_naming_the_key(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic_write_json(path, {"miou": 0.5})
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match=r"metrics\.json: not written: per_class_iou\.car is NaN or infinite"):
+            atomic_write_json(path, {"miou": 0.5, "per_class_iou": {"road": 0.7, "car": bad}})
+    assert json.loads(path.read_text()) == {"miou": 0.5}  # the previous file is left whole
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_ranking_refuses_an_evaluation_without_a_finite_score():
+    assert compare_metrics({"unet": {"miou": 0.4}, "pspnet": {"miou": 0.6}}) == [("pspnet", 0.6), ("unet", 0.4)]
+    refused = r"the evaluation of pspnet has no test miou .*segflow evaluate --arch pspnet"
+    for missing in (None, math.nan, -math.inf):
+        with pytest.raises(SegflowError, match=refused):
+            compare_metrics({"unet": {"miou": 0.4}, "pspnet": {"miou": missing}})

@@ -275,13 +275,12 @@ def test_consistency_on_unlabeled_images_adds_only_the_confident_pixels_loss(
 
 
 def test_a_val_split_without_labeled_pixels_is_refused_and_no_model_is_kept(tmp_path):
-    project = make_project(tmp_path, train=2, val=2, size=16)
-    val_ids = load_samples(project / Layout.ingested, project / Layout.splits, "val")
-    for sample in val_ids:
-        write_mask(sample.mask_path, np.full((16, 16), IGNORE_INDEX, np.uint8))
+    project = make_project(tmp_path, train=2, val=2)
+    for sample in load_samples(project / Layout.ingested, project / Layout.splits, "val"):
+        write_mask(sample.mask_path, np.full((SIZE, SIZE), IGNORE_INDEX, np.uint8))
     out_dir = tmp_path / "model"
 
     with pytest.raises(SegflowError, match="val mIoU is undefined: the val split of .* has no labeled pixels"):
-        train(_plain_params(crop_size=16, batch_size=2, decoded_cache=False), "unet_original",
+        train(_plain_params(batch_size=2, decoded_cache=False), "unet_original",
               data_dir=project / Layout.ingested, splits_csv=project / Layout.splits, out_dir=out_dir)
-    assert not out_dir.exists()
+    assert not out_dir.exists() and not (tmp_path / ".model.resume").exists()

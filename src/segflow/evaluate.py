@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -63,15 +62,27 @@ def confusion_with_crf(
 
 
 def score_split(params: Params, model_dir: Path, data_dir: Path, splits_csv: Path, split: str) -> dict | None:
-    """A model folder's scores on one split, predicted as evaluation predicts (None when the split is empty)."""
+    """A model folder's scores on one split, predicted as evaluation predicts (None when the split is empty;
+    refused when it has no labeled pixel)."""
     samples = load_samples(data_dir, splits_csv, split)
     if not samples:
         return None
     device = resolve_device(params.train.device)
     model, card = load_model(model_dir, device)
     loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
-    return confusion_over(model, loader, card.num_classes, device, params.evaluate.inference,
-                          params.train.crop_size).compute()
+    confusion = confusion_over(model, loader, card.num_classes, device, params.evaluate.inference,
+                               params.train.crop_size)
+    return labeled_scores(confusion, splits_csv, split)
+
+
+def labeled_scores(confusion: ConfusionMatrix, splits_csv: Path, split: str) -> dict:
+    """The scores of a split with labeled pixels; a split whose masks are all ignore has no mIoU and is refused."""
+    if not int(confusion.matrix.sum()):
+        raise SegflowError(
+            f"{splits_csv}: the {split} split has no labeled pixels (every mask pixel is ignore, 255), so its mIoU "
+            "is undefined and no model can be scored on it. Label some of its images, or re-run the validate "
+            "stage (validate.min_labeled_pixel_fraction) and the split stage.")
+    return confusion.compute()
 
 
 def split_fingerprint(samples: list[Sample]) -> str:
@@ -85,8 +96,9 @@ def split_fingerprint(samples: list[Sample]) -> str:
     return digest.hexdigest()
 
 
-def _finite_or_none(value: float) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+def _finite_or_none(value: float | None) -> float | None:
+    """An undefined score (a class absent from the split: NaN) is written as null, never as NaN."""
+    return None if value is None or not math.isfinite(value) else value
 
 
 def gflops(model: torch.nn.Module, size: int) -> float:
@@ -137,7 +149,7 @@ def evaluate(
             model, samples, card.num_classes, device, inference, params.train.crop_size, crf)
     else:
         confusion = confusion_over(model, loader, card.num_classes, device, inference, params.train.crop_size)
-    scores = confusion.compute()
+    scores = labeled_scores(confusion, splits_csv, "test")
     names = card.classes
     history = json.loads((Path(model_dir) / "history.json").read_text())
     metrics = {
@@ -205,9 +217,13 @@ def _csv_text(header: list[str], rows: list[list[object]]) -> str:
 
 
 def compare_metrics(metrics: dict[str, dict[str, object]], key: str = "miou") -> list[tuple[str, float]]:
-    """Architectures ranked by ``key``, best first (missing or NaN scores last)."""
-    def score(item: tuple[str, dict[str, object]]) -> float:
-        value = item[1].get(key)
-        return value if isinstance(value, (int, float)) and not np.isnan(value) else -math.inf
-
-    return [(name, score((name, m))) for name, m in sorted(metrics.items(), key=score, reverse=True)]
+    """Architectures ranked by ``key``, best first; an evaluation without a finite score is refused, not ranked."""
+    ranked = []
+    for name, scores in metrics.items():
+        value = scores.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SegflowError(
+                f"the evaluation of {name} has no test {key} (found {value!r}): a model without a score cannot be "
+                f"ranked or registered. Run `segflow evaluate --arch {name}` again.")
+        ranked.append((name, float(value)))
+    return sorted(ranked, key=lambda item: item[1], reverse=True)

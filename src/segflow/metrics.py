@@ -1,7 +1,8 @@
 """Segmentation metrics from a confusion matrix (rows: truth, columns: prediction).
 
 Classes absent from both truth and prediction have an undefined IoU; they are NaN per class and left out of
-the means, as MMSegmentation and torchvision's reference do.
+the means, as MMSegmentation and torchvision's reference do. The means are therefore NaN only when no pixel is
+labeled: callers refuse that case (a NaN score is never a "best" model nor a number in a metrics file).
 """
 
 from __future__ import annotations
