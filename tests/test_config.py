@@ -55,6 +55,7 @@ def test_model_options_are_copies():
     ({"train": {"archs": []}}, "train.archs: List should have at least 1 item"),
     ({"register": {"metric": "mIoU"}}, "register.metric: Input should be 'miou'"),
     ({"register": {"model_name": "seg'flow"}}, "register.model_name: String should match pattern"),
+    ({"split": {"group_by": "(unclosed"}}, "split.group_by: not a regular expression"),
 ])
 def test_values_that_crashed_a_later_stage_are_refused_naming_the_key(raw, message):
     with pytest.raises(SegflowError, match=message):

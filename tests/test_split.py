@@ -190,3 +190,43 @@ def test_labeled_fraction_hides_the_rest_of_train_and_leaves_val_and_test_alone(
                         labeled_fraction=0.125)
     assert (tmp_path / "again.csv").read_bytes() == (tmp_path / "semi.csv").read_bytes()
     assert split_of(again).equals(semi)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_by_keeps_every_near_copy_group_in_one_split(tmp_path, seed):
+    # A labeling tool's export: 12 photos x 3 augmented copies (NAME_jpg.rf.HASH), a rare class in 4 photos.
+    images = [{"image_id": f"photo{p:02d}_jpg.rf.{c}{p}", "classes": [0, 1 + p % 2] + ([3] if p % 3 == 0 else [])}
+              for p in range(12) for c in "abc"]
+    data, stats = write_inputs(tmp_path / "regex", images)
+    splits = split_of(make_splits(data, stats, tmp_path / "s.csv", seed=seed, val_fraction=0.2, test_fraction=0.2,
+                                  group_by=r"^(.+)_jpg\.rf\."))
+    by_photo = splits.groupby(splits.index.str.slice(0, 7)).nunique()
+    assert (by_photo == 1).all() and len(by_photo) == 12
+    assert set(splits) == {"train", "val", "test"}
+    ungrouped = split_of(make_splits(data, stats, tmp_path / "u.csv", seed=seed, val_fraction=0.2, test_fraction=0.2))
+    assert (ungrouped.groupby(ungrouped.index.str.slice(0, 7)).nunique() > 1).any()  # what group_by prevents
+
+    # The same groups from a manifest column (a video's sequence, say).
+    data, stats = write_inputs(tmp_path / "column", images)
+    manifest = pd.read_csv(data / "manifest.csv")
+    manifest["sequence"] = manifest["image_id"].str.slice(0, 7)
+    manifest.to_csv(data / "manifest.csv", index=False)
+    by_column = split_of(make_splits(data, stats, tmp_path / "c.csv", seed=seed, val_fraction=0.2,
+                                     test_fraction=0.2, group_by="column:sequence"))
+    assert (by_column.groupby(manifest.set_index("image_id")["sequence"]).nunique() == 1).all()
+
+
+def test_a_duplicate_joins_its_copys_whole_group(tmp_path):
+    images = [{"image_id": f"seq{s}_{f}", "classes": [0, 1], "hash": f"h{s}{f}"} for s in range(6) for f in range(3)]
+    images[0]["hash"] = images[5]["hash"]  # seq0_0 has the pixels of seq1_2: sequences 0 and 1 are one group
+    data, stats = write_inputs(tmp_path, images)
+    splits = split_of(make_splits(data, stats, tmp_path / "s.csv", seed=0, val_fraction=0.2, test_fraction=0.2,
+                                  group_by=r"^(seq\d)_"))
+    assert splits.loc[[f"seq{s}_{f}" for s in (0, 1) for f in range(3)]].nunique() == 1
+
+
+def test_group_by_a_column_the_manifest_lacks_names_it(tmp_path):
+    data, stats = write_inputs(tmp_path, rare_class_images())
+    with pytest.raises(SegflowError, match="split.group_by names the column 'sequence'"):
+        make_splits(data, stats, tmp_path / "s.csv", seed=0, val_fraction=0.2, test_fraction=0.2,
+                    group_by="column:sequence")

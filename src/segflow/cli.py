@@ -135,7 +135,7 @@ def split(params_file: ParamsOption = Path("params.yaml")) -> None:
     frame = make_splits(
         Layout.ingested, Layout.validation / "stats.csv", Layout.splits, seed=params.split.seed,
         val_fraction=params.split.val_fraction, test_fraction=params.split.test_fraction,
-        labeled_fraction=params.split.labeled_fraction,
+        labeled_fraction=params.split.labeled_fraction, group_by=params.split.group_by,
     )
     typer.echo(f"wrote {Layout.splits}: {frame['split'].value_counts().to_dict()}")
 

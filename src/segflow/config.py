@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -13,6 +14,7 @@ from pydantic import (
 from segflow.errors import SegflowError
 
 PARAMS_FILE = Path("params.yaml")
+GROUP_COLUMN_PREFIX = "column:"  # split.group_by names a manifest column
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -95,6 +97,20 @@ class SplitParams(_Section):
     # Semi-supervised protocol: keep this share of the training images labeled; the rest become unlabeled
     # (masks hidden from training, kept to score the pseudo-labels). null: all labeled.
     labeled_fraction: float | None = Field(None, gt=0, le=1)
+    # Near-copies share a split: a regular expression searched in each image's file name whose first group (or
+    # whole match) names its group, e.g. "^(.+)_jpg\\.rf\\." for a labeling tool's augmented exports; or
+    # "column:NAME" for a manifest column. null: only identical pixels are grouped.
+    group_by: str | None = None
+
+    @field_validator("group_by")
+    @classmethod
+    def _pattern_compiles(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(GROUP_COLUMN_PREFIX):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression ({exc})") from None
+        return value
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> SplitParams:

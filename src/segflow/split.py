@@ -4,7 +4,9 @@ Predefined splits (the ``split`` column of ``manifest.csv``) are kept as they ar
 images are split by seeded iterative stratification (Sechidis et al., 2011) on multi-label class
 presence taken from the validate stage's ``stats.csv``, so a rare class lands in every split. Exact
 duplicates (same decoded-pixel ``content_hash``) form one group and always share a split, so no
-picture leaks from train into evaluation. Rows without a mask get ``unlabeled``.
+picture leaks from train into evaluation; ``group_by`` also groups near-copies (a video's frames, a labeling
+tool's augmented exports) by a key from the file name or a manifest column. Rows without a mask get
+``unlabeled``.
 
 The semi-supervised protocol (``labeled_fraction``) keeps a seeded share of the training images labeled and
 moves the rest to ``unlabeled``: their masks stay in the manifest, hidden from training, so the pseudo-label
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from segflow.config import GROUP_COLUMN_PREFIX
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_write_text
 
@@ -77,9 +80,11 @@ def expected_split_sizes(n_groups: int, val_fraction: float, test_fraction: floa
 
 def make_splits(
     data_dir: Path, stats_csv: Path, out_csv: Path, *, seed: int, val_fraction: float, test_fraction: float,
-    labeled_fraction: float | None = None,
+    labeled_fraction: float | None = None, group_by: str | None = None,
 ) -> pd.DataFrame:
-    """Write ``out_csv`` (``image_id,split`` for every manifest row, in manifest order) and return it."""
+    """Write ``out_csv`` (``image_id,split`` for every manifest row, in manifest order) and return it.
+
+    ``group_by`` (params ``split.group_by``): see :func:`group_keys`; images sharing a key share a split."""
     check_fractions(val_fraction, test_fraction)
     manifest = read_manifest(Path(data_dir))
     labeled = manifest["mask_path"] != ""
@@ -95,7 +100,8 @@ def make_splits(
         split[labeled] = manifest.loc[labeled, "split"]
     else:
         stats = _read_stats(Path(stats_csv), manifest.loc[labeled, "image_id"])
-        group_of_image, presence = _duplicate_groups(stats)
+        keys = group_keys(manifest.loc[labeled], group_by, Path(data_dir) / "manifest.csv")
+        group_of_image, presence = _image_groups(stats, keys)
         sizes = expected_split_sizes(len(presence), val_fraction, test_fraction)
         group_split = _iterative_stratification(presence, sizes, np.random.default_rng(seed))
         split[labeled] = [group_split[group_of_image[i]] for i in manifest.loc[labeled, "image_id"]]
@@ -133,12 +139,45 @@ def _read_stats(stats_csv: Path, labeled_ids: pd.Series) -> pd.DataFrame:
     return stats.loc[labeled_ids.to_list(), ["content_hash", *pixel_columns]]
 
 
-def _duplicate_groups(stats: pd.DataFrame) -> tuple[dict[str, int], np.ndarray]:
-    """Map image_id -> group number (images with equal content_hash share one) and the groups'
-    class-presence matrix (groups x classes, bool), groups numbered in order of first appearance."""
-    # An image without a hash (it did not decode; validate reports it) is its own group.
-    keys = [h if h else f"id:{image_id}" for image_id, h in zip(stats.index, stats["content_hash"])]
-    group_numbers, _ = pd.factorize(pd.Series(keys), sort=False)
+def group_keys(rows: pd.DataFrame, group_by: str | None, manifest_csv: Path) -> list[str | None]:
+    """Each manifest row's group key from ``group_by``: ``column:NAME`` takes the manifest column NAME; any other
+    text is a regular expression searched in the image's file name, its first group (else the whole match) the
+    key. None (no key: the image is grouped only with identical pixels) for an empty cell or no match."""
+    if group_by is None:
+        return [None] * len(rows)
+    if group_by.startswith(GROUP_COLUMN_PREFIX):
+        column = group_by.removeprefix(GROUP_COLUMN_PREFIX)
+        if column not in rows.columns:
+            raise SegflowError(f"{manifest_csv}: split.group_by names the column {column!r}, which the manifest "
+                               f"does not have (columns: {', '.join(rows.columns)}).")
+        return [value or None for value in rows[column]]
+    pattern = re.compile(group_by)
+    keys = []
+    for image_path in rows["image_path"]:
+        match = pattern.search(Path(image_path).name)
+        keys.append(None if match is None else match.group(1) if match.re.groups else match.group(0))
+    return keys
+
+
+def _image_groups(stats: pd.DataFrame, keys: list[str | None]) -> tuple[dict[str, int], np.ndarray]:
+    """Map image_id -> group number and the groups' class-presence matrix (groups x classes, bool), groups
+    numbered in order of first appearance. Images with equal ``content_hash`` or equal ``keys`` share a group,
+    transitively (a duplicate of one frame joins that frame's whole sequence)."""
+    parent = list(range(len(stats)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    # An image without a hash (it did not decode; validate reports it) is grouped by its key alone.
+    for links in ([content_hash or None for content_hash in stats["content_hash"]], keys):
+        first: dict[str, int] = {}
+        for i, key in enumerate(links):
+            if key is not None:
+                parent[root(i)] = root(first.setdefault(key, i))
+    group_numbers, _ = pd.factorize(pd.Series([root(i) for i in range(len(stats))]), sort=False)
     counts = stats.drop(columns="content_hash").apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy()
     presence = np.zeros((group_numbers.max(initial=-1) + 1, counts.shape[1]), dtype=bool)
     np.logical_or.at(presence, group_numbers, counts > 0)
