@@ -542,6 +542,15 @@ def test_masks_pair_with_images_by_stem_and_strays_are_warned_about(tmp_path, ca
         ingest_masks([MaskSource(tmp_path / "img", tmp_path / "ann")], tmp_path / "out2", strict=True)
 
 
+def test_binary_masks_without_a_value_map_are_refused_with_the_fix(tmp_path):
+    save_image(tmp_path / "img" / "a.png", 8, 6)
+    save_mask(tmp_path / "ann" / "a.png", pattern(values=(0, 255)))
+    # Read as index masks, 255 is ignore: the foreground would vanish and validate would see one class.
+    with pytest.raises(SegflowError, match=r"every mask holds class 0 only.* --value-map 0:0,255:1 --classes"):
+        ingest_masks([MaskSource(tmp_path / "img", tmp_path / "ann")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_value_map_turns_binary_masks_into_class_indices(tmp_path):
     save_image(tmp_path / "img" / "a.png", 8, 6)
     raw = pattern(values=(0, 255))

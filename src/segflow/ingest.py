@@ -188,7 +188,10 @@ def ingest_masks(
         convert_one = partial(_convert_mask, lookup=lookup, num_classes=num_classes, masks_dir=tmp / "masks")
         converted = _parallel_map(convert_one, pairs)
         rows = [row for row, _ in converted]
-        names = classes or _default_class_names(max(highest for _, highest in converted))
+        highest = max(highest for _, highest in converted)
+        if highest == 0 and not value_map and ignore_value is None:
+            _raise_background_only(sources)
+        names = classes or _default_class_names(highest)
         unlabeled_rows = _parallel_map(_unlabeled_row, unlabeled_files)
         _write_outputs(
             tmp,
@@ -775,6 +778,18 @@ def _convert_mask(
     write_mask(masks_dir / f"{pair.image_id}.png", lookup[raw])
     highest = int(labels.max()) if labels.size else -1
     return _ManifestRow(pair.image_id, pair.image, width, height, labeled=True, split=pair.split), highest
+
+
+def _raise_background_only(sources: Sequence[MaskSource]) -> None:
+    """Masks holding only 0 and 255 are binary masks nearly always: read as segflow's index masks (255 =
+    ignore) their foreground would be ignored and one class left to learn."""
+    folders = ", ".join(str(source.masks) for source in sources)
+    raise SegflowError(
+        f"{folders}: every mask holds class 0 only, apart from the value {IGNORE_INDEX} (ignore): nothing to "
+        f"learn. Binary masks (0 = background, {IGNORE_INDEX} = object) need their values mapped: "
+        f"--value-map 0:0,{IGNORE_INDEX}:1 --classes background,object (params: data.masks.value_map "
+        f"{{0: 0, {IGNORE_INDEX}: 1}} and data.masks.classes [background, object])."
+    )
 
 
 def _raise_unknown_values(mask: Path, raw_values: np.ndarray, class_values: np.ndarray, num_classes: int) -> None:
