@@ -8,7 +8,6 @@ leave nothing behind, while the same requests with the auth string succeed (so t
 from __future__ import annotations
 
 import configparser
-import uuid
 from pathlib import Path
 
 import httpx
@@ -101,25 +100,25 @@ def test_prefect_api_refuses_the_injection_without_credentials(prefect):
 
 
 def test_mlflow_refuses_anonymous_and_ungranted_users(mlflow):
-    url = mlflow.url
-    with httpx.Client(base_url=url, timeout=30) as anonymous, \
-            httpx.Client(base_url=url, timeout=30, auth=MLFLOW_ADMIN) as admin:
+    newcomer = ("newcomer", "newcomer-password-12")
+    with httpx.Client(base_url=mlflow.url, timeout=30) as anonymous, \
+            httpx.Client(base_url=mlflow.url, timeout=30, auth=MLFLOW_ADMIN) as admin, \
+            httpx.Client(base_url=mlflow.url, timeout=30, auth=newcomer) as user:
         assert anonymous.get("/api/2.0/mlflow/experiments/search", params={"max_results": 10}).status_code == 401
 
-        created = admin.post("/api/2.0/mlflow/experiments/create", json={"name": f"team-{uuid.uuid4().hex[:8]}"})
+        created = admin.post("/api/2.0/mlflow/experiments/create", json={"name": "team-experiment"})
         assert created.status_code == 200, created.text
-        experiment_id = created.json()["experiment_id"]
-        newcomer = ("newcomer", "newcomer-password-12")
+        experiment = {"experiment_id": created.json()["experiment_id"]}
         assert admin.post("/api/2.0/mlflow/users/create",
                           json={"username": newcomer[0], "password": newcomer[1]}).status_code == 200
 
-        get = {"experiment_id": experiment_id}
-        assert admin.get("/api/2.0/mlflow/experiments/get", params=get).status_code == 200
-        # default_permission = NO_PERMISSIONS: an account sees nothing it was not granted.
-        ungranted = anonymous.get("/api/2.0/mlflow/experiments/get", params=get, auth=newcomer)
+        assert admin.get("/api/2.0/mlflow/experiments/get", params=experiment).status_code == 200
+        # default_permission = NO_PERMISSIONS: an account sees nothing it was not granted...
+        ungranted = user.get("/api/2.0/mlflow/experiments/get", params=experiment)
         assert ungranted.status_code == 403, ungranted.text
+        # ... and what it was, once granted (so the 403 is the permission, not a broken account).
         granted = admin.post("/api/3.0/mlflow/users/permissions/grant",
                              json={"username": newcomer[0], "resource_type": "experiment",
-                                   "resource_id": experiment_id, "permission": "READ"})
+                                   "resource_id": experiment["experiment_id"], "permission": "READ"})
         assert granted.status_code == 200, granted.text
-        assert anonymous.get("/api/2.0/mlflow/experiments/get", params=get, auth=newcomer).status_code == 200
+        assert user.get("/api/2.0/mlflow/experiments/get", params=experiment).status_code == 200
