@@ -33,7 +33,8 @@ LONG_RUNNING = {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker
 VAR_REF = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(?::?[-?+])[^}]*)?\}")
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH_STRING|(?:^|_)KEY$|ACCESS_KEY", re.IGNORECASE)
 # A published port, short syntax: [HOST_IP:][PUBLISHED:]TARGET[/PROTOCOL]; HOST_IP may be a ${VAR:-default}.
-PORT = re.compile(r"(?:(?P<ip>\$\{[^}]*\}|[0-9.]+|\[[0-9a-f:]*\]):)?(?:(?P<published>\d+):)?(?P<target>\d+)(?:/\w+)?")
+PORT = re.compile(r"(?:(?P<ip>\$\{[^}]*\}|\d+(?:\.\d+){3}|\[[0-9a-f:]*\]):)?(?:(?P<published>[\d-]+):)?"
+                  r"(?P<target>[\d-]+)(?:/\w+)?")
 
 
 # --------------------------------------------------------------------------------------- helpers
