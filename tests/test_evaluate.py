@@ -13,7 +13,7 @@ import torch
 from segflow import models
 from segflow.config import parse_params
 from segflow.errors import SegflowError
-from segflow.evaluate import compare_metrics, evaluate
+from segflow.evaluate import evaluate
 from segflow.fsutil import atomic_write_json
 from segflow.imageio import write_image, write_mask
 from segflow.inference import ModelCard, save_model
@@ -24,7 +24,7 @@ OPTIONS = {"width": 0.0625}
 
 @pytest.fixture
 def workspace(tmp_path) -> Path:
-    """A random tiny model with a one-epoch history, and two labeled test images with their splits file."""
+    """A random tiny model with a one-epoch history, two labeled test images and one val image, and the splits."""
     torch.manual_seed(0)
     model = models.build(ARCH, num_classes=2, **OPTIONS)
     save_model(model, ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"], options=OPTIONS),
@@ -34,7 +34,7 @@ def workspace(tmp_path) -> Path:
     (data / "masks").mkdir(parents=True)
     rng = np.random.default_rng(0)
     rows = []
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         mask = np.zeros((20, 28), np.uint8)
         mask[5:15, 8:20] = 1
         image = np.where(mask[..., None] == 1, 200, 40).astype(np.uint8) + rng.integers(0, 20, (20, 28, 3), np.uint8)
@@ -43,8 +43,17 @@ def workspace(tmp_path) -> Path:
         rows.append(f"{name},{name}.png,masks/{name}.png,28,20,\n")
     (data / "manifest.csv").write_text("image_id,image_path,mask_path,width,height,split\n" + "".join(rows))
     (data / "classes.json").write_text(json.dumps({"names": ["background", "thing"]}))
-    (tmp_path / "splits.csv").write_text("image_id,split\na,test\nb,test\n")
+    (tmp_path / "splits.csv").write_text("image_id,split\na,test\nb,test\nc,val\n")
     return tmp_path
+
+
+def _constant_model(index: int) -> torch.nn.Module:
+    """The tiny FCN predicting class ``index`` everywhere: a collapsed model."""
+    model = models.build(ARCH, num_classes=2, **OPTIONS)
+    with torch.no_grad():
+        model.score_fr.weight.zero_()
+        model.score_fr.bias.copy_(torch.tensor([-10.0, -10.0]).index_fill_(0, torch.tensor(index), 10.0))
+    return model
 
 
 def _evaluate(workspace: Path, evaluate_params: dict) -> dict:
@@ -54,30 +63,46 @@ def _evaluate(workspace: Path, evaluate_params: dict) -> dict:
                     out_dir=workspace / "evaluation", plots_dir=workspace / "plots")
 
 
-def test_evaluation_writes_metrics_and_the_dvc_plot_tables(workspace):
-    metrics = _evaluate(workspace, {"num_overlays": 1})
-    assert json.loads((workspace / "metrics" / f"{ARCH}.json").read_text()) == metrics
-    assert "miou_crf" not in metrics
+def test_evaluation_writes_scores_the_headline_metrics_and_the_dvc_plot_tables(workspace):
+    scores = _evaluate(workspace, {"num_overlays": 1})
+    assert json.loads((workspace / "evaluation" / "scores.json").read_text()) == scores
+    assert json.loads((workspace / "metrics" / f"{ARCH}.json").read_text()) == {
+        "val_miou": scores["val"]["miou"], "test_miou": scores["test"]["miou"],
+        "test_pixel_accuracy": scores["test"]["pixel_accuracy"],
+        "test_mean_class_accuracy": scores["test"]["mean_class_accuracy"]}  # what `dvc metrics show` prints
+    assert (scores["val"]["images"], scores["test"]["images"]) == (1, 2) and "test_crf" not in scores
     assert (workspace / "plots/history" / f"{ARCH}.csv").read_text() == "epoch,train_loss,val_miou\n1,0.7,0.4\n"
     per_class = (workspace / "plots/per_class_iou" / f"{ARCH}.csv").read_text().splitlines()
     assert per_class[0] == "class,iou" and [line.split(",")[0] for line in per_class[1:]] == ["background", "thing"]
 
 
+def test_the_majority_baseline_and_the_classes_predicted_are_what_a_collapsed_model_shows(workspace):
+    save_model(_constant_model(0), ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"],
+                                             options=OPTIONS), workspace / "model")
+    scores = _evaluate(workspace, {"num_overlays": 0})
+    background = 1 - 120 / 560  # the "thing" box is 10x12 of 20x28 pixels in every image
+    assert scores["majority_baseline"] == pytest.approx({
+        "class": "background", "miou": background / 2, "pixel_accuracy": background,
+        "mean_class_accuracy": 0.5, "mean_dice": (2 * background / (1 + background)) / 2})
+    assert scores["test"]["predicted_classes"] == ["background"]
+    assert scores["test"]["miou"] == pytest.approx(scores["majority_baseline"]["miou"])
+
+
 def test_crf_scores_are_reported_beside_the_network_scores(workspace):
     plain = _evaluate(workspace, {"crf": {"enabled": False}})
     with_crf = _evaluate(workspace, {"crf": {"enabled": True, "iterations": 3}})
-    assert with_crf["miou"] == pytest.approx(plain["miou"])  # the headline score is the network's own
-    assert 0 <= with_crf["miou_crf"] <= 1 and 0 <= with_crf["pixel_accuracy_crf"] <= 1
+    assert with_crf["test"]["miou"] == pytest.approx(plain["test"]["miou"])  # the headline is the network's own
+    assert 0 <= with_crf["test_crf"]["miou"] <= 1 and 0 <= with_crf["test_crf"]["pixel_accuracy"] <= 1
     # Without pairwise terms the CRF keeps every pixel's class: the same scores, through the CRF code path.
     neutral = _evaluate(workspace, {"crf": {"enabled": True, "bilateral_weight": 0, "gaussian_weight": 0}})
-    assert neutral["miou_crf"] == pytest.approx(plain["miou"])
-    assert neutral["pixel_accuracy_crf"] == pytest.approx(plain["pixel_accuracy"])
+    assert neutral["test_crf"]["miou"] == pytest.approx(plain["test"]["miou"])
+    assert neutral["test_crf"]["pixel_accuracy"] == pytest.approx(plain["test"]["pixel_accuracy"])
 
 
 def test_a_test_split_without_labeled_pixels_is_refused_before_anything_is_written(workspace):
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         write_mask(workspace / "data" / "masks" / f"{name}.png", np.full((20, 28), 255, np.uint8))
-    with pytest.raises(SegflowError, match="the test split has no labeled pixels .* its mIoU is undefined"):
+    with pytest.raises(SegflowError, match="split has no labeled pixels .* its mIoU is undefined"):
         _evaluate(workspace, {})
     assert not any((workspace / folder).exists() for folder in ("metrics", "evaluation", "plots"))
 
@@ -85,11 +110,11 @@ def test_a_test_split_without_labeled_pixels_is_refused_before_anything_is_writt
 def test_a_class_absent_from_the_test_split_is_null_in_standard_json(workspace):
     for name in ("a", "b"):
         write_mask(workspace / "data" / "masks" / f"{name}.png", np.zeros((20, 28), np.uint8))  # no "thing"
-    metrics = _evaluate(workspace, {"num_overlays": 0})
-    text = (workspace / "metrics" / f"{ARCH}.json").read_text()
-    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the metrics file"))
-    assert strict == metrics and math.isfinite(metrics["miou"])
-    assert metrics["per_class_accuracy"]["thing"] is None  # no true "thing" pixel: undefined, not NaN
+    scores = _evaluate(workspace, {"num_overlays": 0})
+    text = (workspace / "evaluation" / "scores.json").read_text()
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the scores file"))
+    assert strict == scores and math.isfinite(scores["test"]["miou"])
+    assert scores["test"]["per_class_accuracy"]["thing"] is None  # no true "thing" pixel: undefined, not NaN
 
 
 def test_the_json_writer_refuses_nan_and_infinity_naming_the_key(tmp_path):
@@ -100,11 +125,3 @@ def test_the_json_writer_refuses_nan_and_infinity_naming_the_key(tmp_path):
             atomic_write_json(path, {"miou": 0.5, "per_class_iou": {"road": 0.7, "car": bad}})
     assert json.loads(path.read_text()) == {"miou": 0.5}  # the previous file is left whole
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
-
-
-def test_ranking_refuses_an_evaluation_without_a_finite_score():
-    assert compare_metrics({"unet": {"miou": 0.4}, "pspnet": {"miou": 0.6}}) == [("pspnet", 0.6), ("unet", 0.4)]
-    refused = r"the evaluation of pspnet has no test miou .*segflow evaluate --arch pspnet"
-    for missing in (None, math.nan, -math.inf):
-        with pytest.raises(SegflowError, match=refused):
-            compare_metrics({"unet": {"miou": 0.4}, "pspnet": {"miou": missing}})

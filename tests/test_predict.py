@@ -24,7 +24,9 @@ from segflow.inference import ModelCard, resolve_model_dir, save_model
 from segflow.predict import predict
 from segflow.register import register
 
-ARCH, NUM_CLASSES = "fcn32s", 3
+from register_testing import write_scores
+
+ARCH, NUM_CLASSES = "fcn32s", 4
 SIZES = {"a.png": (20, 24), "b.jpg": (17, 31), "c.bmp": (32, 32)}  # (height, width)
 PARAMS = {
     "train": {"device": "cpu"},
@@ -35,9 +37,9 @@ PARAMS = {
 
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # an untrained network that does not predict one class everywhere: settings show
     model = models.build(ARCH, num_classes=NUM_CLASSES, width=0.0625)
-    card = ModelCard(arch=ARCH, num_classes=NUM_CLASSES, classes=["bg", "x", "y"], options={"width": 0.0625})
+    card = ModelCard(arch=ARCH, num_classes=NUM_CLASSES, classes=["bg", "x", "y", "z"], options={"width": 0.0625})
     save_model(model, card, tmp_path / "model")
     return tmp_path / "model"
 
@@ -87,20 +89,36 @@ def test_corrupt_image_exits_2_naming_the_file_and_writes_nothing(tmp_path, mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "model", "params.yaml"]
 
 
-def test_registered_model_uri_gives_the_same_predictions(tmp_path, model_dir, images_dir):
+def masks(out_dir: Path) -> list[np.ndarray]:
+    return [read_mask(out_dir / "masks" / f"{Path(name).stem}.png") for name in SIZES]
+
+
+def test_a_registered_model_predicts_with_the_settings_it_was_registered_with(tmp_path, model_dir, images_dir):
     shutil.copytree(model_dir, tmp_path / "models" / ARCH)
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / f"{ARCH}.json").write_text(json.dumps({"miou": 0.5, "test_data_hash": "h"}))
+    write_scores(tmp_path / "evaluation", ARCH, arch=ARCH, test=0.5)
     params = parse_params({**PARAMS, "train": {"device": "cpu", "archs": [ARCH]},
                            "register": {"model_name": "predict-test"}})
-    register(params, metrics_dir=tmp_path / "metrics", models_dir=tmp_path / "models", data_dir=tmp_path / "-",
-             splits_csv=tmp_path / "-", out_file=tmp_path / "decision.json")  # the first version: promoted unscored
+    register(params, candidates=[ARCH], evaluation_dir=tmp_path / "evaluation", models_dir=tmp_path / "models",
+             data_dir=tmp_path / "-", splits_csv=tmp_path / "-",
+             out_file=tmp_path / "decision.json")  # the first version: promoted unscored
+    predict(params, model=model_dir, images_dir=images_dir, out_dir=tmp_path / "as-evaluated")
 
-    predict(params, model="models:/predict-test@champion", images_dir=images_dir, out_dir=tmp_path / "registered")
-    predict(params, model=model_dir, images_dir=images_dir, out_dir=tmp_path / "local")
-    for stem in ("a", "b", "c"):
-        np.testing.assert_array_equal(read_mask(tmp_path / "registered" / "masks" / f"{stem}.png"),
-                                      read_mask(tmp_path / "local" / "masks" / f"{stem}.png"))
+    # evaluate.inference changed since: a model folder follows it, the registered model keeps its own (served) one.
+    today = parse_params({**PARAMS, "evaluate": {"inference": {"mode": "whole"}}})
+    predict(today, model="models:/predict-test@champion", images_dir=images_dir, out_dir=tmp_path / "registered")
+    predict(today, model=model_dir, images_dir=images_dir, out_dir=tmp_path / "whole")
+    for registered, evaluated in zip(masks(tmp_path / "registered"), masks(tmp_path / "as-evaluated")):
+        np.testing.assert_array_equal(registered, evaluated)
+    assert any(not np.array_equal(a, b) for a, b in zip(masks(tmp_path / "whole"), masks(tmp_path / "as-evaluated")))
+
+
+def test_a_card_whose_inference_settings_this_segflow_cannot_read_is_refused(tmp_path, model_dir, images_dir):
+    card = json.loads((model_dir / "model.json").read_text())
+    card["extra"]["inference"] = {"mode": "tiles"}  # written by another segflow version
+    (model_dir / "model.json").write_text(json.dumps(card))
+    with pytest.raises(SegflowError, match=r"model.json: extra.inference is not a valid evaluate.inference .*mode"):
+        predict(parse_params(PARAMS), model=model_dir, images_dir=images_dir, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_model_version_not_registered_by_segflow_is_refused(tmp_path, model_dir, images_dir, monkeypatch, capsys):

@@ -16,6 +16,8 @@ from segflow.imageio import write_image, write_mask
 from segflow.inference import ModelCard, save_model
 from segflow.register import register
 
+from register_testing import write_scores
+
 ARCH = "fcn32s"
 
 
@@ -38,13 +40,12 @@ def workspace(tmp_path) -> Path:
 
 
 def register_version(workspace: Path, name: str, miou: float, data_hash: str = "hash-1"):
-    """Run the register stage on the workspace's model with a made-up test score."""
-    metrics = workspace / "metrics"
-    metrics.mkdir(exist_ok=True)
-    (metrics / f"{ARCH}.json").write_text(json.dumps({"miou": miou, "test_data_hash": data_hash}))
+    """Run the register stage on the workspace's model with a made-up test (and val) score."""
+    write_scores(workspace / "evaluation", ARCH, arch=ARCH, test=miou, data_hash=data_hash)
     params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": name, "margin": 0.01}})
-    return register(params, metrics_dir=metrics, models_dir=workspace / "models", data_dir=workspace / "data",
-                    splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
+    return register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
+                    models_dir=workspace / "models", data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
+                    out_file=workspace / "decision.json")
 
 
 def test_first_version_becomes_champion_and_a_worse_one_stays_challenger(workspace):
@@ -87,10 +88,53 @@ def test_a_registry_that_lost_the_projects_history_is_refused_until_forced(works
             r"registry at sqlite:///.*new-mlflow.db has no model named 'lost-history': it has lost its history")):
         register_version(workspace, "lost-history", 0.60)
     params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": "lost-history"}})
-    forced = register(params, metrics_dir=workspace / "metrics", models_dir=workspace / "models",
-                      data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
+    forced = register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
+                      models_dir=workspace / "models", data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
                       out_file=workspace / "decision.json", force=True)
     assert forced.version == "1" and forced.promoted
     assert register_version(workspace, "lost-history", 0.70).version == "2"  # the new history is the record now
     records = [json.loads(line) for line in (workspace / "registrations.jsonl").read_text().splitlines()]
     assert [(r["version"], r["new_history"]) for r in records] == [(first.version, False), ("1", True), ("2", False)]
+
+
+def test_candidates_are_ranked_on_val_and_the_teacher_is_one_of_them(workspace):
+    import shutil
+
+    shutil.copytree(workspace / "models" / ARCH, workspace / "models" / "teacher")
+    # The architecture is better on test, the teacher on val: val chooses, test only reports.
+    write_scores(workspace / "evaluation", ARCH, arch=ARCH, val=0.50, test=0.70)
+    write_scores(workspace / "evaluation", "teacher", arch=ARCH, val=0.60, test=0.55)
+    params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": "by-val"}})
+    decision = register(params, candidates=[ARCH, "teacher"], evaluation_dir=workspace / "evaluation",
+                        models_dir=workspace / "models", data_dir=workspace / "data",
+                        splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
+    assert (decision.candidate, decision.score, decision.promoted) == ("teacher", 0.55, True)
+    version = MlflowClient().get_model_version("by-val", decision.version)
+    assert version.tags["candidate"] == "teacher" and version.tags["val_miou"] == "0.6"
+
+
+@pytest.mark.parametrize("scores, reason", [
+    ({"test": 0.40, "predicted": ("background",)}, "it predicts only background on the test images"),
+    ({"test": 0.40, "baseline": 0.38}, "does not beat predicting 'background' everywhere (0.3800)"),
+    ({"test": 0.08}, "test miou 0.0800 is below register.min_score 0.1"),
+])
+def test_a_model_below_the_floor_never_becomes_champion_not_even_the_first(workspace, scores, reason):
+    from segflow.errors import SegflowError
+    from segflow.registry import PromotionRefused, promote_version
+
+    name = f"floor-{abs(hash(reason)) % 10**6}"
+    write_scores(workspace / "evaluation", ARCH, arch=ARCH, **scores)
+    params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": name}})
+    decision = register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
+                        models_dir=workspace / "models", data_dir=workspace / "data",
+                        splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
+    assert not decision.promoted and reason in decision.reason and "below the floor" in decision.reason
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == decision.version
+    with pytest.raises(Exception):
+        client.get_model_version_by_alias(name, "champion")
+    assert reason in client.get_model_version(name, decision.version).tags["below_floor"]
+    refused = promote_version(params, name, decision.version, data_dir=workspace / "data",
+                              splits_csv=workspace / "splits.csv")  # the gate by hand refuses it too
+    assert not refused.promoted and "below the floor" in refused.reason
+    assert issubclass(PromotionRefused, SegflowError)

@@ -214,16 +214,17 @@ def evaluate(
     teacher: Annotated[bool, typer.Option(help="Evaluate the teacher instead.")] = False,
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Score on the test split: mIoU, per-class IoU, accuracy, Dice, confusion matrix, overlays."""
+    """Score on val (to choose) and test (to report): mIoU, per-class IoU, accuracy, Dice, baseline, pictures."""
     from segflow.evaluate import evaluate as run
 
     if teacher == (arch is not None):
         raise SegflowError("segflow evaluate: give exactly one of --arch NAME or --teacher.")
     name = Layout.teacher if teacher else arch
-    metrics = run(load_params(params_file), name, model_dir=Layout.models / name, data_dir=Layout.ingested,
+    scores = run(load_params(params_file), name, model_dir=Layout.models / name, data_dir=Layout.ingested,
                   splits_csv=Layout.splits, metrics_file=Layout.metrics / f"{name}.json",
                   out_dir=Layout.evaluation / name, plots_dir=Layout.plots)
-    typer.echo(f"{name}: test mIoU {metrics['miou']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f}")
+    typer.echo(f"{name}: val mIoU {scores['val']['miou']:.4f}, test mIoU {scores['test']['miou']:.4f}, "
+               f"pixel accuracy {scores['test']['pixel_accuracy']:.4f}")
 
 
 @app.command()
@@ -233,13 +234,17 @@ def register(
              "registrations.jsonl): starts a new history there.")] = False,
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Register the best architecture (alias challenger) and promote it to champion if it wins the gate."""
+    """Register the run's best model on val, the teacher included (alias challenger); promote it to champion if it
+    clears the floor and wins the gate on test (exit 0 either way; the line says which)."""
     from segflow.register import register as run
 
-    decision = run(load_params(params_file), metrics_dir=Layout.metrics, models_dir=Layout.models,
-                   data_dir=Layout.ingested, splits_csv=Layout.splits, out_file=Layout.registry, force=force)
-    typer.echo(f"{decision.model_name} v{decision.version} ({decision.arch}): "
-               f"{'promoted to champion' if decision.promoted else 'kept as challenger'} ({decision.reason})")
+    params = load_params(params_file)
+    decision = run(params, candidates=[*params.train.archs, Layout.teacher], evaluation_dir=Layout.evaluation,
+                   models_dir=Layout.models, data_dir=Layout.ingested, splits_csv=Layout.splits,
+                   out_file=Layout.registry, force=force)
+    typer.echo(f"{decision.model_name} v{decision.version} ({decision.candidate}, {decision.arch}): "
+               f"{'promoted to champion' if decision.promoted else 'kept as challenger, nothing promoted'} "
+               f"({decision.reason})")
 
 
 @app.command()
@@ -289,12 +294,13 @@ def predict(
 
 @app.command()
 def leaderboard(params_file: ParamsOption = Path("params.yaml")) -> None:
-    """Rank the evaluated architectures (and the teacher): Markdown and JSON, also in MLflow."""
+    """Rank the evaluated models (the teacher included) on val as register chooses: Markdown and JSON, also in MLflow."""
     from segflow.leaderboard import leaderboard as run
 
     params = load_params(params_file)
-    run(params, metrics_dir=Layout.metrics, names=[*params.train.archs, Layout.teacher],
-        out_json=Layout.leaderboard / "leaderboard.json", out_markdown=Layout.leaderboard / "leaderboard.md")
+    run(params, evaluation_dir=Layout.evaluation, metrics_dir=Layout.metrics,
+        names=[*params.train.archs, Layout.teacher], out_json=Layout.leaderboard / "leaderboard.json",
+        out_markdown=Layout.leaderboard / "leaderboard.md")
     typer.echo((Layout.leaderboard / "leaderboard.md").read_text())
 
 

@@ -236,7 +236,8 @@ class PseudoLabelParams(_Section):
 
 
 class InferenceParams(_Section):
-    """How logits are computed for a whole image (evaluation, pseudo-labels and ``segflow predict``)."""
+    """How logits are computed for a whole image (evaluation, pseudo-labels and ``segflow predict``); registering
+    a model writes them, window made concrete, into its card: the served model predicts as it was evaluated."""
 
     mode: Literal["whole", "slide"] = "whole"
     crop_size: int | None = Field(None, ge=16)   # slide window; null: train.crop_size
@@ -277,6 +278,10 @@ class RegisterParams(_Section):
     model_name: str = Field("segflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     metric: Literal["miou", "mean_dice", "mean_class_accuracy", "pixel_accuracy"] = "miou"
     margin: float = Field(0.0, ge=0)
+    # The floor no champion goes below, the first included (on the test split, in register.metric): beat
+    # predicting the majority class everywhere by more than baseline_margin, and reach min_score.
+    baseline_margin: float = Field(0.05, ge=0)
+    min_score: float = Field(0.1, ge=0, le=1)
 
 
 class MlflowParams(_Section):
@@ -287,7 +292,8 @@ class MlflowParams(_Section):
 
 
 class PredictParams(_Section):
-    """``segflow predict``: batching and the competition CSV (inference itself follows evaluate.inference)."""
+    """``segflow predict``: batching and the competition CSV (inference follows evaluate.inference, or for a
+    registered model the settings registered with it)."""
 
     batch_size: int = Field(8, ge=1)
     csv_size: tuple[int, int] = (64, 64)  # (height, width) every CSV mask is resized to (nearest)

@@ -1,16 +1,21 @@
-"""Score a trained model on the test split: metrics for DVC and MLflow, confusion matrix and overlays."""
+"""Score a trained model on the val and test splits: scores for selection and DVC/MLflow, confusion matrix, pictures."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import heapq
 import io
 import json
 import math
 import time
+from collections.abc import Iterator
+from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -22,9 +27,12 @@ from segflow.data import SegmentationDataset, Sample, load_samples, pad_collate,
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from segflow.imageio import read_image, read_mask
-from segflow.inference import load_model, logits, predict_classes, predict_mask, probabilities, resolve_device
-from segflow.metrics import ConfusionMatrix
-from segflow.visualize import colorize, overlay, save_confusion_matrix, save_grid
+from segflow.inference import load_model, logits, predict_classes, probabilities, resolve_device
+from segflow.metrics import ConfusionMatrix, scores as metric_scores
+from segflow.scores import SCORES_FILE
+from segflow.visualize import (
+    Example, confusion_matrix_figure, learning_curves_figure, per_class_iou_figure, save_figure, save_overlays,
+)
 
 
 def confusion_over(
@@ -133,15 +141,23 @@ def evaluate(
     metrics_file: Path,
     out_dir: Path,
     plots_dir: Path,
-) -> dict[str, object]:
-    """Evaluate ``model_dir`` on the test split; writes ``metrics_file`` (JSON), pictures in ``out_dir`` and the
-    DVC plot tables ``plots_dir/{history,per_class_iou}/NAME.csv``."""
+) -> dict[str, Any]:
+    """Score ``model_dir`` on the val and test splits with the inference settings it is served with.
+
+    Writes ``out_dir/scores.json`` (everything: both splits, per class, the majority-class baseline, the classes
+    predicted, cost; see segflow.scores) with the pictures, the DVC metrics file ``metrics_file`` (the headline
+    figures only, so ``dvc metrics show`` fits a terminal) and the DVC plot tables
+    ``plots_dir/{history,per_class_iou}/NAME.csv``. Returns the scores."""
     device = resolve_device(params.train.device)
     model, card = load_model(model_dir, device)
     samples = load_samples(data_dir, splits_csv, "test")
-    if not samples:
-        raise SegflowError(f"{splits_csv}: the test split is empty; nothing to evaluate.")
+    val_samples = load_samples(data_dir, splits_csv, "val")
+    if not samples or not val_samples:
+        raise SegflowError(f"{splits_csv}: the {'test' if not samples else 'val'} split is empty; models are chosen "
+                           "on val and reported on test, so both need images.")
     loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
+    val_loader = DataLoader(SegmentationDataset(val_samples), batch_size=params.evaluate.batch_size,
+                            collate_fn=pad_collate)
     inference = params.evaluate.inference
     crf = params.evaluate.crf
     if crf.enabled:
@@ -149,63 +165,111 @@ def evaluate(
             model, samples, card.num_classes, device, inference, params.train.crop_size, crf)
     else:
         confusion = confusion_over(model, loader, card.num_classes, device, inference, params.train.crop_size)
-    scores = labeled_scores(confusion, splits_csv, "test")
+    val_confusion = confusion_over(model, val_loader, card.num_classes, device, inference, params.train.crop_size)
     names = card.classes
+    test = _split_scores(labeled_scores(confusion, splits_csv, "test"), names, len(samples))
+    predicted = confusion.matrix.sum(dim=0).cpu().numpy()
     history = json.loads((Path(model_dir) / "history.json").read_text())
-    metrics = {
-        "miou": scores["miou"],
-        "pixel_accuracy": scores["pixel_accuracy"],
-        "mean_class_accuracy": scores["mean_class_accuracy"],
-        "mean_dice": scores["mean_dice"],
-        "per_class_iou": {n: _finite_or_none(v) for n, v in zip(names, scores["per_class_iou"])},
-        "per_class_accuracy": {n: _finite_or_none(v) for n, v in zip(names, scores["per_class_accuracy"])},
+    scores = {
+        "name": name,
         "arch": card.arch,
+        "val": _split_scores(labeled_scores(val_confusion, splits_csv, "val"), names, len(val_samples)),
+        "test": {**test, "data_hash": split_fingerprint(samples),
+                 "predicted_classes": [n for n, count in zip(names, predicted) if count > 0]},
+        "majority_baseline": majority_baseline(confusion.matrix.cpu().numpy(), names),
+        "inference": inference.model_dump(mode="json"),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "best_val_miou": card.extra.get("val_miou"),
         "best_epoch": card.extra.get("best_epoch"),
+        "training_val_miou": _finite_or_none(card.extra.get("val_miou")),  # as training validated: plain, maybe EMA
         "train_seconds": card.extra.get("train_seconds"),
         "gflops": gflops(model, params.train.crop_size),
-        "test_images": len(samples),
-        "test_data_hash": split_fingerprint(samples),
         "images_per_second": _throughput(model, next(iter(loader))["image"], device),
     }
     if crf.enabled:  # the headline score stays the network's own: the registered model serves without the CRF
-        crf_scores = crf_confusion.compute()
-        metrics.update({f"{key}_crf": crf_scores[key] for key in ("miou", "pixel_accuracy", "mean_class_accuracy")})
-    metrics = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in metrics.items()}
+        scores["test_crf"] = _split_scores(crf_confusion.compute(), names, len(samples))
+    headline = {"val_miou": scores["val"]["miou"], "test_miou": test["miou"],
+                "test_pixel_accuracy": test["pixel_accuracy"], "test_mean_class_accuracy": test["mean_class_accuracy"]}
+    metrics = scores["test"]  # the pictures and plot tables below show the test split
 
     with tracking.stage_run(params.mlflow, "evaluate", f"evaluate-{name}"), atomic_dir(out_dir) as staging:
-        save_confusion_matrix(confusion.matrix.cpu().numpy(), names, staging / "confusion_matrix.png")
-        _save_overlays(model, samples[: params.evaluate.num_overlays], card.num_classes, staging / "overlays.png",
-                       inference, params.train.crop_size)
+        save_figure(confusion_matrix_figure(confusion.matrix.cpu().numpy(), names), staging / "confusion_matrix.png")
+        save_figure(per_class_iou_figure(metrics["per_class_iou"], metrics["miou"]), staging / "per_class_iou.png")
+        save_figure(learning_curves_figure(history), staging / "learning_curves.png")
+        _save_overlays(model, loader, samples, names, staging / "overlays", params.evaluate.num_overlays, inference,
+                       params.train.crop_size)
         atomic_write_text(Path(plots_dir) / "per_class_iou" / f"{name}.csv",
                           _csv_text(["class", "iou"], [[n, metrics["per_class_iou"][n]] for n in names]))
         atomic_write_text(Path(plots_dir) / "history" / f"{name}.csv",
                           _csv_text(["epoch", "train_loss", "val_miou"],
-                                    [[h["epoch"], h["train_loss"], h["val_miou"]] for h in history]))
-        atomic_write_json(metrics_file, metrics)
-        mlflow.set_tags({"segflow.arch": card.arch, "segflow.test_data_hash": metrics["test_data_hash"]})
-        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()
-                            if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool)})
+                                    [[h["epoch"], h["train_loss"], h.get("val_miou")] for h in history]))
+        atomic_write_json(staging / SCORES_FILE, scores)
+        atomic_write_json(metrics_file, headline)
+        mlflow.set_tags({"segflow.arch": card.arch, "segflow.test_data_hash": metrics["data_hash"]})
+        mlflow.log_metrics({f"{split}_{key}": scores[split][key] for split in ("val", "test") for key in HEADLINE
+                            if scores[split][key] is not None})
+        mlflow.log_metrics({f"majority_baseline_{key}": scores["majority_baseline"][key] for key in HEADLINE})
         mlflow.log_metrics({f"test_iou_{n}": v for n, v in metrics["per_class_iou"].items() if v is not None})
         mlflow.log_artifacts(str(staging), artifact_path="evaluation")
         mlflow.log_artifact(str(metrics_file), artifact_path="evaluation")
         for table in ("per_class_iou", "history"):
             mlflow.log_artifact(str(Path(plots_dir) / table / f"{name}.csv"), artifact_path=f"evaluation/{table}")
-    return metrics
+    return scores
+
+
+HEADLINE = ("miou", "pixel_accuracy", "mean_class_accuracy", "mean_dice")
+
+
+def _split_scores(scores: dict[str, Any], names: list[str], images: int) -> dict[str, Any]:
+    """One split's scores as written: the headline figures, per class by name (null: class absent), the count."""
+    return {
+        **{key: _finite_or_none(scores[key]) for key in HEADLINE},
+        "per_class_iou": {n: _finite_or_none(v) for n, v in zip(names, scores["per_class_iou"])},
+        "per_class_accuracy": {n: _finite_or_none(v) for n, v in zip(names, scores["per_class_accuracy"])},
+        "images": images,
+    }
+
+
+def majority_baseline(confusion: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """The scores of predicting the most frequent true class everywhere, on the confusion's pixels: what a
+    collapsed model reaches, and what any model worth promoting must beat."""
+    truth = confusion.sum(axis=1)
+    majority = int(truth.argmax())
+    constant = np.zeros_like(confusion)
+    constant[:, majority] = truth
+    baseline = metric_scores(constant)
+    return {"class": names[majority], **{key: _finite_or_none(baseline[key]) for key in HEADLINE}}
 
 
 def _save_overlays(
-    model: torch.nn.Module, samples: list[Sample], num_classes: int, path: Path, inference: InferenceParams,
-    train_crop_size: int,
+    model: torch.nn.Module, loader: DataLoader, samples: list[Sample], class_names: list[str], folder: Path,
+    count: int, inference: InferenceParams, train_crop_size: int,
 ) -> None:
-    rows = []
-    for sample in samples:
-        image = read_image(sample.image_path)
-        prediction = predict_mask(model, image, inference, train_crop_size)
-        truth = read_mask(sample.mask_path)
-        rows.append([image, colorize(truth, num_classes), overlay(image, prediction, num_classes)])
-    save_grid(rows, ["image", "truth", "prediction"], path)
+    """Overlays of the ``count`` test images with the lowest per-image IoU, worst first: where the model fails,
+    not the first images of the split. Images with every pixel ignored have no IoU and are not shown."""
+    if count == 0:
+        return
+    scored = (item for item in _per_image_iou(model, loader, len(class_names), inference, train_crop_size)
+              if not math.isnan(item[0]))
+    examples = [Example(samples[index].image_id, read_image(samples[index].image_path),
+                        read_mask(samples[index].mask_path), prediction, iou)
+                for iou, index, prediction in heapq.nsmallest(count, scored, key=itemgetter(0))]
+    save_overlays(examples, class_names, folder, len(samples))
+
+
+def _per_image_iou(
+    model: torch.nn.Module, loader: DataLoader, num_classes: int, inference: InferenceParams, train_crop_size: int,
+) -> Iterator[tuple[float, int, np.ndarray]]:
+    """(IoU, index in the split, predicted mask) per image of ``loader``, predicted as the scores are. The IoU is
+    the mean over the classes in the image's truth or prediction, ignored pixels (and the batch padding) left out."""
+    device = next(model.parameters()).device
+    for batch in loader:
+        predictions = predict_classes(model, batch["image"].to(device), inference, train_crop_size).cpu()
+        for index, (height, width), truth, predicted in zip(
+            batch["index"].tolist(), batch["size"].tolist(), batch["mask"], predictions,
+        ):
+            confusion = ConfusionMatrix(num_classes)
+            confusion.update(truth, predicted)
+            yield confusion.compute()["miou"], index, predicted[:height, :width].to(torch.uint8).numpy()
 
 
 def _csv_text(header: list[str], rows: list[list[object]]) -> str:
@@ -214,16 +278,3 @@ def _csv_text(header: list[str], rows: list[list[object]]) -> str:
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def compare_metrics(metrics: dict[str, dict[str, object]], key: str = "miou") -> list[tuple[str, float]]:
-    """Architectures ranked by ``key``, best first; an evaluation without a finite score is refused, not ranked."""
-    ranked = []
-    for name, scores in metrics.items():
-        value = scores.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SegflowError(
-                f"the evaluation of {name} has no test {key} (found {value!r}): a model without a score cannot be "
-                f"ranked or registered. Run `segflow evaluate --arch {name}` again.")
-        ranked.append((name, float(value)))
-    return sorted(ranked, key=lambda item: item[1], reverse=True)

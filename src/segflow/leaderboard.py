@@ -1,4 +1,5 @@
-"""The comparison users want: one row per architecture, as Markdown and JSON, also logged to MLflow."""
+"""The comparison users want: one row per candidate model, ranked as register chooses, as Markdown and JSON, also
+logged to MLflow."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import mlflow
 
 from segflow import tracking
 from segflow.config import Params
-from segflow.errors import SegflowError
 from segflow.fsutil import atomic_write_json, atomic_write_text
+from segflow.scores import floor_failures, rank_candidates, read_scores
 
-COLUMNS = [
+COLUMNS = [  # (key in the row, title, format)
+    ("val_miou", "val mIoU", "{:.4f}"),
     ("miou", "test mIoU", "{:.4f}"),
-    ("best_val_miou", "val mIoU", "{:.4f}"),
     ("pixel_accuracy", "pixel acc.", "{:.4f}"),
     ("mean_class_accuracy", "mean class acc.", "{:.4f}"),
     ("parameters", "params (M)", "{:.2f}"),
@@ -22,6 +23,13 @@ COLUMNS = [
     ("train_seconds", "train (s)", "{:.0f}"),
     ("images_per_second", "inference img/s", "{:.1f}"),
 ]
+
+
+def _row(name: str, scores: dict) -> dict:
+    test = scores["test"]
+    return {"name": name, "arch": scores["arch"], "val_miou": scores["val"]["miou"], "miou": test["miou"],
+            "pixel_accuracy": test["pixel_accuracy"], "mean_class_accuracy": test["mean_class_accuracy"],
+            **{key: scores.get(key) for key in ("parameters", "gflops", "train_seconds", "images_per_second")}}
 
 
 def _cell(value: object, fmt: str, key: str) -> str:
@@ -49,23 +57,29 @@ def semi_supervised_section(summary: dict, teacher_arch: str) -> list[str]:
     return [*lines, "", f"Decision: the unlabeled images are {verdict} ({summary['reason']})."]
 
 
-def leaderboard(params: Params, *, metrics_dir: Path, names: list[str], out_json: Path, out_markdown: Path) -> list[dict]:
-    """Rank ``names`` (architectures, and ``teacher``) by test mIoU; write JSON and a Markdown table, with the
-    teacher stage's labeled-only / with-unlabeled comparison under it when there is one."""
-    rows = []
-    for name in names:
-        path = Path(metrics_dir) / f"{name}.json"
-        try:
-            metrics = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise SegflowError(f"{path}: no evaluation for {name}; run the evaluate stage first.") from None
-        rows.append({"name": name, "arch": metrics.get("arch", name), **{k: metrics.get(k) for k, _, _ in COLUMNS}})
-    rows.sort(key=lambda row: -(row["miou"] if row["miou"] is not None else -1))
+def leaderboard(
+    params: Params, *, evaluation_dir: Path, metrics_dir: Path, names: list[str], out_json: Path, out_markdown: Path,
+) -> list[dict]:
+    """Rank the candidates ``names`` (architectures, and ``teacher``) on val by ``register.metric``, as register
+    chooses, marking the one it will register and whether it clears the floor; write JSON and a Markdown table,
+    with the teacher stage's labeled-only / with-unlabeled comparison under it when there is one."""
+    cfg = params.register_
+    scores = {name: read_scores(evaluation_dir, name) for name in names}
+    ranked = rank_candidates(scores, cfg.metric)
+    chosen = ranked[0][0]
+    floor = floor_failures(scores[chosen], cfg)
+    rows = [{**_row(name, scores[name]), "selected": name == chosen} for name, _ in ranked]
     header = "| rank | model | arch | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
+    lines = [f"Ranked on val {cfg.metric} (the test split reports; it does not choose).", "", header,
+             "|" + "---|" * (len(COLUMNS) + 3)]
     for rank, row in enumerate(rows, 1):
         cells = " | ".join(_cell(row[key], fmt, key) for key, _, fmt in COLUMNS)
-        lines.append(f"| {rank} | {row['name']} | {row['arch']} | {cells} |")
+        name = f"**{row['name']}** (selected)" if row["selected"] else row["name"]
+        lines.append(f"| {rank} | {name} | {row['arch']} | {cells} |")
+    baseline = scores[chosen]["majority_baseline"]
+    lines += ["", f"Baseline: predicting '{baseline['class']}' everywhere scores test {cfg.metric} "
+                  f"{baseline[cfg.metric]:.4f}.",
+              f"Floor: {chosen} {'is below it: ' + '; '.join(floor) + ' (it cannot become champion)' if floor else 'clears it'}."]
     semi_supervised_file = Path(metrics_dir) / SEMI_SUPERVISED_FILE
     if semi_supervised_file.exists():
         summary = json.loads(semi_supervised_file.read_text())
@@ -74,13 +88,13 @@ def leaderboard(params: Params, *, metrics_dir: Path, names: list[str], out_json
             if arm in summary:
                 rows.append({"name": f"teacher, {title}",
                              "arch": params.teacher.arch, "miou": summary[arm]["test_miou"],
-                             "best_val_miou": summary[arm]["val_miou"], "kept": summary["kept"] == arm,
+                             "val_miou": summary[arm]["val_miou"], "kept": summary["kept"] == arm,
                              "use_unlabeled": summary["use_unlabeled"]})
     atomic_write_json(out_json, rows)
     atomic_write_text(out_markdown, "\n".join(lines) + "\n")
     with tracking.stage_run(params.mlflow, "leaderboard"):
         mlflow.log_artifact(str(out_json))
         mlflow.log_artifact(str(out_markdown))
-        ranked = [row for row in rows if "kept" not in row]
-        mlflow.log_table({k: [row[k] for row in ranked] for k in ranked[0]}, "leaderboard_table.json")
+        candidates = [row for row in rows if "kept" not in row]
+        mlflow.log_table({k: [row[k] for row in candidates] for k in candidates[0]}, "leaderboard_table.json")
     return rows

@@ -1,20 +1,22 @@
-"""Register the best evaluated architecture in the MLflow Model Registry and promote it through a gate.
+"""Register the run's best model in the MLflow Model Registry and promote it through a floor and a gate.
 
-The new version always gets the alias ``challenger``; it becomes ``champion`` only when its test score beats
-the champion's by ``register.margin`` on the same test data (a version scored on other test data is
-re-scored on the current test split). Every change of champion is appended to the registered model's
-``champion_history`` tag, under a lock (see :func:`segflow.registry.promotion_lock`), so the alias and the history agree.
-A version is created with every tag the gate reads; registering the same model again (same weights, score
-and test data) reuses its version, so a registration cut short by a tracking-server failure is finished by
-the next one.
+The candidates are every model the run trained and evaluated, the teacher included; the one with the best val
+score (``register.metric``, served inference settings) is registered. The new version always gets the alias
+``challenger``; it becomes ``champion`` only when it clears the floor (segflow.scores.floor_failures: more than
+one class predicted, above the majority-class baseline and ``register.min_score``; the first champion included)
+and its test score beats the champion's by ``register.margin`` on the same test data (a version scored on other
+test data is re-scored on the current test split). Every change of champion is appended to the registered
+model's ``champion_history`` tag, under a lock (see :func:`segflow.registry.promotion_lock`), so the alias and
+the history agree. A version is created with every tag the gate reads; registering the same model again (same
+weights, score and test data) reuses its version, so a registration cut short by a tracking-server failure is
+finished by the next one.
 """
-
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlflow
@@ -24,37 +26,65 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from torch.utils.data import DataLoader
 
 import segflow
 from segflow import CARD_FILE, WEIGHTS_FILE, tracking
-from segflow.config import Params
+from segflow.config import InferenceParams, Params
 from segflow.data import SegmentationDataset, load_samples, pad_collate
 from segflow.errors import SegflowError
-from segflow.evaluate import compare_metrics, confusion_over, split_fingerprint
+from segflow.evaluate import confusion_over, split_fingerprint
 from segflow.fingerprint import file_sha256
 from segflow.fsutil import atomic_write_json
-from segflow.inference import load_model, resolve_model_dir
+from segflow.inference import INFERENCE_KEY, load_model, read_card, resolve_model_dir, resolved_inference
 from segflow.registry import (
-    CHALLENGER, FILES_METADATA_KEY, LOADER_MODULE, MLMODEL_FILE, MLMODEL_TAG, REGISTRATIONS_FILE, WEIGHTS_TAG,
-    Decision, PromotionRefused, champion_version, check_history, history_entry, missing_artifacts, promotion_lock,
-    record_champion, record_registration, version_number,
+    CHALLENGER, FILES_METADATA_KEY, FLOOR_TAG, LOADER_MODULE, MLMODEL_FILE, MLMODEL_TAG, REGISTRATIONS_FILE,
+    WEIGHTS_TAG, Decision, PromotionRefused, champion_version, check_history, history_entry, missing_artifacts,
+    promotion_lock, record_champion, record_registration, version_number,
 )
+from segflow.scores import floor_failures, rank_candidates, read_scores, test_score
 
 log = logging.getLogger("segflow.register")
 
 # A promotion whose champion changed while it was being gated is gated again against the new one.
 GATE_ATTEMPTS = 3
+# No input schema: the input is one image, an HxWx3 array or an encoded file (bytes, or base64 text in JSON), which
+# no single MLflow schema describes; segflow.pyfunc_model.decode_image checks it. The output is the HxW mask, or
+# with params {"output": "probabilities"} KxHxW float32 (MLflow does not enforce output schemas).
 SIGNATURE = ModelSignature(
-    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),
     outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]),
+    params=ParamSchema([ParamSpec("output", "string", "mask")]),
 )
 # What the served model needs; listing it explicitly also spares MLflow a slow dependency inference.
 PIP_REQUIREMENTS = [
     f"segflow=={segflow.__version__}", "torch==2.14.1", "torchvision==0.29.1", "segmentation-models-pytorch==0.6.0",
     "timm==1.0.31", "safetensors==0.8.0", "numpy==2.4.6", "pillow==13.0.0", "mlflow==3.17.2",
 ]
+
+
+def log_served_model(model_dir: Path, weights_sha256: str, inference: InferenceParams) -> ModelInfo:
+    """Log what the served model needs from ``model_dir`` as an MLflow model: its weights, and its card with the
+    ``inference`` settings it was evaluated with (``extra["inference"]``, used by segflow.pyfunc_model and
+    ``segflow predict``). Snapshots, EMA and last weights stay in the training run.
+
+    The model's code is the installed segflow's (LOADER_MODULE): the artifact store holds data only. The MLmodel's
+    metadata records the SHA-256 of the weights (``weights_sha256``, as the registry tags them) and of the card."""
+    with tempfile.TemporaryDirectory() as tmp:
+        served = Path(tmp) / model_dir.name  # the folder's name is kept: data/<name> in the artifact
+        served.mkdir()
+        shutil.copyfile(model_dir / WEIGHTS_FILE, served / WEIGHTS_FILE)
+        card = read_card(model_dir)
+        card = replace(card, extra={**card.extra, INFERENCE_KEY: inference.model_dump(mode="json")})
+        atomic_write_json(served / CARD_FILE, asdict(card))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            loader_module=LOADER_MODULE,
+            data_path=str(served),
+            signature=SIGNATURE,
+            pip_requirements=PIP_REQUIREMENTS,
+            metadata={FILES_METADATA_KEY: {WEIGHTS_FILE: weights_sha256, CARD_FILE: file_sha256(served / CARD_FILE)}},
+        )
 
 
 def score_registered_version(params: Params, name: str, version: str, data_dir: Path, splits_csv: Path) -> float:
@@ -84,6 +114,10 @@ def gate_and_promote(
 ) -> Decision:
     """Promote ``candidate`` (test ``score`` on the data with ``test_data_hash``) if it beats the champion."""
     cfg, name, version = params.register_, candidate.name, str(candidate.version)
+    if below_floor := candidate.tags.get(FLOOR_TAG):
+        return Decision(name, version, candidate.tags.get("arch", "unknown"), score,
+                        version_number(champion_version(client, name)), None, False,
+                        f"below the floor: {below_floor}", candidate.tags.get("candidate"))
     for _ in range(GATE_ATTEMPTS):
         champion = champion_version(client, name)
         champion_score = None
@@ -99,7 +133,8 @@ def gate_and_promote(
                 f"v{champion.version} {champion_score:.4f} by more than margin {cfg.margin}"
             )
         decision = Decision(name, version, candidate.tags.get("arch", "unknown"), score,
-                            version_number(champion), champion_score, promoted, reason)
+                            version_number(champion), champion_score, promoted, reason,
+                            candidate.tags.get("candidate"))
         if not promoted:
             return decision
         with promotion_lock(client, name):
@@ -147,30 +182,27 @@ def earlier_registration(client: MlflowClient, name: str, identity: dict[str, st
 
 
 def register(
-    params: Params, *, metrics_dir: Path, models_dir: Path, data_dir: Path, splits_csv: Path, out_file: Path,
-    force: bool = False,
+    params: Params, *, candidates: list[str], evaluation_dir: Path, models_dir: Path, data_dir: Path,
+    splits_csv: Path, out_file: Path, force: bool = False,
 ) -> Decision:
-    """Register the best of ``params.train.archs`` (by ``register.metric``) and apply the promotion gate.
+    """Register the best of ``candidates`` (every model the run trained and evaluated, the teacher included), ranked
+    on val by ``register.metric`` (segflow.scores); promote it if it clears the floor and wins the gate on test.
 
     Each registration is appended to ``registrations.jsonl`` beside ``out_file``; a registry that lacks versions
     recorded there is refused (:func:`segflow.registry.check_history`) unless ``force`` starts a new history."""
     cfg = params.register_
-    metrics = {}
-    for arch in params.train.archs:
-        path = Path(metrics_dir) / f"{arch}.json"
-        try:
-            metrics[arch] = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise SegflowError(f"{path}: no evaluation for {arch}; run the evaluate stage first.") from None
-    best_arch, best_score = compare_metrics(metrics, cfg.metric)[0]
-    best = metrics[best_arch]
+    scores = {name: read_scores(evaluation_dir, name) for name in candidates}
+    chosen, val_score = rank_candidates(scores, cfg.metric)[0]
+    best = scores[chosen]
+    best_score = test_score(best, cfg.metric, chosen)
+    below_floor = floor_failures(best, cfg)
 
-    weights = Path(models_dir) / best_arch / WEIGHTS_FILE
+    weights = Path(models_dir) / chosen / WEIGHTS_FILE
     if not weights.is_file():
-        raise SegflowError(f"{weights}: no trained model for {best_arch}; run the train stage first.")
+        raise SegflowError(f"{weights}: no trained model for {chosen}; run the train stage first.")
     # What makes two registrations the same: these weights, scored this way on this test data.
     identity = {
-        "arch": best_arch, f"test_{cfg.metric}": str(best_score), "test_data_hash": str(best["test_data_hash"]),
+        "arch": best["arch"], f"test_{cfg.metric}": str(best_score), "test_data_hash": str(best["test"]["data_hash"]),
         WEIGHTS_TAG: file_sha256(weights),
     }
     with tracking.stage_run(params.mlflow, "register") as run:
@@ -180,34 +212,32 @@ def register(
             check_history(client, cfg.model_name, record_file)
         candidate = earlier_registration(client, cfg.model_name, identity)
         if candidate is None:
-            # The model's code is the installed segflow's (LOADER_MODULE): the artifact store holds data only.
-            model_dir = Path(models_dir) / best_arch
-            model_info = mlflow.pyfunc.log_model(
-                name="model",
-                loader_module=LOADER_MODULE,
-                data_path=str(model_dir),
-                signature=SIGNATURE,
-                pip_requirements=PIP_REQUIREMENTS,
-                metadata={FILES_METADATA_KEY: {WEIGHTS_FILE: identity[WEIGHTS_TAG],
-                                               CARD_FILE: file_sha256(model_dir / CARD_FILE)}},
-            )
+            model_info = log_served_model(Path(models_dir) / chosen, identity[WEIGHTS_TAG],
+                                          resolved_inference(params.evaluate.inference, params.train.crop_size))
             # Every tag the gate reads is created with the version, in one transaction of the store: no version
             # is ever seen without them. The MLmodel's and weights' hashes live in the registry, which the
             # artifact store cannot change: loads check the downloaded files against them.
-            tags = {**identity, MLMODEL_TAG: stored_mlmodel_sha256(model_info),
-                    "git_commit": tracking.git_commit() or "unknown", "source_run_id": run.info.run_id}
+            tags = {**identity, MLMODEL_TAG: stored_mlmodel_sha256(model_info), "candidate": chosen,
+                    f"val_{cfg.metric}": str(val_score), "git_commit": tracking.git_commit() or "unknown",
+                    "source_run_id": run.info.run_id,
+                    **({FLOOR_TAG: "; ".join(below_floor)} if below_floor else {})}
             candidate = mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, candidate.version)
-        mlflow.log_metrics({f"challenger_{cfg.metric}": best_score})
-        if version_number(champion_version(client, cfg.model_name)) == str(candidate.version):
-            decision = Decision(cfg.model_name, str(candidate.version), best_arch, best_score, str(candidate.version),
-                                best_score, True, "already the champion (an earlier register promoted it)")
+        mlflow.log_metrics({f"challenger_{cfg.metric}": best_score, f"challenger_val_{cfg.metric}": val_score})
+        if below_floor:
+            decision = Decision(cfg.model_name, str(candidate.version), best["arch"], best_score,
+                                version_number(champion_version(client, cfg.model_name)), None, False,
+                                f"{chosen} is below the floor: {'; '.join(below_floor)}", chosen)
+        elif version_number(champion_version(client, cfg.model_name)) == str(candidate.version):
+            decision = Decision(cfg.model_name, str(candidate.version), best["arch"], best_score,
+                                str(candidate.version), best_score, True,
+                                "already the champion (an earlier register promoted it)", chosen)
         else:
-            decision = gate_and_promote(params, client, candidate, best_score, str(best["test_data_hash"]),
+            decision = gate_and_promote(params, client, candidate, best_score, str(best["test"]["data_hash"]),
                                         data_dir, splits_csv)
         mlflow.set_tags({"segflow.promoted": str(decision.promoted), "segflow.decision": decision.reason})
         atomic_write_json(out_file, asdict(decision))
         mlflow.log_artifact(str(out_file))
         record_registration(record_file, decision, new_history=force)
-    log.info("registered %s v%s (%s): %s", cfg.model_name, decision.version, best_arch, decision.reason)
+    log.info("registered %s v%s (%s): %s", cfg.model_name, decision.version, chosen, decision.reason)
     return decision

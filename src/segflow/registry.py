@@ -46,6 +46,7 @@ LOCK_WAIT_S = 60.0
 # Does-not-exist too: the holder released the lock between our failed insert and MLflow's look-up of it.
 _LOCK_TAKEN = (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(RESOURCE_DOES_NOT_EXIST))
 FORCED_REASON_TAG = "forced_promotion_reason"
+FLOOR_TAG = "below_floor"  # why a version may never be champion (segflow.scores.floor_failures)
 # The module MLflow imports to load a registered model (its ``_load_pyfunc``), from the installed segflow
 # package: the artifact store holds no code.
 LOADER_MODULE = "segflow.pyfunc_model"
@@ -72,6 +73,7 @@ class Decision:
     champion_score: float | None
     promoted: bool
     reason: str
+    candidate: str | None = None  # the model of the run it came from (an architecture, or teacher)
 
 
 def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
