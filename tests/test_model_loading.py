@@ -6,6 +6,8 @@ registry (the database that holds the version's tags).
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 import mlflow
@@ -16,11 +18,14 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
+from PIL import Image
 from test_register import ARCH, register_version, workspace  # noqa: F401  (the tiny model, data and splits)
 from test_registry_ops import promote
 
 from segflow import models
+from segflow.config import InferenceParams
 from segflow.errors import SegflowError
+from segflow.imageio import read_image
 from segflow.inference import ModelCard, load_model, predict_mask, resolve_model_dir, save_model
 from segflow.fingerprint import file_sha256
 from segflow.registry import LOADER_MODULE, MLMODEL_TAG, WEIGHTS_TAG, segflow_flavor
@@ -44,6 +49,10 @@ def test_the_registered_artifact_holds_data_only_and_loads_with_segflows_module(
     assert not [p for p in stored.rglob("*") if p.suffix in (".py", ".pyc", ".pkl")]
     flavor = yaml.safe_load((stored / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == LOADER_MODULE == "segflow.pyfunc_model" and not flavor.get("code")
+    # What the served model needs, nothing else: the weights, and the card with the settings it was evaluated with.
+    assert sorted(p.name for p in (stored / flavor["data"]).iterdir()) == ["model.json", "model.safetensors"]
+    card = json.loads((stored / flavor["data"] / "model.json").read_text())
+    assert card["extra"]["inference"] == InferenceParams().model_dump(mode="json")
     version = MlflowClient().get_model_version("load-layout", "1")
     assert version.tags[MLMODEL_TAG] == file_sha256(stored / "MLmodel")
     assert version.tags[WEIGHTS_TAG] == file_sha256(stored / flavor["data"] / "model.safetensors")
@@ -55,6 +64,37 @@ def test_the_registered_artifact_holds_data_only_and_loads_with_segflows_module(
     np.testing.assert_array_equal(segflow_mask("models:/load-layout/1"), mask)
     with pytest.raises(MlflowException):  # the signature: uint8 HxWx3 only
         model.predict(IMAGE.astype(np.float32))
+
+
+def test_the_registered_model_reads_encoded_images_as_evaluation_reads_files(workspace, tmp_path):
+    register_version(workspace, "load-encoded", 0.5)
+    served = mlflow.pyfunc.load_model("models:/load-encoded@champion")
+    network = load_model(workspace / "models" / ARCH)[0]
+    # A JPEG whose EXIF says "rotate 90°": the mask must be that of the upright picture evaluation reads.
+    path, exif = tmp_path / "rotated.jpg", Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(IMAGE).save(path, exif=exif)
+    upright = read_image(path)
+    assert upright.shape == (20, 12, 3)
+    expected = predict_mask(network, upright, InferenceParams())  # the settings register_version evaluates with
+    np.testing.assert_array_equal(served.predict(path.read_bytes()), expected)
+    text = base64.encodebytes(path.read_bytes()).decode()  # line breaks, as the `base64` tool writes it
+    np.testing.assert_array_equal(served.predict(text), expected)
+
+    probabilities = served.predict(path.read_bytes(), params={"output": "probabilities"})
+    assert probabilities.dtype == np.float32 and probabilities.shape == (2, 20, 12)
+    np.testing.assert_allclose(probabilities.sum(axis=0), 1, rtol=1e-5)
+    np.testing.assert_array_equal(probabilities.argmax(axis=0), expected)
+
+    for bad, reason in [
+        (b"GIF89a truncated", "the image sent: cannot decode image"), ("not base64!", "is not base64"),
+        (IMAGE.astype(np.float32), "got an array of float32"), (IMAGE[..., :2], r"shape \(12, 20, 2\)"),
+        (IMAGE.astype(np.int64) + 200, "pixel values must be 0-255"),
+    ]:
+        with pytest.raises(MlflowException, match=reason):
+            served.predict(bad)
+    with pytest.raises(MlflowException, match="params.output is 'logits'; it must be one of 'mask', 'probabilities'"):
+        served.predict(IMAGE, params={"output": "logits"})
 
 
 def test_code_planted_in_the_artifact_store_never_runs(workspace, tmp_path):

@@ -4,13 +4,13 @@ tests/pipelines/test_tracking_faults.py runs the concurrency and deleted-files c
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from test_register import register_version, workspace  # noqa: F401  (the tiny model, data and splits)
+from register_testing import write_scores
+from test_register import ARCH, register_version, workspace  # noqa: F401  (the tiny model, data and splits)
 
 import segflow.register
 import segflow.registry
@@ -28,7 +29,9 @@ from segflow.config import parse_params
 from segflow.data import load_samples
 from segflow.errors import SegflowError
 from segflow.evaluate import split_fingerprint
-from segflow.register import score_on
+from segflow.imageio import read_image, write_image
+from segflow.inference import load_model, predict_mask, predict_probabilities
+from segflow.register import register, score_on
 from segflow.registry import (
     FORCED_REASON_TAG, Decision, PromotionRefused, champion_history, format_versions, list_versions, promote_version,
     rollback,
@@ -249,12 +252,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_mlflow_models_serve_returns_a_mask_for_a_json_image(workspace, tmp_path):
-    register_version(workspace, "reg-serve", 0.5)
+# Evaluated with a sliding window (train.crop_size: no window of its own), flip and two scales: served the same.
+SERVED_PARAMS = {"train": {"archs": [ARCH], "crop_size": 24},
+                 "evaluate": {"inference": {"mode": "slide", "flip": True, "scales": [0.75, 1.25]}},
+                 "register": {"model_name": "reg-serve"}}
+
+
+def test_mlflow_models_serve_predicts_a_posted_png_as_evaluation_does(workspace, tmp_path):
+    params = parse_params(SERVED_PARAMS)
+    write_scores(workspace / "evaluation", ARCH, arch=ARCH, test=0.5)
+    register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation", models_dir=workspace / "models",
+             data_dir=workspace / "data", splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
     local = Path(MlflowClient().get_model_version_download_uri("reg-serve", "1").removeprefix("file://"))
     assert not list(local.rglob("*.pkl")) and list(local.rglob("*.safetensors"))
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == "segflow.pyfunc_model"  # the installed package's code, none from the store
+    card = json.loads((local / flavor["data"] / "model.json").read_text())
+    assert card["extra"]["inference"] == {"mode": "slide", "crop_size": 24, "stride": 16, "windows_per_batch": 8,
+                                          "flip": True, "scales": [0.75, 1.25]}  # the window made concrete
 
     port, log = _free_port(), tmp_path / "serve.log"
     # The scoring server is started as `uvicorn`, found on PATH.
@@ -264,24 +279,41 @@ def test_mlflow_models_serve_returns_a_mask_for_a_json_image(workspace, tmp_path
          "-p", str(port), "-h", "127.0.0.1"],
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             assert server.poll() is None, f"mlflow models serve exited: {log.read_text()}"
             assert time.monotonic() < deadline, "mlflow models serve did not answer /ping within 120 s"
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
+                requests.get(f"{url}/ping", timeout=2).raise_for_status()
+                break
+            except requests.RequestException:
                 time.sleep(0.5)
-        image = np.random.default_rng(0).integers(0, 256, (12, 20, 3))
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": image.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            mask = np.asarray(json.loads(response.read())["predictions"])
-        assert mask.shape == (12, 20) and set(np.unique(mask)) <= {0, 1}
+
+        def invoke(body: dict) -> requests.Response:
+            return requests.post(f"{url}/invocations", json=body, timeout=60)
+
+        png = tmp_path / "image.png"
+        write_image(png, np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+        image, network = read_image(png), load_model(workspace / "models" / ARCH)[0]
+        inference, window = params.evaluate.inference, params.train.crop_size
+        expected = predict_mask(network, image, inference, window)  # segflow's evaluation path
+        assert not np.array_equal(expected, predict_mask(network, image))  # the settings matter for this image
+
+        encoded = base64.b64encode(png.read_bytes()).decode()
+        mask = np.asarray(invoke({"inputs": encoded}).json()["predictions"])
+        np.testing.assert_array_equal(mask, expected)
+        np.testing.assert_array_equal(invoke({"inputs": image.tolist()}).json()["predictions"], expected)
+
+        answer = invoke({"inputs": encoded, "params": {"output": "probabilities"}})
+        probabilities = np.asarray(answer.json()["predictions"])
+        assert probabilities.shape == (2, 37, 53)
+        np.testing.assert_allclose(probabilities.sum(axis=0), 1, atol=1e-5)
+        np.testing.assert_allclose(probabilities, predict_probabilities(network, image, inference, window), atol=1e-5)
+
+        refused = invoke({"inputs": base64.b64encode(b"not an image").decode()})
+        assert refused.status_code == 400 and "the image sent: cannot decode image" in refused.json()["message"]
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

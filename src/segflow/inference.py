@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -27,6 +28,8 @@ SNAPSHOTS_DIR = "snapshots"  # earlier checkpoints kept inside a model folder (S
 EMA_DIR = "ema"  # the Mean Teacher inside a model folder whose trained weights were the ones evaluated
 LAST_DIR = "last"  # the final weights inside a model folder whose best validation came earlier
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/, runs:/, s3://, file://, ...
+# card.extra key: the inference settings a registered model was evaluated with (written by `segflow register`).
+INFERENCE_KEY = "inference"
 
 
 @dataclass
@@ -40,6 +43,20 @@ class ModelCard:
     mean: tuple[float, ...] = MEAN
     std: tuple[float, ...] = STD
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def registered_inference(card: ModelCard, model_dir: Path) -> InferenceParams | None:
+    """The inference settings ``card`` carries (a registered model's, see :func:`resolved_inference`); None for a
+    model folder straight from training, which predicts as ``evaluate.inference`` says."""
+    settings = card.extra.get(INFERENCE_KEY)
+    if settings is None:
+        return None
+    try:
+        return InferenceParams.model_validate(settings)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SegflowError(f"{Path(model_dir) / CARD_FILE}: extra.{INFERENCE_KEY} is not a valid evaluate.inference "
+                           f"for this segflow ({problems}); register the model again.") from None
 
 
 def save_model(model: torch.nn.Module, card: ModelCard, out_dir: Path) -> None:
@@ -169,6 +186,15 @@ def probabilities(
     return total.div_(len(inference.scales) * len(flips))
 
 
+def resolved_inference(inference: InferenceParams, train_crop_size: int | None) -> InferenceParams:
+    """``inference`` with its sliding window and stride made concrete (what a null ``crop_size`` / ``stride``
+    stand for), so the settings predict the same wherever they travel without ``train.crop_size``."""
+    if inference.mode != "slide":
+        return inference
+    window, stride = _window(inference, train_crop_size)
+    return inference.model_copy(update={"crop_size": window, "stride": stride})
+
+
 def _window(inference: InferenceParams, train_crop_size: int | None) -> tuple[int, int]:
     """(window, stride) of the sliding window."""
     window = inference.crop_size or train_crop_size
@@ -226,13 +252,28 @@ def predict_classes(
     return probabilities(model, images, inference, train_crop_size).argmax(1)
 
 
+def _image_batch(model: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 image -> a normalised 1×3×H×W batch on ``model``'s device."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise SegflowError(f"expected an HxWx3 image, got an array of shape {image.shape}.")
+    device = next(model.parameters()).device
+    return to_tensor(image.astype(np.uint8))[None].to(device)
+
+
 def predict_mask(
     model: torch.nn.Module, image: np.ndarray, inference: InferenceParams | None = None,
     train_crop_size: int | None = None,
 ) -> np.ndarray:
     """HxWx3 uint8 image -> HxW uint8 class-index mask (see :func:`predict_classes`)."""
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise SegflowError(f"expected an HxWx3 image, got an array of shape {image.shape}.")
-    device = next(model.parameters()).device
-    batch = to_tensor(image.astype(np.uint8))[None].to(device)
+    batch = _image_batch(model, image)
     return predict_classes(model, batch, inference, train_crop_size)[0].to(torch.uint8).cpu().numpy()
+
+
+def predict_probabilities(
+    model: torch.nn.Module, image: np.ndarray, inference: InferenceParams | None = None,
+    train_crop_size: int | None = None,
+) -> np.ndarray:
+    """HxWx3 uint8 image -> K×H×W float32 class probabilities (channels first, as the network outputs them);
+    without ``inference``, the softmax of plain whole-image logits."""
+    batch = _image_batch(model, image)
+    return probabilities(model, batch, inference or InferenceParams(), train_crop_size)[0].cpu().numpy()

@@ -1,13 +1,16 @@
 """Predict a folder of images with a local or registered model: index masks, colour overlays, a submission CSV.
 
-Inference follows ``evaluate.inference`` (sliding window, test-time augmentation), so predictions match the
-evaluated scores.
+A registered model (or a folder downloaded from one) predicts with the inference settings its card carries: the
+ones its registered test score was measured with, which the served model uses too, so `segflow predict` gives
+the served masks whatever ``evaluate.inference`` says today. A model folder straight from training predicts as
+``evaluate.inference`` says (sliding window, test-time augmentation), as ``segflow evaluate`` scores it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +23,10 @@ from segflow.data import stack_padded, to_tensor
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_open, owned_dir, refuse_overlap
 from segflow.imageio import read_image, write_image, write_mask
-from segflow.inference import load_model, predict_classes, resolve_device, resolve_model_dir
-from segflow.visualize import overlay
+from segflow.inference import load_model, predict_classes, registered_inference, resolve_device, resolve_model_dir
+from segflow.visualize import legend_figure, overlay, palette, save_figure
+
+log = logging.getLogger("segflow.predict")
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 CSV_HEADER = ["image_id", "mask"]
@@ -67,7 +72,8 @@ def _check_outputs(images_dir: Path, out_dir: Path, csv_file: Path | None) -> No
 def predict(
     params: Params, *, model: str | Path, images_dir: Path, out_dir: Path, csv_file: Path | None = None,
 ) -> PredictResult:
-    """Write ``out_dir/masks/<stem>.png`` and ``out_dir/overlays/<stem>.png`` for every image in ``images_dir``,
+    """Write ``out_dir/masks/<stem>.png`` (palette PNGs: class indices a viewer shows in colour) and
+    ``out_dir/overlays/<stem>.png`` for every image in ``images_dir``, ``out_dir/legend.png`` naming the colours,
     and with ``csv_file`` one ``image_id,mask`` row per image; nothing is written unless every image succeeds.
 
     ``model`` is a model folder (``model.json`` + ``model.safetensors``) or an MLflow model URI.
@@ -79,11 +85,19 @@ def predict(
     device = resolve_device(params.train.device)
     with resolve_model_dir(model) as model_dir:
         network, card = load_model(model_dir, device)
+        inference = registered_inference(card, model_dir)
+    if inference is None:
+        inference = params.evaluate.inference
+    else:
+        log.info("%s predicts with the inference settings it was registered with (%s), not evaluate.inference",
+                 model, inference.model_dump(mode="json"))
     cfg = params.predict
     csv_output = atomic_open(csv_file, "w", newline="") if csv_file is not None else contextlib.nullcontext()
     with csv_output as csv_handle, owned_dir(out_dir, "segflow predict", [images_dir]) as staging:
         (staging / "masks").mkdir()
         (staging / "overlays").mkdir()
+        colours = palette(card.num_classes)  # the masks' and the overlays' colours, named in legend.png
+        save_figure(legend_figure(card.classes), staging / "legend.png")
         rows = csv.writer(csv_handle) if csv_handle is not None else None
         if rows is not None:
             rows.writerow(CSV_HEADER)
@@ -91,11 +105,11 @@ def predict(
             chunk = paths[start : start + cfg.batch_size]
             images = [read_image(path) for path in chunk]
             batch = stack_padded([to_tensor(image) for image in images]).to(device)
-            classes = predict_classes(network, batch, params.evaluate.inference, params.train.crop_size)
+            classes = predict_classes(network, batch, inference, params.train.crop_size)
             for path, image, predicted in zip(chunk, images, classes):
                 mask = predicted[: image.shape[0], : image.shape[1]]  # drop the batch padding
                 mask_array = mask.to(torch.uint8).cpu().numpy()
-                write_mask(staging / "masks" / f"{path.stem}.png", mask_array)
+                write_mask(staging / "masks" / f"{path.stem}.png", mask_array, colours)
                 write_image(staging / "overlays" / f"{path.stem}.png", overlay(image, mask_array, card.num_classes))
                 if rows is not None:
                     rows.writerow([path.stem, csv_mask(mask, cfg.csv_size)])

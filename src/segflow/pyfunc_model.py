@@ -2,10 +2,22 @@
 MLflow imports this module from the installed segflow package and calls :func:`_load_pyfunc` on the model's data
 folder. The artifact store holds data only (the MLmodel, safetensors weights, a JSON card): no code, no pickle.
 
-``mlflow.pyfunc.load_model("models:/NAME@champion").predict(image)`` turns an HxWx3 uint8 image into an HxW
-uint8 class-index mask. The signature (``segflow.register.SIGNATURE``) is enforced before ``predict`` runs: MLflow
-refuses other dtypes and shapes (one image per call; ``mlflow models serve`` casts a JSON
-``{"inputs": [[[r, g, b], ...]]}`` to uint8 first), so ``predict`` always gets one HxWx3 uint8 image.
+Served = evaluated: the card of a registered model carries the inference settings its test score was measured
+with (``extra["inference"]``: ``evaluate.inference`` with the sliding window made concrete, written by
+``segflow register``), and ``predict`` uses them: sliding window, flip and multi-scale test-time augmentation.
+
+``mlflow.pyfunc.load_model("models:/NAME@champion").predict(image)`` takes one image, either
+
+* an HxWx3 array of integers 0-255 (``mlflow models serve``: ``{"inputs": [[[r, g, b], ...], ...]}``), or
+* an encoded image file (PNG, JPEG, ...): its bytes, or their base64 text (``{"inputs": "iVBORw0KGgo..."}``),
+  decoded by :func:`segflow.imageio.read_image` as evaluation reads its files (EXIF orientation, RGB), so
+  the same picture gives the same mask whichever way it is sent,
+
+and returns, with ``params={"output": "mask"}`` (the default), the HxW uint8 class-index mask, or with
+``{"output": "probabilities"}`` the KxHxW float32 class probabilities (channels first: ``[k]`` is class k's
+map; they sum to 1 over k). No single MLflow input schema describes an array or a string, so the signature
+(``segflow.register.SIGNATURE``) declares none and :func:`decode_image` checks the input; a bad input or
+``output`` is refused with an ``MlflowException`` (HTTP 400 from the scoring server) that says what is wrong.
 
 What is protected, and what is not, against someone who can write to the artifact store (the bucket) but not
 to the registry:
@@ -22,25 +34,85 @@ to the registry:
 
 from __future__ import annotations
 
+import base64
+import binascii
+import logging
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from segflow import CARD_FILE, WEIGHTS_FILE
-from segflow.inference import load_model, predict_mask, resolve_device
+from segflow.config import InferenceParams
+from segflow.errors import SegflowError
+from segflow.imageio import read_image
+from segflow.inference import load_model, predict_mask, predict_probabilities, registered_inference, resolve_device
 from segflow.registry import FILES_METADATA_KEY, MLMODEL_FILE, check_sha256
+
+log = logging.getLogger("segflow.pyfunc_model")
+
+OUTPUT_PARAM = "output"
+OUTPUTS = {"mask": predict_mask, "probabilities": predict_probabilities}
+
+
+def read_encoded_image(data: bytes) -> np.ndarray:
+    """An encoded image file's bytes -> HxWx3 uint8, read by :func:`segflow.imageio.read_image` (which reads
+    files: the bytes go through a temporary one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "image"
+        path.write_bytes(data)
+        try:
+            return read_image(path)
+        except SegflowError as exc:
+            raise SegflowError(str(exc).replace(str(path), "the image sent")) from None
+
+
+def decode_image(model_input: Any) -> np.ndarray:
+    """One image as ``predict`` gets it (see the module docstring) -> HxWx3 uint8."""
+    if isinstance(model_input, np.ndarray) and model_input.dtype.kind in "US" and model_input.ndim == 0:
+        model_input = model_input.item()  # the scoring server wraps a JSON string in a 0-d array
+    if isinstance(model_input, str):
+        try:
+            model_input = base64.b64decode("".join(model_input.split()), validate=True)  # line breaks allowed
+        except (binascii.Error, ValueError) as exc:
+            raise SegflowError(f"the image sent as text is not base64 ({exc}); send the file's bytes "
+                               "base64-encoded, e.g. `base64 -w0 image.png`.") from None
+    if isinstance(model_input, (bytes, bytearray)):
+        return read_encoded_image(bytes(model_input))
+    if isinstance(model_input, list):
+        model_input = np.asarray(model_input)
+    if not isinstance(model_input, np.ndarray) or model_input.dtype.kind not in "ui":
+        kind = f"an array of {model_input.dtype}" if isinstance(model_input, np.ndarray) else type(model_input).__name__
+        raise SegflowError(f"expected one image: an HxWx3 array of integers 0-255, or a PNG/JPEG file as bytes or "
+                           f"base64 text; got {kind}.")
+    if model_input.ndim != 3 or model_input.shape[2] != 3 or not model_input.size:
+        raise SegflowError(f"expected one HxWx3 image, got an array of shape {model_input.shape}.")
+    if model_input.min() < 0 or model_input.max() > 255:
+        raise SegflowError(f"pixel values must be 0-255, got {model_input.min()} to {model_input.max()}.")
+    return model_input.astype(np.uint8)
 
 
 class SegmentationModel:
-    """What ``_load_pyfunc`` returns; MLflow's ``PyFuncModel`` enforces the signature, then calls ``predict``."""
+    """What ``_load_pyfunc`` returns; MLflow's ``PyFuncModel`` checks ``params`` against the signature (filling
+    in the default output), then calls ``predict``."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, inference: InferenceParams | None) -> None:
         self.model = model
+        self.inference = inference
 
-    def predict(self, model_input, params=None) -> np.ndarray:
-        return predict_mask(self.model, np.asarray(model_input))
+    def predict(self, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+        output = (params or {}).get(OUTPUT_PARAM, "mask")
+        if output not in OUTPUTS:
+            raise MlflowException.invalid_parameter_value(
+                f"params.{OUTPUT_PARAM} is {output!r}; it must be one of {', '.join(map(repr, OUTPUTS))}.")
+        try:
+            return OUTPUTS[output](self.model, decode_image(model_input), self.inference)
+        except SegflowError as exc:  # the caller's input: a 400 with the reason, not a server error
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
 
 
 def _load_pyfunc(data_path: str) -> SegmentationModel:
@@ -50,5 +122,9 @@ def _load_pyfunc(data_path: str) -> SegmentationModel:
     root = data_dir.parents[1]
     recorded = (Model.load(root / MLMODEL_FILE).metadata or {}).get(FILES_METADATA_KEY, {})
     check_sha256(f"the model in {root}", {data_dir / name: recorded.get(name) for name in (WEIGHTS_FILE, CARD_FILE)})
-    model, _ = load_model(data_dir, resolve_device("auto"))
-    return SegmentationModel(model)
+    model, card = load_model(data_dir, resolve_device("auto"))
+    inference = registered_inference(card, data_dir)
+    if inference is None:
+        log.warning("the model in %s carries no inference settings (registered by an older segflow): it predicts "
+                    "whole images without test-time augmentation; register it again to serve it as evaluated.", root)
+    return SegmentationModel(model, inference)
