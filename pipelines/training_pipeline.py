@@ -40,6 +40,13 @@ class TransientFailure(StageFailed):
     reached: worth retrying."""
 
 
+def dvc_stages(project: Path) -> list[str]:
+    """Stage names (``train@unet`` for matrix stages) in dependency order, ties broken by name."""
+    with Repo(str(project)) as repo:
+        graph = repo.index.graph.reverse()  # DVC's edges point from a stage to what it depends on
+        return [stage.addressing for stage in nx.lexicographical_topological_sort(graph, key=lambda s: s.addressing)]
+
+
 def _retry_if_transient(task, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), TransientFailure)
 

@@ -298,9 +298,9 @@ def leaderboard(params_file: ParamsOption = Path("params.yaml")) -> None:
     from segflow.leaderboard import leaderboard as run
 
     params = load_params(params_file)
-    run(params, evaluation_dir=Layout.evaluation, metrics_dir=Layout.metrics,
+    run(params, evaluation_dir=Layout.evaluation, metrics_dir=Layout.metrics, history_dir=Layout.plots / "history",
         names=[*params.train.archs, Layout.teacher], out_json=Layout.leaderboard / "leaderboard.json",
-        out_markdown=Layout.leaderboard / "leaderboard.md")
+        out_markdown=Layout.leaderboard / "leaderboard.md", out_curves=Layout.plots / "learning_curves.csv")
     typer.echo((Layout.leaderboard / "leaderboard.md").read_text())
 
 

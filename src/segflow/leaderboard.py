@@ -3,6 +3,8 @@ logged to MLflow."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -57,12 +59,26 @@ def semi_supervised_section(summary: dict, teacher_arch: str) -> list[str]:
     return [*lines, "", f"Decision: the unlabeled images are {verdict} ({summary['reason']})."]
 
 
+def learning_curves(history_dir: Path, names: list[str]) -> str:
+    """The candidates' per-epoch tables (``epoch,train_loss,val_miou``) as one CSV with a ``model`` column."""
+    rows = []
+    for name in names:
+        with open(Path(history_dir) / f"{name}.csv", newline="") as file:
+            rows += [[name, row["epoch"], row["train_loss"], row["val_miou"]] for row in csv.DictReader(file)]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([["model", "epoch", "train_loss", "val_miou"], *rows])
+    return buffer.getvalue()
+
+
 def leaderboard(
-    params: Params, *, evaluation_dir: Path, metrics_dir: Path, names: list[str], out_json: Path, out_markdown: Path,
+    params: Params, *, evaluation_dir: Path, metrics_dir: Path, history_dir: Path, names: list[str], out_json: Path,
+    out_markdown: Path, out_curves: Path,
 ) -> list[dict]:
     """Rank the candidates ``names`` (architectures, and ``teacher``) on val by ``register.metric``, as register
     chooses, marking the one it will register and whether it clears the floor; write JSON and a Markdown table,
-    with the teacher stage's labeled-only / with-unlabeled comparison under it when there is one."""
+    with the teacher stage's labeled-only / with-unlabeled comparison under it when there is one, and every
+    candidate's learning curve in one long table ``out_curves`` (model, epoch, train_loss, val_miou) for
+    ``dvc plots show``, from the evaluate stage's ``history_dir/NAME.csv``."""
     cfg = params.register_
     scores = {name: read_scores(evaluation_dir, name) for name in names}
     ranked = rank_candidates(scores, cfg.metric)
@@ -92,6 +108,7 @@ def leaderboard(
                              "use_unlabeled": summary["use_unlabeled"]})
     atomic_write_json(out_json, rows)
     atomic_write_text(out_markdown, "\n".join(lines) + "\n")
+    atomic_write_text(out_curves, learning_curves(history_dir, names))
     with tracking.stage_run(params.mlflow, "leaderboard"):
         mlflow.log_artifact(str(out_json))
         mlflow.log_artifact(str(out_markdown))

@@ -38,6 +38,7 @@ def make_project(root: Path, project_root: Path, params: dict) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     dvc(root, "init", "-q")
     dvc(root, "config", "core.analytics", "false")
+    shutil.copytree(project_root / ".dvc/plots", root / ".dvc/plots")  # the plot templates dvc.yaml names
     return root
 
 

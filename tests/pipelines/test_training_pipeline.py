@@ -125,4 +125,9 @@ def test_dvc_metrics_and_plots_compare_across_commits(pipeline_decision, project
 
     plots = _dvc(project, "plots", "show", "--json")
     assert plots.returncode == 0, plots.stderr
-    assert "plots/history/unet.csv" in plots.stdout and "plots/per_class_iou/teacher.csv" in plots.stdout
+    charts = json.loads(plots.stdout)["data"]
+    assert "plots/per_class_iou/teacher.csv" in charts
+    for chart in ("val mIoU per epoch", "train loss per epoch"):  # every candidate's curve in one chart
+        (content,) = [plot["content"] for plot in charts[chart]]
+        assert content["encoding"]["color"]["field"] == "model"
+        assert {row["model"] for row in content["data"]["values"]} == {*TINY["train"]["archs"], "teacher"}
