@@ -255,6 +255,15 @@ def test_a_failed_run_replaces_the_previous_output_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
 
 
+@pytest.mark.parametrize("out", ["data", "data/report", "."])
+def test_a_report_folder_that_is_inside_or_holds_the_data_is_refused_and_the_data_kept(tmp_path, out):
+    data = write_dataset(tmp_path / "data", clean_rows())
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(SegflowError, match="segflow validate: the output folder .* the input"):
+        validate(data, tmp_path / out, **LIMITS)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [({"val_fraction": 0.0}, "val_fraction"), ({"test_fraction": 0.9}, "test_fraction"), ({"min_val": -1}, "min_val")],

@@ -36,7 +36,7 @@ from great_expectations.expectations.row_conditions import Column  # noqa: E402
 
 from segflow import IGNORE_INDEX  # noqa: E402
 from segflow.errors import SegflowError, ValidationFailed  # noqa: E402
-from segflow.fsutil import atomic_dir, atomic_write_json  # noqa: E402
+from segflow.fsutil import atomic_dir, atomic_write_json, refuse_overlap  # noqa: E402
 from segflow.imageio import content_hash, read_image, read_mask  # noqa: E402
 from segflow.split import (  # noqa: E402
     SPLITS,
@@ -87,6 +87,7 @@ def validate(
 ) -> ValidationResult:
     """Check the ingested dataset in ``data_dir``; write stats.csv, summary.json and data_docs/ to ``out_dir``."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    refuse_overlap(out_dir, [data_dir], "segflow validate")
     check_fractions(val_fraction, test_fraction)
     minimums = {"train": min_train, "val": min_val, "test": min_test}
     for split, minimum in minimums.items():
