@@ -95,8 +95,14 @@ def image_size(path: Path | str) -> tuple[int, int]:
     return img.size
 
 
-def write_mask(path: Path | str, mask: np.ndarray) -> None:
-    Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L").save(path)
+def write_mask(path: Path | str, mask: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """An HxW index mask as PNG: grayscale (mode L), or with a (256, 3) ``palette`` a palette PNG (mode P) that
+    an image viewer shows in colour; either way the pixel values are the class indices that :func:`read_mask`
+    returns."""
+    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L")
+    if palette is not None:
+        img.putpalette(np.ascontiguousarray(palette, dtype=np.uint8).tobytes())  # mode L becomes P, values kept
+    img.save(path)
 
 
 def write_image(path: Path | str, image: np.ndarray) -> None:
