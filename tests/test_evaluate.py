@@ -6,9 +6,11 @@ import json
 import math
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from segflow import models
 from segflow.config import parse_params
@@ -125,3 +127,32 @@ def test_the_json_writer_refuses_nan_and_infinity_naming_the_key(tmp_path):
             atomic_write_json(path, {"miou": 0.5, "per_class_iou": {"road": 0.7, "car": bad}})
     assert json.loads(path.read_text()) == {"miou": 0.5}  # the previous file is left whole
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_overlays_show_the_worst_test_images_by_their_own_iou_and_every_picture_is_logged(workspace):
+    save_model(_constant_model(1), ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"],
+                                             options=OPTIONS), workspace / "model")  # "thing" everywhere
+    thing_share = {"good": 1.0, "mid": 0.5, "bad": 0.0, "mostly": 0.75}  # IoU 1, 0.25, 0, 0.375
+    data, rows = workspace / "data", []
+    for name in [*thing_share, "unlabeled"]:
+        mask = np.zeros((20, 28), np.uint8)
+        mask[:, : round(28 * thing_share.get(name, 0))] = 1
+        if name == "unlabeled":
+            mask[:] = 255  # no IoU: never shown as a failure
+        write_image(data / f"{name}.png", np.zeros((20, 28, 3), np.uint8))
+        write_mask(data / "masks" / f"{name}.png", mask)
+        rows.append(f"{name},{name}.png,masks/{name}.png,28,20,\n")
+    with open(data / "manifest.csv", "a") as manifest:
+        manifest.writelines(rows)
+    (workspace / "splits.csv").write_text("image_id,split\nc,val\n" + "".join(
+        f"{name},test\n" for name in ("good", "unlabeled", "mid", "bad", "mostly")))
+
+    _evaluate(workspace, {"num_overlays": 4, "batch_size": 2})
+    overlays = ["01_bad.png", "02_mid.png", "03_mostly.png", "04_good.png"]
+    assert sorted(p.name for p in (workspace / "evaluation" / "overlays").iterdir()) == overlays
+    run = mlflow.last_active_run()
+    logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert {f"evaluation/{name}" for name in ("learning_curves.png", "per_class_iou.png", "confusion_matrix.png",
+                                              "overlays")} <= logged
+    logged_overlays = MlflowClient().list_artifacts(run.info.run_id, "evaluation/overlays")
+    assert [Path(a.path).name for a in logged_overlays] == overlays

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from PIL import Image
 
 from segflow import models, tracking
 from segflow.cli import main
@@ -23,6 +24,7 @@ from segflow.imageio import read_image, read_mask, write_image
 from segflow.inference import ModelCard, resolve_model_dir, save_model
 from segflow.predict import predict
 from segflow.register import register
+from segflow.visualize import palette
 
 from register_testing import write_scores
 
@@ -63,7 +65,11 @@ def test_predict_writes_masks_overlays_and_csv(tmp_path, model_dir, images_dir):
         stem = Path(name).stem
         mask = read_mask(tmp_path / "out" / "masks" / f"{stem}.png")
         assert mask.shape == size and mask.max() < NUM_CLASSES
+        with Image.open(tmp_path / "out" / "masks" / f"{stem}.png") as img:  # in a viewer: the overlays' colours
+            assert img.mode == "P"
+            assert img.getpalette()[: 3 * NUM_CLASSES] == palette(NUM_CLASSES)[:NUM_CLASSES].ravel().tolist()
         assert read_image(tmp_path / "out" / "overlays" / f"{stem}.png").shape == (*size, 3)
+    assert (tmp_path / "out" / "legend.png").is_file()
     with open(tmp_path / "submission.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["image_id", "mask"]
