@@ -53,8 +53,8 @@ def test_architecture_trains_one_epoch_and_evaluates(arch, dataset, tmp_path):
     metrics = evaluate(params, arch, model_dir=tmp_path / "models" / arch, data_dir=data_dir, splits_csv=splits_csv,
                        metrics_file=tmp_path / "metrics.json", out_dir=tmp_path / "evaluation",
                        plots_dir=tmp_path / "plots")
-    assert 0.0 <= metrics["pixel_accuracy"] <= 1.0
+    assert 0.0 <= metrics["test"]["pixel_accuracy"] <= 1.0
     assert metrics["parameters"] == sum(p.numel() for p in model.parameters())
-    assert json.loads((tmp_path / "metrics.json").read_text())["arch"] == arch
-    assert (tmp_path / "evaluation" / "overlays.png").exists()
+    assert json.loads((tmp_path / "evaluation" / "scores.json").read_text())["arch"] == arch
+    assert len(list((tmp_path / "evaluation" / "overlays").glob("01_*.png"))) == 1  # the worst test image
     assert (tmp_path / "plots" / "history" / f"{arch}.csv").read_text().startswith("epoch,train_loss,val_miou\n1,")
