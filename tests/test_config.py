@@ -56,6 +56,9 @@ def test_model_options_are_copies():
     ({"register": {"metric": "mIoU"}}, "register.metric: Input should be 'miou'"),
     ({"register": {"model_name": "seg'flow"}}, "register.model_name: String should match pattern"),
     ({"split": {"group_by": "(unclosed"}}, "split.group_by: not a regular expression"),
+    ({"train": {"archs": ["unet", "deeplabv3_plus"]}}, r"train.archs: unknown architecture 'deeplabv3_plus'; available: "),
+    ({"teacher": {"arch": "Unet"}}, "teacher.arch: unknown architecture 'Unet'"),
+    ({"models": {"fcn": {"width": 0.5}}}, "models: unknown architecture 'fcn'"),
 ])
 def test_values_that_crashed_a_later_stage_are_refused_naming_the_key(raw, message):
     with pytest.raises(SegflowError, match=message):

@@ -11,10 +11,17 @@ from pydantic import (
     BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
 )
 
+from segflow.architectures import unknown_architecture
 from segflow.errors import SegflowError
 
 PARAMS_FILE = Path("params.yaml")
 GROUP_COLUMN_PREFIX = "column:"  # split.group_by names a manifest column
+
+
+def _architecture(name: str) -> str:
+    if (problem := unknown_architecture(name)) is not None:
+        raise ValueError(problem)
+    return name
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -163,6 +170,11 @@ class EmaParams(_Section):
 
 class TrainParams(_Section):
     archs: list[str] = Field(default_factory=lambda: ["unet", "deeplabv3plus", "pspnet"], min_length=1)
+
+    @field_validator("archs")
+    @classmethod
+    def _known_architectures(cls, value: list[str]) -> list[str]:
+        return [_architecture(name) for name in value]
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
     crop_size: int = Field(128, ge=16)
@@ -206,6 +218,12 @@ class TeacherParams(_Section):
 
     arch: str = "unet"
     epochs: int | None = Field(None, ge=1)  # null: train.epochs (the architectures get the same budget)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        return _architecture(value)
+
     snapshots: int = Field(0, ge=0)        # earlier checkpoints kept to rank pseudo-labels by stability (ST++)
     consistency_weight: float = Field(1.0, gt=0)  # the semi-supervised teacher's unlabeled loss weight
     # train.use_pseudo_labels auto: the unlabeled images are used when the semi-supervised teacher beats the
@@ -340,6 +358,13 @@ class Params(_Section):
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return {k: (v or {}) for k, v in (value or {}).items()}
+
+    @field_validator("models")
+    @classmethod
+    def _options_of_known_architectures(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in value:
+            _architecture(name)
+        return value
 
     def model_options(self, arch: str) -> dict[str, Any]:
         return dict(self.models.get(arch, {}))

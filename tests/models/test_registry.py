@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 
 import pytest
 import torch
 
 from segflow import models
+from segflow.architectures import FAMILY_MODULES
 from segflow.errors import SegflowError
 from segflow.models.registry import ModelInfo
 
@@ -111,3 +113,18 @@ def test_import_is_idempotent() -> None:
     before = models.available()
     importlib.reload(importlib.import_module("segflow.models"))
     assert models.available() == before
+
+
+def test_the_architecture_table_is_what_the_family_modules_register() -> None:
+    for family in sorted(set(FAMILY_MODULES.values())):
+        importlib.import_module(f"segflow.models.{family}")
+    registered = {name: entry.builder.__module__.removeprefix("segflow.models.")
+                  for name, entry in models.registry._REGISTRY.items()}
+    assert registered == FAMILY_MODULES
+
+
+def test_building_a_classic_model_does_not_import_smp() -> None:
+    code = ("import sys; from segflow import models; models.build('fcn8s', 3, width=0.0625); "
+            "print('segmentation_models_pytorch' in sys.modules, 'segflow.models.smp' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]

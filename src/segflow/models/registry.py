@@ -11,6 +11,7 @@ reports, and :func:`build` rejects any option the builder does not declare.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from segflow.architectures import ARCHITECTURES, FAMILY_MODULES, unknown_architecture
 from segflow.errors import SegflowError
 from segflow.models.base import check_encoder_weights
 
@@ -68,15 +70,16 @@ def register(name: str, *, family: str, paper: str, aux: bool = False) -> Callab
 
 
 def available() -> list[str]:
-    """Registered model names, sorted."""
-    return sorted(_REGISTRY)
+    """Every model name, sorted (segflow.architectures: known before any family module is imported)."""
+    return list(ARCHITECTURES)
 
 
 def _entry(name: str) -> _Entry:
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise SegflowError(f"unknown model {name!r}; available models: {', '.join(available())}.") from None
+    if not isinstance(name, str) or (problem := unknown_architecture(name)) is not None:
+        raise SegflowError(f"{problem or f'unknown architecture {name!r}'}.")
+    if name not in _REGISTRY:  # its family registers it when first imported
+        importlib.import_module(f"segflow.models.{FAMILY_MODULES[name]}")
+    return _REGISTRY[name]
 
 
 def describe(name: str) -> ModelInfo:
