@@ -17,6 +17,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+from mlflow import MlflowClient
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -191,7 +192,7 @@ def evaluate(
                 "test_pixel_accuracy": test["pixel_accuracy"], "test_mean_class_accuracy": test["mean_class_accuracy"]}
     metrics = scores["test"]  # the pictures and plot tables below show the test split
 
-    with tracking.stage_run(params.mlflow, "evaluate", f"evaluate-{name}"), atomic_dir(out_dir) as staging:
+    with tracking.stage_run(params.mlflow, "evaluate", f"evaluate-{name}") as run, atomic_dir(out_dir) as staging:
         save_figure(confusion_matrix_figure(confusion.matrix.cpu().numpy(), names), staging / "confusion_matrix.png")
         save_figure(per_class_iou_figure(metrics["per_class_iou"], metrics["miou"]), staging / "per_class_iou.png")
         save_figure(learning_curves_figure(history), staging / "learning_curves.png")
@@ -204,15 +205,23 @@ def evaluate(
                                     [[h["epoch"], h["train_loss"], h.get("val_miou")] for h in history]))
         atomic_write_json(staging / SCORES_FILE, scores)
         atomic_write_json(metrics_file, headline)
-        mlflow.set_tags({"segflow.arch": card.arch, "segflow.test_data_hash": metrics["data_hash"]})
-        mlflow.log_metrics({f"{split}_{key}": scores[split][key] for split in ("val", "test") for key in HEADLINE
-                            if scores[split][key] is not None})
-        mlflow.log_metrics({f"majority_baseline_{key}": scores["majority_baseline"][key] for key in HEADLINE})
-        mlflow.log_metrics({f"test_iou_{n}": v for n, v in metrics["per_class_iou"].items() if v is not None})
-        mlflow.log_artifacts(str(staging), artifact_path="evaluation")
-        mlflow.log_artifact(str(metrics_file), artifact_path="evaluation")
-        for table in ("per_class_iou", "history"):
-            mlflow.log_artifact(str(Path(plots_dir) / table / f"{name}.csv"), artifact_path=f"evaluation/{table}")
+        # "evaluated_val_*": the training run's "val_*" are its per-epoch validation, plain (maybe EMA) weights.
+        logged = {f"{prefix}_{key}": scores[split][key] for split, prefix in (("val", "evaluated_val"), ("test", "test"))
+                  for key in HEADLINE if scores[split][key] is not None}
+        logged |= {f"majority_baseline_{key}": scores["majority_baseline"][key] for key in HEADLINE}
+        logged |= {f"test_iou_{n}": v for n, v in metrics["per_class_iou"].items() if v is not None}
+        training_run = tracking.training_run(card.extra)
+        mlflow.set_tags({"segflow.arch": card.arch, "segflow.training_run_id": training_run or "unknown"})
+        # This stage's run, and the model's training run: the run its registered version links to shows the
+        # scores and pictures it was chosen by (a later evaluation of the model logs over them).
+        for run_id in filter(None, (run.info.run_id, training_run)):
+            MlflowClient().set_tag(run_id, "segflow.test_data_hash", metrics["data_hash"])
+            mlflow.log_metrics(logged, run_id=run_id)
+            mlflow.log_artifacts(str(staging), artifact_path="evaluation", run_id=run_id)
+            mlflow.log_artifact(str(metrics_file), artifact_path="evaluation", run_id=run_id)
+            for table in ("per_class_iou", "history"):
+                mlflow.log_artifact(str(Path(plots_dir) / table / f"{name}.csv"), artifact_path=f"evaluation/{table}",
+                                    run_id=run_id)
     return scores
 
 

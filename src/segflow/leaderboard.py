@@ -6,9 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import posixpath
 from pathlib import Path
 
 import mlflow
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from segflow import tracking
 from segflow.config import Params
@@ -109,9 +111,14 @@ def leaderboard(
     atomic_write_json(out_json, rows)
     atomic_write_text(out_markdown, "\n".join(lines) + "\n")
     atomic_write_text(out_curves, learning_curves(history_dir, names))
-    with tracking.stage_run(params.mlflow, "leaderboard"):
-        mlflow.log_artifact(str(out_json))
-        mlflow.log_artifact(str(out_markdown))
-        candidates = [row for row in rows if "kept" not in row]
-        mlflow.log_table({k: [row[k] for row in candidates] for k in candidates[0]}, "leaderboard_table.json")
+    candidates = [row for row in rows if "kept" not in row]
+    table = {k: [row[k] for row in candidates] for k in candidates[0]}
+    with tracking.stage_run(params.mlflow, "leaderboard") as run:
+        mlflow.set_tag(MLFLOW_RUN_NOTE, "\n".join(lines))  # the run's page opens on the table
+        # This run, and the pipeline run it belongs to (its summary, beside the register stage's decision).
+        for run_id, folder in ((run.info.run_id, None), (tracking.parent_run_id(run), "summary")):
+            if run_id is not None:
+                mlflow.log_artifact(str(out_json), folder, run_id=run_id)
+                mlflow.log_artifact(str(out_markdown), folder, run_id=run_id)
+                mlflow.log_table(table, posixpath.join(folder or "", "leaderboard_table.json"), run_id=run_id)
     return rows

@@ -20,6 +20,7 @@ from segflow.config import Params
 from segflow.data import load_samples
 from segflow.evaluate import score_split
 from segflow.fsutil import atomic_dir, atomic_write_json
+from segflow.inference import read_card
 from segflow.train import train
 from segflow.unlabeled import labeled_only, unlabeled_images_won, with_unlabeled
 
@@ -65,7 +66,9 @@ def train_teacher(params: Params, *, data_dir: Path, splits_csv: Path, out_dir: 
         mlflow.log_metrics({f"{arm}.{key}": value for arm, arm_scores in scores.items()
                             for key, value in arm_scores.items() if value is not None})
         mlflow.log_metric("use_unlabeled", float(use))
-        mlflow.set_tags({"segflow.use_unlabeled": str(use).lower(), "segflow.decision": reason})
+        mlflow.set_tags({"segflow.use_unlabeled": str(use).lower(), "segflow.decision": reason,
+                         # the kept arm's run: where the teacher model's evaluation and registration go
+                         "segflow.kept_run_id": read_card(out_dir).extra[tracking.TRAINING_RUN_KEY]})
         mlflow.log_dict(summary, "semi_supervised.json")
     atomic_write_json(metrics_file, summary)
     return summary

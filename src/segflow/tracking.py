@@ -1,26 +1,47 @@
 """MLflow set-up: the embedded default store, experiments, and one parent run per pipeline execution.
 
 The orchestrator (``segflow pipeline`` or the Prefect flow) opens the parent run and exports its id in
-``SEGFLOW_PARENT_RUN_ID``; every stage, a separate process under DVC, opens a nested run below it.
+``SEGFLOW_PARENT_RUN_ID``; every stage, a separate process under DVC, opens a nested run below it. A plain
+``dvc repro`` has no orchestrator: its stages share a parent keyed by the ``dvc`` process that runs them
+(:func:`dvc_repro`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import subprocess
+import textwrap
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import pandas as pd
+import psutil
 import requests
+from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from segflow.config import MlflowParams
 from segflow.errors import SegflowError
+from segflow.fingerprint import file_sha256
+
+log = logging.getLogger("segflow.tracking")
 
 PARENT_RUN_ENV = "SEGFLOW_PARENT_RUN_ID"
+# MLflow 3's UI opens an experiment without this tag on its GenAI traces; with it, on the runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+DVC_STAGE = "DVC_STAGE"  # set by DVC in each stage command's environment
+REPRO_TAG = "segflow.dvc_repro"  # on the parent run of a plain `dvc repro`: which one (see dvc_repro)
+# In a model card's ``extra``: the MLflow run that trained the model; its evaluation and its registered version
+# are logged there too.
+TRAINING_RUN_KEY = "mlflow_run_id"
 
 
 def tracking_uri(params: MlflowParams) -> str:
@@ -45,7 +66,10 @@ def setup(params: MlflowParams) -> str:
         if uri.startswith("sqlite:///"):
             database = Path(uri.removeprefix("sqlite:///"))
             artifact_location = (database.parent / params.artifact_root).resolve().as_uri()
-        experiment_id = mlflow.create_experiment(params.experiment, artifact_location=artifact_location)
+        experiment_id = mlflow.create_experiment(params.experiment, artifact_location=artifact_location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if experiment is not None and EXPERIMENT_KIND_TAG not in experiment.tags:  # created by MLflow or an older segflow
+        MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -77,26 +101,105 @@ def stage_run(
     logging call made during a restart returns, nothing lost, once the server is back. A longer outage fails
     the stage with :func:`unreachable_server_error`.
     """
-    setup(params)
+    experiment_id = setup(params)
     nested = mlflow.active_run() is not None
+    repro_parent = None
     if run_id is not None:
         run = mlflow.start_run(run_id=run_id, nested=nested)
     else:
         tags = _run_tags(stage)
-        if parent := os.environ.get(PARENT_RUN_ENV):
-            tags["mlflow.parentRunId"] = parent
+        parent = os.environ.get(PARENT_RUN_ENV)
+        if parent is None and (repro := dvc_repro()) is not None:
+            parent = repro_parent = repro_parent_run(experiment_id, repro)
+        if parent is not None:
+            tags[MLFLOW_PARENT_RUN_ID] = parent
         run = mlflow.start_run(run_name=name or stage, tags=tags, nested=nested)
-    with run:
-        try:
-            yield run
-        except Exception as exc:
-            if (error := unreachable_server_error(exc)) is None:
-                raise
-            # Marking the run failed needs the server too: one try, not a second round of retries (while the
-            # server is still down the run stays RUNNING in the store; a resumed training reopens it anyway).
-            with _single_request_attempt(), contextlib.suppress(MlflowException):
-                mlflow.end_run("FAILED")
-            raise error from exc
+    ended = "FAILED"
+    try:
+        with run:
+            try:
+                yield run
+            except Exception as exc:
+                if (error := unreachable_server_error(exc)) is None:
+                    raise
+                # Marking the run failed needs the server too: one try, not a second round of retries (while the
+                # server is still down the run stays RUNNING in the store; a resumed training reopens it anyway).
+                with _single_request_attempt(), contextlib.suppress(MlflowException):
+                    mlflow.end_run("FAILED")
+                repro_parent = None  # nor is its parent's end recorded
+                raise error from exc
+        ended = "FINISHED"
+    finally:
+        if repro_parent is not None:  # the repro's latest stage tells how it ended, and when
+            MlflowClient().set_terminated(repro_parent, ended)
+
+
+def dvc_repro() -> str | None:
+    """The ``dvc repro`` (or ``dvc exp run``) running this process as a stage, as ``host:pid:start time`` (unique
+    on a machine, and the same for each of its stages); None when not run by DVC, or when it cannot be told.
+
+    DVC sets ``DVC_STAGE`` in each stage command's environment, not in its own: it is the nearest ancestor
+    without it (the stage's shell has it)."""
+    if DVC_STAGE not in os.environ:
+        return None
+    try:
+        for process in psutil.Process().parents():
+            if DVC_STAGE not in process.environ():
+                return f"{socket.gethostname()}:{process.pid}:{process.create_time():.2f}"
+    except psutil.Error as exc:  # another user's process, or a platform that hides environments
+        log.warning("the dvc process running this stage cannot be identified (%s): its run has no parent", exc)
+    return None
+
+
+def repro_parent_run(experiment_id: str, repro: str) -> str:
+    """The parent run of the ``dvc repro`` identified by ``repro``: created by its first stage that logs to
+    MLflow, found by the next ones (DVC runs a repro's stages one at a time)."""
+    client = MlflowClient()
+    found = client.search_runs([experiment_id], f"tags.`{REPRO_TAG}` = '{repro}'", max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, "RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name="dvc repro", tags={**_run_tags("pipeline"), REPRO_TAG: repro})
+    return run.info.run_id
+
+
+def parent_run_id(run: mlflow.ActiveRun) -> str | None:
+    """The pipeline run ``run`` is nested under, if any."""
+    return run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+
+
+def training_run(card_extra: dict) -> str | None:
+    """The run that trained a model, from its card's ``extra``, when this store holds it; None for a model
+    trained before segflow recorded it, or against another tracking store."""
+    run_id = card_extra.get(TRAINING_RUN_KEY)
+    if run_id is None:
+        return None
+    try:
+        active = MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        active = False
+    if not active:
+        log.warning("the training run %s of this model is not in %s (or was deleted): its evaluation and "
+                    "registration are logged in their own runs only", run_id, mlflow.get_tracking_uri())
+        return None
+    return run_id
+
+
+def log_dataset(data_dir: Path, splits_csv: Path, classes: list[str]) -> None:
+    """Log the images a training used as the active run's input (MLflow's dataset API): one row per image of
+    ``splits_csv`` with its split, tagged with the manifest's SHA-256, the class names and the split sizes."""
+    table = pd.read_csv(splits_csv, dtype=str)
+    sizes = table["split"].value_counts()
+    with warnings.catch_warnings():  # MLflow registers its local source type twice, then warns that it is ambiguous
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(table, source=str(Path(data_dir).resolve()), name=Path(data_dir).name)
+    mlflow.log_input(dataset, context="training", tags={
+        "manifest_sha256": file_sha256(Path(data_dir) / "manifest.csv"),
+        "classes": textwrap.shorten(", ".join(classes), 500, placeholder=" ..."),  # MLflow's limit for a value
+        "split_sizes": ", ".join(f"{split} {sizes.get(split, 0)}" for split in ("train", "val", "test", "unlabeled")),
+    })
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segflow import CARD_FILE, IGNORE_INDEX, WEIGHTS_FILE, checkpoint, distributed, models, tracking
+from segflow.architectures import unknown_architecture
 from segflow.cache import CACHE_DIR, open_cache
 from segflow.checkpoint import Progress
 from segflow.consistency import (
@@ -402,8 +403,8 @@ def train(
     ``data_dir``. ``init_from`` (a model folder of the same architecture and classes) gives the starting weights.
     ``keep_last`` also keeps the final weights in ``out_dir/last`` when val picked an earlier epoch.
     """
-    if arch not in models.available():
-        raise SegflowError(f"unknown architecture {arch!r}; available: {', '.join(models.available())}.")
+    if (problem := unknown_architecture(arch)) is not None:
+        raise SegflowError(f"{problem}.")
     # One training per model folder (torchrun's ranks are one training: rank 0 holds the lock for them all).
     lock = (exclusive_lock(checkpoint.resume_dir_for(out_dir).with_suffix(".lock"), f"a training of {out_dir}")
             if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext())
@@ -573,6 +574,7 @@ def _train(
             progress.run_id = active.info.run_id
             mlflow.log_params(_run_params(cfg, arch, epochs, group, amp, data, options))
             mlflow.set_tag("segflow.arch", arch)
+            tracking.log_dataset(data_dir, splits_csv, classes)
 
         unlabeled = None if data.unlabeled_loader is None else unlabeled_batches(
             data.unlabeled_loader, (progress.epoch - 1) * batches_per_epoch + progress.batches_done)
@@ -612,10 +614,10 @@ def _train(
                         "pixel is ignore, 255), so no epoch of training can be chosen. Label some of its images, or "
                         "re-run the validate stage (validate.min_labeled_pixel_fraction) and the split stage.")
                 record |= {"val_miou": val["miou"], "val_pixel_accuracy": val["pixel_accuracy"]}
-                progress.history.append(record)
                 improved = progress.best_epoch == 0 or val["miou"] > progress.best_miou
                 if improved:
                     progress.best_miou, progress.best_epoch = val["miou"], epoch
+            progress.history.append(record)  # every epoch's loss; val_miou on validated epochs only
             if group.is_main:
                 mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
                 if validating:
@@ -710,7 +712,8 @@ def _write_model_dir(out_dir: Path, resume_dir: Path, card: ModelCard, progress:
     """The model folder, whole: the best epoch's weights, its card, the history and any snapshots."""
     with atomic_dir(out_dir) as staging:
         shutil.copyfile(resume_dir / BEST_DIR / WEIGHTS_FILE, staging / WEIGHTS_FILE)
-        extra = {**card.extra, "best_epoch": progress.best_epoch, "val_miou": progress.best_miou, "train_seconds": seconds}
+        extra = {**card.extra, "best_epoch": progress.best_epoch, "val_miou": progress.best_miou, "train_seconds": seconds,
+                 tracking.TRAINING_RUN_KEY: progress.run_id}
         atomic_write_json(staging / CARD_FILE, asdict(replace(card, extra=extra)))
         (staging / "history.json").write_text(json.dumps(progress.history, indent=2) + "\n")
         for folder in (SNAPSHOTS_DIR, EMA_DIR, LAST_DIR):
