@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segflow import CARD_FILE, IGNORE_INDEX, WEIGHTS_FILE, checkpoint, distributed, models, tracking
+from segflow.architectures import unknown_architecture
 from segflow.cache import CACHE_DIR, open_cache
 from segflow.checkpoint import Progress
 from segflow.consistency import (
@@ -402,8 +403,8 @@ def train(
     ``data_dir``. ``init_from`` (a model folder of the same architecture and classes) gives the starting weights.
     ``keep_last`` also keeps the final weights in ``out_dir/last`` when val picked an earlier epoch.
     """
-    if arch not in models.available():
-        raise SegflowError(f"unknown architecture {arch!r}; available: {', '.join(models.available())}.")
+    if (problem := unknown_architecture(arch)) is not None:
+        raise SegflowError(f"{problem}.")
     # One training per model folder (torchrun's ranks are one training: rank 0 holds the lock for them all).
     lock = (exclusive_lock(checkpoint.resume_dir_for(out_dir).with_suffix(".lock"), f"a training of {out_dir}")
             if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext())
@@ -613,10 +614,10 @@ def _train(
                         "pixel is ignore, 255), so no epoch of training can be chosen. Label some of its images, or "
                         "re-run the validate stage (validate.min_labeled_pixel_fraction) and the split stage.")
                 record |= {"val_miou": val["miou"], "val_pixel_accuracy": val["pixel_accuracy"]}
-                progress.history.append(record)
                 improved = progress.best_epoch == 0 or val["miou"] > progress.best_miou
                 if improved:
                     progress.best_miou, progress.best_epoch = val["miou"], epoch
+            progress.history.append(record)  # every epoch's loss; val_miou on validated epochs only
             if group.is_main:
                 mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
                 if validating:
