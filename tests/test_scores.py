@@ -34,3 +34,4 @@ def test_the_floor_names_every_reason():
                        "test miou 0.2000 does not beat predicting 'road' everywhere (0.2000) by more than "
                        "register.baseline_margin 0.05",
                        "test miou 0.2000 is below register.min_score 0.3"]
+    assert floor_failures(collapsed, RegisterParams(floor=False)) == []  # smoke runs on toy budgets

@@ -300,6 +300,7 @@ class RegisterParams(_Section):
     # predicting the majority class everywhere by more than baseline_margin, and reach min_score.
     baseline_margin: float = Field(0.05, ge=0)
     min_score: float = Field(0.1, ge=0, le=1)
+    floor: bool = True  # false: no floor (smoke runs on toy budgets only; the decision says so)
 
 
 class MlflowParams(_Section):

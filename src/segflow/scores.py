@@ -52,7 +52,10 @@ def test_score(scores: dict[str, Any], metric: str, name: str) -> float:
 def floor_failures(scores: dict[str, Any], cfg: RegisterParams) -> list[str]:
     """Why a model may not become champion, whatever the champion is (none yet included): it must predict at
     least two classes on test, beat predicting the majority class everywhere by ``cfg.baseline_margin`` and
-    reach ``cfg.min_score`` (both on ``cfg.metric``, test split). Empty when it clears the floor."""
+    reach ``cfg.min_score`` (both on ``cfg.metric``, test split). Empty when it clears the floor (or
+    ``cfg.floor`` is off)."""
+    if not cfg.floor:
+        return []
     metric, test = cfg.metric, scores["test"]
     score, baseline = test[metric], scores["majority_baseline"]
     failures = []
