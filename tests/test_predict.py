@@ -21,7 +21,7 @@ from segflow.cli import main
 from segflow.config import parse_params
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask, write_image
-from segflow.inference import ModelCard, resolve_model_dir, save_model
+from segflow.inference import ModelCard, resolve_model_dir, resolved_inference, save_model
 from segflow.predict import predict
 from segflow.register import register
 from segflow.visualize import palette
@@ -101,9 +101,10 @@ def masks(out_dir: Path) -> list[np.ndarray]:
 
 def test_a_registered_model_predicts_with_the_settings_it_was_registered_with(tmp_path, model_dir, images_dir):
     shutil.copytree(model_dir, tmp_path / "models" / ARCH)
-    write_scores(tmp_path / "evaluation", ARCH, arch=ARCH, test=0.5)
     params = parse_params({**PARAMS, "train": {"device": "cpu", "archs": [ARCH]},
                            "register": {"model_name": "predict-test"}})
+    write_scores(tmp_path / "evaluation", ARCH, arch=ARCH, test=0.5,  # scored as evaluate writes its settings
+                 inference=resolved_inference(params.evaluate.inference, params.train.crop_size))
     register(params, candidates=[ARCH], evaluation_dir=tmp_path / "evaluation", models_dir=tmp_path / "models",
              data_dir=tmp_path / "-", splits_csv=tmp_path / "-",
              out_file=tmp_path / "decision.json")  # the first version: promoted unscored

@@ -30,7 +30,7 @@ from segflow.data import load_samples
 from segflow.errors import SegflowError
 from segflow.evaluate import split_fingerprint
 from segflow.imageio import read_image, write_image
-from segflow.inference import load_model, predict_mask, predict_probabilities
+from segflow.inference import load_model, predict_mask, predict_probabilities, resolved_inference
 from segflow.register import register, score_on
 from segflow.registry import (
     FORCED_REASON_TAG, Decision, PromotionRefused, champion_history, format_versions, list_versions, promote_version,
@@ -260,7 +260,8 @@ SERVED_PARAMS = {"train": {"archs": [ARCH], "crop_size": 24},
 
 def test_mlflow_models_serve_predicts_a_posted_png_as_evaluation_does(workspace, tmp_path):
     params = parse_params(SERVED_PARAMS)
-    write_scores(workspace / "evaluation", ARCH, arch=ARCH, test=0.5)
+    write_scores(workspace / "evaluation", ARCH, arch=ARCH, test=0.5,  # scored as evaluate writes its settings
+                 inference=resolved_inference(params.evaluate.inference, params.train.crop_size))
     register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation", models_dir=workspace / "models",
              data_dir=workspace / "data", splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
     local = Path(MlflowClient().get_model_version_download_uri("reg-serve", "1").removeprefix("file://"))

@@ -28,7 +28,7 @@ from segflow.data import SegmentationDataset, Sample, load_samples, pad_collate,
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from segflow.imageio import read_image, read_mask
-from segflow.inference import load_model, logits, predict_classes, probabilities, resolve_device
+from segflow.inference import load_model, logits, predict_classes, probabilities, resolve_device, resolved_inference
 from segflow.metrics import ConfusionMatrix, scores as metric_scores
 from segflow.scores import SCORES_FILE
 from segflow.visualize import (
@@ -178,7 +178,8 @@ def evaluate(
         "test": {**test, "data_hash": split_fingerprint(samples),
                  "predicted_classes": [n for n, count in zip(names, predicted) if count > 0]},
         "majority_baseline": majority_baseline(confusion.matrix.cpu().numpy(), names),
-        "inference": inference.model_dump(mode="json"),
+        # What the model was scored with, the window made concrete: register serves it with exactly these.
+        "inference": resolved_inference(inference, params.train.crop_size).model_dump(mode="json"),
         "parameters": sum(p.numel() for p in model.parameters()),
         "best_epoch": card.extra.get("best_epoch"),
         "training_val_miou": _finite_or_none(card.extra.get("val_miou")),  # as training validated: plain, maybe EMA

@@ -13,7 +13,9 @@ finished by the next one.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import posixpath
 import shutil
 import tempfile
 from dataclasses import asdict, replace
@@ -24,9 +26,10 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from torch.utils.data import DataLoader
 
 import segflow
@@ -37,11 +40,11 @@ from segflow.errors import SegflowError
 from segflow.evaluate import confusion_over, split_fingerprint
 from segflow.fingerprint import file_sha256
 from segflow.fsutil import atomic_write_json
-from segflow.inference import INFERENCE_KEY, load_model, read_card, resolve_model_dir, resolved_inference
+from segflow.inference import INFERENCE_KEY, load_model, read_card, registered_inference, resolve_model_dir
 from segflow.registry import (
     CHALLENGER, FILES_METADATA_KEY, FLOOR_TAG, LOADER_MODULE, MLMODEL_FILE, MLMODEL_TAG, REGISTRATIONS_FILE,
-    WEIGHTS_TAG, Decision, PromotionRefused, champion_version, check_history, history_entry, missing_artifacts,
-    promotion_lock, record_champion, record_registration, version_number,
+    WEIGHTS_TAG, Decision, PromotionRefused, champion_history, champion_version, check_history, history_entry,
+    missing_artifacts, promotion_lock, record_champion, record_registration, version_number,
 )
 from segflow.scores import floor_failures, rank_candidates, read_scores, test_score
 
@@ -63,10 +66,11 @@ PIP_REQUIREMENTS = [
 ]
 
 
-def log_served_model(model_dir: Path, weights_sha256: str, inference: InferenceParams) -> ModelInfo:
-    """Log what the served model needs from ``model_dir`` as an MLflow model: its weights, and its card with the
-    ``inference`` settings it was evaluated with (``extra["inference"]``, used by segflow.pyfunc_model and
-    ``segflow predict``). Snapshots, EMA and last weights stay in the training run.
+def log_served_model(model_dir: Path, weights_sha256: str, inference: InferenceParams, run_id: str) -> ModelInfo:
+    """Log what the served model needs from ``model_dir`` as an MLflow model of the run ``run_id`` (its training
+    run: the registered version's source run): its weights, and its card with the ``inference`` settings it was
+    evaluated with (``extra["inference"]``, used by segflow.pyfunc_model and ``segflow predict``). Snapshots, EMA
+    and last weights stay in the training run.
 
     The model's code is the installed segflow's (LOADER_MODULE): the artifact store holds data only. The MLmodel's
     metadata records the SHA-256 of the weights (``weights_sha256``, as the registry tags them) and of the card."""
@@ -77,7 +81,11 @@ def log_served_model(model_dir: Path, weights_sha256: str, inference: InferenceP
         card = read_card(model_dir)
         card = replace(card, extra={**card.extra, INFERENCE_KEY: inference.model_dump(mode="json")})
         atomic_write_json(served / CARD_FILE, asdict(card))
-        return mlflow.pyfunc.log_model(
+        # mlflow.pyfunc.log_model with a run other than the active one (the register stage's).
+        return Model.log(
+            artifact_path=None,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
             name="model",
             loader_module=LOADER_MODULE,
             data_path=str(served),
@@ -87,13 +95,59 @@ def log_served_model(model_dir: Path, weights_sha256: str, inference: InferenceP
         )
 
 
+def _champions(decision: Decision) -> tuple[str, str]:
+    """The champion before and after ``decision``, as ``vN`` or ``none``."""
+    after = decision.version if decision.promoted else decision.champion_version
+    return tuple("none" if version is None else f"v{version}" for version in (decision.champion_version, after))
+
+
+def decision_text(decision: Decision) -> str:
+    """What the registry decided, in Markdown (the description of the register and pipeline runs)."""
+    before, after = _champions(decision)
+    if decision.champion_score is not None:
+        before += f" (test score {decision.champion_score:.4f})"
+    model = decision.candidate if decision.candidate == decision.arch else f"{decision.candidate}, {decision.arch}"
+    outcome = "promoted to champion" if decision.promoted else "not promoted: it stays challenger"
+    return (f"**{decision.model_name} v{decision.version}** ({model}) {outcome}: {decision.reason}.\n\n"
+            f"**Champion** before: {before}; after: {after}.")
+
+
+def history_table(history: list[dict]) -> str:
+    """The champion history as a Markdown table, newest first."""
+    lines = ["| version | action | reason | at (UTC) | previous champion |", "|---|---|---|---|---|"]
+    for entry in reversed(history):
+        previous = "none" if entry.get("previous") is None else f"v{entry['previous']}"
+        reason = entry["reason"].replace("|", "\\|")
+        lines.append(f"| v{entry['version']} | {entry['action']} | {reason} | {entry['at']} | {previous} |")
+    return "\n".join(lines) + "\n"
+
+
+def log_decision(
+    client: MlflowClient, run_id: str, folder: str | None, decision: Decision, decision_file: Path,
+    history: list[dict],
+) -> None:
+    """The decision on ``run_id``: as its description and tags, and with the champion history as artifacts in
+    ``folder``."""
+    before, after = _champions(decision)
+    tags = {MLFLOW_RUN_NOTE: decision_text(decision), "segflow.chosen": str(decision.candidate),
+            "segflow.registered": f"{decision.model_name} v{decision.version}",
+            "segflow.promoted": str(decision.promoted), "segflow.decision": decision.reason,
+            "segflow.champion_before": before, "segflow.champion_after": after}
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.log_artifact(run_id, str(decision_file), folder)
+    client.log_text(run_id, history_table(history), posixpath.join(folder or "", "champion_history.md"))
+
+
 def score_registered_version(params: Params, name: str, version: str, data_dir: Path, splits_csv: Path) -> float:
-    """Re-score a registered version on the current test split (its weights, not its old metric)."""
+    """Re-score a registered version on the current test split (its weights and the inference settings it is
+    served with, not its old metric)."""
     samples = load_samples(data_dir, splits_csv, "test")
     with resolve_model_dir(f"models:/{name}/{version}") as model_dir:
         model, card = load_model(model_dir)
+        inference = registered_inference(card, model_dir) or params.evaluate.inference  # older versions: params
     loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
-    confusion = confusion_over(model, loader, card.num_classes, torch.device("cpu"), params.evaluate.inference,
+    confusion = confusion_over(model, loader, card.num_classes, torch.device("cpu"), inference,
                                params.train.crop_size)
     return float(confusion.compute()[params.register_.metric])
 
@@ -200,10 +254,13 @@ def register(
     weights = Path(models_dir) / chosen / WEIGHTS_FILE
     if not weights.is_file():
         raise SegflowError(f"{weights}: no trained model for {chosen}; run the train stage first.")
+    # Served exactly as evaluated: the settings the evaluate stage scored it with, whatever params say now.
+    inference = InferenceParams.model_validate(best["inference"])
     # What makes two registrations the same: these weights, scored this way on this test data.
     identity = {
         "arch": best["arch"], f"test_{cfg.metric}": str(best_score), "test_data_hash": str(best["test"]["data_hash"]),
         WEIGHTS_TAG: file_sha256(weights),
+        "inference_sha256": hashlib.sha256(inference.model_dump_json().encode()).hexdigest(),
     }
     with tracking.stage_run(params.mlflow, "register") as run:
         client = MlflowClient()
@@ -212,14 +269,15 @@ def register(
             check_history(client, cfg.model_name, record_file)
         candidate = earlier_registration(client, cfg.model_name, identity)
         if candidate is None:
-            model_info = log_served_model(Path(models_dir) / chosen, identity[WEIGHTS_TAG],
-                                          resolved_inference(params.evaluate.inference, params.train.crop_size))
+            # A model folder from before segflow recorded its training run, or from another store: this run.
+            source_run = tracking.training_run(read_card(Path(models_dir) / chosen).extra) or run.info.run_id
+            model_info = log_served_model(Path(models_dir) / chosen, identity[WEIGHTS_TAG], inference, source_run)
             # Every tag the gate reads is created with the version, in one transaction of the store: no version
             # is ever seen without them. The MLmodel's and weights' hashes live in the registry, which the
             # artifact store cannot change: loads check the downloaded files against them.
             tags = {**identity, MLMODEL_TAG: stored_mlmodel_sha256(model_info), "candidate": chosen,
                     f"val_{cfg.metric}": str(val_score), "git_commit": tracking.git_commit() or "unknown",
-                    "source_run_id": run.info.run_id,
+                    "source_run_id": source_run, "register_run_id": run.info.run_id,
                     **({FLOOR_TAG: "; ".join(below_floor)} if below_floor else {})}
             candidate = mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, candidate.version)
@@ -235,9 +293,15 @@ def register(
         else:
             decision = gate_and_promote(params, client, candidate, best_score, str(best["test"]["data_hash"]),
                                         data_dir, splits_csv)
-        mlflow.set_tags({"segflow.promoted": str(decision.promoted), "segflow.decision": decision.reason})
         atomic_write_json(out_file, asdict(decision))
-        mlflow.log_artifact(str(out_file))
+        client.update_model_version(cfg.model_name, candidate.version, description=(
+            f"{chosen}: the best of {len(candidates)} candidates ({', '.join(candidates)}) on val {cfg.metric} "
+            f"{val_score:.4f}; test {cfg.metric} {best_score:.4f}.\n\n{decision_text(decision)}"))
+        # This run, and the pipeline run it belongs to: a person opening either sees why.
+        history = champion_history(client, cfg.model_name)
+        for run_id, folder in ((run.info.run_id, None), (tracking.parent_run_id(run), "summary")):
+            if run_id is not None:
+                log_decision(client, run_id, folder, decision, Path(out_file), history)
         record_registration(record_file, decision, new_history=force)
     log.info("registered %s v%s (%s): %s", cfg.model_name, decision.version, chosen, decision.reason)
     return decision
