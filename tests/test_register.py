@@ -138,3 +138,42 @@ def test_a_model_below_the_floor_never_becomes_champion_not_even_the_first(works
                               splits_csv=workspace / "splits.csv")  # the gate by hand refuses it too
     assert not refused.promoted and "below the floor" in refused.reason
     assert issubclass(PromotionRefused, SegflowError)
+
+
+def test_the_version_comes_from_the_training_run_and_the_pipeline_run_shows_why(workspace):
+    import mlflow
+
+    from segflow import tracking
+
+    params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": "why"}})
+    write_scores(workspace / "evaluation", ARCH, arch=ARCH, test=0.5)
+    client = MlflowClient()
+    with tracking.pipeline_run(params.mlflow) as pipeline:
+        training = client.create_run(pipeline.info.experiment_id, run_name=ARCH).info.run_id
+        card_file = workspace / "models" / ARCH / "model.json"
+        card = json.loads(card_file.read_text())
+        card_file.write_text(json.dumps({**card, "extra": {tracking.TRAINING_RUN_KEY: training}}))
+        decision = register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
+                            models_dir=workspace / "models", data_dir=workspace / "data",
+                            splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
+    version = client.get_model_version("why", decision.version)
+    assert version.run_id == training == version.tags["source_run_id"]  # the UI links the version to its training
+    assert version.description.startswith(f"**{ARCH}** is the best of 1 candidates ({ARCH}) on val miou: 0.5000")
+    assert "promoted to champion: no champion yet" in version.description
+    trained = client.get_run(training)  # its page: the logged model, and why it was registered
+    assert trained.outputs.model_outputs and trained.data.tags["mlflow.note.content"] == version.description
+    assert "registration/champion_history.md" in {f.path for f in client.list_artifacts(training, "registration")}
+
+    parent = client.get_run(pipeline.info.run_id)
+    assert parent.data.tags["segflow.chosen"] == ARCH and parent.data.tags["segflow.champion_before"] == "none"
+    assert parent.data.tags["segflow.champion_after"] == f"v{decision.version}"
+    assert parent.data.tags["mlflow.note.content"] == version.description
+    assert parent.data.metrics["challenger_miou"] == 0.5
+    summary = {f.path for f in client.list_artifacts(pipeline.info.run_id, "summary")}
+    assert summary == {"summary/decision.json", "summary/champion_history.md"}
+    history = Path(mlflow.artifacts.download_artifacts(run_id=pipeline.info.run_id,
+                                                       artifact_path="summary/champion_history.md")).read_text()
+    assert f"| v{decision.version} | promote | no champion yet |" in history
+    register_run = client.get_run(version.tags["register_run_id"])
+    assert register_run.data.tags["mlflow.parentRunId"] == pipeline.info.run_id
+    assert "champion_history.md" in {f.path for f in client.list_artifacts(register_run.info.run_id)}

@@ -101,19 +101,24 @@ def _champions(decision: Decision) -> tuple[str, str]:
     return tuple("none" if version is None else f"v{version}" for version in (decision.champion_version, after))
 
 
-def decision_text(decision: Decision) -> str:
-    """What the registry decided, in Markdown (the description of the register and pipeline runs)."""
+def decision_text(decision: Decision, candidates: list[str], metric: str, val_score: float) -> str:
+    """Why this version, and what the registry did with it, in Markdown: the description of the version and of
+    the runs that show the decision."""
     before, after = _champions(decision)
     if decision.champion_score is not None:
-        before += f" (test score {decision.champion_score:.4f})"
-    model = decision.candidate if decision.candidate == decision.arch else f"{decision.candidate}, {decision.arch}"
-    outcome = "promoted to champion" if decision.promoted else "not promoted: it stays challenger"
-    return (f"**{decision.model_name} v{decision.version}** ({model}) {outcome}: {decision.reason}.\n\n"
+        before += f" (test {metric} {decision.champion_score:.4f})"
+    outcome = "promoted to champion" if decision.promoted else "stays challenger"
+    model = decision.candidate if decision.candidate == decision.arch else f"{decision.candidate} ({decision.arch})"
+    return (f"**{model}** is the best of {len(candidates)} candidates "
+            f"({', '.join(candidates)}) on val {metric}: {val_score:.4f}; test {metric} {decision.score:.4f}.\n\n"
+            f"**{decision.model_name} v{decision.version}** {outcome}: {decision.reason}.\n\n"
             f"**Champion** before: {before}; after: {after}.")
 
 
 def history_table(history: list[dict]) -> str:
     """The champion history as a Markdown table, newest first."""
+    if not history:
+        return "No version has been champion yet.\n"
     lines = ["| version | action | reason | at (UTC) | previous champion |", "|---|---|---|---|---|"]
     for entry in reversed(history):
         previous = "none" if entry.get("previous") is None else f"v{entry['previous']}"
@@ -123,18 +128,19 @@ def history_table(history: list[dict]) -> str:
 
 
 def log_decision(
-    client: MlflowClient, run_id: str, folder: str | None, decision: Decision, decision_file: Path,
-    history: list[dict],
+    client: MlflowClient, run_id: str, folder: str | None, decision: Decision, description: str,
+    scores: dict[str, float], decision_file: Path, history: list[dict],
 ) -> None:
-    """The decision on ``run_id``: as its description and tags, and with the champion history as artifacts in
-    ``folder``."""
+    """The decision on ``run_id``: its ``description`` and tags, the chosen model's ``scores`` as metrics, and
+    the decision file and champion history as artifacts in ``folder``."""
     before, after = _champions(decision)
-    tags = {MLFLOW_RUN_NOTE: decision_text(decision), "segflow.chosen": str(decision.candidate),
+    tags = {MLFLOW_RUN_NOTE: description, "segflow.chosen": str(decision.candidate),
             "segflow.registered": f"{decision.model_name} v{decision.version}",
             "segflow.promoted": str(decision.promoted), "segflow.decision": decision.reason,
             "segflow.champion_before": before, "segflow.champion_after": after}
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+    mlflow.log_metrics(scores, run_id=run_id)
     client.log_artifact(run_id, str(decision_file), folder)
     client.log_text(run_id, history_table(history), posixpath.join(folder or "", "champion_history.md"))
 
@@ -281,7 +287,6 @@ def register(
                     **({FLOOR_TAG: "; ".join(below_floor)} if below_floor else {})}
             candidate = mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, candidate.version)
-        mlflow.log_metrics({f"challenger_{cfg.metric}": best_score, f"challenger_val_{cfg.metric}": val_score})
         if below_floor:
             decision = Decision(cfg.model_name, str(candidate.version), best["arch"], best_score,
                                 version_number(champion_version(client, cfg.model_name)), None, False,
@@ -294,14 +299,17 @@ def register(
             decision = gate_and_promote(params, client, candidate, best_score, str(best["test"]["data_hash"]),
                                         data_dir, splits_csv)
         atomic_write_json(out_file, asdict(decision))
-        client.update_model_version(cfg.model_name, candidate.version, description=(
-            f"{chosen}: the best of {len(candidates)} candidates ({', '.join(candidates)}) on val {cfg.metric} "
-            f"{val_score:.4f}; test {cfg.metric} {best_score:.4f}.\n\n{decision_text(decision)}"))
-        # This run, and the pipeline run it belongs to: a person opening either sees why.
+        # Why, wherever a person looks: the version, this run, the pipeline run, the model's training run.
+        description = decision_text(decision, candidates, cfg.metric, val_score)
+        client.update_model_version(cfg.model_name, candidate.version, description=description)
+        scores = {f"challenger_{cfg.metric}": best_score, f"challenger_val_{cfg.metric}": val_score}
         history = champion_history(client, cfg.model_name)
-        for run_id, folder in ((run.info.run_id, None), (tracking.parent_run_id(run), "summary")):
+        shown_on = [(run.info.run_id, None), (tracking.parent_run_id(run), "summary")]
+        if candidate.run_id != run.info.run_id:
+            shown_on.append((candidate.run_id, "registration"))
+        for run_id, folder in shown_on:
             if run_id is not None:
-                log_decision(client, run_id, folder, decision, Path(out_file), history)
+                log_decision(client, run_id, folder, decision, description, scores, Path(out_file), history)
         record_registration(record_file, decision, new_history=force)
     log.info("registered %s v%s (%s): %s", cfg.model_name, decision.version, chosen, decision.reason)
     return decision

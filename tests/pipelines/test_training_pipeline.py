@@ -99,6 +99,36 @@ def test_stage_runs_are_nested_under_one_parent_run(pipeline_decision):
     assert {"train", "evaluate", "pseudo_label", "register", "validate"} <= children
 
 
+def test_the_mlflow_ui_shows_the_champions_training_its_evaluation_and_why_it_was_chosen(pipeline_decision, project):
+    client = MlflowClient()
+    version = client.get_model_version(TINY["register"]["model_name"], pipeline_decision["version"])
+    card = json.loads((project / "models" / pipeline_decision["candidate"] / "model.json").read_text())
+    # The version's source run is the chosen model's training run (the kept arm's, for the teacher) ...
+    assert version.run_id == card["extra"]["mlflow_run_id"]
+    training = client.get_run(version.run_id)
+    assert training.data.tags["segflow.stage"] == "train"
+    # ... which holds its evaluation beside its training, and the data it was trained on.
+    assert {"test_miou", "evaluated_val_miou", "best_val_miou"} <= training.data.metrics.keys()
+    evaluation = {f.path for f in client.list_artifacts(version.run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/overlays", "evaluation/scores.json"} <= evaluation
+    assert "checkpoint/model.json" in {f.path for f in client.list_artifacts(version.run_id, "checkpoint")}
+    (dataset,) = training.inputs.dataset_inputs
+    classes = json.loads((project / "data/ingested/classes.json").read_text())["names"]
+    assert {tag.key: tag.value for tag in dataset.tags}["classes"] == ", ".join(classes)
+
+    # The pipeline run sums up: the leaderboard, the decision, the champion before and after.
+    pipeline = client.get_run(client.get_run(version.tags["register_run_id"]).data.tags["mlflow.parentRunId"])
+    assert pipeline.data.tags["segflow.stage"] == "pipeline"
+    summary = {f.path for f in client.list_artifacts(pipeline.info.run_id, "summary")}
+    assert {"summary/leaderboard.md", "summary/decision.json", "summary/champion_history.md"} <= summary
+    assert pipeline.data.tags["segflow.chosen"] == pipeline_decision["candidate"]
+    promoted = pipeline_decision["promoted"]  # over a registry without a champion yet
+    assert pipeline.data.tags["segflow.champion_after"] == (f"v{pipeline_decision['version']}" if promoted else "none")
+    assert pipeline_decision["reason"] in pipeline.data.tags["mlflow.note.content"]
+    experiment = client.get_experiment(training.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_second_repro_is_a_no_op_and_a_param_change_reruns_only_its_stages(pipeline_decision, project):
     assert "up to date" in _dvc(project, "status").stdout
     params = yaml.safe_load((project / "params.yaml").read_text())
