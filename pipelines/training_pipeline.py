@@ -95,9 +95,11 @@ def segflow_pipeline(project: str = ".", params_file: str = "params.yaml") -> di
     project_dir = Path(project).resolve()
     os.chdir(project_dir)
     params = load_params(project_dir / params_file)
-    with tracking.pipeline_run(params.mlflow):
+    with tracking.pipeline_run(params.mlflow) as run:
         for stage in dvc_stages(project_dir):
             run_stage(stage, project_dir)
+    # Its description and summary/ say which model was chosen and why; the stages are nested below it.
+    get_run_logger().info("The pipeline's MLflow run: %s", tracking.run_page(run))
     return json.loads((project_dir / Layout.registry).read_text())
 
 

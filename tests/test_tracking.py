@@ -40,6 +40,19 @@ def test_experiments_are_tagged_to_open_on_their_runs_not_on_genai_traces():
         assert client.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
+def test_a_run_page_opens_in_the_model_training_view():
+    with tracking.stage_run(MlflowParams(experiment="pages"), "validate") as run:
+        pass
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    local = mlflow.get_tracking_uri()
+    assert tracking.run_page(run) == f"`mlflow ui --backend-store-uri {local}`, then http://127.0.0.1:5000/{page}"
+    mlflow.set_tracking_uri("https://user:secret@mlflow.example.org/")  # a server: its address, no credentials
+    try:
+        assert tracking.run_page(run) == f"https://mlflow.example.org/{page}"
+    finally:
+        mlflow.set_tracking_uri(local)
+
+
 def _repro(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "DVC_NO_ANALYTICS": "1", **env}
     environment.pop(tracking.PARENT_RUN_ENV, None)

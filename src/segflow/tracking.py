@@ -17,6 +17,7 @@ import textwrap
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 import pandas as pd
@@ -26,6 +27,7 @@ from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from segflow.config import MlflowParams
@@ -35,7 +37,8 @@ from segflow.fingerprint import file_sha256
 log = logging.getLogger("segflow.tracking")
 
 PARENT_RUN_ENV = "SEGFLOW_PARENT_RUN_ID"
-# MLflow 3's UI opens an experiment without this tag on its GenAI traces; with it, on the runs.
+# A classic ML experiment, not a GenAI one, for MLflow's UI and tools (3.17's UI still starts on its GenAI view
+# until its "Model training" switch is set, or the address says workflowType=machine_learning: see run_page).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 DVC_STAGE = "DVC_STAGE"  # set by DVC in each stage command's environment
 REPRO_TAG = "segflow.dvc_repro"  # on the parent run of a plain `dvc repro`: which one (see dvc_repro)
@@ -159,8 +162,21 @@ def repro_parent_run(experiment_id: str, repro: str) -> str:
     if found:
         client.update_run(found[0].info.run_id, "RUNNING")
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name="dvc repro", tags={**_run_tags("pipeline"), REPRO_TAG: repro})
+    tags = resolve_tags({**_run_tags("pipeline"), REPRO_TAG: repro})  # with the user and source, as start_run's
+    run = client.create_run(experiment_id, run_name="dvc repro", tags=tags)
     return run.info.run_id
+
+
+def run_page(run: mlflow.ActiveRun) -> str:
+    """Where a person sees ``run``: its page on the tracking server, or how to open it from a local store. The
+    page opens in the UI's "Model training" view: MLflow 3's UI starts on its GenAI view otherwise, whatever the
+    experiment's kind."""
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    uri = mlflow.get_tracking_uri()
+    server = urlsplit(uri)
+    if server.scheme in ("http", "https"):  # the address without any credentials in it: this goes to logs
+        return f"{server.scheme}://{server.netloc.rpartition('@')[2]}{server.path.rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
 
 
 def parent_run_id(run: mlflow.ActiveRun) -> str | None:
