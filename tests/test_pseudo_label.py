@@ -217,8 +217,8 @@ def test_teacher_stage_trains_both_teachers_at_one_budget_and_keeps_the_one_val_
         arms[arm] = evaluate(params, arm, model_dir=tmp_path / arm, data_dir=data_dir, splits_csv=splits_csv,
                              metrics_file=tmp_path / f"{arm}.json", out_dir=tmp_path / f"eval-{arm}",
                              plots_dir=tmp_path / "plots")
-    assert all(math.isfinite(m["miou"]) for m in arms.values())
-    assert arms["labeled-only"]["test_data_hash"] == arms["pseudo-labeled"]["test_data_hash"]
+    assert all(math.isfinite(m["test"]["miou"]) for m in arms.values())
+    assert arms["labeled-only"]["test"]["data_hash"] == arms["pseudo-labeled"]["test"]["data_hash"]
 
 
 def test_label_priority_grows_with_doubt_instability_and_rare_classes():

@@ -1,6 +1,6 @@
 import logging
-import os
 import resource
+import subprocess
 import sys
 
 import numpy as np
@@ -11,7 +11,6 @@ from segflow import IGNORE_INDEX
 from segflow.config import AugmentParams, Layout, parse_params
 from segflow.data import MEAN, STD, BatchAugment, Sample, load_samples, stack_padded
 from segflow.errors import SegflowError
-from segflow.fsutil import exclusive_lock
 from segflow.imageio import write_mask
 from segflow.train import (
     Checkpointer,
@@ -234,11 +233,21 @@ def test_a_crop_larger_than_every_training_image_is_refused_before_it_eats_the_m
 def test_a_second_training_of_the_same_model_is_refused_and_leaves_the_first_alone(plain_project, tmp_path):
     data = {"data_dir": plain_project / Layout.ingested, "splits_csv": plain_project / Layout.splits}
     out_dir = tmp_path / "models" / "unet_original"
-    with exclusive_lock(tmp_path / "models" / ".unet_original.lock", "the first training"):  # held as train holds it
-        with pytest.raises(SegflowError, match=rf"a training of {out_dir} is already running \(pid {os.getpid()} on"):
-            train(_plain_params(), "unet_original", out_dir=out_dir, **data)
+    lock = tmp_path / "models" / ".unet_original.lock"
+    # Another process holds the lock as a training holds it, then is killed (its forked children live on).
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time; from segflow.fsutil import exclusive_lock\n"
+        f"with exclusive_lock({str(lock)!r}, 'the first training'):\n"
+        "    if os.fork() == 0:\n"  # a child inheriting the descriptor, like a DataLoader worker
+        "        time.sleep(30); os._exit(0)\n"
+        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(SegflowError, match=rf"a training of {out_dir} is already running \(pid {holder.pid} on"):
+        train(_plain_params(), "unet_original", out_dir=out_dir, **data)
     assert not (tmp_path / "models" / ".unet_original.resume").exists()
-    train(_plain_params(), "unet_original", out_dir=out_dir, **data)  # the lock went with its holder
+    holder.kill()
+    holder.wait()
+    train(_plain_params(), "unet_original", out_dir=out_dir, **data)  # the lock went with its holder, not its child
     assert (out_dir / "model.safetensors").is_file()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -77,13 +78,18 @@ def owned_dir(out: Path | str, command: str, inputs: Iterable[Path | str | None]
 @contextlib.contextmanager
 def exclusive_lock(path: Path | str, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed) while ``what`` runs; refused at once, naming the
-    holder, when another process holds it. The kernel releases it when the holder dies, so none goes stale."""
+    holder, when another process holds it. The kernel releases it when the holder dies, so none goes stale.
+
+    A POSIX record lock (``lockf``), not ``flock``: it belongs to this process alone, so forked children (the
+    DataLoader's workers) do not keep it held after the holder is killed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as file:
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0, os.SEEK_SET)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             file.seek(0)
             holder = file.read().strip() or "another process"
             raise SegflowError(
