@@ -168,14 +168,14 @@ def train(
 
     Under `torchrun --nproc_per_node N --no-python segflow train ...` it trains on N processes (one GPU each).
     """
-    from segflow.train import train as run
-    from segflow.unlabeled import architecture_params
-
-    params = load_params(params_file)
     if teacher == (arch is not None):
         raise SegflowError("segflow train: give exactly one of --arch NAME or --teacher.")
     if teacher and resume:
         raise SegflowError("segflow train: --resume works with --arch NAME; the teacher stage starts over.")
+    from segflow.train import train as run  # torch and MLflow: seconds to import, after the cheap checks
+    from segflow.unlabeled import architecture_params
+
+    params = load_params(params_file)
     if teacher:
         from segflow.teacher import train_teacher
 
@@ -215,10 +215,10 @@ def evaluate(
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Score on val (to choose) and test (to report): mIoU, per-class IoU, accuracy, Dice, baseline, pictures."""
-    from segflow.evaluate import evaluate as run
-
     if teacher == (arch is not None):
         raise SegflowError("segflow evaluate: give exactly one of --arch NAME or --teacher.")
+    from segflow.evaluate import evaluate as run
+
     name = Layout.teacher if teacher else arch
     scores = run(load_params(params_file), name, model_dir=Layout.models / name, data_dir=Layout.ingested,
                   splits_csv=Layout.splits, metrics_file=Layout.metrics / f"{name}.json",

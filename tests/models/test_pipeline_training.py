@@ -1,4 +1,7 @@
-"""Every registered architecture trains one epoch and evaluates through the pipeline's own stage functions."""
+"""One architecture of every family trains one epoch and evaluates through the pipeline's own stage functions.
+
+The stage functions do not depend on the architecture beyond its family's module (options, card, aux head);
+every single architecture's training step and outputs are checked in test_registry.py."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from segflow import models
+from segflow.architectures import FAMILY_MODULES
 from segflow.config import parse_params
 from segflow.evaluate import evaluate
 from segflow.inference import load_model
@@ -33,11 +37,17 @@ def dataset(tmp_path_factory) -> tuple[Path, Path]:
     return root / "ingested", root / "splits.csv"
 
 
-def test_every_registered_architecture_has_a_small_configuration():
+# The cheapest architecture of each family module (segflow.architectures).
+REPRESENTATIVES = ["deconvnet", "deeplabv1_largefov", "deeplabv2", "dilatednet", "fcdensenet56", "fcn8s", "pspnet",
+                   "segnet_basic", "unet", "unet_original"]
+
+
+def test_every_registered_architecture_has_a_small_configuration_and_every_family_a_representative():
     assert sorted(TINY) == models.available()
+    assert sorted(FAMILY_MODULES[name] for name in REPRESENTATIVES) == sorted(set(FAMILY_MODULES.values()))
 
 
-@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("arch", REPRESENTATIVES)
 def test_architecture_trains_one_epoch_and_evaluates(arch, dataset, tmp_path):
     data_dir, splits_csv = dataset
     params = parse_params({
