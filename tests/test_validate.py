@@ -187,6 +187,23 @@ def test_duplicates_inside_one_predefined_split_are_allowed(tmp_path):
     assert result.summary["counts"]["labeled_per_split"] == {"train": 6, "val": 3, "test": 3}
 
 
+def test_a_group_by_group_across_predefined_splits_is_warned_about_not_refused(tmp_path):
+    data = write_dataset(tmp_path / "data", clean_rows(splits=PREDEFINED))
+    # img_1 (train) with img_10 and img_11 (test): one near-copy group in two splits.
+    result = validate(data, tmp_path / "out", **LIMITS, group_by=r"^(img_1)")
+    (warning,) = result.summary["warnings"]
+    assert warning.startswith("1 split.group_by group(s) span more than one predefined split")
+    assert "img_1 (train)" in warning and "img_11 (test)" in warning
+    assert result.summary["counts"]["split_groups"] == 10  # 12 pictures, three of them one group
+
+
+def test_without_predefined_splits_the_minimums_count_groups_not_pictures(tmp_path):
+    data = write_dataset(tmp_path / "data", clean_rows())
+    validate(data, tmp_path / "ok", **LIMITS)
+    with pytest.raises(ValidationFailed, match=r"only 1 split group\(s\) of labeled pictures"):
+        validate(data, tmp_path / "out", **LIMITS, group_by=r"^(img)_")  # every picture one group
+
+
 def test_too_few_images_in_a_predefined_split(tmp_path):
     splits = ["train"] * 9 + ["val"] * 2 + ["test"] * 1
     data = write_dataset(tmp_path / "data", clean_rows(splits=splits))
@@ -211,7 +228,7 @@ def test_without_predefined_splits_the_fractions_must_meet_the_minimums(tmp_path
     data = write_dataset(tmp_path / "data", rows)
 
     # 7 pictures at 0.2/0.2 give 5/1/1, short of min_val=min_test=2; 8 would give 4/2/2.
-    with pytest.raises(ValidationFailed, match=r"only 7 distinct labeled picture\(s\).*8 are needed"):
+    with pytest.raises(ValidationFailed, match=r"only 7 split group\(s\) of labeled pictures .*8 are needed"):
         validate(data, tmp_path / "out", **LIMITS)
     assert set(failed_checks(tmp_path / "out")) == {"enough_labeled"}
 

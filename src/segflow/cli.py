@@ -110,7 +110,7 @@ def validate(
         data_dir, out, min_train=cfg.min_train, min_val=cfg.min_val, min_test=cfg.min_test,
         val_fraction=params.split.val_fraction, test_fraction=params.split.test_fraction,
         min_labeled_pixel_fraction=cfg.min_labeled_pixel_fraction,
-        min_foreground_image_fraction=cfg.min_foreground_image_fraction,
+        min_foreground_image_fraction=cfg.min_foreground_image_fraction, group_by=params.split.group_by,
     )
     _log_data_docs(params, out)
     typer.echo(f"validation passed: {result.summary.get('counts')}; Data Docs in {out / 'data_docs'}")

@@ -159,11 +159,11 @@ def group_keys(rows: pd.DataFrame, group_by: str | None, manifest_csv: Path) -> 
     return keys
 
 
-def _image_groups(stats: pd.DataFrame, keys: list[str | None]) -> tuple[dict[str, int], np.ndarray]:
-    """Map image_id -> group number and the groups' class-presence matrix (groups x classes, bool), groups
-    numbered in order of first appearance. Images with equal ``content_hash`` or equal ``keys`` share a group,
-    transitively (a duplicate of one frame joins that frame's whole sequence)."""
-    parent = list(range(len(stats)))
+def group_numbers(content_hashes: list[str | None], keys: list[str | None]) -> list[int]:
+    """A group number per image, numbered in order of first appearance: images with equal content hash or equal
+    ``keys`` (:func:`group_keys`) share one, transitively (a duplicate of one frame joins that frame's whole
+    sequence). An image without either is a group of its own."""
+    parent = list(range(len(keys)))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -171,17 +171,25 @@ def _image_groups(stats: pd.DataFrame, keys: list[str | None]) -> tuple[dict[str
             i = parent[i]
         return i
 
-    # An image without a hash (it did not decode; validate reports it) is grouped by its key alone.
-    for links in ([content_hash or None for content_hash in stats["content_hash"]], keys):
+    for links in (content_hashes, keys):
         first: dict[str, int] = {}
         for i, key in enumerate(links):
             if key is not None:
                 parent[root(i)] = root(first.setdefault(key, i))
-    group_numbers, _ = pd.factorize(pd.Series([root(i) for i in range(len(stats))]), sort=False)
+    numbers, _ = pd.factorize(pd.Series([root(i) for i in range(len(keys))], dtype="int64"), sort=False)
+    return numbers.tolist()
+
+
+def _image_groups(stats: pd.DataFrame, keys: list[str | None]) -> tuple[dict[str, int], np.ndarray]:
+    """Map image_id -> group number (:func:`group_numbers`) and the groups' class-presence matrix (groups x
+    classes, bool)."""
+    # An image without a hash (it did not decode; validate reports it) is grouped by its key alone.
+    numbers = np.array(group_numbers([content_hash or None for content_hash in stats["content_hash"]], keys),
+                       dtype=np.int64)
     counts = stats.drop(columns="content_hash").apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy()
-    presence = np.zeros((group_numbers.max(initial=-1) + 1, counts.shape[1]), dtype=bool)
-    np.logical_or.at(presence, group_numbers, counts > 0)
-    return dict(zip(stats.index, group_numbers.tolist())), presence
+    presence = np.zeros((numbers.max(initial=-1) + 1, counts.shape[1]), dtype=bool)
+    np.logical_or.at(presence, numbers, counts > 0)
+    return dict(zip(stats.index, numbers.tolist())), presence
 
 
 def _iterative_stratification(

@@ -12,6 +12,7 @@ files if it did not.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -42,9 +43,13 @@ from segflow.split import (  # noqa: E402
     SPLITS,
     check_fractions,
     expected_split_sizes,
+    group_keys,
+    group_numbers,
     has_predefined_splits,
     read_manifest,
 )
+
+log = logging.getLogger("segflow.validate")
 
 DOCS_SITE = "segflow"
 SUITE_NAME = "segflow_data"
@@ -84,8 +89,13 @@ def validate(
     test_fraction: float,
     min_labeled_pixel_fraction: float,
     min_foreground_image_fraction: float,
+    group_by: str | None = None,
 ) -> ValidationResult:
-    """Check the ingested dataset in ``data_dir``; write stats.csv, summary.json and data_docs/ to ``out_dir``."""
+    """Check the ingested dataset in ``data_dir``; write stats.csv, summary.json and data_docs/ to ``out_dir``.
+
+    Labeled images are counted in split groups (identical pictures, and ``group_by``'s groups: params
+    ``split.group_by``), as the split stage will keep them; predefined splits that share a group are warned
+    about (near-copies in train and test inflate the test score)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     refuse_overlap(out_dir, [data_dir], "segflow validate")
     check_fractions(val_fraction, test_fraction)
@@ -101,7 +111,11 @@ def validate(
     manifest = read_manifest(data_dir)
     class_names, ignore_index = _read_classes(data_dir)
     stats = image_statistics(data_dir, manifest, len(class_names), ignore_index)
+    stats["split_group"] = _split_groups(stats, manifest, group_by, data_dir / "manifest.csv")
     predefined = has_predefined_splits(manifest)
+    warnings = _groups_across_splits(stats, manifest) if predefined and group_by else []
+    for warning in warnings:
+        log.warning("%s", warning)
     checks = _checks(class_names, ignore_index, predefined, minimums, val_fraction, test_fraction)
     if stats["mask_decodes"].any():  # with no mask to measure, any_labeled or mask_decodes already fails
         checks |= _learnable_checks(class_names, ignore_index, shares)
@@ -116,6 +130,7 @@ def validate(
             "data_dir": str(data_dir),
             "checks_run": len(checks),
             "failures": failures,
+            "warnings": warnings,
             "counts": _counts(stats, predefined, val_fraction, test_fraction),
             "classes": _class_frequencies(stats, class_names),
             "data_docs": "data_docs/index.html",
@@ -145,6 +160,29 @@ def image_statistics(data_dir: Path, manifest: pd.DataFrame, n_classes: int, ign
         stats[labeled_copies].groupby("content_hash")["split"].transform("nunique").astype("Int64")
     )
     return stats
+
+
+def _split_groups(stats: pd.DataFrame, manifest: pd.DataFrame, group_by: str | None, manifest_csv: Path) -> pd.Series:
+    """The split group of each labeled image that decoded (identical pixels and ``group_by`` keys joined, as the
+    split stage joins them); missing for the others."""
+    rows = stats["labeled"] & stats["content_hash"].notna()
+    hashes = stats.loc[rows, "content_hash"].tolist()
+    numbers = group_numbers(hashes, group_keys(manifest.loc[rows.to_numpy()], group_by, manifest_csv))
+    return pd.Series(pd.array(numbers, dtype="Int64"), index=stats.index[rows]).reindex(stats.index)
+
+
+def _groups_across_splits(stats: pd.DataFrame, manifest: pd.DataFrame, shown: int = 3) -> list[str]:
+    """Warnings for split.group_by groups whose images sit in more than one predefined split."""
+    labeled = stats[stats["split_group"].notna()]
+    spread = labeled.groupby("split_group")["split"].nunique()
+    shared = spread[spread > 1].index
+    if not len(shared):
+        return []
+    examples = [", ".join(f"{row.image_id} ({row.split})" for row in labeled[labeled["split_group"] == group]
+                          .itertuples()) for group in shared[:shown]]
+    return [f"{len(shared)} split.group_by group(s) span more than one predefined split, so near-copies sit in "
+            f"train and in val or test and inflate their scores: {'; '.join(examples)}"
+            f"{' and more' if len(shared) > shown else ''}."]
 
 
 def _statistics_dtypes(n_classes: int) -> dict[str, str]:
@@ -385,17 +423,19 @@ def _checks(
             _Check(
                 "enough_labeled",
                 expect.ExpectColumnUniqueValueCountToBeBetween(
-                    column="content_hash",
+                    column="split_group",
                     min_value=required,
                     row_condition=labeled,
                     description=(
-                        f"At least {required} distinct labeled pictures, so that splitting with "
+                        f"At least {required} split groups of labeled pictures (identical pictures and "
+                        f"split.group_by groups count once), so that splitting with "
                         f"val_fraction={val_fraction} and test_fraction={test_fraction} gives "
                         f"train/val/test {sizes['train']}/{sizes['val']}/{sizes['test']}, meeting "
                         f"min_train={minimums['train']}, min_val={minimums['val']}, min_test={minimums['test']}."
                     ),
                 ),
-                f"only {{observed}} distinct labeled picture(s) (exact duplicates count once); {required} are "
+                f"only {{observed}} split group(s) of labeled pictures (exact duplicates and split.group_by groups "
+                f"count once); {required} are "
                 f"needed for val_fraction={val_fraction}, test_fraction={test_fraction} to meet "
                 f"min_train={minimums['train']}, min_val={minimums['val']}, min_test={minimums['test']}.",
             )
@@ -561,18 +601,19 @@ def _plain(value: Any) -> Any:
 
 def _counts(stats: pd.DataFrame, predefined: bool, val_fraction: float, test_fraction: float) -> dict[str, Any]:
     labeled = stats[stats["labeled"]]
-    distinct = int(labeled["content_hash"].nunique())
+    groups = int(labeled["split_group"].nunique())
     counts: dict[str, Any] = {
         "images": len(stats),
         "labeled": len(labeled),
         "unlabeled": len(stats) - len(labeled),
-        "distinct_labeled_pictures": distinct,
+        "distinct_labeled_pictures": int(labeled["content_hash"].nunique()),
+        "split_groups": groups,
         "predefined_splits": predefined,
     }
     if predefined:
         counts["labeled_per_split"] = {s: int((labeled["split"] == s).sum()) for s in SPLITS}
     else:
-        counts["expected_split_sizes"] = expected_split_sizes(distinct, val_fraction, test_fraction)
+        counts["expected_split_sizes"] = expected_split_sizes(groups, val_fraction, test_fraction)
     return counts
 
 
