@@ -12,8 +12,9 @@ Conventions (every registered model follows them):
 
 ``encoder_weights`` (every builder accepts it): ``None`` -> random initialisation; a path to a safetensors
 file or a torch ``state_dict`` (``.pth``, read with ``weights_only=True``) -> loaded into the encoder /
-backbone (:meth:`SegmentationModel.encoder_module`); ``"imagenet"`` -> the published ImageNet weights when they
-can be had, otherwise (offline) a single warning and random initialisation. A download error never escapes.
+backbone (:meth:`SegmentationModel.encoder_module`); ``"imagenet"`` -> the published ImageNet weights, or an
+error naming the fix when they cannot be had (offline, or none published): a model asked for pretrained weights
+is never silently trained from scratch; ``null`` is how params say random initialisation is wanted.
 """
 
 from __future__ import annotations
@@ -35,18 +36,7 @@ from segflow.errors import SegflowError
 
 log = logging.getLogger("segflow.models")
 
-OFFLINE_MESSAGE = "no pretrained weights available offline; starting from random initialisation"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-_warned: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    """Log ``message`` as a warning the first time it is seen in this process."""
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
-
 
 class SegmentationModel(nn.Module):
     """Base class: subclasses implement :meth:`_forward` on a padded input.
@@ -235,17 +225,21 @@ def init_encoder(
         load_encoder_state(encoder, read_state_dict(encoder_weights), repr(str(encoder_weights)))
         return model
     if imagenet is None:
-        warn_once(f"{type(model).__name__} has no published ImageNet weights; starting from random initialisation")
-        return model
+        raise pretrained_unavailable(type(model).__name__, "has no published ImageNet weights")
     try:
         state = imagenet()
-        load_encoder_state(encoder, state, "the ImageNet weights")
-    except SegflowError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a download error must never escape
-        log.debug("ImageNet weights unavailable: %r", exc)
-        warn_once(OFFLINE_MESSAGE)
+    except Exception as exc:  # noqa: BLE001 - a download error becomes one paragraph
+        raise pretrained_unavailable(f"the weights of {type(model).__name__}", f"cannot be had here ({exc})") from None
+    load_encoder_state(encoder, state, "the ImageNet weights")
     return model
+
+
+def pretrained_unavailable(what: str, reason: str) -> SegflowError:
+    """The error for ``encoder_weights: imagenet`` that cannot be honoured."""
+    return SegflowError(
+        f"option encoder_weights='imagenet': {what} {reason}. Give a local weights file instead "
+        "(encoder_weights: path/to/weights.safetensors or .pth), or encoder_weights: null to train from random "
+        "initialisation.")
 
 
 @functools.lru_cache(maxsize=8)

@@ -16,7 +16,6 @@ adds one 3x3 conv after the ASPP projection (as torchvision does too) and has no
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -26,17 +25,14 @@ from torch import Tensor, nn
 
 from segflow.errors import SegflowError
 from segflow.models.base import (
-    OFFLINE_MESSAGE,
     SegmentationModel,
     check_choice,
     check_encoder_weights,
     hub_guard,
     init_encoder,
-    warn_once,
+    pretrained_unavailable,
 )
 from segflow.models.registry import register
-
-log = logging.getLogger("segflow.models")
 
 DEFAULT_ENCODER = "resnet18"
 
@@ -102,9 +98,9 @@ def _build(cls: type[nn.Module], name: str, num_classes: int, encoder_name: str,
             with hub_guard(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 net = cls(encoder_name=encoder_name, encoder_weights=weights, classes=num_classes, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - a download error must never escape
-            log.debug("pretrained %s weights for %s unavailable: %r", encoder_weights, encoder_name, exc)
-            warn_once(OFFLINE_MESSAGE)
+        except Exception as exc:  # noqa: BLE001 - a download error becomes one paragraph
+            raise pretrained_unavailable(f"the weights of encoder {encoder_name}",
+                                         f"cannot be had here ({type(exc).__name__}: {exc})") from None
     if net is None:
         try:
             net = cls(encoder_name=encoder_name, encoder_weights=None, classes=num_classes, **kwargs)
