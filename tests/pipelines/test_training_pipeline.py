@@ -56,7 +56,7 @@ def test_pipeline_registers_the_best_candidate_on_val_and_promotes_it_above_the_
         assert (project / "evaluation" / name / "confusion_matrix.png").stat().st_size > 0
     best = max(names, key=lambda name: scores[name]["val"]["miou"])  # the teacher is a candidate too
     assert pipeline_decision["candidate"] == best
-    assert pipeline_decision["promoted"] is not floor_failures(scores[best], parse_params(TINY).register_)
+    assert pipeline_decision["promoted"] == (not floor_failures(scores[best], parse_params(TINY).register_))
     assert json.loads((project / "metrics/pseudo_label.json").read_text())["coverage"] > 0
     assert (project / "data/validation/data_docs/index.html").exists()
     rows = json.loads((project / "leaderboard/leaderboard.json").read_text())
