@@ -6,6 +6,8 @@ STAMP := $(VENV)/.segflow-installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# The ephemeral Prefect server creates its database on first start: longer than Prefect's 20 s on two cores.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export GX_ANALYTICS_ENABLED ?= false
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 export DO_NOT_TRACK ?= 1

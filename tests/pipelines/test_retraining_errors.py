@@ -57,8 +57,7 @@ def test_data_is_synced_with_the_named_or_default_dvc_remote_only(tmp_path, proj
 
 
 @pytest.mark.parametrize(("command", "runs"), [
-    ("exit 3", 1),        # segflow crashed: the same input crashes again, no retry
-    ("exit 2", 1),        # rejected input
+    ("exit 3", 1),        # segflow crashed (or, exit 1/2, rejected its input): the same input fails again
     ("kill -9 $$", 3),    # killed from outside (the OOM killer, a preempted node): retried twice
 ])
 def test_the_flow_retries_a_killed_stage_but_not_a_failed_one(tmp_path, project_root, prefect_harness, command, runs):

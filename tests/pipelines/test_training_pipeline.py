@@ -136,19 +136,19 @@ def test_second_repro_is_a_no_op_and_a_param_change_reruns_only_its_stages(pipel
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = _dvc(project, "status", "--json")
     changed = set(json.loads(stale.stdout))
-    assert changed == {"evaluate@unet", "evaluate@pspnet", "evaluate_teacher"}
+    assert changed == {"evaluate@pspnet", "evaluate_teacher"}
 
 
 def test_dvc_metrics_and_plots_compare_across_commits(pipeline_decision, project):
     git = ["git", "-c", "user.name=segflow", "-c", "user.email=segflow@example.invalid"]
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
     subprocess.run([*git, "commit", "-qm", "pipeline run"], cwd=project, check=True)
-    path = project / "metrics" / "unet.json"
+    path = project / "metrics" / "pspnet.json"
     committed = json.loads(path.read_text())
     path.write_text(json.dumps({**committed, "test_miou": committed["test_miou"] + 0.1}))  # a new evaluation
 
     diff = json.loads(_dvc(project, "metrics", "diff", "--json").stdout)
-    change = diff["metrics/unet.json"]["test_miou"]
+    change = diff["metrics/pspnet.json"]["test_miou"]
     assert change["old"] == pytest.approx(committed["test_miou"]) and change["diff"] == pytest.approx(0.1)
     shown = _dvc(project, "metrics", "show").stdout  # the headline figures, one row per model: fits a terminal
     assert "val_miou" in shown and "test_pixel_accuracy" in shown and max(map(len, shown.splitlines())) <= 120
