@@ -30,14 +30,11 @@ from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
-from torch.utils.data import DataLoader
 
 import segflow
 from segflow import CARD_FILE, WEIGHTS_FILE, tracking
 from segflow.config import InferenceParams, Params
-from segflow.data import SegmentationDataset, load_samples, pad_collate
 from segflow.errors import SegflowError
-from segflow.evaluate import confusion_over, split_fingerprint
 from segflow.fingerprint import file_sha256
 from segflow.fsutil import atomic_write_json
 from segflow.inference import INFERENCE_KEY, load_model, read_card, registered_inference, resolve_model_dir
@@ -148,6 +145,12 @@ def log_decision(
 def score_registered_version(params: Params, name: str, version: str, data_dir: Path, splits_csv: Path) -> float:
     """Re-score a registered version on the current test split (its weights and the inference settings it is
     served with, not its old metric)."""
+    # Scoring needs the data pipeline and torchvision; a register without a re-score is quicker without them.
+    from torch.utils.data import DataLoader
+
+    from segflow.data import SegmentationDataset, load_samples, pad_collate
+    from segflow.evaluate import confusion_over, labeled_scores
+
     samples = load_samples(data_dir, splits_csv, "test")
     with resolve_model_dir(f"models:/{name}/{version}") as model_dir:
         model, card = load_model(model_dir)
@@ -155,7 +158,7 @@ def score_registered_version(params: Params, name: str, version: str, data_dir: 
     loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
     confusion = confusion_over(model, loader, card.num_classes, torch.device("cpu"), inference,
                                params.train.crop_size)
-    return float(confusion.compute()[params.register_.metric])
+    return float(labeled_scores(confusion, splits_csv, "test")[params.register_.metric])
 
 
 def score_on(params: Params, version: ModelVersion, test_data_hash: str, data_dir: Path, splits_csv: Path) -> float:
@@ -211,6 +214,9 @@ def gate_on_test_split(
     params: Params, client: MlflowClient, candidate: ModelVersion, data_dir: Path, splits_csv: Path
 ) -> Decision:
     """Gate ``candidate`` (scored again if its recorded score is from other test data) on the current test split."""
+    from segflow.data import load_samples
+    from segflow.evaluate import split_fingerprint
+
     samples = load_samples(data_dir, splits_csv, "test")
     if not samples:
         raise SegflowError(
