@@ -12,8 +12,9 @@ output folder that overlaps the inputs, or that segflow did not write, is refuse
 ``image_id`` is the image's file name without extension, with characters other than letters, digits,
 ``.``, ``_`` and ``-`` replaced by ``_``. Two images that would share an id (ids compare case-insensitively,
 since masks would overwrite each other on case-insensitive filesystems) are an error naming both files.
-Image folders are searched recursively for png/jpg/jpeg/bmp/tif/tiff; hidden files and folders
-(such as macOS ``._*`` files) and the output folder itself are skipped.
+Image folders are searched recursively for png/jpg/jpeg/bmp/tif/tiff; hidden files and folders (such as macOS
+``._*`` files), and a COCO source's unlabeled folder lying inside its images folder, are skipped (an output folder
+inside an input is refused: segflow.fsutil.refuse_overlap).
 
 COCO: categories become indices 1..K in ascending category id (0 = ``background``). Each annotation is
 rasterized exactly as ``pycocotools.coco.COCO.annToMask`` does. Crowd annotations (``iscrowd: 1``) are
@@ -120,11 +121,11 @@ def ingest_coco(
     refuse_overlap(out, inputs, "segflow ingest")  # before any work: the inputs are what it would replace
     final_out = _final_location(out)
     coco = _load_coco(annotations)
-    skipped = (final_out,) if unlabeled is None else (final_out, Path(unlabeled))
+    skipped = () if unlabeled is None else (Path(unlabeled),)  # an unlabeled folder inside the images folder
     present, warnings = _match_coco_images(coco, images, annotations, skipped)
     ids = _ImageIds()
     items = [_CocoItem(ids.assign(path), path, entry) for path, entry in present]
-    unlabeled_files = _unlabeled_files(unlabeled, final_out, ids)
+    unlabeled_files = _unlabeled_files(unlabeled, ids)
     _settle_warnings(warnings, strict)
     if not items:
         raise SegflowError(f"{annotations}: no image it lists was found under {images}; nothing to ingest.")
@@ -173,10 +174,10 @@ def ingest_masks(
     pairs: list[_MaskPair] = []
     warnings: list[str] = []
     for source in sources:
-        source_pairs, source_warnings = _pair_source(source, ids, final_out)
+        source_pairs, source_warnings = _pair_source(source, ids)
         pairs += source_pairs
         warnings += source_warnings
-    unlabeled_files = _unlabeled_files(unlabeled, final_out, ids)
+    unlabeled_files = _unlabeled_files(unlabeled, ids)
     _settle_warnings(warnings, strict)
     if not pairs:
         folders = ", ".join(f"{source.images} with {source.masks}" for source in sources)
@@ -283,10 +284,10 @@ def _list_images(folder: Path, what: str, skipped: Iterable[Path] = ()) -> list[
     return sorted(found)
 
 
-def _unlabeled_files(folder: Path | None, final_out: Path, ids: _ImageIds) -> list[tuple[str, Path]]:
+def _unlabeled_files(folder: Path | None, ids: _ImageIds) -> list[tuple[str, Path]]:
     if folder is None:
         return []
-    return [(ids.assign(path), path) for path in _list_images(Path(folder), "unlabeled images", (final_out,))]
+    return [(ids.assign(path), path) for path in _list_images(Path(folder), "unlabeled images")]
 
 
 def _unlabeled_row(item: tuple[str, Path]) -> _ManifestRow:
@@ -722,10 +723,10 @@ def _is_byte_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255
 
 
-def _pair_source(source: MaskSource, ids: _ImageIds, final_out: Path) -> tuple[list[_MaskPair], list[str]]:
+def _pair_source(source: MaskSource, ids: _ImageIds) -> tuple[list[_MaskPair], list[str]]:
     """Images and masks of one source paired by stem, and warnings about those left without a partner."""
-    images = _by_stem(_list_images(Path(source.images), "images", (final_out,)))
-    masks = _by_stem(_list_images(Path(source.masks), "masks", (final_out,)))
+    images = _by_stem(_list_images(Path(source.images), "images"))
+    masks = _by_stem(_list_images(Path(source.masks), "masks"))
     lossy = [path for path in masks.values() if path.suffix.lower() in LOSSY_EXTENSIONS]
     if lossy:
         raise SegflowError(
