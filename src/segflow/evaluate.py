@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import heapq
-import io
 import json
 import math
 import time
-from collections.abc import Iterator
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ from segflow.config import CrfParams, InferenceParams, Params
 from segflow.crf import dense_crf
 from segflow.data import SegmentationDataset, Sample, load_samples, pad_collate, to_tensor
 from segflow.errors import SegflowError
-from segflow.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from segflow.fsutil import atomic_dir, atomic_write_json, atomic_write_text, csv_text
 from segflow.imageio import read_image, read_mask
 from segflow.inference import load_model, logits, predict_classes, probabilities, resolve_device, resolved_inference
 from segflow.metrics import ConfusionMatrix, scores as metric_scores
@@ -161,11 +158,12 @@ def evaluate(
                             collate_fn=pad_collate)
     inference = params.evaluate.inference
     crf = params.evaluate.crf
+    # One pass over test: the split's confusion and its worst images (the overlays) from the same predictions.
+    confusion, worst = _test_pass(model, loader, card.num_classes, inference, params.train.crop_size,
+                                  params.evaluate.num_overlays)
     if crf.enabled:
-        confusion, crf_confusion = confusion_with_crf(
+        _, crf_confusion = confusion_with_crf(
             model, samples, card.num_classes, device, inference, params.train.crop_size, crf)
-    else:
-        confusion = confusion_over(model, loader, card.num_classes, device, inference, params.train.crop_size)
     val_confusion = confusion_over(model, val_loader, card.num_classes, device, inference, params.train.crop_size)
     names = card.classes
     test = _split_scores(labeled_scores(confusion, splits_csv, "test"), names, len(samples))
@@ -197,12 +195,13 @@ def evaluate(
         save_figure(confusion_matrix_figure(confusion.matrix.cpu().numpy(), names), staging / "confusion_matrix.png")
         save_figure(per_class_iou_figure(metrics["per_class_iou"], metrics["miou"]), staging / "per_class_iou.png")
         save_figure(learning_curves_figure(history), staging / "learning_curves.png")
-        _save_overlays(model, loader, samples, names, staging / "overlays", params.evaluate.num_overlays, inference,
-                       params.train.crop_size)
+        save_overlays([Example(samples[index].image_id, read_image(samples[index].image_path),
+                               read_mask(samples[index].mask_path), prediction, iou) for iou, index, prediction in worst],
+                      names, staging / "overlays", len(samples))
         atomic_write_text(Path(plots_dir) / "per_class_iou" / f"{name}.csv",
-                          _csv_text(["class", "iou"], [[n, metrics["per_class_iou"][n]] for n in names]))
+                          csv_text(["class", "iou"], [[n, metrics["per_class_iou"][n]] for n in names]))
         atomic_write_text(Path(plots_dir) / "history" / f"{name}.csv",
-                          _csv_text(["epoch", "train_loss", "val_miou"],
+                          csv_text(["epoch", "train_loss", "val_miou"],
                                     [[h["epoch"], h["train_loss"], h.get("val_miou")] for h in history]))
         atomic_write_json(staging / SCORES_FILE, scores)
         atomic_write_json(metrics_file, headline)
@@ -250,41 +249,28 @@ def majority_baseline(confusion: np.ndarray, names: list[str]) -> dict[str, Any]
     return {"class": names[majority], **{key: _finite_or_none(baseline[key]) for key in HEADLINE}}
 
 
-def _save_overlays(
-    model: torch.nn.Module, loader: DataLoader, samples: list[Sample], class_names: list[str], folder: Path,
-    count: int, inference: InferenceParams, train_crop_size: int,
-) -> None:
-    """Overlays of the ``count`` test images with the lowest per-image IoU, worst first: where the model fails,
-    not the first images of the split. Images with every pixel ignored have no IoU and are not shown."""
-    if count == 0:
-        return
-    scored = (item for item in _per_image_iou(model, loader, len(class_names), inference, train_crop_size)
-              if not math.isnan(item[0]))
-    examples = [Example(samples[index].image_id, read_image(samples[index].image_path),
-                        read_mask(samples[index].mask_path), prediction, iou)
-                for iou, index, prediction in heapq.nsmallest(count, scored, key=itemgetter(0))]
-    save_overlays(examples, class_names, folder, len(samples))
-
-
-def _per_image_iou(
+def _test_pass(
     model: torch.nn.Module, loader: DataLoader, num_classes: int, inference: InferenceParams, train_crop_size: int,
-) -> Iterator[tuple[float, int, np.ndarray]]:
-    """(IoU, index in the split, predicted mask) per image of ``loader``, predicted as the scores are. The IoU is
-    the mean over the classes in the image's truth or prediction, ignored pixels (and the batch padding) left out."""
+    worst: int,
+) -> tuple[ConfusionMatrix, list[tuple[float, int, np.ndarray]]]:
+    """The split's confusion matrix (``model`` predicting as served) and its ``worst`` images by per-image IoU,
+    worst first, as (IoU, index in the split, predicted mask): where the model fails, not the first images. The
+    per-image IoU is the mean over the classes in the image's truth or prediction (ignored pixels and the batch
+    padding left out); an image with every pixel ignored has none and is never among the worst."""
+    model.eval()
     device = next(model.parameters()).device
+    confusion = ConfusionMatrix(num_classes)
+    per_image: list[tuple[float, int, np.ndarray]] = []
     for batch in loader:
         predictions = predict_classes(model, batch["image"].to(device), inference, train_crop_size).cpu()
         for index, (height, width), truth, predicted in zip(
             batch["index"].tolist(), batch["size"].tolist(), batch["mask"], predictions,
         ):
-            confusion = ConfusionMatrix(num_classes)
-            confusion.update(truth, predicted)
-            yield confusion.compute()["miou"], index, predicted[:height, :width].to(torch.uint8).numpy()
-
-
-def _csv_text(header: list[str], rows: list[list[object]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
+            image = ConfusionMatrix(num_classes)
+            image.update(truth, predicted)
+            confusion.matrix += image.matrix
+            iou = image.compute()["miou"]
+            if worst and not math.isnan(iou):
+                per_image.append((iou, index, predicted[:height, :width].to(torch.uint8).numpy()))
+                per_image = heapq.nsmallest(worst, per_image, key=itemgetter(0))  # k masks in memory, not all
+    return confusion, per_image

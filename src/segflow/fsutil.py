@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import fcntl
+import io
 import json
 import math
 import os
@@ -153,3 +155,12 @@ def _non_finite_key(obj: Any, key: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def csv_text(header: list[str], rows: list[list[object]]) -> str:
+    """A CSV table as text (``\n`` line ends, as the DVC plot tables are read)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -4,7 +4,6 @@ logged to MLflow."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import posixpath
 from pathlib import Path
@@ -14,7 +13,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from segflow import tracking
 from segflow.config import Params
-from segflow.fsutil import atomic_write_json, atomic_write_text
+from segflow.fsutil import atomic_write_json, atomic_write_text, csv_text
 from segflow.scores import floor_failures, rank_candidates, read_scores
 
 COLUMNS = [  # (key in the row, title, format)
@@ -67,9 +66,7 @@ def learning_curves(history_dir: Path, names: list[str]) -> str:
     for name in names:
         with open(Path(history_dir) / f"{name}.csv", newline="") as file:
             rows += [[name, row["epoch"], row["train_loss"], row["val_miou"]] for row in csv.DictReader(file)]
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows([["model", "epoch", "train_loss", "val_miou"], *rows])
-    return buffer.getvalue()
+    return csv_text(["model", "epoch", "train_loss", "val_miou"], rows)
 
 
 def leaderboard(
