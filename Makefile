@@ -31,5 +31,8 @@ run: setup
 test: setup
 	$(PYTHON) -m pytest -q --durations=15
 
+lint: setup
+	$(VENV)/bin/ruff check src tests pipelines benchmarks
+
 clean:
 	rm -rf data models metrics evaluation registry mlflow.db mlartifacts .prefect

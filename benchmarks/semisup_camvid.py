@@ -36,15 +36,15 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from camvid_leaderboard import CLASSES, REPO, SPLITS, VOID, resize_camvid  # noqa: E402
+from camvid_leaderboard import CLASSES, REPO, SPLITS, VOID, resize_camvid
 
-from segflow.config import DataParams, Params, parse_params  # noqa: E402
-from segflow.evaluate import score_split  # noqa: E402
-from segflow.inference import LAST_DIR, read_card  # noqa: E402
-from segflow.ingest import ingest_from_params  # noqa: E402
-from segflow.split import make_splits  # noqa: E402
-from segflow.train import train  # noqa: E402
-from segflow.validate import validate  # noqa: E402
+from segflow.config import DataParams, Params, parse_params
+from segflow.evaluate import score_split
+from segflow.inference import LAST_DIR, read_card
+from segflow.ingest import ingest_from_params
+from segflow.split import make_splits
+from segflow.train import train
+from segflow.validate import validate
 
 ARMS = ("labeled-only", "semi-supervised", "oracle")
 VALIDATIONS = 10  # per training: enough to see where val peaks

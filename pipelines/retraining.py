@@ -22,10 +22,10 @@ from pathlib import Path
 
 from dvc.repo import Repo
 from prefect import flow, get_run_logger, task
+from training_pipeline import run_dvc, segflow_pipeline  # the sibling flow file (Prefect puts its folder on sys.path)
 
 from segflow.config import load_params
 from segflow.errors import SegflowError
-from training_pipeline import run_dvc, segflow_pipeline  # the sibling flow file (Prefect puts its folder on sys.path)
 
 
 def dvc_remote(project: Path, name: str | None) -> str | None:

@@ -39,3 +39,11 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=180):  # a new database: slow on two busy cores
         yield
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    """A trained-looking model folder, one tiny labeled test image, and its splits file (register tests)."""
+    from register_testing import make_workspace
+
+    return make_workspace(tmp_path)

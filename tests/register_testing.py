@@ -1,11 +1,19 @@
-"""The evaluate stage's scores file, written by hand for the register and registry tests."""
+"""A registrable workspace and the evaluate stage's scores file, written by hand for the register and registry tests
+(the `workspace` fixture in conftest.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from segflow.config import InferenceParams
+import numpy as np
+import torch
+
+from segflow import models
+from segflow.config import InferenceParams, parse_params
+from segflow.imageio import write_image, write_mask
+from segflow.inference import ModelCard, save_model
+from segflow.register import register
 from segflow.scores import SCORES_FILE
 
 
@@ -26,3 +34,32 @@ def write_scores(
         "majority_baseline": {"class": "background", "miou": baseline},
         "inference": (inference or InferenceParams()).model_dump(mode="json"),
     }))
+
+
+ARCH = "fcn32s"
+
+
+def make_workspace(tmp_path: Path) -> Path:
+    """A trained-looking model folder, one tiny labeled test image, and its splits file."""
+    torch.manual_seed(0)
+    model = models.build(ARCH, num_classes=2, width=0.0625)
+    save_model(model, ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"], options={"width": 0.0625}),
+               tmp_path / "models" / ARCH)
+    (tmp_path / "models" / ARCH / "history.json").write_text("[]")
+    data = tmp_path / "data"
+    (data / "masks").mkdir(parents=True)
+    write_image(data / "a.png", np.full((16, 16, 3), 100, np.uint8))
+    write_mask(data / "masks" / "a.png", np.eye(16, dtype=np.uint8))
+    (data / "manifest.csv").write_text("image_id,image_path,mask_path,width,height,split\na,a.png,masks/a.png,16,16,\n")
+    (data / "classes.json").write_text(json.dumps({"names": ["background", "thing"]}))
+    (tmp_path / "splits.csv").write_text("image_id,split\na,test\n")
+    return tmp_path
+
+
+def register_version(workspace: Path, name: str, miou: float, data_hash: str = "hash-1"):
+    """Run the register stage on the workspace's model with a made-up test (and val) score."""
+    write_scores(workspace / "evaluation", ARCH, arch=ARCH, test=miou, data_hash=data_hash)
+    params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": name, "margin": 0.01}})
+    return register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
+                    models_dir=workspace / "models", data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
+                    out_file=workspace / "decision.json")

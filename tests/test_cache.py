@@ -11,7 +11,6 @@ from segflow.data import Sample, SegmentationDataset
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask, write_image, write_mask
 from segflow.train import train
-
 from train_testing import PLAIN_UNET, SIZE, make_project, weights
 
 # (image id, height, width, labeled): sizes differ, and an unlabeled image sits between labeled ones.

@@ -26,7 +26,6 @@ from segflow.config import Layout, parse_params
 from segflow.errors import SegflowError
 from segflow.imageio import read_mask
 from segflow.train import train
-
 from train_testing import make_project, segflow_command, subprocess_env, weights, write_params
 
 ARCH = "unet_original"

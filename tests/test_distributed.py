@@ -14,7 +14,6 @@ import torch
 from segflow.config import Layout, parse_params
 from segflow.distributed import EpochSampler
 from segflow.train import train
-
 from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, subprocess_env, weights, write_params
 
 ARCH = "unet_original"

@@ -19,16 +19,16 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from PIL import Image
-from test_register import ARCH, register_version, workspace  # noqa: F401  (the tiny model, data and splits)
-from test_registry_ops import promote
 
+from register_testing import ARCH, register_version
 from segflow import models
 from segflow.config import InferenceParams
 from segflow.errors import SegflowError
+from segflow.fingerprint import file_sha256
 from segflow.imageio import read_image
 from segflow.inference import ModelCard, load_model, predict_mask, resolve_model_dir, save_model
-from segflow.fingerprint import file_sha256
 from segflow.registry import LOADER_MODULE, MLMODEL_TAG, WEIGHTS_TAG, segflow_flavor
+from test_registry_ops import promote
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
 

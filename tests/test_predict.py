@@ -16,6 +16,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
+from register_testing import write_scores
 from segflow import models, tracking
 from segflow.cli import main
 from segflow.config import parse_params
@@ -25,8 +26,6 @@ from segflow.inference import ModelCard, resolve_model_dir, resolved_inference, 
 from segflow.predict import predict
 from segflow.register import register
 from segflow.visualize import palette
-
-from register_testing import write_scores
 
 ARCH, NUM_CLASSES = "fcn32s", 4
 SIZES = {"a.png": (20, 24), "b.jpg": (17, 31), "c.bmp": (32, 32)}  # (height, width)

@@ -21,11 +21,16 @@ from segflow.imageio import read_mask
 from segflow.inference import load_model, probabilities
 from segflow.ingest import ingest_coco
 from segflow.pseudo_label import (
-    HISTOGRAM_BINS, choose_prior_correction, class_thresholds, corrected, label_priority, prediction_agreement,
+    HISTOGRAM_BINS,
+    choose_prior_correction,
+    class_thresholds,
+    corrected,
+    label_priority,
+    prediction_agreement,
     pseudo_label,
 )
-from segflow.teacher import train_teacher
 from segflow.synth import generate
+from segflow.teacher import train_teacher
 from segflow.train import mix_labeled_and_pseudo, train
 
 SIZE = 48

@@ -5,47 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from segflow import models
+from register_testing import ARCH, register_version, write_scores
 from segflow.config import parse_params
-from segflow.imageio import write_image, write_mask
-from segflow.inference import ModelCard, save_model
 from segflow.register import register
-
-from register_testing import write_scores
-
-ARCH = "fcn32s"
-
-
-@pytest.fixture
-def workspace(tmp_path) -> Path:
-    """A trained-looking model folder, one tiny labeled test image, and its splits file."""
-    torch.manual_seed(0)
-    model = models.build(ARCH, num_classes=2, width=0.0625)
-    save_model(model, ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"], options={"width": 0.0625}),
-               tmp_path / "models" / ARCH)
-    (tmp_path / "models" / ARCH / "history.json").write_text("[]")
-    data = tmp_path / "data"
-    (data / "masks").mkdir(parents=True)
-    write_image(data / "a.png", np.full((16, 16, 3), 100, np.uint8))
-    write_mask(data / "masks" / "a.png", np.eye(16, dtype=np.uint8))
-    (data / "manifest.csv").write_text("image_id,image_path,mask_path,width,height,split\na,a.png,masks/a.png,16,16,\n")
-    (data / "classes.json").write_text(json.dumps({"names": ["background", "thing"]}))
-    (tmp_path / "splits.csv").write_text("image_id,split\na,test\n")
-    return tmp_path
-
-
-def register_version(workspace: Path, name: str, miou: float, data_hash: str = "hash-1"):
-    """Run the register stage on the workspace's model with a made-up test (and val) score."""
-    write_scores(workspace / "evaluation", ARCH, arch=ARCH, test=miou, data_hash=data_hash)
-    params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": name, "margin": 0.01}})
-    return register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
-                    models_dir=workspace / "models", data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
-                    out_file=workspace / "decision.json")
 
 
 def test_first_version_becomes_champion_and_a_worse_one_stays_challenger(workspace):
@@ -131,7 +97,7 @@ def test_a_model_below_the_floor_never_becomes_champion_not_even_the_first(works
     assert not decision.promoted and reason in decision.reason and "below the floor" in decision.reason
     client = MlflowClient()
     assert str(client.get_model_version_by_alias(name, "challenger").version) == decision.version
-    with pytest.raises(Exception):
+    with pytest.raises(MlflowException, match="champion"):
         client.get_model_version_by_alias(name, "champion")
     assert reason in client.get_model_version(name, decision.version).tags["below_floor"]
     refused = promote_version(params, name, decision.version, data_dir=workspace / "data",

@@ -20,11 +20,10 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from register_testing import write_scores
-from test_register import ARCH, register_version, workspace  # noqa: F401  (the tiny model, data and splits)
 
 import segflow.register
 import segflow.registry
+from register_testing import ARCH, register_version, write_scores
 from segflow.config import parse_params
 from segflow.data import load_samples
 from segflow.errors import SegflowError
@@ -33,7 +32,13 @@ from segflow.imageio import read_image, write_image
 from segflow.inference import load_model, predict_mask, predict_probabilities, resolved_inference
 from segflow.register import register, score_on
 from segflow.registry import (
-    FORCED_REASON_TAG, Decision, PromotionRefused, champion_history, format_versions, list_versions, promote_version,
+    FORCED_REASON_TAG,
+    Decision,
+    PromotionRefused,
+    champion_history,
+    format_versions,
+    list_versions,
+    promote_version,
     rollback,
 )
 from segflow.tracking import SERVER_UNREACHABLE

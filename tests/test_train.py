@@ -20,7 +20,6 @@ from segflow.train import (
     prepare_model,
     train,
 )
-
 from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, weights
 
 

@@ -256,7 +256,7 @@ def test_many_failures_are_summarised_with_a_count(tmp_path):
         (data / "masks" / f"img_{i}.png").write_bytes(b"not a png")
     with pytest.raises(ValidationFailed) as raised:
         validate(data, tmp_path / "out", **LIMITS)
-    line = next(l for l in str(raised.value).splitlines() if l.startswith("- mask_decodes"))
+    line = next(row for row in str(raised.value).splitlines() if row.startswith("- mask_decodes"))
     assert line.startswith("- mask_decodes: 25 mask file(s)") and line.endswith("and 20 more.")
     assert len(failed_checks(tmp_path / "out")["mask_decodes"]["image_ids"]) == 20
 

@@ -9,7 +9,13 @@ from PIL import Image
 from segflow import IGNORE_INDEX
 from segflow.imageio import read_mask, write_mask
 from segflow.visualize import (
-    Example, error_map, learning_curves_figure, overlay, overlay_figure, palette, per_class_iou_figure,
+    Example,
+    error_map,
+    learning_curves_figure,
+    overlay,
+    overlay_figure,
+    palette,
+    per_class_iou_figure,
 )
 
 CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car", "pedestrian",

@@ -117,7 +117,7 @@ def build_cache(data_dir: Path, out: Path = CACHE_DIR, shard_bytes: int = SHARD_
                 pass
         for shard in shards:
             shard.flush()
-        del shards
+        shards.clear()  # the memory maps are closed before the folder is renamed into place
         atomic_write_json(staging / INDEX_FILE, {
             "format": FORMAT,
             "built_from_sha256": built_from,

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -49,7 +49,7 @@ def ingest_coco_command(
     images: Annotated[Path, typer.Option(help="Folder of the images the COCO file lists.")],
     annotations: Annotated[Path, typer.Option(help="COCO instances JSON with polygon or RLE segmentations.")],
     out: Annotated[Path, typer.Option(help="Output folder (replaced whole on success).")] = Layout.ingested,
-    unlabeled: Annotated[Optional[Path], typer.Option(help="Folder of unlabeled images.")] = None,
+    unlabeled: Annotated[Path | None, typer.Option(help="Folder of unlabeled images.")] = None,
     strict: Annotated[bool, typer.Option(help="Treat missing or unlisted images as errors.")] = False,
 ) -> None:
     """Rasterize a COCO file into index masks (categories -> 1..K in ascending id, 0 = background)."""
@@ -64,11 +64,11 @@ def ingest_masks_command(
     images: Annotated[list[Path], typer.Option(help="Folder of images; repeat for several splits.")],
     masks: Annotated[list[Path], typer.Option(help="Folder of index-PNG masks paired by file stem; one per --images.")],
     out: Annotated[Path, typer.Option(help="Output folder (replaced whole on success).")] = Layout.ingested,
-    classes: Annotated[Optional[str], typer.Option(help="Class names in index order, comma-separated.")] = None,
-    value_map: Annotated[Optional[str], typer.Option(help="Raw mask value mapping, e.g. 0:0,255:1.")] = None,
-    ignore_value: Annotated[Optional[int], typer.Option(help="Raw mask value that means ignore.")] = None,
-    split: Annotated[Optional[list[str]], typer.Option(help="Predefined split of each --images (train, val, test).")] = None,
-    unlabeled: Annotated[Optional[Path], typer.Option(help="Folder of unlabeled images.")] = None,
+    classes: Annotated[str | None, typer.Option(help="Class names in index order, comma-separated.")] = None,
+    value_map: Annotated[str | None, typer.Option(help="Raw mask value mapping, e.g. 0:0,255:1.")] = None,
+    ignore_value: Annotated[int | None, typer.Option(help="Raw mask value that means ignore.")] = None,
+    split: Annotated[list[str] | None, typer.Option(help="Predefined split of each --images (train, val, test).")] = None,
+    unlabeled: Annotated[Path | None, typer.Option(help="Folder of unlabeled images.")] = None,
     strict: Annotated[bool, typer.Option(help="Treat unpaired images or masks as errors.")] = False,
 ) -> None:
     """Ingest image + index-mask folders (CamVid style: --images train --masks trainannot --split train ...)."""
@@ -143,7 +143,7 @@ def split(params_file: ParamsOption = Path("params.yaml")) -> None:
 @app.command()
 def cache(
     data_dir: Annotated[Path, typer.Argument(help="Ingested folder.")] = Layout.ingested,
-    out: Annotated[Optional[Path], typer.Option(help="Cache folder (default data/cache; replaced whole).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Cache folder (default data/cache; replaced whole).")] = None,
 ) -> None:
     """Decode every ingested image and mask once into .npy shards (train.decoded_cache reads them)."""
     from segflow.cache import CACHE_DIR, build_cache
@@ -156,7 +156,7 @@ def cache(
 
 @app.command()
 def train(
-    arch: Annotated[Optional[str], typer.Option(help="Architecture name (see `segflow models`).")] = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture name (see `segflow models`).")] = None,
     teacher: Annotated[bool, typer.Option(
         help="Train the teacher (params: teacher) labeled-only and with the unlabeled images at the same budget; "
              "keep the one val picks (metrics/semi_supervised.json).")] = False,
@@ -210,7 +210,7 @@ def pseudo_label(params_file: ParamsOption = Path("params.yaml")) -> None:
 
 @app.command()
 def evaluate(
-    arch: Annotated[Optional[str], typer.Option(help="Architecture to evaluate (models/NAME).")] = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture to evaluate (models/NAME).")] = None,
     teacher: Annotated[bool, typer.Option(help="Evaluate the teacher instead.")] = False,
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
@@ -252,7 +252,7 @@ def promote(
     name: Annotated[str, typer.Argument(help="Registered model name (register.model_name).")],
     version: Annotated[str, typer.Option(help="Version to make champion (see `segflow models list NAME`).")],
     force: Annotated[bool, typer.Option(help="Skip the gate; needs --reason.")] = False,
-    reason: Annotated[Optional[str], typer.Option(help="Why the gate is skipped (recorded in the history).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why the gate is skipped (recorded in the history).")] = None,
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Make a version champion through the register gate on the current test split (exit 1 if refused)."""
@@ -282,7 +282,7 @@ def predict(
     model: Annotated[str, typer.Option(help="Model folder (models/unet) or MLflow URI (models:/segflow@champion).")],
     images: Annotated[Path, typer.Option(help="Folder of images (png, jpg, jpeg, bmp, tif).")],
     out: Annotated[Path, typer.Option(help="Output folder: masks/ and overlays/ (replaced whole on success).")],
-    csv: Annotated[Optional[Path], typer.Option(help="Also write image_id,mask rows at predict.csv_size.")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Also write image_id,mask rows at predict.csv_size.")] = None,
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Predict every image in a folder: index masks, colour overlays and optionally a submission CSV."""
@@ -365,7 +365,7 @@ def main() -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     try:
         app()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (every failure ends as one paragraph and an exit code)
         # A tracking server that is down is no programming error either: say so in one paragraph too.
         error = exc if isinstance(exc, SegflowError) else _unreachable_server_error(exc)
         if error is None:

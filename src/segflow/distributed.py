@@ -35,7 +35,6 @@ from torch.utils.data import Dataset, Sampler
 from segflow.inference import resolve_device
 
 
-
 @dataclass(frozen=True)
 class ProcessGroup:
     rank: int

@@ -21,15 +21,21 @@ from torch.utils.flop_counter import FlopCounterMode
 from segflow import tracking
 from segflow.config import CrfParams, InferenceParams, Params
 from segflow.crf import dense_crf
-from segflow.data import SegmentationDataset, Sample, load_samples, pad_collate, to_tensor
+from segflow.data import Sample, SegmentationDataset, load_samples, pad_collate, to_tensor
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_dir, atomic_write_json, atomic_write_text, csv_text
 from segflow.imageio import read_image, read_mask
 from segflow.inference import load_model, logits, predict_classes, probabilities, resolve_device, resolved_inference
-from segflow.metrics import ConfusionMatrix, scores as metric_scores
+from segflow.metrics import ConfusionMatrix
+from segflow.metrics import scores as metric_scores
 from segflow.scores import SCORES_FILE
 from segflow.visualize import (
-    Example, confusion_matrix_figure, learning_curves_figure, per_class_iou_figure, save_figure, save_overlays,
+    Example,
+    confusion_matrix_figure,
+    learning_curves_figure,
+    per_class_iou_figure,
+    save_figure,
+    save_overlays,
 )
 
 

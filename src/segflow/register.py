@@ -39,9 +39,25 @@ from segflow.fingerprint import file_sha256
 from segflow.fsutil import atomic_write_json
 from segflow.inference import INFERENCE_KEY, load_model, read_card, registered_inference, resolve_model_dir
 from segflow.registry import (
-    CHALLENGER, FILES_METADATA_KEY, FLOOR_TAG, LOADER_MODULE, MLMODEL_FILE, MLMODEL_TAG, REGISTRATIONS_FILE,
-    WEIGHTS_TAG, Decision, PromotionRefused, champion_history, champion_version, check_history, history_entry,
-    missing_artifacts, promotion_lock, record_champion, record_registration, version_number,
+    CHALLENGER,
+    FILES_METADATA_KEY,
+    FLOOR_TAG,
+    LOADER_MODULE,
+    MLMODEL_FILE,
+    MLMODEL_TAG,
+    REGISTRATIONS_FILE,
+    WEIGHTS_TAG,
+    Decision,
+    PromotionRefused,
+    champion_history,
+    champion_version,
+    check_history,
+    history_entry,
+    missing_artifacts,
+    promotion_lock,
+    record_champion,
+    record_registration,
+    version_number,
 )
 from segflow.scores import floor_failures, rank_candidates, read_scores, test_score
 

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+
 from segflow import tracking
 from segflow.config import Params
 from segflow.data import load_samples

@@ -36,6 +36,7 @@ from segflow import CARD_FILE, IGNORE_INDEX, WEIGHTS_FILE, checkpoint, distribut
 from segflow.architectures import unknown_architecture
 from segflow.cache import CACHE_DIR, open_cache
 from segflow.checkpoint import Progress
+from segflow.config import ConsistencyParams, Params, TrainParams
 from segflow.consistency import (
     UnlabeledViews,
     batchnorm_statistics_frozen,
@@ -44,7 +45,6 @@ from segflow.consistency import (
     sigmoid_rampup,
     unlabeled_batches,
 )
-from segflow.config import ConsistencyParams, Params, TrainParams
 from segflow.data import (
     BatchAugment,
     Sample,

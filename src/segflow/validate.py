@@ -23,23 +23,23 @@ from typing import Any
 # GX reads this at import time; usage statistics must not leave the machine.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
-import great_expectations as gx  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from great_expectations.checkpoint import UpdateDataDocsAction  # noqa: E402
-from great_expectations.core.run_identifier import RunIdentifier  # noqa: E402
-from great_expectations.data_context.types.base import (  # noqa: E402
+import great_expectations as gx
+import numpy as np
+import pandas as pd
+from great_expectations.checkpoint import UpdateDataDocsAction
+from great_expectations.core.run_identifier import RunIdentifier
+from great_expectations.data_context.types.base import (
     DataContextConfig,
     InMemoryStoreBackendDefaults,
     ProgressBarsConfig,
 )
-from great_expectations.expectations.row_conditions import Column  # noqa: E402
+from great_expectations.expectations.row_conditions import Column
 
-from segflow import IGNORE_INDEX  # noqa: E402
-from segflow.errors import SegflowError, ValidationFailed  # noqa: E402
-from segflow.fsutil import atomic_dir, atomic_write_json, refuse_overlap  # noqa: E402
-from segflow.imageio import content_hash, read_image, read_mask  # noqa: E402
-from segflow.split import (  # noqa: E402
+from segflow import IGNORE_INDEX
+from segflow.errors import SegflowError, ValidationFailed
+from segflow.fsutil import atomic_dir, atomic_write_json, refuse_overlap
+from segflow.imageio import content_hash, read_image, read_mask
+from segflow.split import (
     SPLITS,
     check_fractions,
     expected_split_sizes,

@@ -8,13 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from zoo_testing import TINY, tiny
 
 from segflow import models
 from segflow.errors import SegflowError
 from segflow.models import base
 from segflow.models.base import SegmentationModel
-
-from zoo_testing import TINY, tiny
 
 
 class Probe(SegmentationModel):

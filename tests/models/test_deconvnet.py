@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-
 from zoo_testing import count_params, count_unpool_calls, tiny
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from zoo_testing import count_params, tiny
 
 from segflow.models.deeplabv1 import DeepLabV1
-
-from zoo_testing import count_params, tiny
 
 
 def test_param_count_matches_paper() -> None:

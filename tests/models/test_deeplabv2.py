@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo_testing import count_params, tiny
 
 from segflow import models
-
-from zoo_testing import count_params, tiny
 
 
 def test_defaults_follow_the_paper() -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from zoo_testing import check_training_step, count_params, tiny
 
 from segflow import models
 from segflow.models.dilatednet import ContextModule
-
-from zoo_testing import check_training_step, count_params, tiny
 
 
 def test_front_end() -> None:

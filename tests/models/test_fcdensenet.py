@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo_testing import count_params, tiny
 
 from segflow import models
 from segflow.models.fcdensenet import DenseBlock
-
-from zoo_testing import count_params, tiny
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from zoo_testing import count_params, tiny
 
 from segflow import models
 from segflow.models.fcn import FCN, bilinear_kernel, upsampler
-
-from zoo_testing import count_params, tiny
 
 
 @pytest.mark.parametrize("name", ["fcn32s", "fcn16s", "fcn8s"])

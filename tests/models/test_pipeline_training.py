@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+from zoo_testing import TINY
 
 from segflow import models
 from segflow.architectures import FAMILY_MODULES
@@ -19,8 +20,6 @@ from segflow.inference import load_model
 from segflow.ingest import ingest_coco
 from segflow.synth import generate
 from segflow.train import train
-
-from zoo_testing import TINY
 
 SIZE = 48
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from zoo_testing import check_training_step, count_params, tiny
 
 from segflow import models
-
-from zoo_testing import check_training_step, count_params, tiny
 
 
 def test_aux_only_in_training_mode() -> None:

@@ -8,13 +8,12 @@ import sys
 
 import pytest
 import torch
+from zoo_testing import TINY, check_training_step, tiny
 
 from segflow import models
 from segflow.architectures import FAMILY_MODULES
 from segflow.errors import SegflowError
 from segflow.models.registry import ModelInfo
-
-from zoo_testing import TINY, check_training_step, tiny
 
 PHASE1 = {
     "unet", "unetplusplus", "deeplabv3", "deeplabv3plus", "fpn", "pan", "linknet", "manet", "upernet", "segformer",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from torch import nn
-
 from zoo_testing import count_params, count_unpool_calls, tiny
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo_testing import check_training_step, tiny
 
 from segflow import models
 from segflow.models.smp import SMPModel
-
-from zoo_testing import check_training_step, tiny
 
 SMP_NAMES = ["unet", "unetplusplus", "deeplabv3", "deeplabv3plus", "fpn", "pan", "linknet", "manet", "upernet",
              "segformer"]

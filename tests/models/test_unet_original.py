@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-
 from zoo_testing import check_training_step, count_params, tiny
 
 

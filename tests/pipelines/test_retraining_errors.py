@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from pipeline_testing import dvc, load_flow_module
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from pipeline_testing import dvc, load_flow_module
 from segflow.config import ScheduleParams
 from segflow.errors import SegflowError
 from segflow.schedule import cron_schedule, prefect_api_url

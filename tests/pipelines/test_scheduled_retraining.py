@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from pipeline_testing import TINY, dvc, make_project, merge
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, StateType
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelled
 
-from pipeline_testing import TINY, dvc, make_project, merge
 from segflow.config import Layout, load_params
 from segflow.schedule import schedule
 from segflow.tracking import SERVER_UNREACHABLE

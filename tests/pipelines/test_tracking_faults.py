@@ -25,14 +25,14 @@ import requests
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from test_register import register_version, workspace  # noqa: F401  (the tiny model, data and splits)
-from test_registry_ops import check_concurrent_promotions, check_deleted_model_files_are_refused
 
+from register_testing import register_version
 from segflow.config import Layout
 from segflow.errors import SegflowError
 from segflow.register import WEIGHTS_TAG
 from segflow.registry import CHALLENGER, CHAMPION, champion_history
 from segflow.tracking import SERVER_UNREACHABLE
+from test_registry_ops import check_concurrent_promotions, check_deleted_model_files_are_refused
 from train_testing import make_project, segflow_command, subprocess_env, weights, write_params
 
 pytestmark = pytest.mark.slow

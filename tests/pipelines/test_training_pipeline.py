@@ -11,12 +11,12 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pipeline_testing
 import pytest
 import yaml
 from mlflow import MlflowClient
-
-import pipeline_testing
 from pipeline_testing import load_flow_module, make_project, merge
+
 from segflow.config import parse_params
 from segflow.imageio import read_image
 from segflow.scores import floor_failures
