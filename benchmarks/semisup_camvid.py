@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from camvid_leaderboard import CLASSES, REPO, SPLITS, VOID, resize_camvid
 
 from segflow.config import DataParams, Params, parse_params
-from segflow.evaluate import score_split
 from segflow.inference import LAST_DIR, read_card
 from segflow.ingest import ingest_from_params
+from segflow.metrics import score_split
 from segflow.split import make_splits
 from segflow.train import train
 from segflow.validate import validate
@@ -88,9 +88,11 @@ def run_arm(args, arm: str, fraction: float | None, seed: int, data_dir: Path, s
     model_dir = run_dir / "model"
     result = train(params, args.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=model_dir,
                    run_name=f"{arm} seed {seed}", keep_last=True)
-    test = score_split(params, model_dir, data_dir, splits_csv, "test")
+    scoring = {"device": params.train.device, "batch_size": params.evaluate.batch_size,
+               "inference": params.evaluate.inference, "train_crop_size": params.train.crop_size}
+    test = score_split(model_dir, data_dir, splits_csv, "test", **scoring)
     last_dir = model_dir / LAST_DIR
-    test_last = score_split(params, last_dir, data_dir, splits_csv, "test")["miou"] if last_dir.is_dir() else test["miou"]
+    test_last = score_split(last_dir, data_dir, splits_csv, "test", **scoring)["miou"] if last_dir.is_dir() else test["miou"]
     steps_per_epoch = max(1, labeled // params.train.batch_size)
     row = {
         "fraction": fraction, "seed": seed, "arm": arm, "round": 0, "labeled_images": labeled,

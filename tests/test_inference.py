@@ -9,8 +9,8 @@ from torch import nn
 
 from segflow.config import InferenceParams
 from segflow.errors import SegflowError
-from segflow.evaluate import confusion_over
 from segflow.inference import logits, predict_mask, probabilities
+from segflow.metrics import confusion_over
 
 NUM_CLASSES = 4
 

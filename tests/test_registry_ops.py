@@ -27,9 +27,9 @@ from register_testing import ARCH, register_version, write_scores
 from segflow.config import parse_params
 from segflow.data import load_samples
 from segflow.errors import SegflowError
-from segflow.evaluate import split_fingerprint
 from segflow.imageio import read_image, write_image
 from segflow.inference import load_model, predict_mask, predict_probabilities, resolved_inference
+from segflow.metrics import split_fingerprint
 from segflow.register import register, score_on
 from segflow.registry import (
     FORCED_REASON_TAG,

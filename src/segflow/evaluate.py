@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import math
@@ -26,7 +25,7 @@ from segflow.errors import SegflowError
 from segflow.fsutil import atomic_dir, atomic_write_json, atomic_write_text, csv_text
 from segflow.imageio import read_image, read_mask
 from segflow.inference import load_model, logits, predict_classes, probabilities, resolve_device, resolved_inference
-from segflow.metrics import ConfusionMatrix
+from segflow.metrics import ConfusionMatrix, confusion_over, labeled_scores, split_fingerprint
 from segflow.metrics import scores as metric_scores
 from segflow.scores import SCORES_FILE
 from segflow.visualize import (
@@ -37,23 +36,6 @@ from segflow.visualize import (
     save_figure,
     save_overlays,
 )
-
-
-def confusion_over(
-    model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
-    inference: InferenceParams | None = None, train_crop_size: int | None = None,
-) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over every batch of ``loader`` (accumulated on the device).
-
-    Plain whole-image logits unless ``inference`` (sliding window, test-time augmentation) is given.
-    """
-    model.eval()
-    confusion = ConfusionMatrix(num_classes, device)
-    for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
-        prediction = predict_classes(model, images, inference, train_crop_size)
-        confusion.update(batch["mask"].to(device, non_blocking=True), prediction)
-    return confusion
 
 
 def confusion_with_crf(
@@ -71,41 +53,6 @@ def confusion_with_crf(
         plain.update(target, probs.argmax(0)[None])
         refined.update(target, dense_crf(image, probs, crf).argmax(0)[None])
     return plain, refined
-
-
-def score_split(params: Params, model_dir: Path, data_dir: Path, splits_csv: Path, split: str) -> dict | None:
-    """A model folder's scores on one split, predicted as evaluation predicts (None when the split is empty;
-    refused when it has no labeled pixel)."""
-    samples = load_samples(data_dir, splits_csv, split)
-    if not samples:
-        return None
-    device = resolve_device(params.train.device)
-    model, card = load_model(model_dir, device)
-    loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
-    confusion = confusion_over(model, loader, card.num_classes, device, params.evaluate.inference,
-                               params.train.crop_size)
-    return labeled_scores(confusion, splits_csv, split)
-
-
-def labeled_scores(confusion: ConfusionMatrix, splits_csv: Path, split: str) -> dict:
-    """The scores of a split with labeled pixels; a split whose masks are all ignore has no mIoU and is refused."""
-    if not int(confusion.matrix.sum()):
-        raise SegflowError(
-            f"{splits_csv}: the {split} split has no labeled pixels (every mask pixel is ignore, 255), so its mIoU "
-            "is undefined and no model can be scored on it. Label some of its images, or re-run the validate "
-            "stage (validate.min_labeled_pixel_fraction) and the split stage.")
-    return confusion.compute()
-
-
-def split_fingerprint(samples: list[Sample]) -> str:
-    """Hash of the test images and masks, so a score is only ever compared with one on the same data."""
-    digest = hashlib.sha1()
-    for sample in sorted(samples, key=lambda s: s.image_id):
-        digest.update(sample.image_id.encode())
-        digest.update(sample.image_path.read_bytes())
-        if sample.mask_path is not None:
-            digest.update(sample.mask_path.read_bytes())
-    return digest.hexdigest()
 
 
 def _finite_or_none(value: float | None) -> float | None:

@@ -165,7 +165,7 @@ def score_registered_version(params: Params, name: str, version: str, data_dir: 
     from torch.utils.data import DataLoader
 
     from segflow.data import SegmentationDataset, load_samples, pad_collate
-    from segflow.evaluate import confusion_over, labeled_scores
+    from segflow.metrics import confusion_over, labeled_scores
 
     samples = load_samples(data_dir, splits_csv, "test")
     with resolve_model_dir(f"models:/{name}/{version}") as model_dir:
@@ -231,7 +231,7 @@ def gate_on_test_split(
 ) -> Decision:
     """Gate ``candidate`` (scored again if its recorded score is from other test data) on the current test split."""
     from segflow.data import load_samples
-    from segflow.evaluate import split_fingerprint
+    from segflow.metrics import split_fingerprint
 
     samples = load_samples(data_dir, splits_csv, "test")
     if not samples:

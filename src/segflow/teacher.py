@@ -19,9 +19,9 @@ import mlflow
 from segflow import tracking
 from segflow.config import Params
 from segflow.data import load_samples
-from segflow.evaluate import score_split
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.inference import read_card
+from segflow.metrics import score_split
 from segflow.train import train
 from segflow.unlabeled import labeled_only, unlabeled_images_won, with_unlabeled
 
@@ -48,7 +48,9 @@ def train_teacher(params: Params, *, data_dir: Path, splits_csv: Path, out_dir: 
             result = train(arm_params, cfg.arch, data_dir=data_dir, splits_csv=splits_csv,
                            out_dir=Path(work_dir) / name, epochs=epochs, run_name=f"teacher {name.replace('_', '-')}",
                            snapshots=cfg.snapshots)
-            test = score_split(params, result.model_dir, data_dir, splits_csv, "test")
+            test = score_split(result.model_dir, data_dir, splits_csv, "test", device=params.train.device,
+                               batch_size=params.evaluate.batch_size, inference=params.evaluate.inference,
+                               train_crop_size=params.train.crop_size)
             scores[name] = {"val_miou": result.best_miou,
                             "test_miou": None if test is None else test["miou"],
                             "steps": result.steps, "seconds": result.seconds}

@@ -58,12 +58,12 @@ from segflow.data import (
 from segflow.distributed import EpochSampler, ProcessGroup, SeededDataset
 from segflow.ema import mean_teacher
 from segflow.errors import SegflowError
-from segflow.evaluate import confusion_over
 from segflow.fingerprint import file_sha256, folder_sha256, ingested_sha256
 from segflow.fsutil import atomic_dir, atomic_write_json, exclusive_lock
 from segflow.imageio import read_mask
 from segflow.inference import EMA_DIR, LAST_DIR, SNAPSHOTS_DIR, ModelCard, load_weights, read_card, save_model
 from segflow.losses import segmentation_loss
+from segflow.metrics import confusion_over
 from segflow.split import read_manifest
 
 log = logging.getLogger("segflow.train")
