@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from segflow import models
-from segflow.config import InferenceParams, parse_params
+from segflow.config import InferenceParams, Params, parse_params
 from segflow.imageio import write_image, write_mask
 from segflow.inference import ModelCard, save_model
+from segflow.promotion import TestSplit, promote_version
 from segflow.register import register
 from segflow.scores import SCORES_FILE
 
@@ -60,6 +61,22 @@ def register_version(workspace: Path, name: str, miou: float, data_hash: str = "
     """Run the register stage on the workspace's model with a made-up test (and val) score."""
     write_scores(workspace / "evaluation", ARCH, arch=ARCH, test=miou, data_hash=data_hash)
     params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": name, "margin": 0.01}})
-    return register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
-                    models_dir=workspace / "models", data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
-                    out_file=workspace / "decision.json")
+    return register_stage(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
+                          models_dir=workspace / "models", data_dir=workspace / "data",
+                          splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
+
+
+def test_split(params: Params, data_dir: Path, splits_csv: Path) -> TestSplit:
+    """The test split as `segflow register` and `segflow promote` build it from params.yaml."""
+    return TestSplit(data_dir, splits_csv, params.evaluate.batch_size, params.evaluate.inference, params.train.crop_size)
+
+
+def register_stage(params: Params, *, data_dir: Path, splits_csv: Path, **dirs_and_force):
+    """segflow.register.register with its params sections taken from ``params``, as the CLI passes them."""
+    return register(params.register_, params.mlflow, test_split(params, data_dir, splits_csv), **dirs_and_force)
+
+
+def promote(params: Params, name: str, version: str, *, data_dir: Path, splits_csv: Path, **force_and_reason):
+    """segflow.promotion.promote_version with its params sections taken from ``params``, as the CLI passes them."""
+    return promote_version(name, version, register=params.register_, mlflow=params.mlflow,
+                           test=test_split(params, data_dir, splits_csv), **force_and_reason)

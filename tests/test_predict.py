@@ -16,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from register_testing import write_scores
+from register_testing import register_stage, write_scores
 from segflow import models, tracking
 from segflow.cli import main
 from segflow.config import parse_params
@@ -24,7 +24,6 @@ from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask, write_image
 from segflow.inference import ModelCard, resolve_model_dir, resolved_inference, save_model
 from segflow.predict import predict
-from segflow.register import register
 from segflow.visualize import palette
 
 ARCH, NUM_CLASSES = "fcn32s", 4
@@ -104,7 +103,7 @@ def test_a_registered_model_predicts_with_the_settings_it_was_registered_with(tm
                            "register": {"model_name": "predict-test"}})
     write_scores(tmp_path / "evaluation", ARCH, arch=ARCH, test=0.5,  # scored as evaluate writes its settings
                  inference=resolved_inference(params.evaluate.inference, params.train.crop_size))
-    register(params, candidates=[ARCH], evaluation_dir=tmp_path / "evaluation", models_dir=tmp_path / "models",
+    register_stage(params, candidates=[ARCH], evaluation_dir=tmp_path / "evaluation", models_dir=tmp_path / "models",
              data_dir=tmp_path / "-", splits_csv=tmp_path / "-",
              out_file=tmp_path / "decision.json")  # the first version: promoted unscored
     predict(params, model=model_dir, images_dir=images_dir, out_dir=tmp_path / "as-evaluated")

@@ -9,9 +9,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from register_testing import ARCH, register_version, write_scores
+from register_testing import ARCH, promote, register_stage, register_version, write_scores
 from segflow.config import parse_params
-from segflow.register import register
 
 
 def test_first_version_becomes_champion_and_a_worse_one_stays_challenger(workspace):
@@ -54,7 +53,7 @@ def test_a_registry_that_lost_the_projects_history_is_refused_until_forced(works
             r"registry at sqlite:///.*new-mlflow.db has no model named 'lost-history': it has lost its history")):
         register_version(workspace, "lost-history", 0.60)
     params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": "lost-history"}})
-    forced = register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
+    forced = register_stage(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
                       models_dir=workspace / "models", data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
                       out_file=workspace / "decision.json", force=True)
     assert forced.version == "1" and forced.promoted
@@ -71,7 +70,7 @@ def test_candidates_are_ranked_on_val_and_the_teacher_is_one_of_them(workspace):
     write_scores(workspace / "evaluation", ARCH, arch=ARCH, val=0.50, test=0.70)
     write_scores(workspace / "evaluation", "teacher", arch=ARCH, val=0.60, test=0.55)
     params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": "by-val"}})
-    decision = register(params, candidates=[ARCH, "teacher"], evaluation_dir=workspace / "evaluation",
+    decision = register_stage(params, candidates=[ARCH, "teacher"], evaluation_dir=workspace / "evaluation",
                         models_dir=workspace / "models", data_dir=workspace / "data",
                         splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
     assert (decision.candidate, decision.score, decision.promoted) == ("teacher", 0.55, True)
@@ -86,12 +85,12 @@ def test_candidates_are_ranked_on_val_and_the_teacher_is_one_of_them(workspace):
 ])
 def test_a_model_below_the_floor_never_becomes_champion_not_even_the_first(workspace, scores, reason):
     from segflow.errors import SegflowError
-    from segflow.registry import PromotionRefused, promote_version
+    from segflow.registry import PromotionRefused
 
     name = f"floor-{abs(hash(reason)) % 10**6}"
     write_scores(workspace / "evaluation", ARCH, arch=ARCH, **scores)
     params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": name}})
-    decision = register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
+    decision = register_stage(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
                         models_dir=workspace / "models", data_dir=workspace / "data",
                         splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
     assert not decision.promoted and reason in decision.reason and "below the floor" in decision.reason
@@ -100,8 +99,8 @@ def test_a_model_below_the_floor_never_becomes_champion_not_even_the_first(works
     with pytest.raises(MlflowException, match="champion"):
         client.get_model_version_by_alias(name, "champion")
     assert reason in client.get_model_version(name, decision.version).tags["below_floor"]
-    refused = promote_version(params, name, decision.version, data_dir=workspace / "data",
-                              splits_csv=workspace / "splits.csv")  # the gate by hand refuses it too
+    refused = promote(params, name, decision.version, data_dir=workspace / "data",
+                      splits_csv=workspace / "splits.csv")  # the gate by hand refuses it too
     assert not refused.promoted and "below the floor" in refused.reason
     assert issubclass(PromotionRefused, SegflowError)
 
@@ -119,7 +118,7 @@ def test_the_version_comes_from_the_training_run_and_the_pipeline_run_shows_why(
         card_file = workspace / "models" / ARCH / "model.json"
         card = json.loads(card_file.read_text())
         card_file.write_text(json.dumps({**card, "extra": {tracking.TRAINING_RUN_KEY: training}}))
-        decision = register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
+        decision = register_stage(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation",
                             models_dir=workspace / "models", data_dir=workspace / "data",
                             splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
     version = client.get_model_version("why", decision.version)

@@ -21,16 +21,17 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-import segflow.register
+import segflow.promotion
 import segflow.registry
-from register_testing import ARCH, register_version, write_scores
+from register_testing import ARCH, register_stage, register_version, write_scores
+from register_testing import promote as promote_with
 from segflow.config import parse_params
 from segflow.data import load_samples
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, write_image
 from segflow.inference import load_model, predict_mask, predict_probabilities, resolved_inference
 from segflow.metrics import split_fingerprint
-from segflow.register import register, score_on
+from segflow.promotion import score_on
 from segflow.registry import (
     FORCED_REASON_TAG,
     Decision,
@@ -38,7 +39,6 @@ from segflow.registry import (
     champion_history,
     format_versions,
     list_versions,
-    promote_version,
     rollback,
 )
 from segflow.tracking import SERVER_UNREACHABLE
@@ -68,13 +68,14 @@ def champion(name: str) -> str:
 
 
 def promote(workspace: Path, name: str, version: str, **force_and_reason) -> Decision:
-    return promote_version(PARAMS, name, version, data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
+    return promote_with(PARAMS, name, version, data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
                            **force_and_reason)
 
 
 def test_listing_forcing_and_rolling_back_do_not_load_torch():
     # Importing torch and the models costs seconds on every `segflow models list` / `rollback`; only gating scores.
-    code = "import sys, segflow.registry; print(sorted({'torch', 'segflow.register'} & set(sys.modules)))"
+    code = ("import sys, segflow.registry, segflow.promotion; "
+            "print(sorted({'torch', 'segflow.register'} & set(sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
 
@@ -118,10 +119,10 @@ def test_rollback_walks_back_through_the_champions_and_stops_at_the_first(worksp
     for miou in (0.6, 0.7):
         promote(workspace, "reg-back", add_version("reg-back", miou, data_hash))
     assert champion("reg-back") == "3"
-    assert rollback(PARAMS, "reg-back") == ("3", "2")
-    assert rollback(PARAMS, "reg-back") == ("2", "1") and champion("reg-back") == "1"
+    assert rollback(PARAMS.mlflow, "reg-back") == ("3", "2")
+    assert rollback(PARAMS.mlflow, "reg-back") == ("2", "1") and champion("reg-back") == "1"
     with pytest.raises(SegflowError, match="no previous champion"):
-        rollback(PARAMS, "reg-back")
+        rollback(PARAMS.mlflow, "reg-back")
     history = champion_history(MlflowClient(), "reg-back")
     assert [(h["version"], h["action"]) for h in history] == [
         ("1", "promote"), ("2", "promote"), ("3", "promote"), ("2", "rollback"), ("1", "rollback")]
@@ -150,7 +151,7 @@ def test_a_promotion_cut_short_between_history_and_alias_does_not_count(workspac
     third = add_version("reg-cut", 0.7, data_hash)
     assert promote(workspace, "reg-cut", third).promoted
     assert [h["version"] for h in champion_history(MlflowClient(), "reg-cut")] == ["1", third]
-    assert rollback(PARAMS, "reg-cut") == (third, "1")
+    assert rollback(PARAMS.mlflow, "reg-cut") == (third, "1")
 
 
 def test_an_unreachable_artifact_store_is_not_a_broken_version(workspace, monkeypatch):
@@ -173,12 +174,12 @@ def test_a_champion_change_while_gating_is_gated_again(workspace, monkeypatch):
     register_version(workspace, "reg-regate", 0.5, data_hash=data_hash)
     candidate, rival = add_version("reg-regate", 0.7, data_hash), add_version("reg-regate", 0.9, data_hash)
 
-    def score_while_a_rival_is_promoted(params, version, *args):
+    def score_while_a_rival_is_promoted(version, *args):
         if str(version.version) == "1":  # another promotion lands while the gate scores the old champion
             promote(workspace, "reg-regate", rival, force=True, reason="concurrent")
-        return score_on(params, version, *args)
+        return score_on(version, *args)
 
-    monkeypatch.setattr(segflow.register, "score_on", score_while_a_rival_is_promoted)
+    monkeypatch.setattr(segflow.promotion, "score_on", score_while_a_rival_is_promoted)
     decision = promote(workspace, "reg-regate", candidate)
     # 0.7 beats the old champion's 0.5 but must not replace the rival's 0.9 that won meanwhile.
     assert not decision.promoted and decision.champion_version == rival and champion("reg-regate") == rival
@@ -189,11 +190,12 @@ PROMOTE_ON_GO = """
 import sys
 from pathlib import Path
 from segflow.config import parse_params
-from segflow.registry import promote_version
+from segflow.promotion import TestSplit, promote_version
 print("ready", flush=True)
 sys.stdin.readline()
-promote_version(parse_params({}), sys.argv[1], sys.argv[2], data_dir=Path("-"), splits_csv=Path("-"), force=True,
-                reason="concurrent " + sys.argv[2])
+params = parse_params({})
+promote_version(sys.argv[1], sys.argv[2], register=params.register_, mlflow=params.mlflow, force=True,
+                test=TestSplit(Path("-"), Path("-"), 1, params.evaluate.inference, 16), reason="concurrent " + sys.argv[2])
 """
 
 
@@ -267,7 +269,7 @@ def test_mlflow_models_serve_predicts_a_posted_png_as_evaluation_does(workspace,
     params = parse_params(SERVED_PARAMS)
     write_scores(workspace / "evaluation", ARCH, arch=ARCH, test=0.5,  # scored as evaluate writes its settings
                  inference=resolved_inference(params.evaluate.inference, params.train.crop_size))
-    register(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation", models_dir=workspace / "models",
+    register_stage(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation", models_dir=workspace / "models",
              data_dir=workspace / "data", splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
     local = Path(MlflowClient().get_model_version_download_uri("reg-serve", "1").removeprefix("file://"))
     assert not list(local.rglob("*.pkl")) and list(local.rglob("*.safetensors"))

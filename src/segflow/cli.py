@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from segflow.config import Layout, load_params
+from segflow.config import Layout, Params, load_params
 from segflow.errors import INTERNAL_ERROR, SegflowError
 
 app = typer.Typer(
@@ -239,12 +239,19 @@ def register(
     from segflow.register import register as run
 
     params = load_params(params_file)
-    decision = run(params, candidates=[*params.train.archs, Layout.teacher], evaluation_dir=Layout.evaluation,
-                   models_dir=Layout.models, data_dir=Layout.ingested, splits_csv=Layout.splits,
-                   out_file=Layout.registry, force=force)
+    decision = run(params.register_, params.mlflow, _test_split(params), candidates=[*params.train.archs, Layout.teacher],
+                   evaluation_dir=Layout.evaluation, models_dir=Layout.models, out_file=Layout.registry, force=force)
     typer.echo(f"{decision.model_name} v{decision.version} ({decision.candidate}, {decision.arch}): "
                f"{'promoted to champion' if decision.promoted else 'kept as challenger, nothing promoted'} "
                f"({decision.reason})")
+
+
+def _test_split(params: Params):
+    """The current test split, and how register and promote re-score a version on it (as evaluation predicts)."""
+    from segflow.promotion import TestSplit
+
+    return TestSplit(Layout.ingested, Layout.splits, params.evaluate.batch_size, params.evaluate.inference,
+                     params.train.crop_size)
 
 
 @app.command()
@@ -256,10 +263,12 @@ def promote(
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Make a version champion through the register gate on the current test split (exit 1 if refused)."""
-    from segflow.registry import PromotionRefused, promote_version
+    from segflow.promotion import promote_version
+    from segflow.registry import PromotionRefused
 
-    decision = promote_version(load_params(params_file), name, version, data_dir=Layout.ingested,
-                               splits_csv=Layout.splits, force=force, reason=reason)
+    params = load_params(params_file)
+    decision = promote_version(name, version, register=params.register_, mlflow=params.mlflow,
+                               test=_test_split(params), force=force, reason=reason)
     if not decision.promoted:
         raise PromotionRefused(f"{name} v{version} not promoted: {decision.reason}.")
     typer.echo(f"{name} v{version} is now champion ({decision.reason})")
@@ -273,7 +282,7 @@ def rollback(
     """Point champion back at the previous champion in the model's champion history."""
     from segflow.registry import rollback as run
 
-    replaced, restored = run(load_params(params_file), name)
+    replaced, restored = run(load_params(params_file).mlflow, name)
     typer.echo(f"{name}: champion rolled back from v{replaced} to v{restored}")
 
 
@@ -352,7 +361,7 @@ def list_registered_versions(
     from segflow.registry import connect, format_versions, list_versions
 
     params = load_params(params_file)
-    rows = list_versions(connect(params), name, params.register_.metric)
+    rows = list_versions(connect(params.mlflow), name, params.register_.metric)
     typer.echo(format_versions(rows, params.register_.metric))
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model, ModelSignature
@@ -33,11 +32,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 import segflow
 from segflow import CARD_FILE, WEIGHTS_FILE, tracking
-from segflow.config import InferenceParams, Params
+from segflow.config import InferenceParams, MlflowParams, RegisterParams
 from segflow.errors import SegflowError
 from segflow.fingerprint import file_sha256
 from segflow.fsutil import atomic_write_json
-from segflow.inference import INFERENCE_KEY, load_model, read_card, registered_inference, resolve_model_dir
+from segflow.inference import INFERENCE_KEY, read_card
+from segflow.promotion import TestSplit, gate_and_promote
 from segflow.registry import (
     CHALLENGER,
     FILES_METADATA_KEY,
@@ -48,14 +48,10 @@ from segflow.registry import (
     REGISTRATIONS_FILE,
     WEIGHTS_TAG,
     Decision,
-    PromotionRefused,
     champion_history,
     champion_version,
     check_history,
-    history_entry,
     missing_artifacts,
-    promotion_lock,
-    record_champion,
     record_registration,
     version_number,
 )
@@ -63,8 +59,6 @@ from segflow.scores import floor_failures, rank_candidates, read_scores, test_sc
 
 log = logging.getLogger("segflow.register")
 
-# A promotion whose champion changed while it was being gated is gated again against the new one.
-GATE_ATTEMPTS = 3
 # No input schema: the input is one image, an HxWx3 array or an encoded file (bytes, or base64 text in JSON), which
 # no single MLflow schema describes; segflow.pyfunc_model.decode_image checks it. The output is the HxW mask, or
 # with params {"output": "probabilities"} KxHxW float32 (MLflow does not enforce output schemas).
@@ -158,90 +152,6 @@ def log_decision(
     client.log_text(run_id, history_table(history), posixpath.join(folder or "", "champion_history.md"))
 
 
-def score_registered_version(params: Params, name: str, version: str, data_dir: Path, splits_csv: Path) -> float:
-    """Re-score a registered version on the current test split (its weights and the inference settings it is
-    served with, not its old metric)."""
-    # Scoring needs the data pipeline and torchvision; a register without a re-score is quicker without them.
-    from torch.utils.data import DataLoader
-
-    from segflow.data import SegmentationDataset, load_samples, pad_collate
-    from segflow.metrics import confusion_over, labeled_scores
-
-    samples = load_samples(data_dir, splits_csv, "test")
-    with resolve_model_dir(f"models:/{name}/{version}") as model_dir:
-        model, card = load_model(model_dir)
-        inference = registered_inference(card, model_dir) or params.evaluate.inference  # older versions: params
-    loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
-    confusion = confusion_over(model, loader, card.num_classes, torch.device("cpu"), inference,
-                               params.train.crop_size)
-    return float(labeled_scores(confusion, splits_csv, "test")[params.register_.metric])
-
-
-def score_on(params: Params, version: ModelVersion, test_data_hash: str, data_dir: Path, splits_csv: Path) -> float:
-    """``version``'s test score on the data with ``test_data_hash``: its recorded score when it was scored on
-    that data, else a fresh one (never a score from another dataset)."""
-    recorded = version.tags.get(f"test_{params.register_.metric}")
-    if recorded is not None and version.tags.get("test_data_hash") == test_data_hash:
-        return float(recorded)
-    log.info("v%s was scored on other test data; re-scoring it on the current test split", version.version)
-    return score_registered_version(params, version.name, str(version.version), data_dir, splits_csv)
-
-
-def gate_and_promote(
-    params: Params, client: MlflowClient, candidate: ModelVersion, score: float, test_data_hash: str,
-    data_dir: Path, splits_csv: Path,
-) -> Decision:
-    """Promote ``candidate`` (test ``score`` on the data with ``test_data_hash``) if it beats the champion."""
-    cfg, name, version = params.register_, candidate.name, str(candidate.version)
-    if below_floor := candidate.tags.get(FLOOR_TAG):
-        return Decision(name, version, candidate.tags.get("arch", "unknown"), score,
-                        version_number(champion_version(client, name)), None, False,
-                        f"below the floor: {below_floor}", candidate.tags.get("candidate"))
-    for _ in range(GATE_ATTEMPTS):
-        champion = champion_version(client, name)
-        champion_score = None
-        if champion is None:
-            promoted, reason = True, "no champion yet"
-        elif str(champion.version) == version:
-            raise PromotionRefused(f"{name} v{version} is already the champion.")
-        else:
-            champion_score = score_on(params, champion, test_data_hash, data_dir, splits_csv)
-            promoted = score > champion_score + cfg.margin
-            reason = (
-                f"{cfg.metric} {score:.4f} {'beats' if promoted else 'does not beat'} champion "
-                f"v{champion.version} {champion_score:.4f} by more than margin {cfg.margin}"
-            )
-        decision = Decision(name, version, candidate.tags.get("arch", "unknown"), score,
-                            version_number(champion), champion_score, promoted, reason,
-                            candidate.tags.get("candidate"))
-        if not promoted:
-            return decision
-        with promotion_lock(client, name):
-            # Scoring ran outside the lock (it can take minutes); commit only if it gated the current champion.
-            if version_number(champion_version(client, name)) == version_number(champion):
-                record_champion(client, name, history_entry(version, "promote", reason, champion))
-                return decision
-        log.info("the champion changed while v%s was gated; gating it again", version)
-    raise SegflowError(f"{name}: the champion changed {GATE_ATTEMPTS} times while v{version} was being gated; "
-                       "promote it again when the other promotions are done.")
-
-
-def gate_on_test_split(
-    params: Params, client: MlflowClient, candidate: ModelVersion, data_dir: Path, splits_csv: Path
-) -> Decision:
-    """Gate ``candidate`` (scored again if its recorded score is from other test data) on the current test split."""
-    from segflow.data import load_samples
-    from segflow.metrics import split_fingerprint
-
-    samples = load_samples(data_dir, splits_csv, "test")
-    if not samples:
-        raise SegflowError(
-            f"{splits_csv}: no test images to gate v{candidate.version} on; run the split stage first.")
-    test_data_hash = split_fingerprint(samples)
-    score = score_on(params, candidate, test_data_hash, data_dir, splits_csv)
-    return gate_and_promote(params, client, candidate, score, test_data_hash, data_dir, splits_csv)
-
-
 def stored_mlmodel_sha256(model_info: ModelInfo) -> str:
     """The SHA-256 of the logged model's MLmodel as the artifact store holds it (what loads check it against)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,15 +174,14 @@ def earlier_registration(client: MlflowClient, name: str, identity: dict[str, st
 
 
 def register(
-    params: Params, *, candidates: list[str], evaluation_dir: Path, models_dir: Path, data_dir: Path,
-    splits_csv: Path, out_file: Path, force: bool = False,
+    cfg: RegisterParams, mlflow_cfg: MlflowParams, test: TestSplit, *, candidates: list[str], evaluation_dir: Path,
+    models_dir: Path, out_file: Path, force: bool = False,
 ) -> Decision:
     """Register the best of ``candidates`` (every model the run trained and evaluated, the teacher included), ranked
     on val by ``register.metric`` (segflow.scores); promote it if it clears the floor and wins the gate on test.
 
     Each registration is appended to ``registrations.jsonl`` beside ``out_file``; a registry that lacks versions
     recorded there is refused (:func:`segflow.registry.check_history`) unless ``force`` starts a new history."""
-    cfg = params.register_
     scores = {name: read_scores(evaluation_dir, name) for name in candidates}
     chosen, val_score = rank_candidates(scores, cfg.metric)[0]
     best = scores[chosen]
@@ -290,7 +199,7 @@ def register(
         WEIGHTS_TAG: file_sha256(weights),
         "inference_sha256": hashlib.sha256(inference.model_dump_json().encode()).hexdigest(),
     }
-    with tracking.stage_run(params.mlflow, "register") as run:
+    with tracking.stage_run(mlflow_cfg, "register") as run:
         client = MlflowClient()
         record_file = Path(out_file).with_name(REGISTRATIONS_FILE)
         if not force:
@@ -318,8 +227,8 @@ def register(
                                 str(candidate.version), best_score, True,
                                 "already the champion (an earlier register promoted it)", chosen)
         else:
-            decision = gate_and_promote(params, client, candidate, best_score, str(best["test"]["data_hash"]),
-                                        data_dir, splits_csv)
+            decision = gate_and_promote(cfg, client, candidate, best_score, str(best["test"]["data_hash"]),
+                                        test)
         atomic_write_json(out_file, asdict(decision))
         # Why, wherever a person looks: the version, this run, the pipeline run, the model's training run.
         description = decision_text(decision, candidates, cfg.metric, val_score)

@@ -3,8 +3,8 @@ champion change holds, and the commands run after ``segflow register``: list a m
 to champion (through the same gate as ``register``, or forced with a recorded reason), roll the champion back.
 
 Every champion change holds :func:`promotion_lock` and appends to ``champion_history``; a version whose model
-files are gone from the artifact store is never made champion. Only gating loads torch (to score models):
-listing, forcing and rolling back stay quick.
+files are gone from the artifact store is never made champion. The gate itself is :mod:`segflow.promotion`'s:
+this module loads no torch, so listing, forcing and rolling back stay quick.
 
 A version's files are checked against the registry, not against themselves: registering tags the version with
 the SHA-256 of its MLmodel and weights, and :func:`download_registered_model` (every segflow load of a
@@ -34,7 +34,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from segflow import CARD_FILE, WEIGHTS_FILE, tracking
-from segflow.config import Params
+from segflow.config import MlflowParams
 from segflow.errors import VALIDATION_FAILED, SegflowError
 from segflow.fingerprint import file_sha256
 
@@ -250,9 +250,9 @@ def missing_artifacts(name: str, version: str) -> list[str]:
     return [path for path in needed if path not in present]
 
 
-def connect(params: Params) -> MlflowClient:
+def connect(cfg: MlflowParams) -> MlflowClient:
     """A client on the store ``segflow register`` writes to (also for the ``models:/`` downloads)."""
-    uri = tracking.tracking_uri(params.mlflow)
+    uri = tracking.tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -316,39 +316,9 @@ def require_artifacts(name: str, version: str) -> None:
         )
 
 
-def promote_version(
-    params: Params, name: str, version: str, *, data_dir: Path, splits_csv: Path,
-    force: bool = False, reason: str | None = None,
-) -> Decision:
-    """Make ``version`` the champion if it wins the gate on the current test split, or unconditionally with
-    ``force`` (``reason`` is then required and recorded on the version and in the history)."""
-    if force and not (reason and reason.strip()):
-        raise SegflowError("segflow promote: --force needs --reason TEXT (recorded in the champion history).")
-    client = connect(params)
-    candidate = model_version(client, name, version)
-    require_artifacts(name, version)
-    if force:
-        return _force(client, candidate, reason.strip())
-    from segflow.register import gate_on_test_split  # scoring needs torch: loaded only when gating
-
-    return gate_on_test_split(params, client, candidate, data_dir, splits_csv)
-
-
-def _force(client: MlflowClient, candidate: ModelVersion, reason: str) -> Decision:
-    name, version = candidate.name, str(candidate.version)
-    with promotion_lock(client, name):
-        champion = champion_version(client, name)
-        if version_number(champion) == version:
-            raise PromotionRefused(f"{name} v{version} is already the champion.")
-        client.set_model_version_tag(name, version, FORCED_REASON_TAG, reason)
-        record_champion(client, name, history_entry(version, "forced", reason, champion))
-    return Decision(name, version, candidate.tags.get("arch", "unknown"), None,
-                    version_number(champion), None, True, f"forced: {reason}")
-
-
-def rollback(params: Params, name: str) -> tuple[str | None, str]:
+def rollback(cfg: MlflowParams, name: str) -> tuple[str | None, str]:
     """Point ``champion`` back at the champion before the current one (per the history); returns (from, to)."""
-    client = connect(params)
+    client = connect(cfg)
     registered_model(client, name)
     with promotion_lock(client, name):
         lineage = champion_lineage(champion_history(client, name))
