@@ -8,17 +8,20 @@ import pytest
 import torch
 
 from segflow import IGNORE_INDEX
+from segflow.checkpoint import Progress
 from segflow.config import AugmentParams, Layout, parse_params
 from segflow.data import MEAN, STD, BatchAugment, Sample, load_samples, stack_padded
+from segflow.distributed import ProcessGroup
 from segflow.errors import SegflowError
 from segflow.imageio import write_mask
 from segflow.train import (
     Checkpointer,
     CompiledOrEager,
+    EpochPlan,
     batches_per_rank,
     median_frequency_weights,
-    prepare_model,
     train,
+    tune_process_for_training,
 )
 from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, weights
 
@@ -114,6 +117,19 @@ def test_val_interval_validates_and_checkpoints_every_nth_epoch_and_the_last(pla
     assert saved_after == [2, 4, 5]
 
 
+def test_checkpoints_fall_every_n_optimizer_steps_inside_epochs_and_after_validated_ones(tmp_path):
+    # 3 epochs of 5 batches (3 in the last), 2 batches a step: steps end after batches 2, 4, 5 (2, 3 in the last).
+    plan = EpochPlan(epochs=3, batches_per_epoch=5, last_epoch_batches=3, accumulate=2, val_interval=2)
+    group = ProcessGroup(0, 1, torch.device("cpu"))
+    after_steps = [(1, 2), (1, 4), (1, 5), (2, 2), (2, 4), (2, 5), (3, 2), (3, 3)]  # (epoch, batches done)
+    every_2 = Checkpointer(tmp_path, group, {}, plan, every_steps=2)
+    # Steps 2 and 4; 6 and 8 end an epoch, checkpointed (or not) with it.
+    assert [at for at in after_steps if every_2.due(Progress(*at))] == [(1, 4), (2, 2)]
+    assert not any(Checkpointer(tmp_path, group, {}, plan, every_steps=None).due(Progress(*at)) for at in after_steps)
+    # An epoch ends at (next epoch, 0 batches done): checkpointed after the validated ones, 2 and the last.
+    assert [epoch - 1 for epoch in (2, 3, 4) if every_2.due(Progress(epoch, 0))] == [2, 3]
+
+
 def _coordinate_batch(sizes, axis):
     """uint8 images whose channel 0 holds each pixel's column and channel 1 its row; masks hold the column
     (``axis`` -1) or the row (-2). Padded to the largest, as the loader collates them."""
@@ -192,7 +208,7 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(monkeypatc
 def test_cpu_training_reuses_freed_memory_without_page_faults():
     """What a CPU step frees (here 64 MiB of 256 KiB tensors, like a model's gradients) comes back without the OS
     paging it in anew; glibc's defaults would give the heap's top back (segflow.train.keep_freed_memory)."""
-    prepare_model(torch.nn.Linear(1, 1), torch.device("cpu"))
+    tune_process_for_training(torch.device("cpu"))
 
     def step() -> None:
         tensors = [torch.ones(64 * 1024) for _ in range(256)]

@@ -36,7 +36,7 @@ from segflow import CARD_FILE, IGNORE_INDEX, WEIGHTS_FILE, checkpoint, distribut
 from segflow.architectures import unknown_architecture
 from segflow.cache import CACHE_DIR, open_cache
 from segflow.checkpoint import Progress
-from segflow.config import ConsistencyParams, Params, TrainParams
+from segflow.config import ConsistencyParams, MlflowParams, Params, TrainParams
 from segflow.consistency import (
     UnlabeledViews,
     batchnorm_statistics_frozen,
@@ -165,17 +165,22 @@ def keep_freed_memory() -> None:
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
+def tune_process_for_training(device: torch.device) -> None:
+    """Process-wide settings for fast training steps on ``device``: on CUDA cuDNN benchmarks its kernels and
+    keeps the fastest; on the CPU malloc keeps freed memory for the next step (:func:`keep_freed_memory`)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    else:
+        keep_freed_memory()
+
+
 def prepare_model(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
-    """On the device; on CUDA channels-last (tensor cores want NHWC) with cuDNN picking the fastest kernels; on the
-    CPU with malloc keeping freed memory for the next step (:func:`keep_freed_memory`)."""
+    """On the device; on CUDA channels-last (tensor cores want NHWC)."""
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    else:
-        keep_freed_memory()
     return model
 
 
@@ -304,46 +309,58 @@ class TrainStep:
         return loss
 
 
-def train_epoch(
-    step: TrainStep,
-    batches: Any,
-    *,
-    first_batch: int,
-    batches_per_epoch: int,
-    accumulate: int,
-    loss_sum: torch.Tensor,
-    after_optimizer_step: Callable[[int], None],
-    unlabeled: Iterator[dict[str, torch.Tensor]] | None = None,
-) -> torch.Tensor:
-    """Train on ``batches`` (the epoch's, after the first ``first_batch``), each with the next ``unlabeled`` batch
-    if given: one optimizer step per ``accumulate`` batches (fewer at the end of the epoch), each batch's loss
-    divided by the group's size. Returns ``loss_sum`` plus the batch losses; calls
-    ``after_optimizer_step(batches done)`` after each step."""
-    for number, batch in enumerate(batches, start=first_batch + 1):
-        group_start = (number - 1) // accumulate * accumulate
-        group_size = min(accumulate, batches_per_epoch - group_start)
-        closes_group = number == group_start + group_size
-        loss_sum += step.forward_backward(batch, 1 / group_size, sync=closes_group,
-                                          unlabeled=None if unlabeled is None else next(unlabeled))
-        if closes_group:
-            step.optimizer_step()
-            after_optimizer_step(number)
-    return loss_sum
+@dataclass(frozen=True)
+class EpochPlan:
+    """The epochs of one training: their batches (per process), optimizer steps, validations and snapshots."""
+
+    epochs: int
+    batches_per_epoch: int
+    last_epoch_batches: int  # fewer under the equal budget of pseudo-labeled training
+    accumulate: int          # batches per optimizer step (fewer at the end of an epoch)
+    val_interval: int
+    snapshot_epochs: frozenset[int] = frozenset()
+
+    def batches(self, epoch: int) -> int:
+        return self.last_epoch_batches if epoch == self.epochs else self.batches_per_epoch
+
+    def steps(self, epoch: int, batches_done: int) -> int:
+        """Optimizer steps taken once ``batches_done`` batches of ``epoch`` are."""
+        steps_per_epoch = -(-self.batches_per_epoch // self.accumulate)
+        return (epoch - 1) * steps_per_epoch + -(-batches_done // self.accumulate)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps(self.epochs, self.last_epoch_batches)
+
+    def validates(self, epoch: int) -> bool:
+        # Small training sets make short epochs, where validating and checkpointing each one costs as much as the
+        # training itself: train.val_interval spaces them (the last epoch is always validated).
+        return epoch % self.val_interval == 0 or epoch == self.epochs
 
 
-def validate(model: nn.Module, loader: DataLoader, num_classes: int, group: ProcessGroup) -> dict[str, Any]:
-    """Scores on the val split; each process holds a share of it, the confusion matrices are summed."""
-    confusion = confusion_over(model, loader, num_classes, group.device)
-    distributed.all_reduce_sum(confusion.matrix, group)
-    return confusion.compute()
+def plan_epochs(cfg: TrainParams, arch: str, data: TrainingData, epochs: int, snapshots: int, world_size: int) -> EpochPlan:
+    """``epochs`` of the training data; with pseudo-labeled images the batches (so the optimizer steps)
+    labeled-only training would take (equal budget). ``snapshots`` evenly spaced epochs before the last."""
+    batches_per_epoch = last_epoch_batches = len(data.train_loader)
+    if data.pseudo_count:
+        total_batches = epochs * batches_per_rank(len(data.labeled_samples), cfg.batch_size, world_size)
+        epochs = -(-total_batches // batches_per_epoch)
+        last_epoch_batches = total_batches - (epochs - 1) * batches_per_epoch
+        log.info("%s: %d labeled + %d pseudo-labeled images, %d batches: as many as labeled-only training takes",
+                 arch, len(data.labeled_samples), data.pseudo_count, total_batches)
+    snapshot_epochs = {round(epochs * k / (snapshots + 1)) for k in range(1, snapshots + 1)} - {0, epochs}
+    return EpochPlan(epochs, batches_per_epoch, last_epoch_batches, cfg.accumulate_steps, cfg.val_interval,
+                     frozenset(snapshot_epochs))
 
 
 class Checkpointer:
-    """Exact resume: restores a training's state and writes it (rank 0; every rank hands over its RNG states and
-    running loss)."""
+    """Exact resume: restores a training's state and writes it when due (rank 0; every rank hands over its RNG
+    states and running loss)."""
 
-    def __init__(self, resume_dir: Path, group: ProcessGroup, settings: dict[str, Any], **state: Any):
+    def __init__(self, resume_dir: Path, group: ProcessGroup, settings: dict[str, Any], plan: EpochPlan,
+                 every_steps: int | None, **state: Any):
         self.resume_dir, self.group, self.settings = resume_dir, group, settings
+        self.plan, self.every_steps = plan, every_steps or 0
         self.state = state  # model, optimizer, scheduler, scaler, ema
         self.started = time.perf_counter()
 
@@ -368,11 +385,98 @@ class Checkpointer:
         """Seconds of training, those before a resume included."""
         return time.perf_counter() - self.started
 
+    def due(self, progress: Progress) -> bool:
+        """Whether to checkpoint where ``progress`` stands: at the start of the epoch after a validated one (a
+        resumed run replays the epochs since, exactly: the checkpoint holds the RNG states), and inside an
+        epoch after every ``train.checkpoint_every_steps``-th optimizer step."""
+        if progress.batches_done == 0:
+            return progress.epoch > 1 and self.plan.validates(progress.epoch - 1)
+        return (self.every_steps > 0 and progress.batches_done < self.plan.batches(progress.epoch)
+                and self.plan.steps(progress.epoch, progress.batches_done) % self.every_steps == 0)
+
+    def maybe_save(self, progress: Progress, loss_sum: torch.Tensor) -> None:
+        if self.due(progress):
+            self.save(progress, loss_sum)
+
     def save(self, progress: Progress, loss_sum: torch.Tensor) -> None:
         per_rank = distributed.gather_tensors({**checkpoint.rng_state(), "loss_sum": loss_sum}, self.group)
         if self.group.is_main:
             progress.seconds = self.elapsed()
             checkpoint.save(self.resume_dir, progress=progress, settings=self.settings, tensors=per_rank, **self.state)
+
+
+def train_epoch(
+    step: TrainStep, data: TrainingData, plan: EpochPlan, progress: Progress, loss_sum: torch.Tensor,
+    checkpointer: Checkpointer, *, unlabeled: Iterator[dict[str, torch.Tensor]] | None, title: str, show: bool,
+) -> None:
+    """Train on epoch ``progress.epoch`` after its first ``progress.batches_done`` batches, each batch with the
+    next ``unlabeled`` one if given: one optimizer step per ``plan.accumulate`` batches, each batch's loss divided
+    by their number, summed into ``loss_sum``. ``progress`` follows the optimizer steps, checkpointed when due."""
+    epoch, first_batch = progress.epoch, progress.batches_done
+    batches = plan.batches(epoch)
+    step.model.train()
+    data.sampler.set_epoch(epoch, start=first_batch * data.train_loader.batch_size)
+    bar = tqdm(itertools.islice(data.train_loader, batches - first_batch), desc=f"{title} epoch {epoch}/{plan.epochs}",
+               leave=False, dynamic_ncols=True, initial=first_batch, total=batches, disable=not show)
+    for number, batch in enumerate(bar, start=first_batch + 1):
+        group_start = (number - 1) // plan.accumulate * plan.accumulate
+        group_size = min(plan.accumulate, batches - group_start)
+        closes_group = number == group_start + group_size
+        loss_sum += step.forward_backward(batch, 1 / group_size, sync=closes_group,
+                                          unlabeled=None if unlabeled is None else next(unlabeled))
+        if closes_group:
+            step.optimizer_step()
+            progress.batches_done = number
+            checkpointer.maybe_save(progress, loss_sum)
+
+
+def validate(model: nn.Module, loader: DataLoader, num_classes: int, group: ProcessGroup) -> dict[str, Any]:
+    """Scores on the val split; each process holds a share of it, the confusion matrices are summed."""
+    confusion = confusion_over(model, loader, num_classes, group.device)
+    distributed.all_reduce_sum(confusion.matrix, group)
+    return confusion.compute()
+
+
+def end_of_epoch(
+    step: TrainStep, data: TrainingData, plan: EpochPlan, progress: Progress, loss_sum: torch.Tensor,
+    checkpointer: Checkpointer, *, arch: str, evaluated: nn.Module, card: ModelCard, splits_csv: Path,
+) -> None:
+    """After the batches of epoch ``progress.epoch``: its loss, its validation when due (the best model so far
+    kept), its record in the history and MLflow, its snapshot when due; then ``progress`` on to the next epoch,
+    checkpointed when due."""
+    group, epoch = checkpointer.group, progress.epoch
+    distributed.all_reduce_sum(loss_sum, group)
+    train_loss = (loss_sum / max(1, plan.batches(epoch) * group.world_size)).item()
+    if not math.isfinite(train_loss):
+        raise SegflowError(f"training {arch} diverged at epoch {epoch} (loss {train_loss}); lower train.lr.")
+    record = {"epoch": epoch, "train_loss": train_loss, "lr": step.scheduler.get_last_lr()[0]}
+    if data.unlabeled_loader is not None:  # this rank's share; how much of the unlabeled images teaches
+        record["unlabeled_confident"] = step.unlabeled_confident_share()
+    validating, improved = plan.validates(epoch), False
+    if validating:
+        val = validate(evaluated, data.val_loader, card.num_classes, group)
+        if not math.isfinite(val["miou"]):  # NaN only when no val pixel is labeled: no model can be picked
+            raise SegflowError(
+                f"val mIoU is undefined: the val split of {splits_csv} has no labeled pixels (every mask "
+                "pixel is ignore, 255), so no epoch of training can be chosen. Label some of its images, or "
+                "re-run the validate stage (validate.min_labeled_pixel_fraction) and the split stage.")
+        record |= {"val_miou": val["miou"], "val_pixel_accuracy": val["pixel_accuracy"]}
+        improved = progress.best_epoch == 0 or val["miou"] > progress.best_miou
+        if improved:
+            progress.best_miou, progress.best_epoch = val["miou"], epoch
+    progress.history.append(record)  # every epoch's loss; val_miou on validated epochs only
+    if group.is_main:
+        mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+        if validating:
+            log.info("%s epoch %d: loss %.4f, val mIoU %.4f", arch, epoch, train_loss, val["miou"])
+        if epoch in plan.snapshot_epochs:
+            save_model(evaluated, replace(card, extra={"epoch": epoch}),
+                       checkpointer.resume_dir / SNAPSHOTS_DIR / f"epoch_{epoch}")
+        if improved:
+            save_model(evaluated, card, checkpointer.resume_dir / BEST_DIR)
+    progress.epoch, progress.batches_done = epoch + 1, 0
+    loss_sum.zero_()
+    checkpointer.maybe_save(progress, loss_sum)
 
 
 def train(
@@ -411,10 +515,15 @@ def train(
     with lock:
         group = distributed.setup(params.train.device)
         try:
-            return _train(params, arch, group, data_dir=data_dir, splits_csv=splits_csv, out_dir=Path(out_dir),
-                          pseudo_dir=pseudo_dir, epochs=epochs or params.train.epochs, run_name=run_name or arch,
-                          snapshots=snapshots, resume=resume, cache_dir=cache_dir, init_from=init_from,
-                          keep_last=keep_last)
+            # Process-wide: the global RNG (the model's initial weights, dropout) and the backends' settings.
+            torch.manual_seed(params.train.seed)
+            tune_process_for_training(group.device)
+            return _train(params.train, arch, group, options=params.model_options(arch),
+                          reliable_fraction=params.pseudo_label.reliable_fraction,
+                          val_batch_size=params.evaluate.batch_size, mlflow_params=params.mlflow,
+                          data_dir=data_dir, splits_csv=splits_csv, out_dir=Path(out_dir), pseudo_dir=pseudo_dir,
+                          epochs=epochs or params.train.epochs, run_name=run_name or arch, snapshots=snapshots,
+                          resume=resume, cache_dir=cache_dir, init_from=init_from, keep_last=keep_last)
         finally:
             distributed.teardown(group)
 
@@ -442,17 +551,16 @@ class TrainingData:
 
 
 def _training_data(
-    params: Params, group: ProcessGroup, *, data_dir: Path, splits_csv: Path, pseudo_dir: Path | None,
-    cache_dir: Path, batch_augment: bool,
+    cfg: TrainParams, group: ProcessGroup, *, data_dir: Path, splits_csv: Path, pseudo_dir: Path | None,
+    reliable_fraction: float, val_batch_size: int, cache_dir: Path, batch_augment: bool,
 ) -> TrainingData:
-    """The samples and the loaders of one training: labeled + pseudo-labeled images in a per-epoch seeded order
-    split across ranks (segflow.distributed), val images split across ranks, and with ``train.consistency`` the
-    unlabeled images' views, in their own seeded order."""
-    cfg = params.train
+    """The samples and the loaders of one training: labeled + pseudo-labeled images (the ``reliable_fraction``
+    of them) in a per-epoch seeded order split across ranks (segflow.distributed), val images split across
+    ranks, and with ``train.consistency`` the unlabeled images' views, in their own seeded order."""
     labeled_samples = load_samples(data_dir, splits_csv, "train")
     pseudo_samples = []
     if pseudo_dir is not None:  # the caller decided (train.use_pseudo_labels, segflow.unlabeled)
-        pseudo_samples = load_pseudo_samples(pseudo_dir, params.pseudo_label.reliable_fraction)
+        pseudo_samples = load_pseudo_samples(pseudo_dir, reliable_fraction)
     train_samples = mix_labeled_and_pseudo(labeled_samples, pseudo_samples, cfg.oversample_labeled)
     val_samples = load_samples(data_dir, splits_csv, "val")
     if not labeled_samples or not val_samples:
@@ -472,7 +580,7 @@ def _training_data(
     )
     val_loader = DataLoader(
         SegmentationDataset(val_samples[group.rank :: group.world_size], cache=cache),
-        batch_size=params.evaluate.batch_size,
+        batch_size=val_batch_size,
         num_workers=cfg.num_workers, collate_fn=pad_collate,
     )
     data = TrainingData(labeled_samples, len(pseudo_samples), len(train_samples), len(val_samples), sampler,
@@ -511,41 +619,28 @@ def _check_crop_size(cfg: TrainParams, data_dir: Path, samples: list[Sample]) ->
 
 
 def _train(
-    params: Params, arch: str, group: ProcessGroup, *, data_dir: Path, splits_csv: Path, out_dir: Path,
+    cfg: TrainParams, arch: str, group: ProcessGroup, *, options: dict[str, Any], reliable_fraction: float,
+    val_batch_size: int, mlflow_params: MlflowParams, data_dir: Path, splits_csv: Path, out_dir: Path,
     pseudo_dir: Path | None, epochs: int, run_name: str, snapshots: int, resume: bool, cache_dir: Path,
     init_from: Path | None, keep_last: bool,
 ) -> TrainResult:
-    cfg = params.train
+    """One process's training: set-up, the epochs, then the model folder (rank 0)."""
     device = group.device
-    torch.manual_seed(cfg.seed)
     classes = read_classes(data_dir)
-
     batch_augment = BatchAugment(cfg.augment, cfg.crop_size) if batch_augment_on(cfg.batch_augment, device) else None
-    data = _training_data(params, group, data_dir=data_dir, splits_csv=splits_csv, pseudo_dir=pseudo_dir,
-                          cache_dir=cache_dir, batch_augment=batch_augment is not None)
-    labeled_samples, sampler, train_loader = data.labeled_samples, data.sampler, data.train_loader
-    batches_per_epoch = last_epoch_batches = len(train_loader)
-    if data.pseudo_count:  # equal budget: the batches (so the optimizer steps) labeled-only training would take
-        total_batches = epochs * batches_per_rank(len(labeled_samples), cfg.batch_size, group.world_size)
-        epochs = -(-total_batches // batches_per_epoch)
-        last_epoch_batches = total_batches - (epochs - 1) * batches_per_epoch
-        log.info("%s: %d labeled + %d pseudo-labeled images, %d batches: as many as labeled-only training takes",
-                 arch, len(labeled_samples), data.pseudo_count, total_batches)
+    data = _training_data(cfg, group, data_dir=data_dir, splits_csv=splits_csv, pseudo_dir=pseudo_dir,
+                          reliable_fraction=reliable_fraction, val_batch_size=val_batch_size, cache_dir=cache_dir,
+                          batch_augment=batch_augment is not None)
+    plan = plan_epochs(cfg, arch, data, epochs, snapshots, group.world_size)
 
-    def epoch_batches(epoch: int) -> int:
-        return last_epoch_batches if epoch == epochs else batches_per_epoch
-
-    options = params.model_options(arch)
     model, network = _build_model(arch, classes, options, group, sync_batchnorm=cfg.sync_batchnorm, init_from=init_from)
     optimizer = build_optimizer(cfg, model, device)
-    steps_per_epoch = -(-batches_per_epoch // cfg.accumulate_steps)
-    total_steps = (epochs - 1) * steps_per_epoch + -(-last_epoch_batches // cfg.accumulate_steps)
-    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    scheduler = build_scheduler(cfg, optimizer, plan.total_steps)
     amp = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     class_weight = None
     if cfg.class_weighting:  # from the labeled training masks only: pseudo-labels would echo the teacher's bias
-        class_weight = median_frequency_weights(labeled_samples, len(classes)).to(device)
+        class_weight = median_frequency_weights(data.labeled_samples, len(classes)).to(device)
     ema = mean_teacher(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     # What is validated, kept and registered: the Mean Teacher's weights or the trained ones.
     evaluated = ema.module if ema is not None and cfg.ema.evaluate else model
@@ -553,91 +648,42 @@ def _train(
                      pseudo_weight=cfg.pseudo_weight, class_weight=class_weight, compile=cfg.compile,
                      batch_augment=batch_augment, consistency=cfg.consistency,
                      unlabeled_class_weight=unlabeled_class_weight(class_weight, cfg.unlabeled_class_weighting),
-                     ema=ema, total_steps=total_steps)
-
-    resume_dir = checkpoint.resume_dir_for(out_dir)
-    settings = _resume_settings(params, arch, epochs, options, group, init_from, batch_augment is not None,
-                                data_dir=data_dir, splits_csv=splits_csv, pseudo_dir=pseudo_dir)
-    checkpointer = Checkpointer(resume_dir, group, settings, model=model, optimizer=optimizer, scheduler=scheduler,
-                                scaler=scaler, ema=ema)
-    progress, loss_sum = checkpointer.begin(resume)
-
-    snapshot_epochs = {round(epochs * k / (snapshots + 1)) for k in range(1, snapshots + 1)} - {0, epochs}
+                     ema=ema, total_steps=plan.total_steps)
     # The class weights go with the model: pseudo-labeling undoes the bias they give its probabilities.
     card = ModelCard(arch=arch, num_classes=len(classes), classes=classes, options=options,
                      extra={} if class_weight is None else {"class_weight": class_weight.tolist()})
-    every = cfg.checkpoint_every_steps or 0
-    run = tracking.stage_run(params.mlflow, "train", run_name, run_id=progress.run_id) if group.is_main \
+
+    resume_dir = checkpoint.resume_dir_for(out_dir)
+    settings = _resume_settings(cfg, arch, plan.epochs, options, group, init_from, batch_augment is not None,
+                                reliable_fraction=reliable_fraction, val_batch_size=val_batch_size,
+                                data_dir=data_dir, splits_csv=splits_csv, pseudo_dir=pseudo_dir)
+    checkpointer = Checkpointer(resume_dir, group, settings, plan, cfg.checkpoint_every_steps, model=model,
+                                optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
+    progress, loss_sum = checkpointer.begin(resume)
+
+    run = tracking.stage_run(mlflow_params, "train", run_name, run_id=progress.run_id) if group.is_main \
         else contextlib.nullcontext()
     with run as active:
         if group.is_main and progress.run_id is None:
             progress.run_id = active.info.run_id
-            mlflow.log_params(_run_params(cfg, arch, epochs, group, amp, data, options))
+            mlflow.log_params(_run_params(cfg, arch, plan.epochs, group, amp, data, options))
             mlflow.set_tag("segflow.arch", arch)
             tracking.log_dataset(data_dir, splits_csv, classes)
-
         unlabeled = None if data.unlabeled_loader is None else unlabeled_batches(
-            data.unlabeled_loader, (progress.epoch - 1) * batches_per_epoch + progress.batches_done)
-        for epoch in range(progress.epoch, epochs + 1):
-            first_batch = progress.batches_done if epoch == progress.epoch else 0
+            data.unlabeled_loader, (progress.epoch - 1) * plan.batches_per_epoch + progress.batches_done)
 
-            def after_optimizer_step(batches_done: int, epoch: int = epoch) -> None:
-                global_step = (epoch - 1) * steps_per_epoch + -(-batches_done // cfg.accumulate_steps)
-                if every and global_step % every == 0 and batches_done < epoch_batches(epoch):
-                    progress.epoch, progress.batches_done = epoch, batches_done
-                    checkpointer.save(progress, loss_sum)
-
-            model.train()
-            sampler.set_epoch(epoch, start=first_batch * cfg.batch_size)
-            bar = tqdm(itertools.islice(train_loader, epoch_batches(epoch) - first_batch),
-                       desc=f"{run_name} epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True,
-                       initial=first_batch, total=epoch_batches(epoch), disable=not group.is_main)
-            train_epoch(step, bar, first_batch=first_batch, batches_per_epoch=epoch_batches(epoch),
-                        accumulate=cfg.accumulate_steps, loss_sum=loss_sum, after_optimizer_step=after_optimizer_step,
-                        unlabeled=unlabeled)
-            distributed.all_reduce_sum(loss_sum, group)
-            train_loss = (loss_sum / max(1, epoch_batches(epoch) * group.world_size)).item()
-            if not math.isfinite(train_loss):
-                raise SegflowError(f"training {arch} diverged at epoch {epoch} (loss {train_loss}); lower train.lr.")
-            record = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
-            if unlabeled is not None:  # this rank's share; how much of the unlabeled images teaches
-                record["unlabeled_confident"] = step.unlabeled_confident_share()
-            # Small training sets make short epochs, where validating and checkpointing each one costs as much
-            # as the training itself: train.val_interval spaces them (the last epoch is always validated).
-            validating = epoch % cfg.val_interval == 0 or epoch == epochs
-            improved = False
-            if validating:
-                val = validate(evaluated, data.val_loader, len(classes), group)
-                if not math.isfinite(val["miou"]):  # NaN only when no val pixel is labeled: no model can be picked
-                    raise SegflowError(
-                        f"val mIoU is undefined: the val split of {splits_csv} has no labeled pixels (every mask "
-                        "pixel is ignore, 255), so no epoch of training can be chosen. Label some of its images, or "
-                        "re-run the validate stage (validate.min_labeled_pixel_fraction) and the split stage.")
-                record |= {"val_miou": val["miou"], "val_pixel_accuracy": val["pixel_accuracy"]}
-                improved = progress.best_epoch == 0 or val["miou"] > progress.best_miou
-                if improved:
-                    progress.best_miou, progress.best_epoch = val["miou"], epoch
-            progress.history.append(record)  # every epoch's loss; val_miou on validated epochs only
-            if group.is_main:
-                mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-                if validating:
-                    log.info("%s epoch %d: loss %.4f, val mIoU %.4f", arch, epoch, train_loss, val["miou"])
-                if epoch in snapshot_epochs:
-                    save_model(evaluated, replace(card, extra={"epoch": epoch}),
-                               resume_dir / SNAPSHOTS_DIR / f"epoch_{epoch}")
-                if improved:
-                    save_model(evaluated, card, resume_dir / BEST_DIR)
-            progress.epoch, progress.batches_done = epoch + 1, 0
-            loss_sum.zero_()
-            if validating:  # a resumed run replays the epochs since, exactly (the checkpoint holds the RNG states)
-                checkpointer.save(progress, loss_sum)
+        while progress.epoch <= plan.epochs:  # end_of_epoch moves progress on
+            train_epoch(step, data, plan, progress, loss_sum, checkpointer, unlabeled=unlabeled, title=run_name,
+                        show=group.is_main)
+            end_of_epoch(step, data, plan, progress, loss_sum, checkpointer, arch=arch, evaluated=evaluated,
+                         card=card, splits_csv=splits_csv)
 
         seconds = checkpointer.elapsed()
         if group.is_main:
             if ema is not None and evaluated is not ema.module:  # the Mean Teacher still makes the pseudo-labels
                 save_model(ema.module, card, resume_dir / EMA_DIR)
-            if keep_last and progress.best_epoch != epochs:  # the final weights beside the best (MMSeg's latest)
-                save_model(evaluated, replace(card, extra={"epoch": epochs}), resume_dir / LAST_DIR)
+            if keep_last and progress.best_epoch != plan.epochs:  # the final weights beside the best (MMSeg's latest)
+                save_model(evaluated, replace(card, extra={"epoch": plan.epochs}), resume_dir / LAST_DIR)
             _write_model_dir(out_dir, resume_dir, card, progress, seconds)
             mlflow.log_metrics({"best_val_miou": progress.best_miou, "train_seconds": seconds})
             mlflow.log_artifacts(str(out_dir), artifact_path="checkpoint")
@@ -664,12 +710,12 @@ def _build_model(
 
 
 def _resume_settings(
-    params: Params, arch: str, epochs: int, options: dict[str, Any], group: ProcessGroup,
-    init_from: Path | None, batch_augment: bool, *, data_dir: Path, splits_csv: Path, pseudo_dir: Path | None,
+    cfg: TrainParams, arch: str, epochs: int, options: dict[str, Any], group: ProcessGroup,
+    init_from: Path | None, batch_augment: bool, *, reliable_fraction: float, val_batch_size: int,
+    data_dir: Path, splits_csv: Path, pseudo_dir: Path | None,
 ) -> dict[str, Any]:
     """What a resumed training must share with the interrupted one to continue it exactly: its parameters and
     the SHA-256 of every file it reads (the ingested data, the split, the pseudo-labels)."""
-    cfg = params.train
     return {
         "arch": arch, "epochs": epochs, "model_options": options,
         "processes": group.world_size, "init_from": None if init_from is None else str(init_from),
@@ -677,8 +723,8 @@ def _resume_settings(
         **{f"train.{key}": value for key, value in cfg.model_dump(mode="json").items()
            if key not in ("num_workers", "device", "checkpoint_every_steps", "compile", "decoded_cache", "archs")},
         "train.batch_augment": batch_augment,  # what auto became: it differs between devices
-        "pseudo_label.reliable_fraction": params.pseudo_label.reliable_fraction,
-        "evaluate.batch_size": params.evaluate.batch_size,
+        "pseudo_label.reliable_fraction": reliable_fraction,
+        "evaluate.batch_size": val_batch_size,
         f"{splits_csv} (SHA-256)": file_sha256(splits_csv),
         f"{data_dir} (SHA-256 of each file)": ingested_sha256(data_dir),
         **({} if pseudo_dir is None else {f"{pseudo_dir} (SHA-256 of each file)": folder_sha256(pseudo_dir)}),
