@@ -408,6 +408,54 @@ BAD_DOCS = {
         lambda d: set_in(d, ("images", 1, "height"), 9),
         ["image id 2", "10x9", "b.png is 10x8"],
     ),
+    # Each problem names where it is (entry, what the file calls it, field path) and the value found there.
+    "id as true": (lambda d: set_in(d, ("images", 0, "id"), True), ["images[0]: 'id' must be an integer, found True"]),
+    "width as float": (
+        lambda d: set_in(d, ("images", 0, "width"), 10.0),
+        ["images[0] (image id 1): 'width' must be an integer, found 10.0"],
+    ),
+    "zero height": (lambda d: set_in(d, ("images", 1, "height"), 0), ["image id 2", "'height' must be greater than 0"]),
+    "blank file_name": (
+        lambda d: set_in(d, ("images", 1, "file_name"), " "),
+        ["images[1] (image id 2): 'file_name' must not be blank, found ' '"],
+    ),
+    "blank category name": (
+        lambda d: set_in(d, ("categories", 0, "name"), ""),
+        ["categories[0] (category id 1): 'name' must not be blank, found ''"],
+    ),
+    "duplicate category name": (
+        lambda d: set_in(d, ("categories", 1, "name"), "box"),
+        ["categories[1] (category id 2): 'name' 'box' is used twice (also by categories[0])"],
+    ),
+    "no categories": (lambda d: set_in(d, ("categories",), []), ["'categories' must not be an empty list"]),
+    "more categories than 8-bit masks hold": (
+        lambda d: set_in(d, ("categories",), [{"id": i, "name": f"c{i}"} for i in range(1, 256)]),
+        ["'categories' must have at most 254 item(s)"],
+    ),
+    "nan coordinate": (
+        lambda d: set_in(d, ("annotations", 0, "segmentation"), [[2, 2, 6, float("nan"), 6, 5]]),
+        ["annotations[0] (annotation id 1, image 'a.png'): 'segmentation[0][3]' must be a finite number, found nan"],
+    ),
+    "coordinate as text": (
+        lambda d: set_in(d, ("annotations", 1, "segmentation"), [SQUARE, [2, "2", 6, 2, 6, 5]]),
+        ["annotations[1] (annotation id 2, image 'b.png'): 'segmentation[1][1]' must be", "number", "found '2'"],
+    ),
+    "polygon not in a list of polygons": (
+        lambda d: set_in(d, ("annotations", 0, "segmentation"), SQUARE),
+        ["annotation id 1", "'segmentation' must be a list of polygons", "found [2, 2, 6, 2, 6, 5, ...]"],
+    ),
+    "rle size of one number": (
+        lambda d: set_in(d, ("annotations", 0, "segmentation"), {"size": [80], "counts": [80]}),
+        ["annotation id 1", "'segmentation.size' must have at least 2 item(s), found [80]"],
+    ),
+    "negative rle count": (
+        lambda d: set_in(d, ("annotations", 0, "segmentation"), {"size": [8, 10], "counts": [90, -10]}),
+        ["annotation id 1", "'segmentation.counts[1]' must be greater than or equal to 0, found -10"],
+    ),
+    "rle without counts": (
+        lambda d: set_in(d, ("annotations", 0, "segmentation"), {"size": [8, 10]}),
+        ["annotations[0] (annotation id 1, image 'a.png'): 'segmentation' has no 'counts'"],
+    ),
 }
 
 
@@ -440,6 +488,50 @@ def test_bad_annotations_raise_and_keep_previous_output(coco_with_previous_outpu
     write_json(ann_path, mutate(good_doc()))
     message = assert_error_keeps_previous_output(lambda: ingest_coco(images, ann_path, out), out, before, expected)
     assert str(ann_path) in message
+
+
+def test_every_problem_is_found_and_the_first_few_are_named_with_a_count(coco_with_previous_output):
+    images, ann_path, out, before = coco_with_previous_output
+    doc = good_doc()
+    doc["images"][0]["width"] = "10"
+    doc["annotations"] += [annotation(10 + i, 1, 1, "square") for i in range(11)]  # annotations[2..12]
+    doc["categories"][1]["id"] = "2"
+    write_json(ann_path, doc)
+    message = assert_error_keeps_previous_output(lambda: ingest_coco(images, ann_path, out), out, before, [])
+    assert message.startswith(f"{ann_path}: 13 problem(s) with this COCO annotations file: ")  # all, not the first
+    assert "images[0] (image id 1): 'width' must be an integer, found '10'; annotations[2] (annotation id 10" in message
+    assert "annotations[5] (annotation id 13, image 'a.png'): 'segmentation' must be" in message
+    assert "annotations[6]" not in message and "categories[1]" not in message
+    assert message.endswith("; and 8 more.")
+    assert "\n" not in message
+
+    doc = good_doc()  # well formed, but its references are wrong: summarised the same way
+    doc["annotations"] = [annotation(i, 100 + i, 1, [SQUARE]) for i in range(7)]
+    write_json(ann_path, doc)
+    message = assert_error_keeps_previous_output(lambda: ingest_coco(images, ann_path, out), out, before, [])
+    assert message.startswith(f"{ann_path}: 7 problem(s) with this COCO annotations file: ")
+    assert "annotations[4] (annotation id 4): 'image_id' refers to image id 104, not in 'images'" in message
+    assert "annotations[5]" not in message and message.endswith("; and 2 more.")
+
+
+def test_a_huge_wrong_value_is_quoted_briefly(coco_with_previous_output):
+    images, ann_path, out, before = coco_with_previous_output
+    write_json(ann_path, set_in(good_doc(), ("annotations", 0, "segmentation"), list(range(200_000))))
+    expected = ["'segmentation' must be a list of polygons", "found [0, 1, 2, 3, 4, 5, ...]"]
+    message = assert_error_keeps_previous_output(lambda: ingest_coco(images, ann_path, out), out, before, expected)
+    assert len(message) < 400
+
+
+def test_keys_segflow_does_not_use_are_ignored(tmp_path):
+    """A COCO file as tools export it: info, licenses, bbox, area, supercategory, ... are not segflow's concern."""
+    save_image(tmp_path / "images" / "a.png", 10, 8)
+    doc = coco_doc([image_entry(1, "a.png")], [annotation(1, 1, 1, [SQUARE], iscrowd=0)], [(1, "box")])
+    doc.update(info={"year": 2024, "version": "1"}, licenses=[{"id": 1, "name": "CC-BY"}])
+    doc["images"][0].update(license=1, coco_url="http://x/a.png", date_captured="2024-01-01")
+    doc["annotations"][0].update(bbox=[2, 2, 4, 3], area=12.0, attributes={"occluded": False})
+    doc["categories"][0]["supercategory"] = "thing"
+    ingest_coco(tmp_path / "images", write_json(tmp_path / "ann.json", doc), tmp_path / "out")
+    assert out_mask(tmp_path / "out", "a").sum() == 12
 
 
 def test_annotations_that_are_not_json_report_line_and_column(coco_with_previous_output):

@@ -16,11 +16,13 @@ Image folders are searched recursively for png/jpg/jpeg/bmp/tif/tiff; hidden fil
 ``._*`` files), and a COCO source's unlabeled folder lying inside its images folder, are skipped (an output folder
 inside an input is refused: segflow.fsutil.refuse_overlap).
 
-COCO: categories become indices 1..K in ascending category id (0 = ``background``). Each annotation is
-rasterized exactly as ``pycocotools.coco.COCO.annToMask`` does. Crowd annotations (``iscrowd: 1``) are
-painted with their category like any other annotation rather than ignored: they do mark that category's
-pixels, only as a group. Overlaps are painted largest rasterized area first (ties: lower annotation id
-first), so smaller objects stay on top.
+COCO: the file is parsed into typed models (``_CocoFile`` and the models it holds say what segflow needs of it);
+an invalid file is one SegflowError naming its first few problems (where: ``annotations[3] (annotation id 7,
+image 'a.png'): 'segmentation' ...``, what is wrong, the value found) and their count. Categories become indices
+1..K in ascending category id (0 = ``background``). Each annotation is rasterized exactly as
+``pycocotools.coco.COCO.annToMask`` does. Crowd annotations (``iscrowd: 1``) are painted with their category like
+any other annotation rather than ignored: they do mark that category's pixels, only as a group. Overlaps are
+painted largest rasterized area first (ties: lower annotation id first), so smaller objects stay on top.
 
 Mask folders: masks pair with images by file name without extension; ``value_map`` is applied first,
 then ``ignore_value`` becomes 255. Masks must be lossless (png/bmp/tif), since JPEG alters label values.
@@ -35,18 +37,33 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+import reprlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    FiniteFloat,
+    NonNegativeInt,
+    PositiveInt,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from segflow import IGNORE_INDEX
 from segflow.errors import SegflowError
@@ -54,6 +71,8 @@ from segflow.fsutil import atomic_write_json, owned_dir, refuse_overlap
 from segflow.imageio import image_size, read_mask, write_mask
 
 if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
+
     from segflow.config import DataParams
 
 __all__ = ["IngestReport", "MaskSource", "ingest_coco", "ingest_from_params", "ingest_masks", "parse_value_map"]
@@ -130,10 +149,15 @@ def ingest_coco(
     if not items:
         raise SegflowError(f"{annotations}: no image it lists was found under {images}; nothing to ingest.")
 
-    names = [BACKGROUND] + [name for _, name in coco.categories]
+    categories = sorted(coco.categories, key=lambda category: category.id)  # class index = position + 1
+    names = [BACKGROUND] + [category.name for category in categories]
+    class_index = {category.id: index for index, category in enumerate(categories, start=1)}
+    painted: dict[int, list[tuple[int, _CocoAnnotation]]] = defaultdict(list)  # image id -> (class, annotation)
+    for annotation in coco.annotations:
+        painted[annotation.image_id].append((class_index[annotation.category_id], annotation))
     with owned_dir(out, "segflow ingest", inputs) as tmp:
         (tmp / "masks").mkdir()
-        write_one = partial(_write_coco_mask, coco=coco, annotations_file=annotations, masks_dir=tmp / "masks")
+        write_one = partial(_write_coco_mask, painted=painted, annotations_file=annotations, masks_dir=tmp / "masks")
         rows = _parallel_map(write_one, items)
         unlabeled_rows = _parallel_map(_unlabeled_row, unlabeled_files)
         _write_outputs(
@@ -142,7 +166,7 @@ def ingest_coco(
             rows + unlabeled_rows,
             {
                 "names": names,
-                "coco_category_ids": [None] + [category_id for category_id, _ in coco.categories],
+                "coco_category_ids": [None] + [category.id for category in categories],
                 "ignore_index": IGNORE_INDEX,
                 "source": "coco",
             },
@@ -340,36 +364,100 @@ def _is_byte_text(text: str) -> bool:
     return text.isascii() and text.isdigit() and int(text) <= 255
 
 
+_REPR = reprlib.Repr()  # bounded work and text for any value, however large (the input of a whole file)
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------------
-# COCO: parsing and validating the annotations file
+# COCO: the annotations file, parsed once into typed models (they say what segflow needs of it)
 # ----------------------------------------------------------------------------------------------------------
 
+MAX_PROBLEMS = 5  # an invalid annotations file is reported by its first few problems and a count
 
-@dataclass(frozen=True)
-class _CocoImage:
+
+def _closed_polygons(polygons: list[list[float]]) -> list[list[float]]:
+    for number, polygon in enumerate(polygons):  # pycocotools crashes on an odd count, reads 2 points as a box
+        if len(polygon) % 2:
+            raise ValueError(f"polygon {number} has an odd number of coordinates ({len(polygon)})")
+        if len(polygon) < 6:
+            raise ValueError(f"polygon {number} has {len(polygon) // 2} point(s); a polygon needs at least 3")
+    return polygons
+
+
+def _runs(counts: Any) -> Any:
+    runs = _compressed_rle_runs(counts) if isinstance(counts, str) else counts
+    if not isinstance(runs, list):
+        raise ValueError("must be a list of non-negative integers or a valid compressed string")
+    return runs
+
+
+def _segmentation_kind(value: Any) -> str | None:
+    if isinstance(value, list) and all(isinstance(polygon, list) for polygon in value):
+        return "polygons"
+    return "RLE" if isinstance(value, dict) else None
+
+
+_Text = Annotated[str, Field(pattern=r"\S")]  # not blank
+
+
+class _Model(BaseModel):
+    # Strict: 10.0, "10" and true are not the integer 10. Other keys (bbox, area, iscrowd, info, ...) are ignored.
+    model_config = ConfigDict(strict=True)
+
+
+class _CocoImage(_Model):
     id: int
-    file_name: str
-    width: int
-    height: int
+    file_name: _Text  # relative to the images folder
+    width: PositiveInt
+    height: PositiveInt
 
 
-@dataclass(frozen=True)
-class _CocoAnnotation:
+class _CocoCategory(_Model):
     id: int
-    class_index: int
-    segmentation: list | dict
+    name: _Text
 
 
-@dataclass(frozen=True)
-class _CocoFile:
-    categories: list[tuple[int, str]]  # (category id, name), ascending id; class index = position + 1
+class _Rle(_Model):
+    """A run-length encoded mask: run lengths over the image in column-major order, starting with 0s."""
+
+    size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]  # the image's [height, width]
+    # A list of runs, or pycocotools' compressed string (decoded here to its runs as ``rleFrString`` does).
+    counts: Annotated[list[NonNegativeInt], BeforeValidator(_runs)]
+
+    @model_validator(mode="after")
+    def _covers_the_image(self) -> _Rle:  # pycocotools leaves pixels past a short RLE uninitialised
+        height, width = self.size
+        if sum(self.counts) != height * width:
+            raise ValueError(f"RLE counts cover {sum(self.counts)} pixels, but size {self.size} is {height}x{width} "
+                             f"= {height * width}")
+        return self
+
+
+class _CocoAnnotation(_Model):
+    id: int
+    image_id: int
+    category_id: int
+    # Polygons (flat lists x1,y1,x2,y2,..., several for an object in parts) or an RLE; a box alone makes no mask.
+    segmentation: Annotated[
+        Annotated[list[list[FiniteFloat]], Field(min_length=1), AfterValidator(_closed_polygons), Tag("polygons")]
+        | Annotated[_Rle, Tag("RLE")],
+        Discriminator(_segmentation_kind, custom_error_type="segmentation_type",
+                      custom_error_message="must be a list of polygons (lists x1,y1,x2,y2,...) or an RLE object"),
+    ]
+
+
+class _CocoFile(_Model):
+    """What segflow reads of a COCO instances file; ``_cross_reference_problems`` checks ids and references."""
+
     images: list[_CocoImage]
-    annotations: dict[int, list[_CocoAnnotation]]  # by image id
+    annotations: list[_CocoAnnotation]
+    # Categories in ascending id become class indices 1..254 (0 is background and 255 ignore in 8-bit masks).
+    categories: Annotated[list[_CocoCategory], Field(min_length=1, max_length=MAX_CLASSES - 1)]
 
 
 @dataclass(frozen=True)
@@ -380,20 +468,18 @@ class _CocoItem:
 
 
 def _load_coco(path: Path) -> _CocoFile:
+    """Parse the annotations file, or raise one SegflowError naming its first few problems and their count."""
     doc = _read_json(path)
-    if not isinstance(doc, dict):
-        raise SegflowError(f"{path}: a COCO annotations file must be a JSON object, found {type(doc).__name__}.")
-    missing = [key for key in ("images", "annotations", "categories") if key not in doc]
-    if missing:
-        raise SegflowError(
-            f"{path}: not a COCO annotations file: missing top-level key(s) {', '.join(map(repr, missing))} "
-            "(it needs 'images', 'annotations' and 'categories')."
-        )
-    categories = _parse_categories(_top_level_list(doc, "categories", path), path)
-    images = _parse_images(_top_level_list(doc, "images", path), path)
-    class_index = {category_id: index for index, (category_id, _) in enumerate(categories, start=1)}
-    annotations = _parse_annotations(_top_level_list(doc, "annotations", path), path, images, class_index)
-    return _CocoFile(categories, list(images.values()), annotations)
+    try:
+        coco = _CocoFile.model_validate(doc)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        _refuse_coco(path, [_describe(doc, error) for error in errors[:MAX_PROBLEMS]], len(errors))
+    problems = list(_cross_reference_problems(coco))
+    if problems:
+        shown = [f"{_entry_name(doc, key, index)}: {problem}" for key, index, problem in problems[:MAX_PROBLEMS]]
+        _refuse_coco(path, shown, len(problems))
+    return coco
 
 
 def _read_json(path: Path) -> Any:
@@ -409,175 +495,88 @@ def _read_json(path: Path) -> Any:
         raise SegflowError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
 
 
-def _top_level_list(doc: dict, key: str, path: Path) -> list:
-    value = doc[key]
-    if not isinstance(value, list):
-        raise SegflowError(f"{path}: top-level '{key}' must be a list, found {type(value).__name__}.")
-    return value
-
-
-def _entry(value: Any, where: str, path: Path) -> dict:
-    if not isinstance(value, dict):
-        raise SegflowError(f"{path}: {where} must be a JSON object, found {_short(value)}.")
-    return value
-
-
-def _int_field(entry: dict, key: str, where: str, path: Path, *, positive: bool = False) -> int:
-    if key not in entry:
-        raise SegflowError(f"{path}: {where} has no '{key}'.")
-    value = entry[key]
-    if not isinstance(value, int) or isinstance(value, bool) or (positive and value <= 0):
-        kind = "a positive integer" if positive else "an integer"
-        raise SegflowError(f"{path}: {where}: '{key}' must be {kind}, found {_short(value)}.")
-    return value
-
-
-def _str_field(entry: dict, key: str, where: str, path: Path) -> str:
-    if key not in entry:
-        raise SegflowError(f"{path}: {where} has no '{key}'.")
-    value = entry[key]
-    if not isinstance(value, str) or not value.strip():
-        raise SegflowError(f"{path}: {where}: '{key}' must be a non-empty string, found {_short(value)}.")
-    return value
-
-
-def _parse_categories(entries: list, path: Path) -> list[tuple[int, str]]:
-    by_id: dict[int, str] = {}
-    for position, raw in enumerate(entries):
-        where = f"categories[{position}]"
-        category = _entry(raw, where, path)
-        category_id = _int_field(category, "id", where, path)
-        name = _str_field(category, "name", f"category id {category_id}", path)
-        if category_id in by_id:
-            raise SegflowError(
-                f"{path}: category id {category_id} is defined twice ({by_id[category_id]!r}, {name!r})."
+def _cross_reference_problems(coco: _CocoFile) -> Iterator[tuple[str, int, str]]:
+    """(list, index, problem) for what no entry shows alone: repeated ids or names, references to nothing."""
+    yield from _repeats("categories", [category.id for category in coco.categories], "category id {} is defined")
+    yield from _repeats("categories", [category.name for category in coco.categories], "'name' {!r} is used")
+    yield from _repeats("images", [image.id for image in coco.images], "image id {} is used")
+    files = [os.path.normpath(image.file_name) for image in coco.images]  # "a.png" and "./a.png" are one file
+    yield from _repeats("images", files, "'file_name' {!r} is listed")
+    yield from _repeats("annotations", [annotation.id for annotation in coco.annotations], "annotation id {} is used")
+    for index, category in enumerate(coco.categories):
+        if category.name == BACKGROUND:
+            yield "categories", index, (f"'name' {BACKGROUND!r} is reserved for index 0 (pixels of no annotation). "
+                                        "Rename the category, or remove it if no annotation uses it")
+    images = {image.id: image for image in coco.images}
+    category_ids = {category.id for category in coco.categories}
+    for index, annotation in enumerate(coco.annotations):
+        image, rle = images.get(annotation.image_id), annotation.segmentation
+        if image is None:
+            yield "annotations", index, f"'image_id' refers to image id {annotation.image_id}, not in 'images'"
+        if annotation.category_id not in category_ids:
+            yield "annotations", index, (
+                f"'category_id' refers to category id {annotation.category_id}, not in 'categories'"
             )
-        by_id[category_id] = name
-    if not by_id:
-        raise SegflowError(f"{path}: 'categories' is empty; there is nothing to segment.")
-    if len(by_id) > MAX_CLASSES - 1:
-        raise SegflowError(
-            f"{path}: {len(by_id)} categories do not fit 8-bit masks (at most {MAX_CLASSES - 1} plus background)."
-        )
-    categories = sorted(by_id.items())
-    for category_id, name in categories:
-        if name == BACKGROUND:
-            raise SegflowError(
-                f"{path}: category id {category_id} is named {BACKGROUND!r}, which segflow reserves for index 0 "
-                "(pixels of no annotation). Rename the category, or remove it if no annotation uses it."
-            )
-    _check_class_names([name for _, name in categories], source=f"{path}: category names")
-    return categories
+        if image and isinstance(rle, _Rle) and rle.size != [image.height, image.width]:
+            yield "annotations", index, (f"'segmentation' has RLE size {rle.size}, but the image's [height, width] "
+                                         f"is [{image.height}, {image.width}]")
 
 
-def _parse_images(entries: list, path: Path) -> dict[int, _CocoImage]:
-    images: dict[int, _CocoImage] = {}
-    id_by_file: dict[str, int] = {}
-    for position, raw in enumerate(entries):
-        where = f"images[{position}]"
-        entry = _entry(raw, where, path)
-        image_id = _int_field(entry, "id", where, path)
-        where = f"image id {image_id}"
-        image = _CocoImage(
-            id=image_id,
-            file_name=_str_field(entry, "file_name", where, path),
-            width=_int_field(entry, "width", where, path, positive=True),
-            height=_int_field(entry, "height", where, path, positive=True),
-        )
-        if image_id in images:
-            raise SegflowError(
-                f"{path}: image id {image_id} is used twice ({images[image_id].file_name!r}, {image.file_name!r})."
-            )
-        other = id_by_file.setdefault(os.path.normpath(image.file_name), image_id)
-        if other != image_id:
-            raise SegflowError(
-                f"{path}: file_name {image.file_name!r} is listed twice (image ids {other} and {image_id})."
-            )
-        images[image_id] = image
-    return images
+def _repeats(key: str, values: list, problem: str) -> Iterator[tuple[str, int, str]]:
+    first: dict[Any, int] = {}
+    for index, value in enumerate(values):
+        if (earlier := first.setdefault(value, index)) != index:
+            yield key, index, f"{problem.format(value)} twice (also by {key}[{earlier}])"
 
 
-def _parse_annotations(
-    entries: list, path: Path, images: dict[int, _CocoImage], class_index: dict[int, int]
-) -> dict[int, list[_CocoAnnotation]]:
-    by_image: dict[int, list[_CocoAnnotation]] = {image_id: [] for image_id in images}
-    seen_ids: set[int] = set()
-    for position, raw in enumerate(entries):
-        where = f"annotations[{position}]"
-        entry = _entry(raw, where, path)
-        annotation_id = _int_field(entry, "id", where, path)
-        where = f"annotation id {annotation_id}"
-        if annotation_id in seen_ids:
-            raise SegflowError(f"{path}: annotation id {annotation_id} is used twice.")
-        seen_ids.add(annotation_id)
-        image_id = _int_field(entry, "image_id", where, path)
-        if image_id not in images:
-            raise SegflowError(f"{path}: {where} refers to image id {image_id}, which is not in 'images'.")
-        image = images[image_id]
-        where = f"annotation id {annotation_id} (image {image.file_name!r})"
-        category_id = _int_field(entry, "category_id", where, path)
-        if category_id not in class_index:
-            raise SegflowError(f"{path}: {where} refers to category id {category_id}, which is not in 'categories'.")
-        if "segmentation" not in entry:
-            raise SegflowError(f"{path}: {where} has no 'segmentation' (a box alone does not make a mask).")
-        segmentation = entry["segmentation"]
-        _check_segmentation(segmentation, image, where, path)
-        by_image[image_id].append(_CocoAnnotation(annotation_id, class_index[category_id], segmentation))
-    return by_image
+_PREDICATES = {  # pydantic's wording for a JSON file, where it does not fit ("Input should be" -> "must be")
+    "int_type": "must be an integer",
+    "list_type": "must be a list",
+    "model_type": "must be a JSON object",
+    "string_pattern_mismatch": "must not be blank",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
+}
 
 
-def _check_segmentation(segmentation: Any, image: _CocoImage, where: str, path: Path) -> None:
-    """Reject what pycocotools would crash on or misread (a 2-point polygon reads as a box)."""
-    if isinstance(segmentation, list):
-        _check_polygons(segmentation, where, path)
-    elif isinstance(segmentation, dict):
-        _check_rle(segmentation, image, where, path)
+def _describe(doc: Any, error: ErrorDetails) -> str:
+    """One pydantic error where the file has it: ``images[2] (image id 7): 'width' must be an integer, found '10'``."""
+    loc = [part for part in error["loc"] if part not in ("polygons", "RLE")]  # union tags, not JSON keys
+    kind = error["type"]
+    if kind == "missing":
+        key = loc.pop()
+        if not loc:
+            return f"missing top-level key {key!r} (a COCO file needs 'images', 'annotations' and 'categories')"
+        predicate = f"has no {key!r}"
+    elif kind == "too_short" and not error["input"]:
+        predicate = "must not be an empty list"
     else:
-        raise SegflowError(
-            f"{path}: {where}: 'segmentation' must be a list of polygons or an RLE object, "
-            f"found {_short(segmentation)}."
-        )
+        text = _PREDICATES[kind].format(**error.get("ctx", {})) if kind in _PREDICATES else error["msg"]
+        text = text.replace("Input should be", "must be").removeprefix("Value error, ")
+        predicate = f"{text}, found {_short(error['input'])}"
+    if len(loc) < 2:  # the document itself, or one of its top-level keys
+        return f"'{loc[0]}' {predicate}" if loc else f"the top level {predicate}"
+    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[2:]).lstrip(".")
+    where = _entry_name(doc, *loc[:2])
+    return f"{where}: '{field}' {predicate}" if field else f"{where} {predicate}"
 
 
-def _check_polygons(polygons: list, where: str, path: Path) -> None:
-    if not polygons:
-        raise SegflowError(f"{path}: {where}: 'segmentation' is an empty list of polygons.")
-    for number, polygon in enumerate(polygons):
-        if not isinstance(polygon, list) or not all(_is_finite_number(value) for value in polygon):
-            raise SegflowError(f"{path}: {where}: polygon {number} must be a flat list of numbers x1,y1,x2,y2,...")
-        if len(polygon) % 2:
-            raise SegflowError(f"{path}: {where}: polygon {number} has an odd number of coordinates ({len(polygon)}).")
-        if len(polygon) < 6:
-            raise SegflowError(
-                f"{path}: {where}: polygon {number} has {len(polygon) // 2} point(s); a polygon needs at least 3."
-            )
+def _entry_name(doc: dict, key: str, index: int) -> str:
+    """``annotations[3] (annotation id 7, image 'a.png')``: where an entry is, and what the file calls it."""
+    entry = doc[key][index]
+    if not isinstance(entry, dict) or type(entry.get("id")) is not int:
+        return f"{key}[{index}]"
+    kind = {"images": "image", "annotations": "annotation", "categories": "category"}[key]
+    image_id = entry.get("image_id") if key == "annotations" else None
+    images = doc["images"] if image_id is not None and isinstance(doc.get("images"), list) else []
+    names = [image.get("file_name") for image in images if isinstance(image, dict) and image.get("id") == image_id]
+    image = f", image {names[0]!r}" if names and isinstance(names[0], str) else ""
+    return f"{key}[{index}] ({kind} id {entry['id']}{image})"
 
 
-def _check_rle(rle: dict, image: _CocoImage, where: str, path: Path) -> None:
-    if "counts" not in rle or "size" not in rle:
-        raise SegflowError(f"{path}: {where}: an RLE 'segmentation' needs 'counts' and 'size'.")
-    if rle["size"] != [image.height, image.width]:
-        raise SegflowError(
-            f"{path}: {where}: RLE size {_short(rle['size'])} does not match the image's [height, width] "
-            f"[{image.height}, {image.width}]."
-        )
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        runs = _compressed_rle_runs(counts)
-    elif isinstance(counts, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
-        runs = counts
-    else:
-        runs = None
-    if runs is None:
-        raise SegflowError(
-            f"{path}: {where}: RLE 'counts' must be a list of non-negative integers or a valid compressed string."
-        )
-    # pycocotools leaves pixels past a short RLE uninitialised (random masks), so the runs must cover the image.
-    if sum(runs) != image.height * image.width:
-        raise SegflowError(
-            f"{path}: {where}: RLE counts cover {sum(runs)} pixels, but the image has "
-            f"{image.height}x{image.width} = {image.height * image.width}."
-        )
+def _refuse_coco(path: Path, problems: list[str], count: int) -> NoReturn:
+    more = f"; and {count - len(problems)} more" if count > len(problems) else ""
+    raise SegflowError(f"{path}: {count} problem(s) with this COCO annotations file: {'; '.join(problems)}{more}.")
 
 
 def _compressed_rle_runs(text: str) -> list[int] | None:
@@ -605,9 +604,6 @@ def _compressed_rle_runs(text: str) -> list[int] | None:
         runs.append(value)
     return runs
 
-
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -650,7 +646,9 @@ def _refuse_files_outside(coco: _CocoFile, images: Path, annotations: Path) -> N
             )
 
 
-def _write_coco_mask(item: _CocoItem, coco: _CocoFile, annotations_file: Path, masks_dir: Path) -> _ManifestRow:
+def _write_coco_mask(
+    item: _CocoItem, painted: dict[int, list[tuple[int, _CocoAnnotation]]], annotations_file: Path, masks_dir: Path
+) -> _ManifestRow:
     entry = item.entry
     width, height = image_size(item.path)
     if (width, height) != (entry.width, entry.height):
@@ -658,28 +656,27 @@ def _write_coco_mask(item: _CocoItem, coco: _CocoFile, annotations_file: Path, m
             f"{annotations_file}: image id {entry.id} is {entry.width}x{entry.height} (width x height) there, "
             f"but {item.path} is {width}x{height} on disk."
         )
-    mask = _rasterize(coco.annotations[entry.id], entry)
+    mask = _rasterize(painted.get(entry.id, []), entry)
     write_mask(masks_dir / f"{item.image_id}.png", mask)
     return _ManifestRow(item.image_id, item.path, width, height, labeled=True)
 
 
-def _rasterize(annotations: list[_CocoAnnotation], image: _CocoImage) -> np.ndarray:
+def _rasterize(painted: list[tuple[int, _CocoAnnotation]], image: _CocoImage) -> np.ndarray:
     """Paint annotations largest area first so small objects on top of large ones stay visible."""
     canvas = np.zeros((image.height, image.width), dtype=np.uint8)
-    rles = [(annotation, _annotation_rle(annotation.segmentation, image)) for annotation in annotations]
+    rles = [(index, annotation.id, _annotation_rle(annotation.segmentation, image)) for index, annotation in painted]
     # Areas come from the RLEs, so sorting needs no decoded masks; each is decoded only while painted.
-    for annotation, rle in sorted(rles, key=lambda pair: (int(mask_utils.area(pair[1])), -pair[0].id), reverse=True):
-        canvas[mask_utils.decode(rle).astype(bool)] = annotation.class_index
+    for index, _, rle in sorted(rles, key=lambda item: (int(mask_utils.area(item[2])), -item[1]), reverse=True):
+        canvas[mask_utils.decode(rle).astype(bool)] = index
     return canvas
 
 
-def _annotation_rle(segmentation: list | dict, image: _CocoImage) -> dict:
+def _annotation_rle(segmentation: list[list[float]] | _Rle, image: _CocoImage) -> dict:
     """The RLE that ``COCO.annToRLE`` builds, so masks match ``COCO.annToMask`` pixel for pixel."""
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, image.height, image.width))
-    if isinstance(segmentation["counts"], list):
-        return mask_utils.frPyObjects(segmentation, image.height, image.width)
-    return segmentation
+    if isinstance(segmentation, _Rle):  # a compressed string was decoded to these runs when parsed
+        rle = {"size": segmentation.size, "counts": segmentation.counts}
+        return mask_utils.frPyObjects(rle, image.height, image.width)
+    return mask_utils.merge(mask_utils.frPyObjects(segmentation, image.height, image.width))
 
 
 # ----------------------------------------------------------------------------------------------------------
