@@ -86,7 +86,8 @@ def run_arm(args, arm: str, fraction: float | None, seed: int, data_dir: Path, s
     labeled = int((frame["split"] == "train").sum())
     params = arm_params(args, arm, seed, labeled)
     model_dir = run_dir / "model"
-    result = train(params, args.arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=model_dir,
+    result = train(params.train, args.arch, model_options=params.models.get(args.arch, {}), mlflow_cfg=params.mlflow,
+                   val_batch_size=params.evaluate.batch_size, data_dir=data_dir, splits_csv=splits_csv, out_dir=model_dir,
                    run_name=f"{arm} seed {seed}", keep_last=True)
     scoring = {"device": params.train.device, "batch_size": params.evaluate.batch_size,
                "inference": params.evaluate.inference, "train_crop_size": params.train.crop_size}

@@ -29,7 +29,7 @@ over the models of segflow / reference images per second.
 On the CPU segflow runs the same fp32 work as the reference (autocast and channels-last are CUDA-only; channels-
 last was no faster on a 2-core AVX-512 CPU), so the ratio there shows only that segflow adds no cost: about 1.
 Segflow's training on the CPU makes glibc's malloc keep the memory a step frees (segflow.train.keep_freed_memory,
-from prepare_model): without it, whenever the gradients segflow frees at the end of its step lay at the top of the
+from tune_process_for_training): without it, whenever the gradients segflow frees at the end of its step lay at the top of the
 heap (as they did here, beside the reference's model), glibc gave them back to the OS and every backward page-
 faulted ~100 MB in again (ratio 0.6-0.9). The setting is process-wide: the reference runs with it too.
 On a machine that other processes keep busy, OpenMP threads spinning at barriers take the cores from the
@@ -69,7 +69,14 @@ from segflow.config import parse_params
 from segflow.data import BatchAugment, Sample, SegmentationDataset, batch_augment_on, pad_collate
 from segflow.distributed import EpochSampler, SeededDataset
 from segflow.imageio import read_image, read_mask, write_image, write_mask
-from segflow.train import TrainStep, amp_dtype, build_optimizer, build_scheduler, prepare_model
+from segflow.train import (
+    TrainStep,
+    amp_dtype,
+    build_optimizer,
+    build_scheduler,
+    prepare_model,
+    tune_process_for_training,
+)
 
 # benchmark name -> (segflow registry name, builder options)
 MODELS = {
@@ -183,6 +190,7 @@ def segflow_loop(arch: str, options: dict, dataset: SegmentationDataset, args, d
                  batch_augment: BatchAugment | None) -> Loop:
     train = {"batch_size": args.batch, "crop_size": args.size, "num_workers": args.workers, "optimizer": "sgd", **SGD}
     cfg = parse_params({"train": train, "models": {arch: options}}).train
+    tune_process_for_training(device)  # as segflow.train.train does before it builds the model
     model = prepare_model(models.build(arch, NUM_CLASSES, **options), device)
     model.train()
     optimizer = build_optimizer(cfg, model, device)

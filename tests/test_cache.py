@@ -10,8 +10,7 @@ from segflow.config import Layout, parse_params
 from segflow.data import Sample, SegmentationDataset
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask, write_image, write_mask
-from segflow.train import train
-from train_testing import PLAIN_UNET, SIZE, make_project, weights
+from train_testing import PLAIN_UNET, SIZE, make_project, train_from_params, weights
 
 # (image id, height, width, labeled): sizes differ, and an unlabeled image sits between labeled ones.
 IMAGES = [("a", 20, 30, True), ("b", 17, 11, False), ("c", 32, 32, True), ("d", 9, 40, True)]
@@ -113,7 +112,7 @@ def test_training_from_the_cache_gives_the_same_weights(tmp_path, monkeypatch):
                       "decoded_cache": cached},
             "models": {"unet_original": PLAIN_UNET},
         })
-        train(params, "unet_original", data_dir=project / Layout.ingested, splits_csv=project / Layout.splits,
+        train_from_params(params, "unet_original", data_dir=project / Layout.ingested, splits_csv=project / Layout.splits,
               out_dir=tmp_path / name, cache_dir=project / "cache")
     decoded, cached = weights(tmp_path / "decoded"), weights(tmp_path / "cached")
     assert all(torch.equal(cached[name], value) for name, value in decoded.items())

@@ -25,8 +25,7 @@ from segflow.cli import app
 from segflow.config import Layout, parse_params
 from segflow.errors import SegflowError
 from segflow.imageio import read_mask
-from segflow.train import train
-from train_testing import make_project, segflow_command, subprocess_env, weights, write_params
+from train_testing import make_project, segflow_command, subprocess_env, train_from_params, weights, write_params
 
 ARCH = "unet_original"
 
@@ -84,7 +83,7 @@ def _png_bytes(mask: np.ndarray) -> bytes:
 
 def _params(workers: int, **train: object) -> dict:
     return {
-        "train": {"epochs": 2, "batch_size": 2, "crop_size": 32, "device": "cpu", "optimizer": "sgd", "lr": 0.05,
+        "train": {"epochs": 2, "batch_size": 2, "crop_size": 32, "device": "cpu", "decoded_cache": False, "optimizer": "sgd", "lr": 0.05,
                   "checkpoint_every_steps": 1, "num_workers": workers, "use_pseudo_labels": False,
                   "ema": {"decay": 0.9}, **train},  # the Mean Teacher's weights are the ones kept: restored too
         # batch norm buffers and dropout draws (the global RNG) must come back exactly too
@@ -161,7 +160,7 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_uninterrupted_ru
     assert resumed.exit_code == 0, resumed.output
     assert not resume_dir.exists()
 
-    reference = train(parse_params(_params(workers=0)), ARCH, data_dir=root / Layout.ingested,
+    reference = train_from_params(parse_params(_params(workers=0)), ARCH, data_dir=root / Layout.ingested,
                       splits_csv=root / Layout.splits, out_dir=tmp_path / "reference")
     expected, actual = weights(tmp_path / "reference"), weights(out_dir)
     assert expected.keys() == actual.keys()

@@ -41,12 +41,9 @@ def test_invalid_yaml_is_a_clear_error(tmp_path):
         load_params(path)
 
 
-def test_model_options_are_copies():
+def test_model_options_without_a_value_are_none():
     params = parse_params({"models": {"unet": {"encoder_name": "resnet18"}, "fcn8s": None}})
-    options = params.model_options("unet")
-    options["encoder_name"] = "changed"
-    assert params.model_options("unet") == {"encoder_name": "resnet18"}
-    assert params.model_options("fcn8s") == {}
+    assert params.models == {"unet": {"encoder_name": "resnet18"}, "fcn8s": {}}
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -13,8 +13,16 @@ import torch
 
 from segflow.config import Layout, parse_params
 from segflow.distributed import EpochSampler
-from segflow.train import train
-from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, subprocess_env, weights, write_params
+from train_testing import (
+    NO_AUGMENT,
+    PLAIN_UNET,
+    SIZE,
+    make_project,
+    subprocess_env,
+    train_from_params,
+    weights,
+    write_params,
+)
 
 ARCH = "unet_original"
 
@@ -40,7 +48,7 @@ def test_ranks_share_the_epoch_permutation_and_a_resumed_epoch_skips_what_was_tr
 
 def _params(batch_size: int) -> dict:
     return {
-        "train": {"epochs": 1, "batch_size": batch_size, "crop_size": SIZE, "device": "cpu", "optimizer": "sgd",
+        "train": {"epochs": 1, "batch_size": batch_size, "crop_size": SIZE, "device": "cpu", "decoded_cache": False, "optimizer": "sgd",
                   "lr": 0.05, "use_pseudo_labels": False, "augment": NO_AUGMENT,
                   # Every pixel teaches; no CutMix, whose boxes pair crops within each process's batch.
                   "consistency": {"weight": 1.0, "threshold": 0.0, "cutmix": 0.0}},
@@ -64,7 +72,7 @@ def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
 
-    reference = train(parse_params(_params(batch_size=8)), ARCH, data_dir=root / Layout.ingested,
+    reference = train_from_params(parse_params(_params(batch_size=8)), ARCH, data_dir=root / Layout.ingested,
                       splits_csv=root / Layout.splits, out_dir=tmp_path / "reference")
     expected, actual = weights(tmp_path / "reference"), weights(root / Layout.models / ARCH)
     for name, tensor in expected.items():

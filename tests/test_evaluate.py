@@ -60,7 +60,9 @@ def _constant_model(index: int) -> torch.nn.Module:
 
 def _evaluate(workspace: Path, evaluate_params: dict) -> dict:
     params = parse_params({"train": {"crop_size": 16, "device": "cpu"}, "evaluate": evaluate_params})
-    return evaluate(params, ARCH, model_dir=workspace / "model", data_dir=workspace / "data",
+    return evaluate(params.evaluate, params.mlflow, ARCH, device=params.train.device,
+                    train_crop_size=params.train.crop_size, model_dir=workspace / "model",
+                    data_dir=workspace / "data",
                     splits_csv=workspace / "splits.csv", metrics_file=workspace / "metrics" / f"{ARCH}.json",
                     out_dir=workspace / "evaluation", plots_dir=workspace / "plots")
 

@@ -31,7 +31,8 @@ from segflow.pseudo_label import (
 )
 from segflow.synth import generate
 from segflow.teacher import train_teacher
-from segflow.train import mix_labeled_and_pseudo, train
+from segflow.train import mix_labeled_and_pseudo
+from train_testing import train_from_params
 
 SIZE = 48
 
@@ -43,12 +44,17 @@ def _histogram(confidences: list[float], count: int) -> torch.Tensor:
     return histogram
 
 
+def _sections(params):
+    """What choose_prior_correction reads: pseudo_label, train and evaluate.inference."""
+    return params.pseudo_label, params.train, params.evaluate.inference
+
+
 def test_class_balanced_thresholds_keep_a_rare_unsure_class_that_the_global_one_wipes_out():
     sure = _histogram([0.95, 0.99], 1000)          # a common class, confident
     unsure = _histogram([0.4, 0.5, 0.6, 0.8], 10)   # a rare class the teacher hesitates on
     histograms = torch.stack([sure, unsure, torch.zeros(HISTOGRAM_BINS, dtype=torch.int64)])
 
-    global_only = class_thresholds(histograms, PseudoLabelParams(threshold=0.9))
+    global_only = class_thresholds(histograms, PseudoLabelParams(threshold=0.9, class_balanced=False))
     assert global_only.tolist() == [0.9, 0.9, 0.9]
 
     balanced = class_thresholds(histograms, PseudoLabelParams(threshold=0.9, class_balanced=True,
@@ -123,7 +129,7 @@ def semi_supervised(tmp_path_factory) -> tuple[Path, Path]:
 
 def _params(**sections) -> object:
     base = {
-        "train": {"archs": ["unet"], "epochs": 1, "batch_size": 4, "crop_size": SIZE, "device": "cpu"},
+        "train": {"archs": ["unet"], "epochs": 1, "batch_size": 4, "crop_size": SIZE, "device": "cpu", "decoded_cache": False},
         "teacher": {"arch": "unet", "epochs": 3, "snapshots": 1},
         "pseudo_label": {"threshold": 0.95, "class_balanced": True, "class_keep_fraction": 0.5,
                          "reliable_fraction": 0.5},
@@ -163,20 +169,22 @@ def test_auto_prior_correction_picks_the_strength_with_the_best_val_miou(semi_su
     # Background (class 0) covers most val pixels; the weighting inflated class 1 above it.
     teacher = _ConstantLogits([0.3, 0.6, 0.025, 0.025, 0.025, 0.025])
     class_weight = torch.tensor([1.0, 4.0, 1.0, 1.0, 1.0, 1.0])
-    strength, val_miou = choose_prior_correction(_params(), teacher, class_weight, val, torch.device("cpu"), 6)
+    strength, val_miou = choose_prior_correction(*_sections(_params()), teacher, class_weight, val, torch.device("cpu"), 6)
     assert strength == 0.75  # the weakest correction that gives class 0 back: 0.6 / 4 ** 0.75 < 0.3
     assert val_miou["0.75"] == val_miou["1"] > val_miou["0"]
     fixed = _params(pseudo_label={"prior_correction": 0.25})
-    assert choose_prior_correction(fixed, teacher, class_weight, val, torch.device("cpu"), 6) == (0.25, {})
-    assert choose_prior_correction(_params(), teacher, None, val, torch.device("cpu"), 6) == (0.0, {})
+    assert choose_prior_correction(*_sections(fixed), teacher, class_weight, val, torch.device("cpu"), 6) == (0.25, {})
+    assert choose_prior_correction(*_sections(_params()), teacher, None, val, torch.device("cpu"), 6) == (0.0, {})
 
 
 def test_teacher_stage_trains_both_teachers_at_one_budget_and_keeps_the_one_val_picks(semi_supervised, tmp_path):
     data_dir, splits_csv = semi_supervised
     params = _params(train={"class_weighting": True, "ema": {"decay": 0.9}})
 
-    summary = train_teacher(params, data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "teacher",
-                            metrics_file=tmp_path / "semi_supervised.json")
+    summary = train_teacher(params.teacher, params.train, model_options=params.models.get(params.teacher.arch, {}),
+                            val_batch_size=params.evaluate.batch_size, inference=params.evaluate.inference,
+                            mlflow_cfg=params.mlflow, data_dir=data_dir, splits_csv=splits_csv,
+                            out_dir=tmp_path / "teacher", metrics_file=tmp_path / "semi_supervised.json")
     assert json.loads((tmp_path / "semi_supervised.json").read_text()) == summary
     labeled, semi = summary["labeled_only"], summary["with_unlabeled"]
     assert labeled["steps"] == semi["steps"] == 3 * (6 // 4)  # the same optimizer steps
@@ -187,7 +195,8 @@ def test_teacher_stage_trains_both_teachers_at_one_budget_and_keeps_the_one_val_
     assert len(list((tmp_path / "teacher" / "snapshots").glob("epoch_*"))) == 1
 
     # The architecture stage's pseudo-labels: the kept teacher labels every unlabeled image.
-    summary = pseudo_label(params, teacher_dir=tmp_path / "teacher", data_dir=data_dir, splits_csv=splits_csv,
+    summary = pseudo_label(params.pseudo_label, params.train, params.evaluate.inference, params.mlflow,
+                           teacher_dir=tmp_path / "teacher", data_dir=data_dir, splits_csv=splits_csv,
                            out_dir=tmp_path / "pseudo", metrics_file=tmp_path / "pseudo_label.json",
                            label_next_file=tmp_path / "label_next.csv")
     unlabeled = load_samples(data_dir, splits_csv, "unlabeled")
@@ -218,8 +227,10 @@ def test_teacher_stage_trains_both_teachers_at_one_budget_and_keeps_the_one_val_
     # labeled-only arm (the comparison the CamVid benchmark makes at full size).
     arms = {}
     for arm, pseudo_dir in (("labeled-only", None), ("pseudo-labeled", tmp_path / "pseudo")):
-        train(params, "unet", data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / arm, pseudo_dir=pseudo_dir)
-        arms[arm] = evaluate(params, arm, model_dir=tmp_path / arm, data_dir=data_dir, splits_csv=splits_csv,
+        train_from_params(params, "unet", data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / arm, pseudo_dir=pseudo_dir)
+        arms[arm] = evaluate(params.evaluate, params.mlflow, arm, device=params.train.device,
+                             train_crop_size=params.train.crop_size, model_dir=tmp_path / arm, data_dir=data_dir,
+                             splits_csv=splits_csv,
                              metrics_file=tmp_path / f"{arm}.json", out_dir=tmp_path / f"eval-{arm}",
                              plots_dir=tmp_path / "plots")
     assert all(math.isfinite(m["test"]["miou"]) for m in arms.values())
@@ -239,8 +250,9 @@ def test_label_next_ranks_the_images_the_teacher_gets_most_wrong_first(semi_supe
     the first half of label_next.csv hold more of the teacher's mistakes than the second half."""
     data_dir, splits_csv = semi_supervised
     params = _params(train={"epochs": 40, "val_interval": 40})
-    train(params, "unet", data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "teacher")
-    pseudo_label(params, teacher_dir=tmp_path / "teacher", data_dir=data_dir, splits_csv=splits_csv,
+    train_from_params(params, "unet", data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "teacher")
+    pseudo_label(params.pseudo_label, params.train, params.evaluate.inference, params.mlflow,
+                 teacher_dir=tmp_path / "teacher", data_dir=data_dir, splits_csv=splits_csv,
                  out_dir=tmp_path / "pseudo", label_next_file=tmp_path / "label_next.csv")
     ranking = pd.read_csv(tmp_path / "label_next.csv")
     assert ranking["rank"].tolist() == list(range(1, 17))

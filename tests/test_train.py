@@ -20,10 +20,9 @@ from segflow.train import (
     EpochPlan,
     batches_per_rank,
     median_frequency_weights,
-    train,
     tune_process_for_training,
 )
-from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, weights
+from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, train_from_params, weights
 
 
 def test_median_frequency_weights_follow_the_segnet_formula(tmp_path):
@@ -48,7 +47,7 @@ def plain_project(tmp_path_factory):
 
 def _plain_params(**train):
     return parse_params({
-        "train": {"epochs": 1, "crop_size": SIZE, "device": "cpu", "optimizer": "sgd", "lr": 0.05,
+        "train": {"epochs": 1, "crop_size": SIZE, "device": "cpu", "decoded_cache": False, "optimizer": "sgd", "lr": 0.05,
                   "use_pseudo_labels": False, "augment": NO_AUGMENT, **train},
         "models": {"unet_original": PLAIN_UNET},
         "evaluate": {"batch_size": 2},
@@ -56,7 +55,7 @@ def _plain_params(**train):
 
 
 def _train_plain(project, out_dir, **train_params):
-    train(_plain_params(**train_params), "unet_original", data_dir=project / Layout.ingested,
+    train_from_params(_plain_params(**train_params), "unet_original", data_dir=project / Layout.ingested,
           splits_csv=project / Layout.splits, out_dir=out_dir)
     return weights(out_dir)
 
@@ -91,7 +90,7 @@ def test_training_with_batch_augmentation_and_pseudo_labels_runs_on_the_cpu(plai
     pseudo = pseudo * 3  # 12 pseudo-labeled images on top of the labeled ones: longer epochs, fewer of them
     (tmp_path / "pseudo_manifest.csv").write_text("image_id,image_path,mask_path\n" + "".join(
         f"{s.image_id}-{n},{s.image_path},{s.mask_path}\n" for n, s in enumerate(pseudo)))
-    result = train(params, "unet_original", data_dir=ingested, splits_csv=plain_project / Layout.splits,
+    result = train_from_params(params, "unet_original", data_dir=ingested, splits_csv=plain_project / Layout.splits,
                    pseudo_dir=tmp_path, out_dir=tmp_path / "model")
     assert np.isfinite(result.history[0]["train_loss"])
     assert (tmp_path / "model/model.safetensors").exists()
@@ -108,7 +107,7 @@ def test_val_interval_validates_and_checkpoints_every_nth_epoch_and_the_last(pla
         save(self, progress, loss_sum)
 
     monkeypatch.setattr(Checkpointer, "save", recording_save)
-    result = train(_plain_params(epochs=5, val_interval=2, batch_size=8), "unet_original",
+    result = train_from_params(_plain_params(epochs=5, val_interval=2, batch_size=8), "unet_original",
                    data_dir=plain_project / Layout.ingested, splits_csv=plain_project / Layout.splits,
                    out_dir=tmp_path / "model")
     assert [record["epoch"] for record in result.history] == [1, 2, 3, 4, 5]  # every epoch's loss
@@ -222,25 +221,25 @@ def test_cpu_training_reuses_freed_memory_without_page_faults():
 
 def test_a_student_can_start_from_its_teachers_weights(plain_project, tmp_path):
     data = {"data_dir": plain_project / Layout.ingested, "splits_csv": plain_project / Layout.splits}
-    train(_plain_params(batch_size=8), "unet_original", out_dir=tmp_path / "teacher", **data)
+    train_from_params(_plain_params(batch_size=8), "unet_original", out_dir=tmp_path / "teacher", **data)
     # A learning rate too small to move the weights: what comes out is what went in.
-    train(_plain_params(batch_size=8, lr=1e-12), "unet_original", out_dir=tmp_path / "student",
+    train_from_params(_plain_params(batch_size=8, lr=1e-12), "unet_original", out_dir=tmp_path / "student",
           init_from=tmp_path / "teacher", **data)
     teacher, student = weights(tmp_path / "teacher"), weights(tmp_path / "student")
     for name, expected in teacher.items():
         torch.testing.assert_close(student[name], expected, rtol=0, atol=1e-6)
 
     with pytest.raises(SegflowError, match="architecture and classes must be the same"):
-        train(_plain_params(), "fcn8s", out_dir=tmp_path / "other", init_from=tmp_path / "teacher", **data)
+        train_from_params(_plain_params(), "fcn8s", out_dir=tmp_path / "other", init_from=tmp_path / "teacher", **data)
 
 
 def test_a_crop_larger_than_every_training_image_is_refused_before_it_eats_the_memory(plain_project, tmp_path):
     data = {"data_dir": plain_project / Layout.ingested, "splits_csv": plain_project / Layout.splits}
     # The images' side times train.augment.scale_max (every other test trains at exactly that crop).
     with pytest.raises(SegflowError, match=f"train.crop_size 4096 is larger .* Set train.crop_size to at most {SIZE}"):
-        train(_plain_params(crop_size=4096), "unet_original", out_dir=tmp_path / "huge", **data)
+        train_from_params(_plain_params(crop_size=4096), "unet_original", out_dir=tmp_path / "huge", **data)
     with pytest.raises(SegflowError, match=f"at most {SIZE * 2}"):
-        train(_plain_params(crop_size=4096, augment={**NO_AUGMENT, "scale_max": 2.0}), "unet_original",
+        train_from_params(_plain_params(crop_size=4096, augment={**NO_AUGMENT, "scale_max": 2.0}), "unet_original",
               out_dir=tmp_path / "huge", **data)
     assert not (tmp_path / "huge").exists()
 
@@ -258,11 +257,11 @@ def test_a_second_training_of_the_same_model_is_refused_and_leaves_the_first_alo
         "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(SegflowError, match=rf"a training of {out_dir} is already running \(pid {holder.pid} on"):
-        train(_plain_params(), "unet_original", out_dir=out_dir, **data)
+        train_from_params(_plain_params(), "unet_original", out_dir=out_dir, **data)
     assert not (tmp_path / "models" / ".unet_original.resume").exists()
     holder.kill()
     holder.wait()
-    train(_plain_params(), "unet_original", out_dir=out_dir, **data)  # the lock went with its holder, not its child
+    train_from_params(_plain_params(), "unet_original", out_dir=out_dir, **data)  # the lock went with its holder, not its child
     assert (out_dir / "model.safetensors").is_file()
 
 
@@ -287,8 +286,8 @@ def test_consistency_on_unlabeled_images_adds_only_the_confident_pixels_loss(
     order); when every pixel is, the unlabeled loss moves the weights."""
     data = {"data_dir": plain_project / Layout.ingested, "splits_csv": splits_with_unlabeled}
     params = {"batch_size": 4, "augment": {"hflip": True, "scale_min": 0.75, "scale_max": 1.25}, "crop_size": 24}
-    train(_plain_params(**params), "unet_original", out_dir=tmp_path / "labeled", **data)
-    result = train(_plain_params(**params, consistency={"weight": 1.0, "threshold": threshold, "cutmix": 0.5}),
+    train_from_params(_plain_params(**params), "unet_original", out_dir=tmp_path / "labeled", **data)
+    result = train_from_params(_plain_params(**params, consistency={"weight": 1.0, "threshold": threshold, "cutmix": 0.5}),
                    "unet_original", out_dir=tmp_path / "consistency", **data)
     assert result.history[0]["unlabeled_confident"] == (1.0 if changes_training else 0.0)
     labeled, consistency = weights(tmp_path / "labeled"), weights(tmp_path / "consistency")
@@ -305,6 +304,6 @@ def test_a_val_split_without_labeled_pixels_is_refused_and_no_model_is_kept(tmp_
     out_dir = tmp_path / "model"
 
     with pytest.raises(SegflowError, match="val mIoU is undefined: the val split of .* has no labeled pixels"):
-        train(_plain_params(batch_size=2, decoded_cache=False), "unet_original",
+        train_from_params(_plain_params(batch_size=2, decoded_cache=False), "unet_original",
               data_dir=project / Layout.ingested, splits_csv=project / Layout.splits, out_dir=out_dir)
     assert not out_dir.exists() and not (tmp_path / ".model.resume").exists()

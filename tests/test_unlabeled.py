@@ -35,7 +35,7 @@ def test_auto_follows_the_teacher_stage_both_ways(tmp_path, decided):
 
 
 def test_auto_without_a_decision_names_the_file_and_the_fix(tmp_path):
-    with pytest.raises(SegflowError, match=r"semi_supervised.json: missing.*segflow train --teacher"):
+    with pytest.raises(SegflowError, match=r"semi_supervised.json: missing.*segflow teacher"):
         uses_unlabeled_images("auto", tmp_path / "semi_supervised.json")
     (tmp_path / "semi_supervised.json").write_text("{}")
     with pytest.raises(SegflowError, match="not a teacher-stage decision"):
@@ -44,14 +44,14 @@ def test_auto_without_a_decision_names_the_file_and_the_fix(tmp_path):
 
 def test_the_two_arms_differ_only_in_the_unlabeled_images():
     params = parse_params({"train": {"consistency": {"weight": 0.5, "threshold": 0.9}, "use_pseudo_labels": "auto"}})
-    without = labeled_only(params)
-    assert without.train.consistency.weight == 0 and without.train.use_pseudo_labels is False
-    semi = with_unlabeled(params, 2.0)
-    assert semi.train.consistency.weight == 2.0 and semi.train.consistency.threshold == 0.9
-    assert semi.train.use_pseudo_labels is False  # the teacher makes the pseudo-labels, it does not use them
+    without = labeled_only(params.train)
+    assert without.consistency.weight == 0 and without.use_pseudo_labels is False
+    semi = with_unlabeled(params.train, 2.0)
+    assert semi.consistency.weight == 2.0 and semi.consistency.threshold == 0.9
+    assert semi.use_pseudo_labels is False  # the teacher makes the pseudo-labels, it does not use them
     assert params.train.consistency.weight == 0.5  # the original is untouched
     for arm in (without, semi):
-        assert arm.train.model_dump(exclude={"consistency", "use_pseudo_labels"}) == \
+        assert arm.model_dump(exclude={"consistency", "use_pseudo_labels"}) == \
             params.train.model_dump(exclude={"consistency", "use_pseudo_labels"})
 
 
@@ -60,9 +60,9 @@ def test_architectures_follow_the_decision_and_an_explicit_setting_keeps_its_con
     decision = tmp_path / "semi_supervised.json"
     decision.write_text(json.dumps({"use_unlabeled": decided}))
     consistency = {"weight": 0.5}
-    auto, use = architecture_params(parse_params({"train": {"consistency": consistency}}), decision)
-    assert use is decided and auto.train.consistency.weight == (0.5 if decided else 0.0)
+    auto, use = architecture_params(parse_params({"train": {"consistency": consistency}}).train, decision)
+    assert use is decided and auto.consistency.weight == (0.5 if decided else 0.0)
     for setting in (True, False):
         params = parse_params({"train": {"use_pseudo_labels": setting, "consistency": consistency}})
-        forced, use = architecture_params(params, decision)
-        assert use is setting and forced.train.consistency.weight == 0.5
+        forced, use = architecture_params(params.train, decision)
+        assert use is setting and forced.consistency.weight == 0.5

@@ -49,3 +49,12 @@ def subprocess_env() -> dict[str, str]:
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "model.safetensors"))
+
+
+def train_from_params(params, arch: str, **kwargs):
+    """segflow.train.train with the params sections `segflow train --arch` passes it."""
+    from segflow.train import train
+
+    return train(params.train, arch, model_options=params.models.get(arch, {}), mlflow_cfg=params.mlflow,
+                 val_batch_size=params.evaluate.batch_size, reliable_fraction=params.pseudo_label.reliable_fraction,
+                 **kwargs)

@@ -155,11 +155,28 @@ def cache(
 
 
 @app.command()
+def teacher(params_file: ParamsOption = Path("params.yaml")) -> None:
+    """Train the teacher (params: teacher) labeled-only and with the unlabeled images at the same budget; keep the one
+    val picks and write the decision to metrics/semi_supervised.json."""
+    from segflow.teacher import train_teacher  # torch and MLflow: seconds to import
+
+    params = load_params(params_file)
+    summary = train_teacher(params.teacher, params.train, model_options=params.models.get(params.teacher.arch, {}),
+                            val_batch_size=params.evaluate.batch_size, inference=params.evaluate.inference,
+                            mlflow_cfg=params.mlflow, data_dir=Layout.ingested, splits_csv=Layout.splits,
+                            out_dir=Layout.models / Layout.teacher, metrics_file=Layout.semi_supervised)
+    for arm in ("labeled_only", "with_unlabeled"):
+        if arm in summary:
+            scores = summary[arm]
+            test = "–" if scores["test_miou"] is None else f"{scores['test_miou']:.4f}"
+            typer.echo(f"teacher {arm.replace('_', ' ')}: val mIoU {scores['val_miou']:.4f}, test mIoU {test}, "
+                       f"{scores['steps']} steps")
+    typer.echo(f"unlabeled images {'used' if summary['use_unlabeled'] else 'not used'}: {summary['reason']}")
+
+
+@app.command()
 def train(
-    arch: Annotated[str | None, typer.Option(help="Architecture name (see `segflow models`).")] = None,
-    teacher: Annotated[bool, typer.Option(
-        help="Train the teacher (params: teacher) labeled-only and with the unlabeled images at the same budget; "
-             "keep the one val picks (metrics/semi_supervised.json).")] = False,
+    arch: Annotated[str, typer.Option(help="Architecture name (see `segflow models`).")],
     resume: Annotated[bool, typer.Option(
         help="Continue a killed run from its last checkpoint (models/.NAME.resume), exactly as if uninterrupted.")] = False,
     params_file: ParamsOption = Path("params.yaml"),
@@ -168,33 +185,17 @@ def train(
 
     Under `torchrun --nproc_per_node N --no-python segflow train ...` it trains on N processes (one GPU each).
     """
-    if teacher == (arch is not None):
-        raise SegflowError("segflow train: give exactly one of --arch NAME or --teacher.")
-    if teacher and resume:
-        raise SegflowError("segflow train: --resume works with --arch NAME; the teacher stage starts over.")
-    from segflow.train import train as run  # torch and MLflow: seconds to import, after the cheap checks
+    from segflow.train import train as run  # torch and MLflow: seconds to import
     from segflow.unlabeled import architecture_params
 
     params = load_params(params_file)
-    if teacher:
-        from segflow.teacher import train_teacher
-
-        summary = train_teacher(params, data_dir=Layout.ingested, splits_csv=Layout.splits,
-                                out_dir=Layout.models / Layout.teacher, metrics_file=Layout.semi_supervised)
-        for arm in ("labeled_only", "with_unlabeled"):
-            if arm in summary:
-                scores = summary[arm]
-                test = "–" if scores["test_miou"] is None else f"{scores['test_miou']:.4f}"
-                typer.echo(f"teacher {arm.replace('_', ' ')}: val mIoU {scores['val_miou']:.4f}, test mIoU {test}, "
-                           f"{scores['steps']} steps")
-        typer.echo(f"unlabeled images {'used' if summary['use_unlabeled'] else 'not used'}: {summary['reason']}")
-    else:
-        arch_params, use_pseudo_labels = architecture_params(params, Layout.semi_supervised)
-        result = run(arch_params, arch, data_dir=Layout.ingested, splits_csv=Layout.splits,
-                     out_dir=Layout.models / arch, pseudo_dir=Layout.pseudo if use_pseudo_labels else None,
-                     resume=resume)
-        typer.echo(f"best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} ({result.seconds:.0f} s), "
-                   f"{'with' if use_pseudo_labels else 'without'} the pseudo-labels")
+    train_cfg, use_pseudo_labels = architecture_params(params.train, Layout.semi_supervised)
+    result = run(train_cfg, arch, model_options=params.models.get(arch, {}), mlflow_cfg=params.mlflow,
+                 val_batch_size=params.evaluate.batch_size, reliable_fraction=params.pseudo_label.reliable_fraction,
+                 data_dir=Layout.ingested, splits_csv=Layout.splits, out_dir=Layout.models / arch,
+                 pseudo_dir=Layout.pseudo if use_pseudo_labels else None, resume=resume)
+    typer.echo(f"best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} ({result.seconds:.0f} s), "
+               f"{'with' if use_pseudo_labels else 'without'} the pseudo-labels")
 
 
 @app.command("pseudo-label")
@@ -202,7 +203,9 @@ def pseudo_label(params_file: ParamsOption = Path("params.yaml")) -> None:
     """Predict the unlabeled images with the teacher; confident pixels become labels, the rest ignore."""
     from segflow.pseudo_label import pseudo_label as run
 
-    summary = run(load_params(params_file), teacher_dir=Layout.models / Layout.teacher, data_dir=Layout.ingested,
+    params = load_params(params_file)
+    summary = run(params.pseudo_label, params.train, params.evaluate.inference, params.mlflow,
+                  teacher_dir=Layout.models / Layout.teacher, data_dir=Layout.ingested,
                   splits_csv=Layout.splits, out_dir=Layout.pseudo, metrics_file=Layout.metrics / "pseudo_label.json",
                   label_next_file=Layout.label_next)
     typer.echo(f"pseudo-labeled {summary['images']} images, coverage {summary['coverage']:.1%}")
@@ -220,9 +223,10 @@ def evaluate(
     from segflow.evaluate import evaluate as run
 
     name = Layout.teacher if teacher else arch
-    scores = run(load_params(params_file), name, model_dir=Layout.models / name, data_dir=Layout.ingested,
-                  splits_csv=Layout.splits, metrics_file=Layout.metrics / f"{name}.json",
-                  out_dir=Layout.evaluation / name, plots_dir=Layout.plots)
+    params = load_params(params_file)
+    scores = run(params.evaluate, params.mlflow, name, device=params.train.device, train_crop_size=params.train.crop_size,
+                 model_dir=Layout.models / name, data_dir=Layout.ingested, splits_csv=Layout.splits,
+                 metrics_file=Layout.metrics / f"{name}.json", out_dir=Layout.evaluation / name, plots_dir=Layout.plots)
     typer.echo(f"{name}: val mIoU {scores['val']['miou']:.4f}, test mIoU {scores['test']['miou']:.4f}, "
                f"pixel accuracy {scores['test']['pixel_accuracy']:.4f}")
 
@@ -307,7 +311,8 @@ def leaderboard(params_file: ParamsOption = Path("params.yaml")) -> None:
     from segflow.leaderboard import leaderboard as run
 
     params = load_params(params_file)
-    run(params, evaluation_dir=Layout.evaluation, metrics_dir=Layout.metrics, history_dir=Layout.plots / "history",
+    run(params.register_, params.mlflow, teacher_arch=params.teacher.arch, evaluation_dir=Layout.evaluation,
+        metrics_dir=Layout.metrics, history_dir=Layout.plots / "history",
         names=[*params.train.archs, Layout.teacher], out_json=Layout.leaderboard / "leaderboard.json",
         out_markdown=Layout.leaderboard / "leaderboard.md", out_curves=Layout.plots / "learning_curves.csv")
     typer.echo((Layout.leaderboard / "leaderboard.md").read_text())

@@ -181,9 +181,9 @@ class TrainParams(_Section):
     @classmethod
     def _known_architectures(cls, value: list[str]) -> list[str]:
         return [_architecture(name) for name in value]
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(3, ge=1)
     batch_size: int = Field(8, ge=1)
-    crop_size: int = Field(128, ge=16)
+    crop_size: int = Field(96, ge=16)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -196,12 +196,12 @@ class TrainParams(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Exact-resume checkpoint (models/.NAME.resume) each validated epoch and also every this many optimizer steps.
-    checkpoint_every_steps: int | None = Field(None, ge=0)   # 0 / null: each validated epoch only
+    checkpoint_every_steps: int = Field(0, ge=0)   # 0: each validated epoch only
     val_interval: int = Field(1, ge=1)        # validate (and checkpoint) every N epochs and after the last
     accumulate_steps: int = Field(1, ge=1)   # optimizer step every N batches: batch_size x N x processes
     sync_batchnorm: bool = True               # batch-norm statistics over all processes under torchrun
     compile: bool = False                     # torch.compile the model (falls back to eager if it fails)
-    decoded_cache: bool = False               # read images from data/cache (segflow cache), not decode them
+    decoded_cache: bool = True               # read images from data/cache (segflow cache), not decode them
     # Random scale, crop and flip per batch on the training device, not per image in the loader; auto: on CUDA.
     batch_augment: bool | Literal["auto"] = "auto"
     # Train on the teacher's pseudo-labels (and train.consistency) too: true, false, or auto: when the teacher
@@ -230,7 +230,7 @@ class TeacherParams(_Section):
     def _known_architecture(cls, value: str) -> str:
         return _architecture(value)
 
-    snapshots: int = Field(0, ge=0)        # earlier checkpoints kept to rank pseudo-labels by stability (ST++)
+    snapshots: int = Field(2, ge=0)        # earlier checkpoints kept to rank pseudo-labels by stability (ST++)
     consistency_weight: float = Field(1.0, gt=0)  # the semi-supervised teacher's unlabeled loss weight
     # train.use_pseudo_labels auto: the unlabeled images are used when the semi-supervised teacher beats the
     # labeled-only one's val mIoU by more than this.
@@ -238,11 +238,11 @@ class TeacherParams(_Section):
 
 
 class PseudoLabelParams(_Section):
-    threshold: float = Field(0.9, ge=0, le=1)
+    threshold: float = Field(0.7, ge=0, le=1)
     batch_size: int = Field(16, ge=1)
     # Class-balanced thresholds (CBST): a class's threshold is lowered to keep at least this share of the
     # pixels the teacher assigns to it, so rare classes are not wiped out by one global threshold.
-    class_balanced: bool = False
+    class_balanced: bool = True
     class_keep_fraction: float = Field(0.5, gt=0, le=1)
     # Train on this share of the pseudo-labeled images, the most reliable first (ST++; needs teacher.snapshots).
     reliable_fraction: float = Field(1.0, gt=0, le=1)
@@ -372,9 +372,6 @@ class Params(_Section):
         for name in value:
             _architecture(name)
         return value
-
-    def model_options(self, arch: str) -> dict[str, Any]:
-        return dict(self.models.get(arch, {}))
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from segflow import tracking
-from segflow.config import CrfParams, InferenceParams, Params
+from segflow.config import CrfParams, EvaluateParams, InferenceParams, MlflowParams
 from segflow.crf import dense_crf
 from segflow.data import Sample, SegmentationDataset, load_samples, pad_collate, to_tensor
 from segflow.errors import SegflowError
@@ -83,9 +83,12 @@ def _throughput(model: torch.nn.Module, sample: torch.Tensor, device: torch.devi
 
 
 def evaluate(
-    params: Params,
+    cfg: EvaluateParams,
+    mlflow_cfg: MlflowParams,
     name: str,
     *,
+    device: str,
+    train_crop_size: int,
     model_dir: Path,
     data_dir: Path,
     splits_csv: Path,
@@ -99,25 +102,25 @@ def evaluate(
     predicted, cost; see segflow.scores) with the pictures, the DVC metrics file ``metrics_file`` (the headline
     figures only, so ``dvc metrics show`` fits a terminal) and the DVC plot tables
     ``plots_dir/{history,per_class_iou}/NAME.csv``. Returns the scores."""
-    device = resolve_device(params.train.device)
+    device = resolve_device(device)
     model, card = load_model(model_dir, device)
     samples = load_samples(data_dir, splits_csv, "test")
     val_samples = load_samples(data_dir, splits_csv, "val")
     if not samples or not val_samples:
         raise SegflowError(f"{splits_csv}: the {'test' if not samples else 'val'} split is empty; models are chosen "
                            "on val and reported on test, so both need images.")
-    loader = DataLoader(SegmentationDataset(samples), batch_size=params.evaluate.batch_size, collate_fn=pad_collate)
-    val_loader = DataLoader(SegmentationDataset(val_samples), batch_size=params.evaluate.batch_size,
+    loader = DataLoader(SegmentationDataset(samples), batch_size=cfg.batch_size, collate_fn=pad_collate)
+    val_loader = DataLoader(SegmentationDataset(val_samples), batch_size=cfg.batch_size,
                             collate_fn=pad_collate)
-    inference = params.evaluate.inference
-    crf = params.evaluate.crf
+    inference = cfg.inference
+    crf = cfg.crf
     # One pass over test: the split's confusion and its worst images (the overlays) from the same predictions.
-    confusion, worst = _test_pass(model, loader, card.num_classes, inference, params.train.crop_size,
-                                  params.evaluate.num_overlays)
+    confusion, worst = _test_pass(model, loader, card.num_classes, inference, train_crop_size,
+                                  cfg.num_overlays)
     if crf.enabled:
         _, crf_confusion = confusion_with_crf(
-            model, samples, card.num_classes, device, inference, params.train.crop_size, crf)
-    val_confusion = confusion_over(model, val_loader, card.num_classes, device, inference, params.train.crop_size)
+            model, samples, card.num_classes, device, inference, train_crop_size, crf)
+    val_confusion = confusion_over(model, val_loader, card.num_classes, device, inference, train_crop_size)
     names = card.classes
     test = _split_scores(labeled_scores(confusion, splits_csv, "test"), names, len(samples))
     predicted = confusion.matrix.sum(dim=0).cpu().numpy()
@@ -130,12 +133,12 @@ def evaluate(
                  "predicted_classes": [n for n, count in zip(names, predicted) if count > 0]},
         "majority_baseline": majority_baseline(confusion.matrix.cpu().numpy(), names),
         # What the model was scored with, the window made concrete: register serves it with exactly these.
-        "inference": resolved_inference(inference, params.train.crop_size).model_dump(mode="json"),
+        "inference": resolved_inference(inference, train_crop_size).model_dump(mode="json"),
         "parameters": sum(p.numel() for p in model.parameters()),
         "best_epoch": card.extra.get("best_epoch"),
         "training_val_miou": _finite_or_none(card.extra.get("val_miou")),  # as training validated: plain, maybe EMA
         "train_seconds": card.extra.get("train_seconds"),
-        "gflops": gflops(model, params.train.crop_size),
+        "gflops": gflops(model, train_crop_size),
         "images_per_second": _throughput(model, next(iter(loader))["image"], device),
     }
     if crf.enabled:  # the headline score stays the network's own: the registered model serves without the CRF
@@ -144,7 +147,7 @@ def evaluate(
                 "test_pixel_accuracy": test["pixel_accuracy"], "test_mean_class_accuracy": test["mean_class_accuracy"]}
     metrics = scores["test"]  # the pictures and plot tables below show the test split
 
-    with tracking.stage_run(params.mlflow, "evaluate", f"evaluate-{name}") as run, atomic_dir(out_dir) as staging:
+    with tracking.stage_run(mlflow_cfg, "evaluate", f"evaluate-{name}") as run, atomic_dir(out_dir) as staging:
         save_figure(confusion_matrix_figure(confusion.matrix.cpu().numpy(), names), staging / "confusion_matrix.png")
         save_figure(per_class_iou_figure(metrics["per_class_iou"], metrics["miou"]), staging / "per_class_iou.png")
         save_figure(learning_curves_figure(history), staging / "learning_curves.png")

@@ -12,7 +12,7 @@ import mlflow
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from segflow import tracking
-from segflow.config import Params
+from segflow.config import MlflowParams, RegisterParams
 from segflow.fsutil import atomic_write_json, atomic_write_text, csv_text
 from segflow.scores import floor_failures, rank_candidates, read_scores
 
@@ -70,15 +70,14 @@ def learning_curves(history_dir: Path, names: list[str]) -> str:
 
 
 def leaderboard(
-    params: Params, *, evaluation_dir: Path, metrics_dir: Path, history_dir: Path, names: list[str], out_json: Path,
-    out_markdown: Path, out_curves: Path,
+    cfg: RegisterParams, mlflow_cfg: MlflowParams, *, teacher_arch: str, evaluation_dir: Path, metrics_dir: Path,
+    history_dir: Path, names: list[str], out_json: Path, out_markdown: Path, out_curves: Path,
 ) -> list[dict]:
     """Rank the candidates ``names`` (architectures, and ``teacher``) on val by ``register.metric``, as register
     chooses, marking the one it will register and whether it clears the floor; write JSON and a Markdown table,
     with the teacher stage's labeled-only / with-unlabeled comparison under it when there is one, and every
     candidate's learning curve in one long table ``out_curves`` (model, epoch, train_loss, val_miou) for
     ``dvc plots show``, from the evaluate stage's ``history_dir/NAME.csv``."""
-    cfg = params.register_
     scores = {name: read_scores(evaluation_dir, name) for name in names}
     ranked = rank_candidates(scores, cfg.metric)
     chosen = ranked[0][0]
@@ -98,11 +97,11 @@ def leaderboard(
     semi_supervised_file = Path(metrics_dir) / SEMI_SUPERVISED_FILE
     if semi_supervised_file.exists():
         summary = json.loads(semi_supervised_file.read_text())
-        lines += semi_supervised_section(summary, params.teacher.arch)
+        lines += semi_supervised_section(summary, teacher_arch)
         for arm, title in TEACHER_ARMS.items():
             if arm in summary:
                 rows.append({"name": f"teacher, {title}",
-                             "arch": params.teacher.arch, "miou": summary[arm]["test_miou"],
+                             "arch": teacher_arch, "miou": summary[arm]["test_miou"],
                              "val_miou": summary[arm]["val_miou"], "kept": summary["kept"] == arm,
                              "use_unlabeled": summary["use_unlabeled"]})
     atomic_write_json(out_json, rows)
@@ -110,7 +109,7 @@ def leaderboard(
     atomic_write_text(out_curves, learning_curves(history_dir, names))
     candidates = [row for row in rows if "kept" not in row]
     table = {k: [row[k] for row in candidates] for k in candidates[0]}
-    with tracking.stage_run(params.mlflow, "leaderboard") as run:
+    with tracking.stage_run(mlflow_cfg, "leaderboard") as run:
         mlflow.set_tag(MLFLOW_RUN_NOTE, "\n".join(lines))  # the run's page opens on the table
         # This run, and the pipeline run it belongs to (its summary, beside the register stage's decision).
         for run_id, folder in ((run.info.run_id, None), (tracking.parent_run_id(run), "summary")):

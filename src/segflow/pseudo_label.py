@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from segflow import IGNORE_INDEX, tracking
-from segflow.config import Params, PseudoLabelParams
+from segflow.config import InferenceParams, MlflowParams, PseudoLabelParams, TrainParams
 from segflow.data import Sample, SegmentationDataset, load_samples, pad_collate
 from segflow.fsutil import atomic_dir, atomic_open, atomic_write_json
 from segflow.imageio import read_image, read_mask, write_mask
@@ -69,12 +69,11 @@ def corrected(probabilities: torch.Tensor, class_weight: torch.Tensor | None, st
 
 
 def choose_prior_correction(
-    params: Params, model: torch.nn.Module, class_weight: torch.Tensor | None, val_samples: list[Sample],
-    device: torch.device, num_classes: int,
+    cfg: PseudoLabelParams, train: TrainParams, inference: InferenceParams, model: torch.nn.Module,
+    class_weight: torch.Tensor | None, val_samples: list[Sample], device: torch.device, num_classes: int,
 ) -> tuple[float, dict[str, float]]:
     """The correction strength, and the teacher's val mIoU for each strength tried: ``auto`` picks the one with
     the best val mIoU (labeled images the teacher did not train on); a number is used as it is."""
-    cfg = params.pseudo_label
     if class_weight is None:  # the teacher was trained without class weighting: nothing to undo
         return 0.0, {}
     if cfg.prior_correction != "auto":
@@ -83,10 +82,10 @@ def choose_prior_correction(
         return 0.0, {}
     confusions = {strength: ConfusionMatrix(num_classes, device) for strength in PRIOR_CORRECTIONS}
     loader = DataLoader(SegmentationDataset(val_samples), batch_size=cfg.batch_size, collate_fn=pad_collate,
-                        num_workers=params.train.num_workers)
+                        num_workers=train.num_workers)
     for batch in loader:
         images, masks = batch["image"].to(device), batch["mask"].to(device)
-        probs = probabilities(model, images, params.evaluate.inference, params.train.crop_size)
+        probs = probabilities(model, images, inference, train.crop_size)
         for strength, confusion in confusions.items():
             confusion.update(masks, corrected(probs, class_weight, strength).argmax(dim=1))
     val_miou = {f"{strength:g}": confusion.compute()["miou"] for strength, confusion in confusions.items()}
@@ -105,24 +104,25 @@ def prediction_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> 
 
 
 def _predict_and_stream(
-    params: Params, model, snapshots: list, samples: list[Sample], raw_dir: Path, device: torch.device, num_classes: int,
+    cfg: PseudoLabelParams, train: TrainParams, inference: InferenceParams, model, snapshots: list, samples: list[Sample],
+    raw_dir: Path, device: torch.device, num_classes: int,
     class_weight: torch.Tensor | None, strength: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Pass 1: write each image's labels and confidence to ``raw_dir``; returns class histograms and the
     images' reliability (mean agreement of the snapshots with the final teacher; 1 without snapshots)."""
     loader = DataLoader(
-        SegmentationDataset(samples), batch_size=params.pseudo_label.batch_size, collate_fn=pad_collate,
-        num_workers=params.train.num_workers, pin_memory=device.type == "cuda",
+        SegmentationDataset(samples), batch_size=cfg.batch_size, collate_fn=pad_collate,
+        num_workers=train.num_workers, pin_memory=device.type == "cuda",
     )
     histograms = torch.zeros(num_classes, HISTOGRAM_BINS, dtype=torch.int64, device=device)
     reliability: dict[str, float] = {}
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         # The teacher predicts as evaluation does (sliding window, test-time augmentation).
-        probs = probabilities(model, images, params.evaluate.inference, params.train.crop_size)
+        probs = probabilities(model, images, inference, train.crop_size)
         confidence, labels = corrected(probs, class_weight, strength).max(dim=1)
         # Snapshots predict as the teacher does (TTA included): agreement then measures stability, not TTA.
-        snapshot_labels = [probabilities(snapshot, images, params.evaluate.inference, params.train.crop_size)
+        snapshot_labels = [probabilities(snapshot, images, inference, train.crop_size)
                            .argmax(dim=1) for snapshot in snapshots]
         bins = (confidence * HISTOGRAM_BINS).long().clamp_(max=HISTOGRAM_BINS - 1)
         for row, index in enumerate(batch["index"].tolist()):
@@ -198,7 +198,10 @@ def write_label_next(rows: list[dict], path: Path) -> None:
 
 
 def pseudo_label(
-    params: Params,
+    cfg: PseudoLabelParams,
+    train: TrainParams,
+    inference: InferenceParams,
+    mlflow_cfg: MlflowParams,
     *,
     teacher_dir: Path,
     data_dir: Path,
@@ -212,8 +215,7 @@ def pseudo_label(
     ``examples.png``; returns the summary (coverage, thresholds, quality), also written to ``metrics_file``.
     ``label_next_file`` gets the unlabeled images ranked by how much a label would help (:func:`label_priority`;
     with masks hidden by the semi-supervised protocol, the teacher's error on each is a column too)."""
-    cfg = params.pseudo_label
-    device = resolve_device(params.train.device)
+    device = resolve_device(train.device)
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
     # A Mean Teacher kept beside trained weights that were evaluated instead (train.ema.evaluate: false) labels.
     model, card = load_model(teacher_dir / EMA_DIR if (teacher_dir / EMA_DIR).is_dir() else teacher_dir, device)
@@ -225,12 +227,12 @@ def pseudo_label(
     kept_pixels = total_pixels = 0
     score = PseudoLabelScore(card.num_classes)
     examples: list[list[np.ndarray]] = []
-    with tracking.stage_run(params.mlflow, "pseudo_label", run_name), atomic_dir(out_dir) as staging:
+    with tracking.stage_run(mlflow_cfg, "pseudo_label", run_name), atomic_dir(out_dir) as staging:
         raw_dir = staging / ".raw"
         raw_dir.mkdir()
         strength, correction_val_miou = choose_prior_correction(
-            params, model, class_weight, load_samples(data_dir, splits_csv, "val"), device, card.num_classes)
-        histograms, reliability = _predict_and_stream(params, model, snapshots, samples, raw_dir, device,
+            cfg, train, inference, model, class_weight, load_samples(data_dir, splits_csv, "val"), device, card.num_classes)
+        histograms, reliability = _predict_and_stream(cfg, train, inference, model, snapshots, samples, raw_dir, device,
                                                       card.num_classes, class_weight, strength)
         thresholds = class_thresholds(histograms, cfg).numpy()
         predicted_share = histograms.sum(dim=1).double()

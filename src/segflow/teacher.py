@@ -13,11 +13,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import mlflow
 
 from segflow import tracking
-from segflow.config import Params
+from segflow.config import InferenceParams, MlflowParams, TeacherParams, TrainParams
 from segflow.data import load_samples
 from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.inference import read_card
@@ -28,29 +29,33 @@ from segflow.unlabeled import labeled_only, unlabeled_images_won, with_unlabeled
 LABELED_ONLY, WITH_UNLABELED = "labeled_only", "with_unlabeled"
 
 
-def train_teacher(params: Params, *, data_dir: Path, splits_csv: Path, out_dir: Path, metrics_file: Path) -> dict:
+def train_teacher(
+    cfg: TeacherParams, train_cfg: TrainParams, *, model_options: dict[str, Any], val_batch_size: int,
+    inference: InferenceParams, mlflow_cfg: MlflowParams, data_dir: Path, splits_csv: Path, out_dir: Path,
+    metrics_file: Path,
+) -> dict:
     """Train both teachers, keep the one the evidence picks in ``out_dir`` and write ``metrics_file``; returns
     its contents (``labeled_only`` and ``with_unlabeled``: val and test mIoU, optimizer steps, seconds;
-    ``use_unlabeled``, ``kept``, ``margin``, ``reason``)."""
-    cfg = params.teacher
+    ``use_unlabeled``, ``kept``, ``margin``, ``reason``). Both arms train with ``train_cfg`` and the builder's
+    ``model_options``; both are scored on test with ``inference`` at ``val_batch_size`` images a batch."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    epochs = cfg.epochs or params.train.epochs
-    arms = {LABELED_ONLY: labeled_only(params)}
+    epochs = cfg.epochs or train_cfg.epochs
+    arms = {LABELED_ONLY: labeled_only(train_cfg)}
     unlabeled = load_samples(data_dir, splits_csv, "unlabeled")
     if unlabeled:
-        arms[WITH_UNLABELED] = with_unlabeled(params, cfg.consistency_weight)
+        arms[WITH_UNLABELED] = with_unlabeled(train_cfg, cfg.consistency_weight)
     scores = {}
-    with tracking.stage_run(params.mlflow, "teacher", "teacher") as run, \
+    with tracking.stage_run(mlflow_cfg, "teacher", "teacher") as run, \
             tracking.runs_nested_under(run.info.run_id), \
             tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-arms-") as work_dir:
-        for name, arm_params in arms.items():
-            result = train(arm_params, cfg.arch, data_dir=data_dir, splits_csv=splits_csv,
+        for name, arm_cfg in arms.items():
+            result = train(arm_cfg, cfg.arch, model_options=model_options, mlflow_cfg=mlflow_cfg,
+                           val_batch_size=val_batch_size, data_dir=data_dir, splits_csv=splits_csv,
                            out_dir=Path(work_dir) / name, epochs=epochs, run_name=f"teacher {name.replace('_', '-')}",
                            snapshots=cfg.snapshots)
-            test = score_split(result.model_dir, data_dir, splits_csv, "test", device=params.train.device,
-                               batch_size=params.evaluate.batch_size, inference=params.evaluate.inference,
-                               train_crop_size=params.train.crop_size)
+            test = score_split(result.model_dir, data_dir, splits_csv, "test", device=arm_cfg.device,
+                               batch_size=val_batch_size, inference=inference, train_crop_size=arm_cfg.crop_size)
             scores[name] = {"val_miou": result.best_miou,
                             "test_miou": None if test is None else test["miou"],
                             "steps": result.steps, "seconds": result.seconds}

@@ -36,7 +36,7 @@ from segflow import CARD_FILE, IGNORE_INDEX, WEIGHTS_FILE, checkpoint, distribut
 from segflow.architectures import unknown_architecture
 from segflow.cache import CACHE_DIR, open_cache
 from segflow.checkpoint import Progress
-from segflow.config import ConsistencyParams, MlflowParams, Params, TrainParams
+from segflow.config import ConsistencyParams, MlflowParams, TrainParams
 from segflow.consistency import (
     UnlabeledViews,
     batchnorm_statistics_frozen,
@@ -480,9 +480,13 @@ def end_of_epoch(
 
 
 def train(
-    params: Params,
+    cfg: TrainParams,
     arch: str,
     *,
+    model_options: dict[str, Any],
+    mlflow_cfg: MlflowParams,
+    val_batch_size: int,
+    reliable_fraction: float = 1.0,
     data_dir: Path,
     splits_csv: Path,
     out_dir: Path,
@@ -506,6 +510,9 @@ def train(
     With ``train.decoded_cache`` images come from the cache in ``cache_dir`` (segflow.cache), built from
     ``data_dir``. ``init_from`` (a model folder of the same architecture and classes) gives the starting weights.
     ``keep_last`` also keeps the final weights in ``out_dir/last`` when val picked an earlier epoch.
+    ``model_options`` are the builder's (params.yaml ``models.ARCH``), ``val_batch_size`` the validation's
+    (``evaluate.batch_size``), ``reliable_fraction`` the share of pseudo-labeled images trained on
+    (``pseudo_label.reliable_fraction``, with ``pseudo_dir`` only).
     """
     if (problem := unknown_architecture(arch)) is not None:
         raise SegflowError(f"{problem}.")
@@ -513,16 +520,15 @@ def train(
     lock = (exclusive_lock(checkpoint.resume_dir_for(out_dir).with_suffix(".lock"), f"a training of {out_dir}")
             if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext())
     with lock:
-        group = distributed.setup(params.train.device)
+        group = distributed.setup(cfg.device)
         try:
             # Process-wide: the global RNG (the model's initial weights, dropout) and the backends' settings.
-            torch.manual_seed(params.train.seed)
+            torch.manual_seed(cfg.seed)
             tune_process_for_training(group.device)
-            return _train(params.train, arch, group, options=params.model_options(arch),
-                          reliable_fraction=params.pseudo_label.reliable_fraction,
-                          val_batch_size=params.evaluate.batch_size, mlflow_params=params.mlflow,
+            return _train(cfg, arch, group, options=dict(model_options), reliable_fraction=reliable_fraction,
+                          val_batch_size=val_batch_size, mlflow_params=mlflow_cfg,
                           data_dir=data_dir, splits_csv=splits_csv, out_dir=Path(out_dir), pseudo_dir=pseudo_dir,
-                          epochs=epochs or params.train.epochs, run_name=run_name or arch, snapshots=snapshots,
+                          epochs=epochs or cfg.epochs, run_name=run_name or arch, snapshots=snapshots,
                           resume=resume, cache_dir=cache_dir, init_from=init_from, keep_last=keep_last)
         finally:
             distributed.teardown(group)

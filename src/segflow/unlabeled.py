@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from segflow.config import Params
+from segflow.config import TrainParams
 from segflow.errors import SegflowError
 
 
@@ -30,30 +30,28 @@ def uses_unlabeled_images(setting: bool | str, decision_file: Path) -> bool:
         return bool(json.loads(Path(decision_file).read_text())["use_unlabeled"])
     except FileNotFoundError:
         raise SegflowError(f"{decision_file}: missing; train.use_pseudo_labels is auto, which follows the teacher "
-                           "stage's decision: run `segflow train --teacher` first (or set it to true or false).") from None
+                           "stage's decision: run `segflow teacher` first (or set it to true or false).") from None
     except (json.JSONDecodeError, KeyError, TypeError):
         raise SegflowError(f"{decision_file}: not a teacher-stage decision (no use_unlabeled key); run "
-                           "`segflow train --teacher` again.") from None
+                           "`segflow teacher` again.") from None
 
 
-def architecture_params(params: Params, decision_file: Path) -> tuple[Params, bool]:
+def architecture_params(cfg: TrainParams, decision_file: Path) -> tuple[TrainParams, bool]:
     """What an architecture trains with, and whether on the pseudo-labels: ``train.use_pseudo_labels`` true or
     false as set (``train.consistency`` as set too); auto as the teacher stage decided, the consistency loss
     dropped with the pseudo-labels when the unlabeled images did not pay."""
-    if uses_unlabeled_images(params.train.use_pseudo_labels, decision_file):
-        return params, True
-    return (params if params.train.use_pseudo_labels is False else labeled_only(params)), False
+    if uses_unlabeled_images(cfg.use_pseudo_labels, decision_file):
+        return cfg, True
+    return (cfg if cfg.use_pseudo_labels is False else labeled_only(cfg)), False
 
 
-def labeled_only(params: Params) -> Params:
-    """``params`` with the unlabeled images left out: no pseudo-labels, no consistency loss."""
-    return with_unlabeled(params, 0.0)
+def labeled_only(cfg: TrainParams) -> TrainParams:
+    """``cfg`` with the unlabeled images left out: no pseudo-labels, no consistency loss."""
+    return with_unlabeled(cfg, 0.0)
 
 
-def with_unlabeled(params: Params, consistency_weight: float) -> Params:
-    """``params`` with weak-to-strong consistency on the unlabeled images at ``consistency_weight`` (0: none) and
+def with_unlabeled(cfg: TrainParams, consistency_weight: float) -> TrainParams:
+    """``cfg`` with weak-to-strong consistency on the unlabeled images at ``consistency_weight`` (0: none) and
     no pseudo-labels (this is the teacher that would make them)."""
-    train = params.train.model_copy(update={
-        "use_pseudo_labels": False,
-        "consistency": params.train.consistency.model_copy(update={"weight": consistency_weight})})
-    return params.model_copy(update={"train": train})
+    return cfg.model_copy(update={
+        "use_pseudo_labels": False, "consistency": cfg.consistency.model_copy(update={"weight": consistency_weight})})

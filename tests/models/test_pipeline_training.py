@@ -19,7 +19,7 @@ from segflow.evaluate import evaluate
 from segflow.inference import load_model
 from segflow.ingest import ingest_coco
 from segflow.synth import generate
-from segflow.train import train
+from train_testing import train_from_params
 
 SIZE = 48
 
@@ -50,16 +50,18 @@ def test_every_registered_architecture_has_a_small_configuration_and_every_famil
 def test_architecture_trains_one_epoch_and_evaluates(arch, dataset, tmp_path):
     data_dir, splits_csv = dataset
     params = parse_params({
-        "train": {"archs": [arch], "epochs": 1, "batch_size": 3, "crop_size": SIZE, "device": "cpu"},
+        "train": {"archs": [arch], "epochs": 1, "batch_size": 3, "crop_size": SIZE, "device": "cpu", "decoded_cache": False},
         "evaluate": {"batch_size": 2, "num_overlays": 1},
         "models": {arch: TINY[arch]},
     })
-    result = train(params, arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "models" / arch)
+    result = train_from_params(params, arch, data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "models" / arch)
     assert len(result.history) == 1 and math.isfinite(result.history[0]["train_loss"])
 
     model, card = load_model(tmp_path / "models" / arch)
     assert card.arch == arch and card.options == TINY[arch]
-    metrics = evaluate(params, arch, model_dir=tmp_path / "models" / arch, data_dir=data_dir, splits_csv=splits_csv,
+    metrics = evaluate(params.evaluate, params.mlflow, arch, device=params.train.device,
+                       train_crop_size=params.train.crop_size, model_dir=tmp_path / "models" / arch,
+                       data_dir=data_dir, splits_csv=splits_csv,
                        metrics_file=tmp_path / "metrics.json", out_dir=tmp_path / "evaluation",
                        plots_dir=tmp_path / "plots")
     assert 0.0 <= metrics["test"]["pixel_accuracy"] <= 1.0

@@ -43,7 +43,7 @@ EPOCHS = 3
 
 def _train_params(experiment: str) -> dict:
     return {
-        "train": {"epochs": EPOCHS, "batch_size": 4, "crop_size": 32, "device": "cpu", "optimizer": "sgd",
+        "train": {"epochs": EPOCHS, "batch_size": 4, "crop_size": 32, "device": "cpu", "decoded_cache": False, "optimizer": "sgd",
                   "lr": 0.05, "num_workers": 0, "use_pseudo_labels": False},
         "models": {ARCH: {"width": 0.125, "batch_norm": True, "dropout": 0.0}},
         "evaluate": {"batch_size": 4},
