@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
 from segflow import IGNORE_INDEX
@@ -275,6 +274,7 @@ def strong_augment(
     image: torch.Tensor, mask: torch.Tensor, params: StrongAugmentParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ST++'s strong perturbations of a 3xHxW [0, 1] image; cutout's box is ignored by the loss."""
+    import torchvision.transforms.v2.functional as TF  # seconds to import: only where the unlabeled images are used
     if chance(params.color_jitter):  # ColorJitter(0.5, 0.5, 0.5, 0.25)
         image = TF.adjust_brightness(image, _uniform(0.5, 1.5))
         image = TF.adjust_contrast(image, _uniform(0.5, 1.5))

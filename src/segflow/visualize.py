@@ -18,7 +18,6 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
-from torchvision.utils import draw_segmentation_masks
 
 from segflow import IGNORE_INDEX
 
@@ -75,6 +74,8 @@ def _draw(image: np.ndarray, masks: list[np.ndarray], colours: list, alpha: floa
     """torchvision's draw_segmentation_masks on HxWx3 numpy arrays."""
     if not masks:  # nothing to draw (torchvision would warn)
         return image
+    from torchvision.utils import draw_segmentation_masks  # seconds to import: only when something is drawn
+
     drawn = draw_segmentation_masks(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
                                     torch.from_numpy(np.stack(masks)), alpha=alpha,
                                     colors=[tuple(int(v) for v in c) for c in colours])
