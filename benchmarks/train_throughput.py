@@ -64,9 +64,10 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from segflow import IGNORE_INDEX, models
-from segflow.cache import DecodedCache, build_cache, open_cache
+from segflow.cache import build_cache
 from segflow.config import parse_params
 from segflow.data import BatchAugment, Sample, SegmentationDataset, batch_augment_on, pad_collate
+from segflow.decoded_cache import DecodedCache, open_cache
 from segflow.distributed import EpochSampler, SeededDataset
 from segflow.imageio import read_image, read_mask, write_image, write_mask
 from segflow.train import (

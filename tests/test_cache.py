@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from segflow import data
-from segflow.cache import INDEX_FILE, build_cache, open_cache
+from segflow.cache import build_cache
 from segflow.config import Layout, parse_params
 from segflow.data import Sample, SegmentationDataset
+from segflow.decoded_cache import INDEX_FILE, open_cache
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask, write_image, write_mask
 from train_testing import PLAIN_UNET, SIZE, make_project, train_from_params, weights

@@ -78,6 +78,17 @@ def test_no_import_cycle_among_segflow_modules():
     assert not cycles, f"modules on an import cycle (imports inside functions count): {sorted(cycles)}"
 
 
+def test_stage_modules_are_not_libraries_of_each_other():
+    # Each DVC stage is named after its module (evaluate_teacher: evaluate's); what two stages share lives in a shared
+    # module (manifest, metrics, decoded_cache, promotion...). The teacher stage is two trainings: it calls train's.
+    stage_modules = {f"segflow.{name.split('@')[0].removesuffix('_teacher')}" for name in dvc_stages()}
+    assert stage_modules <= set(module_files()), stage_modules - set(module_files())
+    allowed = {("segflow.teacher", "segflow.train")}
+    offending = sorted((name, dep) for name, deps in import_graph().items() for dep in deps
+                       if dep in stage_modules and name != "segflow.cli" and (name, dep) not in allowed)
+    assert not offending, f"modules importing a stage's module: {offending}"
+
+
 # --- the stage commands, as the CLI defines them -------------------------------------------------------------
 
 @cache

@@ -146,7 +146,8 @@ def cache(
     out: Annotated[Path | None, typer.Option(help="Cache folder (default data/cache; replaced whole).")] = None,
 ) -> None:
     """Decode every ingested image and mask once into .npy shards (train.decoded_cache reads them)."""
-    from segflow.cache import CACHE_DIR, build_cache
+    from segflow.cache import build_cache
+    from segflow.decoded_cache import CACHE_DIR
 
     out = out or CACHE_DIR
     summary = build_cache(data_dir, out)

@@ -19,10 +19,10 @@ from segflow import IGNORE_INDEX
 from segflow.config import AugmentParams, StrongAugmentParams
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask
-from segflow.split import read_manifest
+from segflow.manifest import read_manifest
 
 if TYPE_CHECKING:
-    from segflow.cache import DecodedCache
+    from segflow.decoded_cache import DecodedCache
 
 # ImageNet statistics: the convention pretrained encoders expect, harmless from scratch.
 MEAN = (0.485, 0.456, 0.406)

@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 from segflow import CARD_FILE, IGNORE_INDEX, WEIGHTS_FILE, checkpoint, distributed, models, tracking
 from segflow.architectures import unknown_architecture
-from segflow.cache import CACHE_DIR, open_cache
 from segflow.checkpoint import Progress
 from segflow.config import ConsistencyParams, MlflowParams, TrainParams
 from segflow.consistency import (
@@ -55,6 +54,7 @@ from segflow.data import (
     pad_collate,
     read_classes,
 )
+from segflow.decoded_cache import CACHE_DIR, open_cache
 from segflow.distributed import EpochSampler, ProcessGroup, SeededDataset
 from segflow.ema import mean_teacher
 from segflow.errors import SegflowError
@@ -63,8 +63,8 @@ from segflow.fsutil import atomic_dir, atomic_write_json, exclusive_lock
 from segflow.imageio import read_mask
 from segflow.inference import EMA_DIR, LAST_DIR, SNAPSHOTS_DIR, ModelCard, load_weights, read_card, save_model
 from segflow.losses import segmentation_loss
+from segflow.manifest import read_manifest
 from segflow.metrics import confusion_over
-from segflow.split import read_manifest
 
 log = logging.getLogger("segflow.train")
 

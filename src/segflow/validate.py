@@ -39,7 +39,7 @@ from segflow import IGNORE_INDEX
 from segflow.errors import SegflowError, ValidationFailed
 from segflow.fsutil import atomic_dir, atomic_write_json, refuse_overlap
 from segflow.imageio import content_hash, read_image, read_mask
-from segflow.split import (
+from segflow.manifest import (
     SPLITS,
     check_fractions,
     expected_split_sizes,
