@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -22,11 +25,43 @@ TINY = {
     "register": {"floor": False},
 }
 
+SEGFLOW = str(Path(sys.executable).parent / "segflow")
+MODEL_NAME = "segflow-e2e"
+DEPLOYMENT = "segflow-retraining/scheduled"
+# The one run of the whole pipeline in a session (tests/pipelines/conftest.py: `scheduled_run`): TINY, run by the
+# served cron deployment on the Prefect and MLflow servers. The end-to-end tests (test_training_pipeline.py) check
+# its outputs, the scheduled-retraining tests (test_scheduled_retraining.py) its orchestration.
+SCHEDULE = {"cron": "30 4 * * 2", "timezone": "Europe/Berlin", "concurrency_limit": 1}
+
 
 def merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
     return base
+
+
+PIPELINE = merge(copy.deepcopy(TINY), {"register": {"model_name": MODEL_NAME}, "schedule": SCHEDULE})
+
+
+def candidate_arch(candidate: str) -> str:
+    """The architecture of a candidate of the PIPELINE run: its name, or the teacher's architecture."""
+    return PIPELINE["teacher"]["arch"] if candidate == "teacher" else candidate
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def stack_env(servers, prefect_home: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, PREFECT_API_URL=servers["prefect"].url, MLFLOW_TRACKING_URI=servers["mlflow"].url,
+               PREFECT_HOME=str(prefect_home), **extra)
+    env.pop("SEGFLOW_PARENT_RUN_ID", None)
+    return env
 
 
 def make_project(root: Path, project_root: Path, params: dict) -> Path:

@@ -1,4 +1,5 @@
-"""Failures the flows and `segflow schedule` tell apart, checked without starting servers."""
+"""Failures the flows and `segflow schedule` tell apart, checked without servers of their own (the retries on the
+session's Prefect server, conftest.py: `prefect_api`)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def test_data_is_synced_with_the_named_or_default_dvc_remote_only(tmp_path, proj
     ("exit 3", 1),        # segflow crashed (or, exit 1/2, rejected its input): the same input fails again
     ("kill -9 $$", 3),    # killed from outside (the OOM killer, a preempted node): retried twice
 ])
-def test_the_flow_retries_a_killed_stage_but_not_a_failed_one(tmp_path, project_root, prefect_harness, command, runs):
+def test_the_flow_retries_a_killed_stage_but_not_a_failed_one(tmp_path, project_root, prefect_api, command, runs):
     training = load_flow_module(project_root, "training_pipeline")
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     dvc(tmp_path, "init", "-q")

@@ -1,8 +1,11 @@
-"""End to end: the Prefect flow runs every DVC stage on a tiny generated dataset and promotes a model."""
+"""End to end: the Prefect flow runs every DVC stage on a tiny generated dataset and promotes a model.
+
+The run is the session's one run of the whole pipeline (conftest.py: `scheduled_run`): the served retraining
+deployment runs the flow on the Prefect server, tracking on the MLflow server.
+"""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -11,11 +14,10 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pipeline_testing
 import pytest
 import yaml
 from mlflow import MlflowClient
-from pipeline_testing import load_flow_module, make_project, merge
+from pipeline_testing import PIPELINE
 
 from segflow.config import parse_params
 from segflow.imageio import read_image
@@ -23,22 +25,34 @@ from segflow.scores import floor_failures
 
 pytestmark = pytest.mark.slow
 
-TINY = merge(copy.deepcopy(pipeline_testing.TINY), {"register": {"model_name": "segflow-e2e"}})
+
+@pytest.fixture(scope="module", autouse=True)
+def tracking_on_the_server(servers):
+    """MLflow's tracking and registry URIs on the MLflow server the pipeline ran against, for this module."""
+    embedded = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(servers["mlflow"].url)
+    mlflow.set_registry_uri(servers["mlflow"].url)
+    yield servers["mlflow"]
+    mlflow.set_tracking_uri(embedded[0])
+    mlflow.set_registry_uri(embedded[1])
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, project_root) -> Path:
-    return make_project(tmp_path_factory.mktemp("project"), project_root, TINY)
+def pipeline_decision(scheduled_run) -> dict:
+    """What the flow returned: the registry decision of the session's pipeline run."""
+    final = scheduled_run["final"]
+    assert final.is_completed(), final.message
+    return scheduled_run["decision"]
 
 
-@pytest.fixture(scope="module")
-def pipeline_decision(project, project_root, prefect_harness) -> dict:
-    flow_module = load_flow_module(project_root, "training_pipeline")
-    cwd = os.getcwd()
-    try:
-        return flow_module.segflow_pipeline(project=str(project))
-    finally:
-        os.chdir(cwd)
+@pytest.fixture
+def put_back(project):
+    """The project is the session's (conftest.py): the parameters and metrics a test changes are put back."""
+    files = [project / "params.yaml", *sorted((project / "metrics").glob("*.json"))]
+    ran = {path: path.read_bytes() for path in files}
+    yield
+    for path, content in ran.items():
+        path.write_bytes(content)
 
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -47,7 +61,7 @@ def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_pipeline_registers_the_best_candidate_on_val_and_promotes_it_above_the_floor(pipeline_decision, project):
-    names = [*TINY["train"]["archs"], "teacher"]
+    names = [*PIPELINE["train"]["archs"], "teacher"]
     scores = {name: json.loads((project / "evaluation" / name / "scores.json").read_text()) for name in names}
     for name in names:
         headline = json.loads((project / "metrics" / f"{name}.json").read_text())
@@ -56,7 +70,7 @@ def test_pipeline_registers_the_best_candidate_on_val_and_promotes_it_above_the_
         assert (project / "evaluation" / name / "confusion_matrix.png").stat().st_size > 0
     best = max(names, key=lambda name: scores[name]["val"]["miou"])  # the teacher is a candidate too
     assert pipeline_decision["candidate"] == best
-    assert pipeline_decision["promoted"] == (not floor_failures(scores[best], parse_params(TINY).register_))
+    assert pipeline_decision["promoted"] == (not floor_failures(scores[best], parse_params(PIPELINE).register_))
     assert json.loads((project / "metrics/pseudo_label.json").read_text())["coverage"] > 0
     assert (project / "data/validation/data_docs/index.html").exists()
     rows = json.loads((project / "leaderboard/leaderboard.json").read_text())
@@ -76,7 +90,7 @@ def test_pipeline_registers_the_best_candidate_on_val_and_promotes_it_above_the_
 
 def test_champion_loads_without_pickle_and_predicts_a_mask(pipeline_decision, project):
     client = MlflowClient()
-    name = TINY["register"]["model_name"]
+    name = PIPELINE["register"]["model_name"]
     champion = client.get_model_version_by_alias(name, "champion")  # the tiny run's best clears the floor
     assert str(champion.version) == pipeline_decision["version"] and pipeline_decision["promoted"]
     assert champion.tags["test_data_hash"] and champion.tags["arch"] == pipeline_decision["arch"]
@@ -101,7 +115,7 @@ def test_stage_runs_are_nested_under_one_parent_run(pipeline_decision):
 
 def test_the_mlflow_ui_shows_the_champions_training_its_evaluation_and_why_it_was_chosen(pipeline_decision, project):
     client = MlflowClient()
-    version = client.get_model_version(TINY["register"]["model_name"], pipeline_decision["version"])
+    version = client.get_model_version(PIPELINE["register"]["model_name"], pipeline_decision["version"])
     card = json.loads((project / "models" / pipeline_decision["candidate"] / "model.json").read_text())
     # The version's source run is the chosen model's training run (the kept arm's, for the teacher) ...
     assert version.run_id == card["extra"]["mlflow_run_id"]
@@ -129,7 +143,7 @@ def test_the_mlflow_ui_shows_the_champions_training_its_evaluation_and_why_it_wa
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_second_repro_is_a_no_op_and_a_param_change_reruns_only_its_stages(pipeline_decision, project):
+def test_second_repro_is_a_no_op_and_a_param_change_reruns_only_its_stages(pipeline_decision, project, put_back):
     assert "up to date" in _dvc(project, "status").stdout
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"]["num_overlays"] = 1
@@ -139,7 +153,7 @@ def test_second_repro_is_a_no_op_and_a_param_change_reruns_only_its_stages(pipel
     assert changed == {"evaluate@pspnet", "evaluate_teacher"}
 
 
-def test_dvc_metrics_and_plots_compare_across_commits(pipeline_decision, project):
+def test_dvc_metrics_and_plots_compare_across_commits(pipeline_decision, project, put_back):
     git = ["git", "-c", "user.name=segflow", "-c", "user.email=segflow@example.invalid"]
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
     subprocess.run([*git, "commit", "-qm", "pipeline run"], cwd=project, check=True)
@@ -160,4 +174,4 @@ def test_dvc_metrics_and_plots_compare_across_commits(pipeline_decision, project
     for chart in ("val mIoU per epoch", "train loss per epoch"):  # every candidate's curve in one chart
         (content,) = [plot["content"] for plot in charts[chart]]
         assert content["encoding"]["color"]["field"] == "model"
-        assert {row["model"] for row in content["data"]["values"]} == {*TINY["train"]["archs"], "teacher"}
+        assert {row["model"] for row in content["data"]["values"]} == {*PIPELINE["train"]["archs"], "teacher"}
