@@ -24,7 +24,7 @@ from dvc.repo import Repo
 from prefect import flow, get_run_logger, task
 from training_pipeline import run_dvc, segflow_pipeline  # the sibling flow file (Prefect puts its folder on sys.path)
 
-from segflow.config import load_params
+from segflow.config import PARAMS_FILE, load_params
 from segflow.errors import SegflowError
 
 
@@ -49,17 +49,17 @@ def sync_data(command: str, remote: str, project: Path) -> None:
 
 
 @flow(name="segflow-retraining")
-def segflow_retraining(project: str = ".", params_file: str = "params.yaml") -> dict:
+def segflow_retraining(project: str = ".") -> dict:
     """Pull, rerun the pipeline (the register stage gates and promotes), push; returns the registry decision."""
     logger = get_run_logger()
     project_dir = Path(project).resolve()
-    params = load_params(project_dir / params_file)
+    params = load_params(project_dir / PARAMS_FILE)
     remote = dvc_remote(project_dir, params.schedule.dvc_remote)
     if remote is None:
         logger.info("no DVC remote configured: nothing to pull or push")
     else:
         sync_data("pull", remote, project_dir)
-    decision = segflow_pipeline(project=str(project_dir), params_file=params_file)
+    decision = segflow_pipeline(project=str(project_dir))
     if remote is not None:
         sync_data("push", remote, project_dir)
     return decision

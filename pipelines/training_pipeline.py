@@ -22,7 +22,7 @@ from dvc.repo import Repo
 from prefect import flow, get_run_logger, task
 
 from segflow import tracking
-from segflow.config import Layout, load_params
+from segflow.config import PARAMS_FILE, Layout, load_params
 
 # What a failed segflow command prints first (segflow.cli.main): "segflow: error: ..." or "segflow: internal error: ...".
 ERROR_MARKER = re.compile(r"segflow: (?:internal )?error: (.*)")
@@ -90,11 +90,12 @@ def run_stage(stage: str, project: Path) -> None:
 
 
 @flow(name="segflow-pipeline")
-def segflow_pipeline(project: str = ".", params_file: str = "params.yaml") -> dict:
-    """Run every DVC stage in order under one MLflow parent run; returns the registry decision."""
+def segflow_pipeline(project: str = ".") -> dict:
+    """Run every DVC stage in order under one MLflow parent run; returns the registry decision. The stages read
+    the project's params.yaml, as DVC does: no other parameters file can reach them, so the flow takes none."""
     project_dir = Path(project).resolve()
     os.chdir(project_dir)
-    params = load_params(project_dir / params_file)
+    params = load_params(project_dir / PARAMS_FILE)
     with tracking.pipeline_run(params.mlflow) as run:
         for stage in dvc_stages(project_dir):
             run_stage(stage, project_dir)

@@ -31,16 +31,6 @@ def mlflow_store(tmp_path_factory) -> str:
     return uri
 
 
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    """A throwaway Prefect server and database for the tests that run flows."""
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):  # a new database: slow on two busy cores
-        yield
-
-
 @pytest.fixture
 def workspace(tmp_path) -> Path:
     """A trained-looking model folder, one tiny labeled test image, and its splits file (register tests)."""

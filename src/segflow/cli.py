@@ -330,7 +330,7 @@ def schedule(
 
     params = load_params(params_file)
     cfg = params.schedule
-    scheduled = run(params, Path.cwd(), str(params_file), serve=serve)
+    scheduled = run(params, Path.cwd(), serve=serve)
     if scheduled is not None:
         typer.echo(f"deployment {scheduled.deployment} runs on cron {cfg.cron!r} ({cfg.timezone}), at most "
                    f"{cfg.concurrency_limit} at a time, at {scheduled.api_url}; a worker runs them: "

@@ -67,7 +67,7 @@ def cron_schedule(cfg: ScheduleParams):
         raise SegflowError(f"invalid parameters: {problems}.") from None
 
 
-def retraining_deployment(params: Params, project_dir: Path, params_file: str, *, serve: bool):
+def retraining_deployment(params: Params, project_dir: Path, *, serve: bool):
     """The deployment of the retraining flow in ``project_dir``: schedule, concurrency limit, work pool."""
     from prefect import Flow
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -83,7 +83,6 @@ def retraining_deployment(params: Params, project_dir: Path, params_file: str, *
         concurrency_limit=ConcurrencyLimitConfig(
             limit=cfg.concurrency_limit, collision_strategy=ConcurrencyLimitStrategy[cfg.on_overlap.upper()]
         ),
-        parameters={"params_file": params_file},
         work_pool_name=None if serve else cfg.work_pool,
         description=f"segflow retraining of {project_dir} on cron {cfg.cron!r} ({cfg.timezone})",
     )
@@ -101,9 +100,7 @@ def _ensure_work_pool(name: str) -> None:
             client.create_work_pool(WorkPoolCreate(name=name, type=WORKER_POOL_TYPE))
 
 
-def schedule(
-    params: Params, project_dir: Path, params_file: str = "params.yaml", *, serve: bool = False
-) -> Scheduled | None:
+def schedule(params: Params, project_dir: Path, *, serve: bool = False) -> Scheduled | None:
     """Create or update the retraining deployment on the Prefect server; with ``serve``, also run it here.
 
     Serving blocks until the process is stopped (then returns None). Without it, the work pool is created
@@ -112,7 +109,7 @@ def schedule(
     from prefect import serve as serve_deployments
 
     api_url = prefect_api_url()
-    deployment = retraining_deployment(params, project_dir.resolve(), params_file, serve=serve)
+    deployment = retraining_deployment(params, project_dir.resolve(), serve=serve)
     if serve:
         serve_deployments(deployment)  # registers (upserts) the deployment, then runs what is due
         return None

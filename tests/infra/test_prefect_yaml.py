@@ -35,7 +35,7 @@ def test_it_matches_the_schedule_in_params(prefect_yaml):
     assert deployment["schedules"] == [{"cron": cfg.cron, "timezone": cfg.timezone}]
     assert deployment["concurrency_limit"] == {"limit": cfg.concurrency_limit,
                                                "collision_strategy": cfg.on_overlap.upper()}
-    assert deployment["parameters"] == {"params_file": "params.yaml"}
+    assert "parameters" not in deployment  # the flow runs the project's params.yaml, the one DVC reads
 
 
 def test_runs_start_where_the_worker_image_has_the_project(prefect_yaml):
@@ -49,4 +49,4 @@ def test_entrypoint_is_the_retraining_flow():
     path, name = ENTRYPOINT.split(":")
     flow = load_flow_from_entrypoint(f"{ROOT / path}:{name}")
     assert flow.name == "segflow-retraining"
-    assert set(flow.parameters.properties) == {"project", "params_file"}
+    assert set(flow.parameters.properties) == {"project"}

@@ -39,7 +39,7 @@ def test_schedule_without_serve_puts_the_deployment_on_a_work_pool(project, serv
     params = load_params(project / "params.yaml")
     params.schedule = params.schedule.model_copy(
         update={"deployment": "on-pool", "work_pool": "test-pool", "on_overlap": "cancel_new"})
-    scheduled = schedule(params, project, "params-pool.yaml")  # in this process: the API URL is `prefect`'s
+    scheduled = schedule(params, project)  # in this process: the API URL is `prefect`'s
     assert scheduled.deployment == "segflow-retraining/on-pool" and scheduled.api_url == servers["prefect"].url
 
     deployment = prefect.read_deployment_by_name("segflow-retraining/on-pool")
@@ -48,7 +48,7 @@ def test_schedule_without_serve_puts_the_deployment_on_a_work_pool(project, serv
     assert deployment.pull_steps == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}
     ]
-    assert deployment.parameters == {"params_file": "params-pool.yaml"}
+    assert deployment.parameters == {}  # the stages read params.yaml (DVC's): the flow takes no parameters file
     assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
     assert deployment.schedules[0].schedule.cron == "30 4 * * 2"
 
