@@ -53,12 +53,12 @@ def command_imports(words: list[str]) -> list[str]:
     raise SystemExit(f"no command segflow {' '.join(words)}")
 
 
-def startup_seconds(words: list[str], python: str) -> float:
+def startup_seconds(words: list[str], python: str, env: dict) -> float:
     code = "\n".join(command_imports(words))
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
-        subprocess.run([python, "-c", code], check=True)
+        subprocess.run([python, "-c", code], env=env, check=True)
         best = min(best, time.perf_counter() - started)
     return best
 
@@ -84,9 +84,11 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="clone into this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
     python = sys.executable
-    env = {**os.environ, "PATH": f"{Path(python).parent}{os.pathsep}{os.environ['PATH']}"}
     workdir = Path(tempfile.mkdtemp(prefix="segflow-overhead-")) if args.keep is None else args.keep
     project = workdir / "project"
+    # The clone's own code runs (the .venv's editable install points at this checkout's src/).
+    env = {**os.environ, "PATH": f"{Path(python).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(project / "src")}
     subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
     wall, stages = run_repro(project, env)
     started = time.perf_counter()
@@ -100,7 +102,7 @@ def main() -> None:
     for name, seconds in stages:
         words = [w for w in spec[name.split("@")[0]]["cmd"].split()[1:3] if not w.startswith(("-", "$"))
                  and "/" not in w]
-        startup = startup_seconds(words, python)
+        startup = startup_seconds(words, python, env)
         work += max(0.0, seconds - startup)
         rows.append(f"| {name} | {seconds:.1f} | {startup:.1f} |")
     overhead = wall - work
