@@ -38,8 +38,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from camvid_leaderboard import CLASSES, REPO, SPLITS, VOID, resize_camvid
 
+from segflow.card import LAST_DIR, read_card
 from segflow.config import DataParams, Params, parse_params
-from segflow.inference import LAST_DIR, read_card
 from segflow.ingest import ingest_from_params
 from segflow.metrics import score_split
 from segflow.split import make_splits

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from segflow import models
+from segflow.card import ModelCard
 from segflow.config import InferenceParams, Params, parse_params
 from segflow.imageio import write_image, write_mask
-from segflow.inference import ModelCard, save_model
+from segflow.inference import save_model
 from segflow.promotion import TestSplit, promote_version
 from segflow.register import register
 from segflow.scores import SCORES_FILE

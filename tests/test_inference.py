@@ -109,7 +109,8 @@ def test_confusion_over_uses_the_inference_params():
 
 def test_truncated_or_foreign_weights_are_named_not_a_crash(tmp_path):
     from segflow import models
-    from segflow.inference import ModelCard, load_model, save_model
+    from segflow.card import ModelCard
+    from segflow.inference import load_model, save_model
 
     card = ModelCard(arch="fcn32s", num_classes=2, classes=["background", "thing"], options={"width": 0.0625})
     save_model(models.build("fcn32s", num_classes=2, width=0.0625), card, tmp_path / "model")

@@ -22,11 +22,12 @@ from PIL import Image
 
 from register_testing import ARCH, register_version
 from segflow import models
+from segflow.card import ModelCard
 from segflow.config import InferenceParams
 from segflow.errors import SegflowError
 from segflow.fingerprint import file_sha256
 from segflow.imageio import read_image
-from segflow.inference import ModelCard, load_model, predict_mask, resolve_model_dir, save_model
+from segflow.inference import load_model, predict_mask, resolve_model_dir, save_model
 from segflow.registry import LOADER_MODULE, MLMODEL_TAG, WEIGHTS_TAG, segflow_flavor
 from test_registry_ops import promote
 

@@ -18,11 +18,12 @@ from PIL import Image
 
 from register_testing import register_stage, write_scores
 from segflow import models, tracking
+from segflow.card import ModelCard
 from segflow.cli import main
 from segflow.config import parse_params
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask, write_image
-from segflow.inference import ModelCard, resolve_model_dir, resolved_inference, save_model
+from segflow.inference import resolve_model_dir, resolved_inference, save_model
 from segflow.predict import predict
 from segflow.visualize import palette
 

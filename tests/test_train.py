@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from segflow import IGNORE_INDEX
+from segflow.card import MEAN, STD
 from segflow.checkpoint import Progress
 from segflow.config import AugmentParams, Layout, parse_params
-from segflow.data import MEAN, STD, BatchAugment, Sample, load_samples, stack_padded
+from segflow.data import BatchAugment, Sample, load_samples, stack_padded
 from segflow.distributed import ProcessGroup
 from segflow.errors import SegflowError
 from segflow.imageio import write_mask

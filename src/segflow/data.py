@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from segflow import IGNORE_INDEX
+from segflow.card import MEAN, STD
 from segflow.config import AugmentParams, StrongAugmentParams
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
     from segflow.decoded_cache import DecodedCache
 
 # ImageNet statistics: the convention pretrained encoders expect, harmless from scratch.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -1,62 +1,29 @@
-"""Trained-model files (safetensors weights + a JSON card) and prediction, shared by every consumer."""
+"""Trained-model weights (safetensors, rebuilt from the card in :mod:`segflow.card`) and prediction, shared by every
+consumer."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from segflow import CARD_FILE, WEIGHTS_FILE, models
+from segflow.card import ModelCard, read_card
 from segflow.config import InferenceParams
-from segflow.data import MEAN, STD, to_tensor
+from segflow.data import to_tensor
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_write_json
 
-SNAPSHOTS_DIR = "snapshots"  # earlier checkpoints kept inside a model folder (ST++ reliability)
-EMA_DIR = "ema"  # the Mean Teacher inside a model folder whose trained weights were the ones evaluated
-LAST_DIR = "last"  # the final weights inside a model folder whose best validation came earlier
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/, runs:/, s3://, file://, ...
-# card.extra key: the inference settings a registered model was evaluated with (written by `segflow register`).
-INFERENCE_KEY = "inference"
-
-
-@dataclass
-class ModelCard:
-    """What is needed to rebuild a trained network without pickle."""
-
-    arch: str
-    num_classes: int
-    classes: list[str]
-    options: dict[str, Any] = field(default_factory=dict)
-    mean: tuple[float, ...] = MEAN
-    std: tuple[float, ...] = STD
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def registered_inference(card: ModelCard, model_dir: Path) -> InferenceParams | None:
-    """The inference settings ``card`` carries (a registered model's, see :func:`resolved_inference`); None for a
-    model folder straight from training, which predicts as ``evaluate.inference`` says."""
-    settings = card.extra.get(INFERENCE_KEY)
-    if settings is None:
-        return None
-    try:
-        return InferenceParams.model_validate(settings)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise SegflowError(f"{Path(model_dir) / CARD_FILE}: extra.{INFERENCE_KEY} is not a valid evaluate.inference "
-                           f"for this segflow ({problems}); register the model again.") from None
 
 
 def save_model(model: torch.nn.Module, card: ModelCard, out_dir: Path) -> None:
@@ -66,14 +33,6 @@ def save_model(model: torch.nn.Module, card: ModelCard, out_dir: Path) -> None:
     save_file(state, str(tmp))
     tmp.replace(out_dir / WEIGHTS_FILE)
     atomic_write_json(out_dir / CARD_FILE, asdict(card))
-
-
-def read_card(model_dir: Path) -> ModelCard:
-    path = Path(model_dir) / CARD_FILE
-    try:
-        return ModelCard(**json.loads(path.read_text()))
-    except (FileNotFoundError, json.JSONDecodeError, TypeError) as exc:
-        raise SegflowError(f"{path}: not a segflow model card ({exc}).") from None
 
 
 def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, ModelCard]:

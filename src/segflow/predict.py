@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from segflow.card import registered_inference
 from segflow.config import Params
 from segflow.data import stack_padded, to_tensor
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_open, owned_dir, refuse_overlap
 from segflow.imageio import read_image, write_image, write_mask
-from segflow.inference import load_model, predict_classes, registered_inference, resolve_device, resolve_model_dir
+from segflow.inference import load_model, predict_classes, resolve_device, resolve_model_dir
 from segflow.visualize import legend_figure, overlay, palette, save_figure
 
 log = logging.getLogger("segflow.predict")

@@ -53,8 +53,9 @@ def score_registered_version(name: str, version: str, metric: str, test: TestSpl
     import torch
     from torch.utils.data import DataLoader
 
+    from segflow.card import registered_inference
     from segflow.data import SegmentationDataset, load_samples, pad_collate
-    from segflow.inference import load_model, registered_inference, resolve_model_dir
+    from segflow.inference import load_model, resolve_model_dir
     from segflow.metrics import confusion_over, labeled_scores
 
     samples = load_samples(test.data_dir, test.splits_csv, "test")

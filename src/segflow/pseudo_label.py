@@ -23,11 +23,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from segflow import IGNORE_INDEX, tracking
+from segflow.card import EMA_DIR, SNAPSHOTS_DIR
 from segflow.config import InferenceParams, MlflowParams, PseudoLabelParams, TrainParams
 from segflow.data import Sample, SegmentationDataset, load_samples, pad_collate
 from segflow.fsutil import atomic_dir, atomic_open, atomic_write_json
 from segflow.imageio import read_image, read_mask, write_mask
-from segflow.inference import EMA_DIR, SNAPSHOTS_DIR, load_model, probabilities, resolve_device
+from segflow.inference import load_model, probabilities, resolve_device
 from segflow.metrics import ConfusionMatrix
 from segflow.visualize import colorize, save_grid
 

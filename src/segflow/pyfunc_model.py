@@ -47,10 +47,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from segflow import CARD_FILE, WEIGHTS_FILE
+from segflow.card import registered_inference
 from segflow.config import InferenceParams
 from segflow.errors import SegflowError
 from segflow.imageio import read_image
-from segflow.inference import load_model, predict_mask, predict_probabilities, registered_inference, resolve_device
+from segflow.inference import load_model, predict_mask, predict_probabilities, resolve_device
 from segflow.registry import FILES_METADATA_KEY, MLMODEL_FILE, check_sha256
 
 log = logging.getLogger("segflow.pyfunc_model")

@@ -32,11 +32,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 import segflow
 from segflow import CARD_FILE, WEIGHTS_FILE, tracking
+from segflow.card import INFERENCE_KEY, read_card
 from segflow.config import InferenceParams, MlflowParams, RegisterParams
 from segflow.errors import SegflowError
 from segflow.fingerprint import file_sha256
 from segflow.fsutil import atomic_write_json
-from segflow.inference import INFERENCE_KEY, read_card
 from segflow.promotion import TestSplit, gate_and_promote
 from segflow.registry import (
     CHALLENGER,

@@ -18,10 +18,10 @@ from typing import Any
 import mlflow
 
 from segflow import tracking
+from segflow.card import read_card
 from segflow.config import InferenceParams, MlflowParams, TeacherParams, TrainParams
 from segflow.data import load_samples
 from segflow.fsutil import atomic_dir, atomic_write_json
-from segflow.inference import read_card
 from segflow.metrics import score_split
 from segflow.train import train
 from segflow.unlabeled import labeled_only, unlabeled_images_won, with_unlabeled

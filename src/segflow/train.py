@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from segflow import CARD_FILE, IGNORE_INDEX, WEIGHTS_FILE, checkpoint, distributed, models, tracking
 from segflow.architectures import unknown_architecture
+from segflow.card import EMA_DIR, LAST_DIR, SNAPSHOTS_DIR, ModelCard, read_card
 from segflow.checkpoint import Progress
 from segflow.config import ConsistencyParams, MlflowParams, TrainParams
 from segflow.consistency import (
@@ -61,7 +62,7 @@ from segflow.errors import SegflowError
 from segflow.fingerprint import file_sha256, folder_sha256, ingested_sha256
 from segflow.fsutil import atomic_dir, atomic_write_json, exclusive_lock
 from segflow.imageio import read_mask
-from segflow.inference import EMA_DIR, LAST_DIR, SNAPSHOTS_DIR, ModelCard, load_weights, read_card, save_model
+from segflow.inference import load_weights, save_model
 from segflow.losses import segmentation_loss
 from segflow.manifest import read_manifest
 from segflow.metrics import confusion_over
