@@ -34,5 +34,6 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests pipelines benchmarks
 
+# The results kept in git (metrics/, plots/, leaderboard/, registry/decision.json) stay: `git checkout` restores them.
 clean:
-	rm -rf data models metrics evaluation registry mlflow.db mlartifacts .prefect
+	rm -rf data models evaluation registry/registrations.jsonl mlflow.db mlartifacts .prefect .segflow dvc_plots
