@@ -14,9 +14,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from conftest import PROJECT_ROOT
 from segflow.config import Params
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SRC = PROJECT_ROOT / "src"
 CLI = SRC / "segflow" / "cli.py"
 # Where runs are logged is not an input of what a stage computes (and the tests move it to a temporary store).

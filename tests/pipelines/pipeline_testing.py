@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -32,6 +33,22 @@ DEPLOYMENT = "segflow-retraining/scheduled"
 # served cron deployment on the Prefect and MLflow servers. The end-to-end tests (test_training_pipeline.py) check
 # its outputs, the scheduled-retraining tests (test_scheduled_retraining.py) its orchestration.
 SCHEDULE = {"cron": "30 4 * * 2", "timezone": "Europe/Berlin", "concurrency_limit": 1}
+
+
+@contextlib.contextmanager
+def mlflow_at(url: str):
+    """MLflow's tracking and registry URIs on ``url`` inside the block (MLflow also sets MLFLOW_TRACKING_URI and
+    MLFLOW_REGISTRY_URI, which segflow and its worker processes read), the embedded store's again after it."""
+    import mlflow
+
+    embedded = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(embedded[0])
+        mlflow.set_registry_uri(embedded[1])
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -19,12 +19,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import requests
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from pipeline_testing import mlflow_at
 
 from register_testing import register_version
 from segflow.config import Layout
@@ -131,14 +131,9 @@ def test_trainings_survive_a_restart_of_the_tracking_server(servers, tmp_path):
 
 @pytest.fixture
 def on_the_server(servers):
-    """The tracking and registry URIs on the MLflow server for one test; MLflow also sets MLFLOW_TRACKING_URI
-    and MLFLOW_REGISTRY_URI, which segflow and the promotion workers read."""
-    embedded = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(servers["mlflow"].url)
-    mlflow.set_registry_uri(servers["mlflow"].url)
-    yield servers["mlflow"]
-    mlflow.set_tracking_uri(embedded[0])
-    mlflow.set_registry_uri(embedded[1])
+    """The tracking and registry URIs on the MLflow server for one test (segflow and the promotion workers too)."""
+    with mlflow_at(servers["mlflow"].url):
+        yield servers["mlflow"]
 
 
 def test_a_register_cut_short_after_creating_its_version_is_finished_by_the_next(workspace, on_the_server,

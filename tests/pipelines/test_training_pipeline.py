@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
-from pipeline_testing import PIPELINE
+from pipeline_testing import PIPELINE, mlflow_at
 
 from segflow.config import parse_params
 from segflow.imageio import read_image
@@ -29,12 +29,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module", autouse=True)
 def tracking_on_the_server(servers):
     """MLflow's tracking and registry URIs on the MLflow server the pipeline ran against, for this module."""
-    embedded = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(servers["mlflow"].url)
-    mlflow.set_registry_uri(servers["mlflow"].url)
-    yield servers["mlflow"]
-    mlflow.set_tracking_uri(embedded[0])
-    mlflow.set_registry_uri(embedded[1])
+    with mlflow_at(servers["mlflow"].url):
+        yield servers["mlflow"]
 
 
 @pytest.fixture(scope="module")
