@@ -80,13 +80,15 @@ def test_batch_augmentation_without_random_change_trains_as_per_image(plain_proj
         torch.testing.assert_close(batched[name], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_training_with_batch_augmentation_and_pseudo_labels_runs_on_the_cpu(plain_project, tmp_path):
+def test_training_with_batch_augmentation_pseudo_labels_and_every_loss_term_runs_on_the_cpu(plain_project, tmp_path):
     ingested = plain_project / Layout.ingested
     pseudo = load_samples(ingested, plain_project / Layout.splits, "train")[:4]  # their masks as pseudo masks
     (tmp_path / "pseudo_manifest.csv").write_text("image_id,image_path,mask_path\n" + "".join(
         f"{s.image_id},{s.image_path},{s.mask_path}\n" for s in pseudo))
     params = _plain_params(batch_size=8, batch_augment=True, crop_size=24, use_pseudo_labels=True,
-                           augment={"hflip": True, "scale_min": 0.5, "scale_max": 1.5})
+                           augment={"hflip": True, "scale_min": 0.5, "scale_max": 1.5},
+                           # every term on: Dice on the labeled images of mixed batches, OHEM in cross-entropy
+                           loss={"dice": 0.5, "focal": 0.5, "lovasz": 0.5, "ohem_threshold": 0.7, "ohem_min_kept": 50})
     params.train.epochs = 3
     pseudo = pseudo * 3  # 12 pseudo-labeled images on top of the labeled ones: longer epochs, fewer of them
     (tmp_path / "pseudo_manifest.csv").write_text("image_id,image_path,mask_path\n" + "".join(

@@ -174,6 +174,29 @@ class EmaParams(_Section):
     evaluate: bool = True                   # with decay > 0: the EMA weights are the model validated and kept
 
 
+class LossParams(_Section):
+    """The training loss: a weighted sum of the terms below (a weight of 0 leaves a term out). Cross-entropy carries
+    the per-image (pseudo_weight) and per-class (class_weighting) weights; Dice, Focal and Lovasz come from
+    segmentation_models_pytorch.losses and score the labeled images of a batch."""
+
+    cross_entropy: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy's targets: (1 - s) one-hot + s / classes
+    # OHEM (MMSegmentation's OHEMPixelSampler): cross-entropy over the pixels whose true-class probability is below
+    # this, and at least ohem_min_kept per image, the hardest first; null: every pixel.
+    ohem_threshold: float | None = Field(None, gt=0, le=1)
+    ohem_min_kept: int = Field(100_000, ge=1)
+    dice: float = Field(0.0, ge=0)     # multiclass soft Dice (Milletari et al., 2016)
+    focal: float = Field(0.0, ge=0)    # Focal loss (Lin et al., 2017)
+    focal_gamma: float = Field(2.0, ge=0)
+    lovasz: float = Field(0.0, ge=0)   # Lovasz-Softmax (Berman et al., 2018)
+
+    @model_validator(mode="after")
+    def _some_term(self) -> LossParams:
+        if not (self.cross_entropy or self.dice or self.focal or self.lovasz):
+            raise ValueError("at least one of cross_entropy, dice, focal, lovasz must have a weight above 0")
+        return self
+
+
 class TrainParams(_Section):
     archs: list[str] = Field(default_factory=lambda: ["unet", "deeplabv3plus", "pspnet"], min_length=1)
 
@@ -212,6 +235,7 @@ class TrainParams(_Section):
     # pseudo-labels are the least precise), sqrt (softened) or full (as on labeled pixels).
     unlabeled_class_weighting: Literal["none", "sqrt", "full"] = "none"
     oversample_labeled: bool = True   # repeat labeled images to match the pseudo-labeled ones
+    loss: LossParams = Field(default_factory=LossParams)
     augment: AugmentParams = Field(default_factory=AugmentParams)
     pseudo_augment: StrongAugmentParams = Field(default_factory=StrongAugmentParams)
     consistency: ConsistencyParams = Field(default_factory=ConsistencyParams)

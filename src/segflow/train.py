@@ -36,7 +36,7 @@ from segflow import CARD_FILE, IGNORE_INDEX, WEIGHTS_FILE, checkpoint, distribut
 from segflow.architectures import unknown_architecture
 from segflow.card import EMA_DIR, LAST_DIR, SNAPSHOTS_DIR, ModelCard, read_card
 from segflow.checkpoint import Progress
-from segflow.config import ConsistencyParams, MlflowParams, TrainParams
+from segflow.config import ConsistencyParams, LossParams, MlflowParams, TrainParams
 from segflow.consistency import (
     UnlabeledViews,
     batchnorm_statistics_frozen,
@@ -63,7 +63,7 @@ from segflow.fingerprint import file_sha256, folder_sha256, ingested_sha256
 from segflow.fsutil import atomic_dir, atomic_write_json, exclusive_lock
 from segflow.imageio import read_mask
 from segflow.inference import load_weights, save_model
-from segflow.losses import segmentation_loss
+from segflow.losses import DEFAULT_LOSS, segmentation_loss
 from segflow.manifest import read_manifest
 from segflow.metrics import confusion_over
 
@@ -233,13 +233,14 @@ class TrainStep:
         unlabeled_class_weight: torch.Tensor | None = None,
         ema: AveragedModel | None = None,
         total_steps: int = 0,
+        loss: LossParams = DEFAULT_LOSS,
     ) -> None:
         self.network = network  # possibly DistributedDataParallel
         self.model = network.module if isinstance(network, DistributedDataParallel) else network
         self.forward = CompiledOrEager(network) if compile else network
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.device, self.amp = device, amp
-        self.aux_weight, self.class_weight = aux_weight, class_weight
+        self.aux_weight, self.class_weight, self.loss = aux_weight, class_weight, loss
         self.unlabeled_class_weight = unlabeled_class_weight  # on pseudo-labeled and unlabeled pixels
         self.pseudo_weight = torch.tensor(pseudo_weight, device=device)
         self.batch_augment = batch_augment  # the loader then yields un-augmented uint8 batches
@@ -275,7 +276,7 @@ class TrainStep:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 output = self.forward(images)
                 loss = segmentation_loss(output, masks, weight, self.aux_weight, self.class_weight, pseudo,
-                                         self.unlabeled_class_weight)
+                                         self.unlabeled_class_weight, self.loss)
                 if unlabeled is not None:
                     teacher = self.model if self.ema is None else self.ema.module
                     targets = consistency_targets(teacher, unlabeled, self.consistency, self.device)
@@ -655,7 +656,7 @@ def _train(
                      pseudo_weight=cfg.pseudo_weight, class_weight=class_weight, compile=cfg.compile,
                      batch_augment=batch_augment, consistency=cfg.consistency,
                      unlabeled_class_weight=unlabeled_class_weight(class_weight, cfg.unlabeled_class_weighting),
-                     ema=ema, total_steps=plan.total_steps)
+                     ema=ema, total_steps=plan.total_steps, loss=cfg.loss)
     # The class weights go with the model: pseudo-labeling undoes the bias they give its probabilities.
     card = ModelCard(arch=arch, num_classes=len(classes), classes=classes, options=options,
                      extra={} if class_weight is None else {"class_weight": class_weight.tolist()})
@@ -747,6 +748,7 @@ def _run_params(
         "arch": arch, "epochs": epochs, "batch_size": cfg.batch_size, "crop_size": cfg.crop_size,
         "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
         "aux_weight": cfg.aux_weight, "device": group.device.type, "amp": str(amp),
+        **{f"loss.{key}": value for key, value in cfg.loss.model_dump().items()},
         "processes": group.world_size, "accumulate_steps": cfg.accumulate_steps,
         "global_batch_size": cfg.batch_size * cfg.accumulate_steps * group.world_size,
         "train_images": len(data.labeled_samples), "pseudo_images": data.pseudo_count,
