@@ -37,11 +37,17 @@ def test_train_needs_exactly_one_target(tmp_path):
     assert result.returncode == 2 and "--arch" in result.stderr
 
 
-def test_models_lists_the_classic_line(tmp_path):
+def test_models_lists_the_classic_line_with_the_paper_and_the_configured_size(tmp_path):
+    (tmp_path / "params.yaml").write_text("models: {fcn8s: {width: 0.25}}\n")
     result = _run("models", cwd=tmp_path)
     assert result.returncode == 0
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:] if not line.startswith(" ")}
     for name in ("fcn8s", "segnet", "unet", "deeplabv3plus", "pspnet"):
-        assert name in result.stdout
+        assert name in rows
+    paper, configured = (float(count.removesuffix("M")) for count in rows["fcn8s"][2:4])
+    assert paper > 100 and configured < paper / 10  # FCN-8s: 134M as published, ~8M at a quarter of the width
+    assert rows["unet"][3] == "="  # not configured: as the paper
+    assert "options: width=0.25 (default 1.0), encoder_weights=None" in result.stdout
 
 
 def test_models_list_of_an_unknown_registered_model_names_it(tmp_path):

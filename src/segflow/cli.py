@@ -338,24 +338,41 @@ def schedule(
 
 
 @models_app.callback(invoke_without_command=True)
-def list_models(ctx: typer.Context) -> None:
-    """List the available architectures: name, family, parameters and paper."""
+def list_models(ctx: typer.Context, params_file: ParamsOption = Path("params.yaml")) -> None:
+    """List the architectures: name, family, parameters with the paper's options and as params.yaml's `models`
+    section configures them (21 classes), each option with its default, and the paper."""
     if ctx.invoked_subcommand is not None:
         return
+    from segflow import models
+
+    configured = load_params(params_file).models if params_file.is_file() else {}
+    typer.echo(f"Parameters for 21 classes, with each paper's options and as configured by "
+               f"{params_file if params_file.is_file() else '(no params.yaml here)'} (=: not configured there).")
+    typer.echo(f"{'name':22s} {'family':14s} {'params: paper':>13s} {'configured':>10s}  paper")
+    for name in models.available():
+        info = models.describe(name)
+        options = configured.get(name, {})
+        counts = [_parameter_count(name, {}), _parameter_count(name, options) if options else None]
+        shown = [f"{c / 1e6:.2f}M" if c is not None else "=" for c in counts]
+        typer.echo(f"{name:22s} {info.family:14s} {shown[0]:>13s} {shown[1]:>10s}  {info.paper}")
+        if info.default_options:
+            typer.echo(f"{'':37s}options: " + ", ".join(
+                f"{key}={options[key]!r} (default {value!r})" if options.get(key, value) != value else f"{key}={value!r}"
+                for key, value in info.default_options.items()))
+
+
+def _parameter_count(name: str, options: dict) -> int:
     import torch
 
     from segflow import models
 
-    typer.echo(f"{'name':22s} {'family':14s} {'params (21 cl.)':>15s}  paper")
-    for name in models.available():
-        info = models.describe(name)
-        try:
-            with torch.device("meta"):  # counts parameters without allocating them
-                model = models.build(name, num_classes=21)
-        except SegflowError:  # a few builders compute on tensors while building
-            model = models.build(name, num_classes=21)
-        count = sum(p.numel() for p in model.parameters())
-        typer.echo(f"{name:22s} {info.family:14s} {count / 1e6:14.2f}M  {info.paper}")
+    options = {key: value for key, value in options.items() if key != "encoder_weights"}  # counting, not loading
+    try:
+        with torch.device("meta"):  # counts parameters without allocating them
+            model = models.build(name, num_classes=21, **options)
+    except SegflowError:  # a few builders compute on tensors while building
+        model = models.build(name, num_classes=21, **options)
+    return sum(p.numel() for p in model.parameters())
 
 
 @models_app.command("list")
