@@ -7,6 +7,7 @@ import ast
 import json
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -322,7 +323,7 @@ def locked_project(tmp_path) -> Path:
 
 
 def run_dvc(project: Path, *args: str) -> dict:
-    done = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout) if "--json" in args else {}
 
