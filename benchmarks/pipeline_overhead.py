@@ -14,7 +14,6 @@ Writes reports/pipeline_overhead.md; run it on an idle machine (the figures are 
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import shutil
 import subprocess
@@ -23,38 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from import_time import command_imports  # this folder: the command's imports, read from cli.py
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "src" / "segflow" / "cli.py"
 
 
-def command_imports(words: list[str]) -> list[str]:
-    """The import statements `segflow WORDS` runs: cli.py's own and those inside the command's function."""
-    tree = ast.parse(CLI.read_text())
-    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
-    statements = [ast.unparse(node) for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
-    for function in functions.values():
-        for decorator in function.decorator_list:
-            if isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", None) == "command":
-                name = decorator.args[0].value if decorator.args else function.name.replace("_", "-")
-                app = decorator.func.value.id
-                path = [name] if app == "app" else [app.removesuffix("_app"), name]
-                if words[: len(path)] == path:
-                    todo, seen = [function], []
-                    while todo:  # the command and the cli.py helpers it calls
-                        current = todo.pop()
-                        if current in seen:
-                            continue
-                        seen.append(current)
-                        statements += [ast.unparse(n) for n in ast.walk(current)
-                                       if isinstance(n, ast.Import | ast.ImportFrom)]
-                        todo += [functions[n.func.id] for n in ast.walk(current) if isinstance(n, ast.Call)
-                                 and isinstance(n.func, ast.Name) and n.func.id in functions]
-                    return statements
-    raise SystemExit(f"no command segflow {' '.join(words)}")
-
-
 def startup_seconds(words: list[str], python: str, env: dict) -> float:
-    code = "\n".join(command_imports(words))
+    code = "\n".join(command_imports(CLI, words))
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
