@@ -91,7 +91,7 @@ def _smp_losses(focal_gamma: float) -> dict[str, torch.nn.Module]:
 def region_losses(logits: torch.Tensor, target: torch.Tensor, loss: LossParams) -> torch.Tensor | float:
     """``loss``'s weighted Dice, Focal and Lovasz terms (segmentation_models_pytorch.losses) of ``logits``."""
     weights = {"dice": loss.dice, "focal": loss.focal, "lovasz": loss.lovasz}
-    if not any(weights.values()) or target.shape[0] == 0:
+    if target.shape[0] == 0:  # a batch of pseudo-labeled images only
         return 0.0
     terms = _smp_losses(loss.focal_gamma)
     return sum(w * terms[name](logits.float(), target) for name, w in weights.items() if w)
@@ -111,9 +111,10 @@ def segmentation_loss(
     ``loss``'s weighted sum: cross-entropy over every image, the region terms over the labeled ones (a
     pseudo-labeled image weighs ``pseudo_weight`` in cross-entropy alone)."""
     labeled = slice(None) if pseudo is None else ~pseudo
+    regions = bool(loss.dice or loss.focal or loss.lovasz)  # else no copy of the labeled images' logits per step
 
     def loss_of(logits: torch.Tensor) -> torch.Tensor:
-        total = region_losses(logits[labeled], target[labeled], loss)
+        total = region_losses(logits[labeled], target[labeled], loss) if regions else 0.0
         if loss.cross_entropy:
             total = total + loss.cross_entropy * pixel_weighted_cross_entropy(
                 logits, target, weight, class_weight, pseudo, pseudo_class_weight, loss)
