@@ -1,14 +1,21 @@
 """CamVid leaderboard: the classic architectures trained from scratch through segflow's own stages, under one budget.
 
-    python benchmarks/camvid_leaderboard.py --camvid ../shared/datasets/camvid --height 90 --width 120 --epochs 10
+    python benchmarks/camvid_leaderboard.py --camvid ../shared/datasets/camvid --seeds 0 1
 
-CamVid (SegNet split: 367 train / 101 val / 233 test, 11 classes, void ignored) is resized to the stated
-resolution (images bilinear, masks nearest) in a work folder; then each architecture goes through
-``segflow ingest``, ``validate``, ``split``, ``train`` and ``evaluate`` exactly as ``dvc repro`` runs them,
-with one shared budget (resolution, epochs, batch, optimizer, median frequency balancing as in SegNet).
-Writes ``reports/camvid_leaderboard.{json,md}`` with the published anchors beside the results.
-Architectures already evaluated under the same settings (a work subfolder per resolution, epochs, batch, lr and
-width) are not retrained (delete it to start over).
+CamVid (SegNet split: 367 train / 101 val / 233 test, 11 classes, void ignored) is resized to 90x120 (images
+bilinear, masks nearest) once; ``segflow ingest``, ``validate``, ``split`` and ``cache`` prepare it once, then each
+architecture goes through ``segflow train`` and ``evaluate`` exactly as ``dvc repro`` runs them, 10 epochs, batch 8,
+median frequency balancing (SegNet), for each seed and each of two recipes:
+
+- ``architecture``: each architecture's own recipe (segflow.models.recipe, ``segflow models`` shows it) and its
+  default options (batch norm in the VGG-based networks);
+- ``shared``: the control, segflow's single recipe before the recipes existed (AdamW lr 1e-3, weight decay 1e-4,
+  poly, no parameter groups, aux weight 0.4) and the papers' networks without batch norm.
+
+Both recipes see the same images, epochs and seeds. Writes ``reports/camvid_leaderboard.{json,md}``: per
+architecture the test mIoU of each recipe (mean and range over the seeds), the difference, and the
+majority-class baseline. Finished trainings are cached in the work folder (one folder per recipe and seed) and not
+repeated; a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -30,8 +38,9 @@ CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", 
            "Bicyclist"]
 VOID = 11
 SPLITS = {"train": "trainannot", "val": "valannot", "test": "testannot"}
-# Architecture -> builder options. VGG-based models at half width so the CPU budget allows several epochs;
-# full width is the default on a GPU (--full-width).
+HEIGHT, WIDTH, EPOCHS, BATCH = 90, 120, 10, 8
+# Architecture -> builder options, the widths of the committed leaderboard: VGG-based models at half width so
+# the CPU budget allows ten epochs.
 ARCHS = {
     "fcn8s": {"width": 0.5},
     "segnet": {"width": 0.5},
@@ -41,6 +50,13 @@ ARCHS = {
     "pspnet": {"backbone": "resnet18", "output_stride": 8, "encoder_weights": None},
     "segnet_basic": {},
 }
+# The control: the one recipe every architecture trained with before, on the papers' networks.
+SHARED_RECIPE = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "lr_schedule": "poly",
+                 "warmup_steps": 0, "new_layers_lr_mult": 1.0, "bias_lr_mult": 1.0, "norm_bias_decay": True,
+                 "aux_weight": 0.4}
+PAPER_NETWORK = {"fcn8s": {"batch_norm": False}, "unet_original": {"batch_norm": False},
+                 "deeplabv1_largefov": {"batch_norm": False}}
+RECIPES = ("architecture", "shared")
 # SegNet paper (Badrinarayanan et al. 2017), Table 1: CamVid, 367 training images, no pretraining, 360x480.
 ANCHORS = [
     {"model": "SegNet-Basic (published)", "miou": 0.477},
@@ -48,9 +64,9 @@ ANCHORS = [
 ]
 
 
-def resize_camvid(source: Path, target: Path, height: int, width: int) -> None:
-    """Resized copy of the CamVid folders (written once per resolution)."""
-    marker = target / f".resized-{height}x{width}"
+def resize_camvid(source: Path, target: Path) -> None:
+    """Resized copy of the CamVid folders (written once)."""
+    marker = target / f".resized-{HEIGHT}x{WIDTH}"
     if marker.exists():
         return
     shutil.rmtree(target, ignore_errors=True)
@@ -58,11 +74,15 @@ def resize_camvid(source: Path, target: Path, height: int, width: int) -> None:
         for folder, resample in [(images, Image.BILINEAR), (masks, Image.NEAREST)]:
             (target / folder).mkdir(parents=True)
             for path in sorted((source / folder).glob("*.png")):
-                Image.open(path).resize((width, height), resample).save(target / folder / path.name)
+                Image.open(path).resize((WIDTH, HEIGHT), resample).save(target / folder / path.name)
     marker.touch()
 
 
-def write_params(work: Path, args: argparse.Namespace, archs: dict[str, dict]) -> Path:
+def options_for(name: str, recipe: str) -> dict:
+    return {**ARCHS[name], **(PAPER_NETWORK.get(name, {}) if recipe == "shared" else {})}
+
+
+def write_params(work: Path, recipe: str, seed: int) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"] = {
         "format": "masks", "root": "camvid", "unlabeled": None, "strict": True,
@@ -70,21 +90,55 @@ def write_params(work: Path, args: argparse.Namespace, archs: dict[str, dict]) -
                   "classes": CLASSES, "ignore_value": VOID},
     }
     params["train"].update({
-        "archs": list(archs), "epochs": args.epochs, "batch_size": args.batch, "crop_size": min(args.height, args.width),
-        "optimizer": "adamw", "lr": args.lr, "lr_schedule": "poly", "class_weighting": True,
-        "use_pseudo_labels": False, "seed": 0,
+        "archs": list(ARCHS), "epochs": EPOCHS, "batch_size": BATCH, "crop_size": min(HEIGHT, WIDTH),
+        "class_weighting": True, "use_pseudo_labels": False, "seed": seed,
+        **(SHARED_RECIPE if recipe == "shared" else {}),
     })
-    params["models"] = archs
+    params["models"] = {name: options_for(name, recipe) for name in ARCHS}
     params["evaluate"]["num_overlays"] = 4
-    path = work / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def segflow(work: Path, *args: str) -> None:
     command = [str(Path(sys.executable).parent / "segflow"), *args]
-    print("+", " ".join(args), flush=True)
+    print("+", work.name, " ".join(args), flush=True)
     subprocess.run(command, cwd=work, check=True)
+
+
+def prepare(camvid: Path, work: Path) -> Path:
+    """The resized images, ingested, validated, split and decoded once for every run."""
+    prepared = work / "prepared"
+    prepared.mkdir(parents=True, exist_ok=True)
+    resize_camvid(camvid, prepared / "camvid")
+    write_params(prepared, "architecture", 0)
+    if not (prepared / "data/cache/index.json").exists():
+        segflow(prepared, "ingest", "from-params")
+        segflow(prepared, "validate", "data/ingested", "--out", "data/validation")
+        segflow(prepared, "split")
+        segflow(prepared, "cache")
+    return prepared
+
+
+def run(prepared: Path, work: Path, name: str, recipe: str, seed: int) -> dict:
+    """Train and evaluate one architecture with one recipe and seed (cached), and return its scores."""
+    folder = work / f"{recipe}-seed-{seed}"
+    scores_file = folder / "evaluation" / name / "scores.json"
+    if not scores_file.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for shared in ("camvid", "data"):
+            if not (folder / shared).exists():
+                (folder / shared).symlink_to(prepared / shared)
+        write_params(folder, recipe, seed)
+        started = time.perf_counter()
+        resume = ["--resume"] if (folder / "models" / f".{name}.resume").exists() else []
+        segflow(folder, "train", "--arch", name, *resume)
+        segflow(folder, "evaluate", "--arch", name)
+        print(f"{name} ({recipe}, seed {seed}): {time.perf_counter() - started:.0f} s", flush=True)
+    scores = json.loads(scores_file.read_text())
+    card = json.loads((folder / "models" / name / "model.json").read_text())
+    return {"test": scores["test"], "val": scores["val"], "majority": scores["majority_baseline"],
+            "parameters": scores["parameters"], "train_seconds": scores["train_seconds"],
+            "recipe": card.get("extra", {}).get("recipe", "")}  # the recipe the training used
 
 
 def main() -> None:
@@ -92,54 +146,47 @@ def main() -> None:
     parser.add_argument("--camvid", type=Path, default=REPO.parent / "shared/datasets/camvid")
     parser.add_argument("--work", type=Path, default=REPO / ".bench/camvid")
     parser.add_argument("--out", type=Path, default=REPO / "reports/camvid_leaderboard")
-    parser.add_argument("--height", type=int, default=90)
-    parser.add_argument("--width", type=int, default=120)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
-    parser.add_argument("--full-width", action="store_true", help="the VGG models at the paper's width")
     args = parser.parse_args()
 
-    # Models and scores are cached in the work folder: one folder per setting, so no two settings ever mix.
-    setting = f"{args.height}x{args.width}-epochs-{args.epochs}-batch-{args.batch}-lr-{args.lr:g}"
-    work = args.work.resolve() / (setting + ("-full-width" if args.full_width else ""))
-    work.mkdir(parents=True, exist_ok=True)
-    archs = {name: ({k: v for k, v in ARCHS[name].items() if k != "width"} if args.full_width else ARCHS[name])
-             for name in args.archs}
-    resize_camvid(args.camvid.resolve(), work / "camvid", args.height, args.width)
-    write_params(work, args, archs)
-    if not (work / "data/splits.csv").exists():
-        segflow(work, "ingest", "from-params")
-        segflow(work, "validate", "data/ingested", "--out", "data/validation")
-        segflow(work, "split")
-    for name in archs:
-        if (work / "metrics" / f"{name}.json").exists():
-            continue
-        started = time.perf_counter()
-        segflow(work, "train", "--arch", name)
-        segflow(work, "evaluate", "--arch", name)
-        print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
-
-    rows = []
-    for name, options in archs.items():
-        metrics = json.loads((work / "metrics" / f"{name}.json").read_text())
-        rows.append({
-            "model": name, "options": options, "miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
-            "mean_class_accuracy": metrics["mean_class_accuracy"], "parameters": metrics["parameters"],
-            "gflops": metrics["gflops"], "train_seconds": metrics["train_seconds"],
-            "per_class_iou": metrics["per_class_iou"],
-        })
-    rows.sort(key=lambda row: -row["miou"])
+    work = args.work.resolve() / f"{HEIGHT}x{WIDTH}-epochs-{EPOCHS}-batch-{BATCH}"
+    prepared = prepare(args.camvid.resolve(), work)
+    # Seed by seed, so that a stopped run has whole seeds of every recipe to report.
+    results = {(name, recipe, seed): run(prepared, work, name, recipe, seed)
+               for seed in args.seeds for recipe in args.recipes for name in args.archs}
+    rows = [_row(name, {key[1:]: value for key, value in results.items() if key[0] == name}, args)
+            for name in args.archs]
+    rows.sort(key=lambda row: -row["architecture"]["mean"] if "architecture" in row else 0)
     budget = {
-        "resolution": [args.height, args.width], "epochs": args.epochs, "batch": args.batch,
-        "crop": min(args.height, args.width), "optimizer": f"AdamW lr {args.lr}, poly", "class_weighting": "median frequency",
-        "pretraining": "none", "device": os.environ.get("SEGFLOW_BENCH_DEVICE", _device()),
+        "resolution": [HEIGHT, WIDTH], "epochs": EPOCHS, "batch": BATCH, "crop": min(HEIGHT, WIDTH),
+        "class_weighting": "median frequency", "pretraining": "none", "seeds": args.seeds,
+        "device": os.environ.get("SEGFLOW_BENCH_DEVICE", _device()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"budget": budget, "results": rows, "anchors": ANCHORS}, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(_markdown(budget, rows))
-    print(_markdown(budget, rows))
+    report = {"budget": budget, "shared_recipe": SHARED_RECIPE, "results": rows, "anchors": ANCHORS}
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(_markdown(report, args.recipes))
+    print(_markdown(report, args.recipes))
+
+
+def _row(name: str, runs: dict, args: argparse.Namespace) -> dict:
+    row: dict = {"model": name}
+    for recipe in args.recipes:
+        scores = [runs[recipe, seed] for seed in args.seeds]
+        mious = [s["test"]["miou"] for s in scores]
+        row[recipe] = {
+            "options": options_for(name, recipe), "recipe": scores[0]["recipe"],
+            "test_miou": mious, "mean": statistics.fmean(mious), "min": min(mious), "max": max(mious),
+            "val_miou": [s["val"]["miou"] for s in scores],
+            "mean_class_accuracy": statistics.fmean(s["test"]["mean_class_accuracy"] for s in scores),
+            "pixel_accuracy": statistics.fmean(s["test"]["pixel_accuracy"] for s in scores),
+            "parameters": scores[0]["parameters"],
+            "train_minutes": statistics.fmean(s["train_seconds"] for s in scores) / 60,
+        }
+        row["majority_test_miou"] = scores[0]["majority"]["miou"]  # predicting the majority class everywhere
+    return row
 
 
 def _device() -> str:
@@ -148,24 +195,47 @@ def _device() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
 
 
-def _markdown(budget: dict, rows: list[dict]) -> str:
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _markdown(report: dict, recipes: list[str]) -> str:
+    budget, rows = report["budget"], report["results"]
+    seeds = budget["seeds"]
     lines = [
-        "# CamVid leaderboard (from scratch)",
+        "# CamVid leaderboard (from scratch): each architecture's recipe against the shared one",
         "",
         "Budget: " + ", ".join(f"{k} {v}" for k, v in budget.items()) + ". "
-        "Test split: 233 images, 11 classes, void ignored.",
+        "Test split: 233 images, 11 classes, void ignored. Selection (the kept epoch) on val, scores on test.",
         "",
-        "| model | options | test mIoU | pixel acc. | mean class acc. | params (M) | GFLOPs | train (min) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Test mIoU, mean over seeds {seeds} with [min, max]. `shared` is the control: "
+        + ", ".join(f"{k} {v}" for k, v in report["shared_recipe"].items())
+        + ", the papers' networks (no batch norm in FCN, U-Net, DeepLab v1). `architecture`: each one's recipe "
+        "(below) and default options.",
+        "",
     ]
+    both = all(recipe in recipes for recipe in RECIPES)
+    header = "| model | options | " + " | ".join(f"{r} mIoU" for r in recipes)
+    header += " | gain |" if both else " |"
+    lines += [header + " majority class | mean class acc. | params (M) | train (min) |",
+              "|" + "---|" * (len(recipes) + (6 if both else 5))]
     for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['options'] or ''} | {100 * row['miou']:.1f} | {100 * row['pixel_accuracy']:.1f} "
-            f"| {100 * row['mean_class_accuracy']:.1f} | {row['parameters'] / 1e6:.1f} | {row['gflops']:.1f} "
-            f"| {row['train_seconds'] / 60:.1f} |"
-        )
+        cells = [f"{_pct(row[r]['mean'])} [{_pct(row[r]['min'])}, {_pct(row[r]['max'])}]" for r in recipes]
+        if both:
+            cells.append(f"{100 * (row['architecture']['mean'] - row['shared']['mean']):+.1f}")
+        main = row[recipes[0]]
+        lines.append(f"| {row['model']} | {main['options']} | " + " | ".join(cells)
+                     + f" | {_pct(row['majority_test_miou'])} | {_pct(main['mean_class_accuracy'])} "
+                     f"| {main['parameters'] / 1e6:.1f} | {main['train_minutes']:.1f} |")
+    means = {r: statistics.fmean(row[r]["mean"] for row in rows) for r in recipes}
+    lines.append(f"| **mean of {len(rows)}** | | " + " | ".join(_pct(means[r]) for r in recipes)
+                 + (f" | {100 * (means['architecture'] - means['shared']):+.1f}" if both else "") + " | | | | |")
     for anchor in ANCHORS:
-        lines.append(f"| {anchor['model']} | 360×480, trained to convergence | {100 * anchor['miou']:.1f} | | | | | |")
+        lines.append(f"| {anchor['model']} | 360×480, trained to convergence | {_pct(anchor['miou'])} |"
+                     + " |" * (len(recipes) + (5 if both else 4)))
+    if "architecture" in recipes:
+        lines += ["", "Recipes (`architecture`):", ""]
+        lines += [f"- **{row['model']}**: {row['architecture']['recipe']}" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -194,8 +194,9 @@ def segflow_loop(arch: str, options: dict, dataset: SegmentationDataset, args, d
     tune_process_for_training(device)  # as segflow.train.train does before it builds the model
     model = prepare_model(models.build(arch, NUM_CLASSES, **options), device)
     model.train()
-    optimizer = build_optimizer(cfg, model, device)
-    scheduler = build_scheduler(cfg, optimizer, args.total_steps)
+    recipe = models.recipe(arch, cfg.overrides())  # SGD as the reference loop's, with the recipe's groups
+    optimizer = build_optimizer(recipe, model, device, encoder_loaded=False)
+    scheduler = build_scheduler(recipe, optimizer, args.total_steps)
     amp = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step = TrainStep(model, optimizer, scheduler, scaler, device=device, amp=amp, aux_weight=AUX_WEIGHT,

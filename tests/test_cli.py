@@ -37,8 +37,9 @@ def test_train_needs_exactly_one_target(tmp_path):
     assert result.returncode == 2 and "--arch" in result.stderr
 
 
-def test_models_lists_the_classic_line_with_the_paper_and_the_configured_size(tmp_path):
-    (tmp_path / "params.yaml").write_text("models: {fcn8s: {width: 0.25}}\n")
+def test_models_lists_the_classic_line_with_the_paper_the_configured_size_and_the_recipe(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: {weight_decay: 0.001}\n"
+                                          "models: {fcn8s: {width: 0.25, recipe: {optimizer: sgd, lr: 0.05}}}\n")
     result = _run("models", cwd=tmp_path)
     assert result.returncode == 0
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:] if not line.startswith(" ")}
@@ -47,7 +48,20 @@ def test_models_lists_the_classic_line_with_the_paper_and_the_configured_size(tm
     paper, configured = (float(count.removesuffix("M")) for count in rows["fcn8s"][2:4])
     assert paper > 100 and configured < paper / 10  # FCN-8s: 134M as published, ~8M at a quarter of the width
     assert rows["unet"][3] == "="  # not configured: as the paper
-    assert "options: width=0.25 (default 1.0), encoder_weights=None" in result.stdout
+    assert "options: width=0.25 (default 1.0), batch_norm=True, encoder_weights=None" in result.stdout
+    recipes = {}  # architecture -> its recipe line and its source line
+    for line in result.stdout.splitlines()[2:]:
+        if not line.startswith(" "):
+            name = line.split()[0]
+        elif line.strip().startswith(("recipe:", "from:")):
+            recipes.setdefault(name, []).append(line.strip())
+    # The paper's recipe, as params.yaml's train and models.fcn8s.recipe change it, with where it comes from.
+    assert recipes["fcn8s"][0] == ("recipe: sgd lr 0.05, momentum 0.9, weight decay 0.001, poly schedule, "
+                                   "biases 2x lr, aux weight 0.4")
+    assert recipes["fcn8s"][1].startswith("from: Long et al. 2015 §4.3: SGD, momentum 0.9, lr 1e-4")
+    assert "overridden in params.yaml: weight_decay=0.001; overridden in params.yaml: optimizer='sgd', lr=0.05" \
+        in recipes["fcn8s"][1]
+    assert recipes["pspnet"][0].startswith("recipe: adamw lr 0.001, weight decay 0.001")  # train's key: every one
 
 
 def test_models_list_of_an_unknown_registered_model_names_it(tmp_path):

@@ -340,18 +340,22 @@ def schedule(
 @models_app.callback(invoke_without_command=True)
 def list_models(ctx: typer.Context, params_file: ParamsOption = Path("params.yaml")) -> None:
     """List the architectures: name, family, parameters with the paper's options and as params.yaml's `models`
-    section configures them (21 classes), each option with its default, and the paper."""
+    section configures them (21 classes), each option with its default, the paper, and the training recipe (as
+    params.yaml's train and models.NAME.recipe leave it) with its source."""
     if ctx.invoked_subcommand is not None:
         return
     from segflow import models
 
-    configured = load_params(params_file).models if params_file.is_file() else {}
+    params = load_params(params_file) if params_file.is_file() else None
+    configured = params.models if params is not None else {}
+    shared_recipe = params.train.overrides() if params is not None else {}
     typer.echo(f"Parameters for 21 classes, with each paper's options and as configured by "
                f"{params_file if params_file.is_file() else '(no params.yaml here)'} (=: not configured there).")
     typer.echo(f"{'name':22s} {'family':14s} {'params: paper':>13s} {'configured':>10s}  paper")
     for name in models.available():
         info = models.describe(name)
-        options = configured.get(name, {})
+        options = dict(configured.get(name, {}))
+        recipe = models.recipe(name, shared_recipe, options.pop("recipe", {}))
         counts = [_parameter_count(name, {}), _parameter_count(name, options) if options else None]
         shown = [f"{c / 1e6:.2f}M" if c is not None else "=" for c in counts]
         typer.echo(f"{name:22s} {info.family:14s} {shown[0]:>13s} {shown[1]:>10s}  {info.paper}")
@@ -359,6 +363,10 @@ def list_models(ctx: typer.Context, params_file: ParamsOption = Path("params.yam
             typer.echo(f"{'':37s}options: " + ", ".join(
                 f"{key}={options[key]!r} (default {value!r})" if options.get(key, value) != value else f"{key}={value!r}"
                 for key, value in info.default_options.items()))
+        typer.echo(f"{'':37s}recipe: {recipe.summary()}")
+        typer.echo(f"{'':37s}  from: {recipe.source}")
+        if recipe.from_scratch:
+            typer.echo(f"{'':37s}  from scratch: {recipe.from_scratch}")
 
 
 def _parameter_count(name: str, options: dict) -> int:

@@ -197,7 +197,29 @@ class LossParams(_Section):
         return self
 
 
-class TrainParams(_Section):
+class RecipeParams(_Section):
+    """Overrides of an architecture's training recipe (segflow.models.recipe; `segflow models` shows each
+    architecture's). null keeps the recipe's value."""
+
+    optimizer: Literal["adamw", "sgd"] | None = None
+    lr: float | None = Field(None, gt=0)                  # peak learning rate
+    weight_decay: float | None = Field(None, ge=0)        # decoupled (adamw) or L2 (sgd)
+    momentum: float | None = Field(None, ge=0, lt=1)      # sgd only
+    lr_schedule: Literal["poly", "constant"] | None = None
+    warmup_steps: int | None = Field(None, ge=0)          # linear warm-up from lr / 10
+    new_layers_lr_mult: float | None = Field(None, gt=0)  # non-encoder layers' lr factor over loaded encoder weights
+    bias_lr_mult: float | None = Field(None, gt=0)        # biases' lr factor
+    norm_bias_decay: bool | None = None                   # false: no weight decay on norm weights and biases
+    aux_weight: float | None = Field(None, ge=0)          # auxiliary heads' loss weight
+
+    def overrides(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, include=set(RecipeParams.model_fields))
+
+
+class TrainParams(RecipeParams):
+    """How every architecture in ``archs`` trains; the recipe fields (inherited), set, override every
+    architecture's recipe."""
+
     archs: list[str] = Field(default_factory=lambda: ["unet", "deeplabv3plus", "pspnet"], min_length=1)
 
     @field_validator("archs")
@@ -207,12 +229,6 @@ class TrainParams(_Section):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(8, ge=1)
     crop_size: int = Field(96, ge=16)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    lr_schedule: Literal["poly", "constant"] = "poly"
-    aux_weight: float = Field(0.4, ge=0)
     class_weighting: bool = False   # SegNet's median frequency balancing of the loss
     amp: bool = True
     num_workers: int = Field(0, ge=0)
@@ -393,8 +409,13 @@ class Params(_Section):
     @field_validator("models")
     @classmethod
     def _options_of_known_architectures(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for name in value:
+        for name, options in value.items():
             _architecture(name)
+            if "recipe" in options:  # validated here so that a mistake names models.ARCH.recipe.KEY
+                try:
+                    options["recipe"] = RecipeParams.model_validate(options["recipe"] or {}).overrides()
+                except ValidationError as exc:
+                    raise ValueError("; ".join(f"{name}.recipe.{_describe(e)}" for e in exc.errors())) from None
         return value
 
 

@@ -66,6 +66,7 @@ from segflow.inference import load_weights, save_model
 from segflow.losses import DEFAULT_LOSS, segmentation_loss
 from segflow.manifest import read_manifest
 from segflow.metrics import confusion_over
+from segflow.models.recipe import Recipe
 
 log = logging.getLogger("segflow.train")
 
@@ -123,17 +124,41 @@ def unlabeled_class_weight(class_weight: torch.Tensor | None, setting: str) -> t
 BEST_DIR = "best"  # inside the resume folder: the best weights so far survive a kill
 
 
-def build_optimizer(cfg: TrainParams, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(recipe: Recipe, model: nn.Module, device: torch.device, *,
+                    encoder_loaded: bool) -> torch.optim.Optimizer:
+    """The recipe's optimizer over parameter groups: a learning-rate factor (new layers over a loaded encoder,
+    biases) and weight decay or none (norm weights and biases, when the recipe says so)."""
+    encoder = model.encoder_module() if encoder_loaded and hasattr(model, "encoder_module") else None
+    encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        lr_mult = recipe.bias_lr_mult if name.endswith(".bias") else 1.0
+        if encoder is not None and id(parameter) not in encoder_ids:
+            lr_mult *= recipe.new_layers_lr_mult
+        norm_or_bias = parameter.ndim <= 1  # batch/group/layer norm weights and every bias are vectors
+        decay = 0.0 if norm_or_bias and not recipe.norm_bias_decay else recipe.weight_decay
+        groups.setdefault((lr_mult, decay), []).append(parameter)
+    param_groups = [{"params": params, "lr": recipe.lr * lr_mult, "weight_decay": decay}
+                    for (lr_mult, decay), params in groups.items()]
     fused = {"fused": True} if device.type == "cuda" else {}
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=recipe.lr, momentum=recipe.momentum, **fused)
+    return torch.optim.AdamW(param_groups, lr=recipe.lr, **fused)
 
 
-def build_scheduler(cfg: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Poly (DeepLab: ``(1 - step / total) ** 0.9``) or constant, stepped once per optimizer step."""
-    schedule = (lambda step: (1 - step / total_steps) ** 0.9) if cfg.lr_schedule == "poly" else (lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Poly (DeepLab: ``(1 - step / total) ** 0.9``) or constant, after a linear warm-up from a tenth of the
+    learning rate when the recipe has one; stepped once per optimizer step, every group scaled alike."""
+    warmup = recipe.warmup_steps
+
+    def factor(step: int) -> float:
+        decay = (1 - step / total_steps) ** 0.9 if recipe.lr_schedule == "poly" else 1.0
+        return decay * (0.1 + 0.9 * step / warmup if step < warmup else 1.0)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
@@ -450,7 +475,8 @@ def end_of_epoch(
     distributed.all_reduce_sum(loss_sum, group)
     train_loss = (loss_sum / max(1, plan.batches(epoch) * group.world_size)).item()
     if not math.isfinite(train_loss):
-        raise SegflowError(f"training {arch} diverged at epoch {epoch} (loss {train_loss}); lower train.lr.")
+        raise SegflowError(f"training {arch} diverged at epoch {epoch} (loss {train_loss}); lower the learning rate "
+                           f"(train.lr, or models.{arch}.recipe.lr).")
     record = {"epoch": epoch, "train_loss": train_loss, "lr": step.scheduler.get_last_lr()[0]}
     if data.unlabeled_loader is not None:  # this rank's share; how much of the unlabeled images teaches
         record["unlabeled_confident"] = step.unlabeled_confident_share()
@@ -634,6 +660,7 @@ def _train(
 ) -> TrainResult:
     """One process's training: set-up, the epochs, then the model folder (rank 0)."""
     device = group.device
+    recipe = models.recipe(arch, cfg.overrides(), options.pop("recipe", {}))
     classes = read_classes(data_dir)
     batch_augment = BatchAugment(cfg.augment, cfg.crop_size) if batch_augment_on(cfg.batch_augment, device) else None
     data = _training_data(cfg, group, data_dir=data_dir, splits_csv=splits_csv, pseudo_dir=pseudo_dir,
@@ -642,8 +669,8 @@ def _train(
     plan = plan_epochs(cfg, arch, data, epochs, snapshots, group.world_size)
 
     model, network = _build_model(arch, classes, options, group, sync_batchnorm=cfg.sync_batchnorm, init_from=init_from)
-    optimizer = build_optimizer(cfg, model, device)
-    scheduler = build_scheduler(cfg, optimizer, plan.total_steps)
+    optimizer = build_optimizer(recipe, model, device, encoder_loaded=options.get("encoder_weights") is not None)
+    scheduler = build_scheduler(recipe, optimizer, plan.total_steps)
     amp = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     class_weight = None
@@ -652,17 +679,18 @@ def _train(
     ema = mean_teacher(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     # What is validated, kept and registered: the Mean Teacher's weights or the trained ones.
     evaluated = ema.module if ema is not None and cfg.ema.evaluate else model
-    step = TrainStep(network, optimizer, scheduler, scaler, device=device, amp=amp, aux_weight=cfg.aux_weight,
+    step = TrainStep(network, optimizer, scheduler, scaler, device=device, amp=amp, aux_weight=recipe.aux_weight,
                      pseudo_weight=cfg.pseudo_weight, class_weight=class_weight, compile=cfg.compile,
                      batch_augment=batch_augment, consistency=cfg.consistency,
                      unlabeled_class_weight=unlabeled_class_weight(class_weight, cfg.unlabeled_class_weighting),
                      ema=ema, total_steps=plan.total_steps, loss=cfg.loss)
     # The class weights go with the model: pseudo-labeling undoes the bias they give its probabilities.
     card = ModelCard(arch=arch, num_classes=len(classes), classes=classes, options=options,
-                     extra={} if class_weight is None else {"class_weight": class_weight.tolist()})
+                     extra={"recipe": recipe.describe(),
+                            **({} if class_weight is None else {"class_weight": class_weight.tolist()})})
 
     resume_dir = checkpoint.resume_dir_for(out_dir)
-    settings = _resume_settings(cfg, arch, plan.epochs, options, group, init_from, batch_augment is not None,
+    settings = _resume_settings(cfg, recipe, arch, plan.epochs, options, group, init_from, batch_augment is not None,
                                 reliable_fraction=reliable_fraction, val_batch_size=val_batch_size,
                                 data_dir=data_dir, splits_csv=splits_csv, pseudo_dir=pseudo_dir)
     checkpointer = Checkpointer(resume_dir, group, settings, plan, cfg.checkpoint_every_steps, model=model,
@@ -674,7 +702,7 @@ def _train(
     with run as active:
         if group.is_main and progress.run_id is None:
             progress.run_id = active.info.run_id
-            mlflow.log_params(_run_params(cfg, arch, plan.epochs, group, amp, data, options))
+            mlflow.log_params(_run_params(cfg, recipe, arch, plan.epochs, group, amp, data, options))
             mlflow.set_tag("segflow.arch", arch)
             tracking.log_dataset(data_dir, splits_csv, classes)
         unlabeled = None if data.unlabeled_loader is None else unlabeled_batches(
@@ -718,7 +746,7 @@ def _build_model(
 
 
 def _resume_settings(
-    cfg: TrainParams, arch: str, epochs: int, options: dict[str, Any], group: ProcessGroup,
+    cfg: TrainParams, recipe: Recipe, arch: str, epochs: int, options: dict[str, Any], group: ProcessGroup,
     init_from: Path | None, batch_augment: bool, *, reliable_fraction: float, val_batch_size: int,
     data_dir: Path, splits_csv: Path, pseudo_dir: Path | None,
 ) -> dict[str, Any]:
@@ -727,6 +755,7 @@ def _resume_settings(
     return {
         "arch": arch, "epochs": epochs, "model_options": options,
         "processes": group.world_size, "init_from": None if init_from is None else str(init_from),
+        **{f"recipe.{key}": value for key, value in recipe.settings().items()},
         # Settings that change neither the numbers nor the order may differ when resuming.
         **{f"train.{key}": value for key, value in cfg.model_dump(mode="json").items()
            if key not in ("num_workers", "device", "checkpoint_every_steps", "compile", "decoded_cache", "archs")},
@@ -740,14 +769,13 @@ def _resume_settings(
 
 
 def _run_params(
-    cfg: TrainParams, arch: str, epochs: int, group: ProcessGroup, amp: torch.dtype | None, data: TrainingData,
+    cfg: TrainParams, recipe: Recipe, arch: str, epochs: int, group: ProcessGroup, amp: torch.dtype | None, data: TrainingData,
     options: dict[str, Any],
 ) -> dict[str, Any]:
     """The training's parameters as the MLflow run records them."""
     return {
         "arch": arch, "epochs": epochs, "batch_size": cfg.batch_size, "crop_size": cfg.crop_size,
-        "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-        "aux_weight": cfg.aux_weight, "device": group.device.type, "amp": str(amp),
+        **recipe.settings(), "recipe_source": recipe.source[:500], "device": group.device.type, "amp": str(amp),
         **{f"loss.{key}": value for key, value in cfg.loss.model_dump().items()},
         "processes": group.world_size, "accumulate_steps": cfg.accumulate_steps,
         "global_batch_size": cfg.batch_size * cfg.accumulate_steps * group.world_size,

@@ -35,3 +35,8 @@ def test_imagenet_fc_layers_are_subsampled() -> None:
     assert adapted["fc6.weight"].shape == encoder.fc6.weight.shape
     torch.testing.assert_close(adapted["fc6.weight"], fc6.view(512, 64, 7, 7)[::4, :, ::3, ::3])
     torch.testing.assert_close(adapted["fc7.weight"], fc7.view(512, 512, 1, 1)[::4, ::4])
+
+
+def test_batch_norm_after_every_conv_by_default_and_none_in_the_papers_network() -> None:
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in tiny("deeplabv1_largefov").modules()) == 15
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in tiny("deeplabv1_largefov", batch_norm=False).modules())

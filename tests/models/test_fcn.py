@@ -70,3 +70,10 @@ def test_fcn_resnet50() -> None:
     assert count_params("fcn_resnet50") == pytest.approx(35.3e6, rel=0.01)  # torchvision's figure with aux
     no_aux = tiny("fcn_resnet50", aux=False).train()
     assert no_aux(torch.randn(2, 3, 17, 23)).shape == (2, 3, 17, 23)
+
+
+@pytest.mark.parametrize("name", ["fcn32s", "fcn8s"])
+def test_batch_norm_after_every_conv_by_default_and_none_in_the_papers_network(name: str) -> None:
+    convs = sum(isinstance(m, nn.Conv2d) for m in tiny(name).encoder.modules())  # 13 convs, fc6, fc7
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in tiny(name).modules()) == convs == 15
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in tiny(name, batch_norm=False).modules())

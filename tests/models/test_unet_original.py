@@ -13,7 +13,7 @@ def test_param_count_matches_paper() -> None:
 
 
 def test_structure() -> None:
-    model = tiny("unet_original", width=1.0)
+    model = tiny("unet_original", width=1.0, batch_norm=False)  # the paper's network
     assert [level[0].out_channels for level in model.encoder] == [64, 128, 256, 512, 1024]
     assert all(isinstance(up, nn.ConvTranspose2d) and up.kernel_size == (2, 2) and up.stride == (2, 2)
                for up in model.up)
@@ -22,8 +22,8 @@ def test_structure() -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
-def test_batch_norm_option() -> None:
-    model = tiny("unet_original", batch_norm=True)
+def test_batch_norm_is_the_default() -> None:
+    model = tiny("unet_original")
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 18
     check_training_step(model)
 

@@ -98,6 +98,12 @@ def check_choice(option: str, value: Any, choices: Iterator[Any] | tuple | list)
     return value
 
 
+def check_flag(option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SegflowError(f"option {option} must be true or false, got {value!r}.")
+    return value
+
+
 def check_probability(option: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise SegflowError(f"option {option} must be a number in [0, 1), got {value!r}.")

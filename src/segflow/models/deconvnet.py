@@ -19,9 +19,15 @@ from torch import Tensor, nn
 
 from segflow.models._vgg import VGG16_STAGES, VGG16Encoder
 from segflow.models.base import SegmentationModel, channels, check_width, init_encoder
+from segflow.models.recipe import SCRATCH_ADAMW, Recipe
 from segflow.models.registry import register
 
 PAPER = "Noh, Hong & Han, Learning Deconvolution Network for Semantic Segmentation, ICCV 2015"
+RECIPE = Recipe(
+    source="Noh et al. 2015 §4.1: SGD, momentum 0.9, lr 0.01, weight decay 5e-4, 64 images a batch, batch norm",
+    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly",
+    from_scratch=SCRATCH_ADAMW,
+)
 
 
 def deconv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
@@ -64,7 +70,7 @@ class DeconvNet(SegmentationModel):
         return self.classifier(x)
 
 
-@register("deconvnet", family="deconvnet", paper=PAPER)
+@register("deconvnet", family="deconvnet", paper=PAPER, recipe=RECIPE)
 def deconvnet(num_classes: int, *, width: float = 1.0, encoder_weights: Any = None) -> nn.Module:
     model = DeconvNet(num_classes, check_width(width))
     return init_encoder(model, encoder_weights, model.encoder.imagenet_state_dict)

@@ -19,11 +19,18 @@ from torch import Tensor, nn
 from segflow.errors import SegflowError
 from segflow.models._resnet import dilated_resnet
 from segflow.models.base import SegmentationModel, check_choice, init_encoder
+from segflow.models.recipe import SCRATCH_ADAMW, Recipe
 from segflow.models.registry import register
 
 PAPER = (
     "Chen et al., DeepLab: Semantic Image Segmentation with Deep Convolutional Nets, Atrous Convolution, and "
     "Fully Connected CRFs, TPAMI 2017"
+)
+RECIPE = Recipe(
+    source="Chen et al. 2017 §4: SGD, momentum 0.9, lr 2.5e-4 and 10x on the classifier, poly (power 0.9), "
+           "weight decay 5e-4, 10 images a batch",
+    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly", new_layers_lr_mult=10.0,
+    from_scratch=SCRATCH_ADAMW,
 )
 
 
@@ -56,7 +63,7 @@ class DeepLabV2(SegmentationModel):
         return self.aspp(self.encoder(x)[1])
 
 
-@register("deeplabv2", family="deeplabv2", paper=PAPER)
+@register("deeplabv2", family="deeplabv2", paper=PAPER, recipe=RECIPE)
 def deeplabv2(num_classes: int, *, backbone: str = "resnet101", output_stride: int = 8,
               atrous_rates: Sequence[int] = (6, 12, 18, 24), encoder_weights: Any = None) -> nn.Module:
     check_choice("output_stride", output_stride, (8, 16))

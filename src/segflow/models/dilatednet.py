@@ -22,9 +22,15 @@ from torch import Tensor, nn
 
 from segflow.models._vgg import VGG16_STAGES, VGG16Encoder
 from segflow.models.base import SegmentationModel, check_choice, check_width, init_encoder
+from segflow.models.recipe import SCRATCH_ADAMW, Recipe
 from segflow.models.registry import register
 
 PAPER = "Yu & Koltun, Multi-Scale Context Aggregation by Dilated Convolutions, ICLR 2016"
+RECIPE = Recipe(
+    source="Yu & Koltun 2016 §4-5: SGD with momentum (Caffe) on an ImageNet VGG-16 front end, then the context module",
+    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly",
+    from_scratch=SCRATCH_ADAMW,
+)
 
 DILATIONS = (1, 1, 2, 4, 8, 16, 1)
 LARGE_MULTIPLIERS = (2, 2, 4, 8, 16, 32, 32)
@@ -86,7 +92,7 @@ class DilatedNet(SegmentationModel):
         return self.context(x) if self.context is not None else x
 
 
-@register("dilatednet", family="dilatednet", paper=PAPER)
+@register("dilatednet", family="dilatednet", paper=PAPER, recipe=RECIPE)
 def dilatednet(num_classes: int, *, context: str = "large", width: float = 1.0,
                encoder_weights: Any = None) -> nn.Module:
     check_choice("context", context, ("basic", "large", "none"))

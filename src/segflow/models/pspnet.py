@@ -22,9 +22,16 @@ from torch import Tensor, nn
 from segflow.errors import SegflowError
 from segflow.models._resnet import dilated_resnet
 from segflow.models.base import SegmentationModel, check_choice, check_probability, init_encoder
+from segflow.models.recipe import SCRATCH_ADAMW, Recipe
 from segflow.models.registry import register
 
 PAPER = "Zhao et al., Pyramid Scene Parsing Network, CVPR 2017"
+RECIPE = Recipe(
+    source="Zhao et al. 2017 §5.1: SGD, momentum 0.9, lr 0.01, poly (power 0.9), weight decay 1e-4, 16 images a "
+           "batch, auxiliary loss weight 0.4; new layers at 10x over the ImageNet ResNet (MMSegmentation: 1x)",
+    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly", new_layers_lr_mult=10.0, aux_weight=0.4,
+    from_scratch=SCRATCH_ADAMW,
+)
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -76,7 +83,7 @@ class PSPNet(SegmentationModel):
         return out, aux
 
 
-@register("pspnet", family="pspnet", paper=PAPER, aux=True)
+@register("pspnet", family="pspnet", paper=PAPER, recipe=RECIPE, aux=True)
 def pspnet(num_classes: int, *, backbone: str = "resnet50", output_stride: int = 8, aux: bool = True,
            dropout: float = 0.1, encoder_weights: Any = None) -> nn.Module:
     check_choice("output_stride", output_stride, (8, 16))

@@ -2,11 +2,12 @@
 
 A family module registers each of its names with :func:`register`::
 
-    @register("fcn8s", family="fcn", paper=PAPER)
+    @register("fcn8s", family="fcn", paper=PAPER, recipe=RECIPE)
     def fcn8s(num_classes: int, *, width: float = 1.0, encoder_weights: str | None = None) -> nn.Module: ...
 
 The builder's keyword-only parameters *are* the model's options: their defaults are what :func:`describe`
-reports, and :func:`build` rejects any option the builder does not declare.
+reports, and :func:`build` rejects any option the builder does not declare. ``recipe`` is how the paper (or
+the reference implementation) trained it (segflow.models.recipe).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from segflow.architectures import ARCHITECTURES, FAMILY_MODULES, unknown_architecture
 from segflow.errors import SegflowError
 from segflow.models.base import check_encoder_weights
+from segflow.models.recipe import Recipe
 
 Builder = Callable[..., nn.Module]
 
@@ -34,6 +36,7 @@ class ModelInfo:
     family: str
     paper: str
     """One-line citation of the paper the architecture follows."""
+    recipe: Recipe
     default_options: dict[str, Any] = field(default_factory=dict)
     aux: bool = False
     """True when the model returns ``{"out", "aux"}`` in training mode (with its default options)."""
@@ -52,7 +55,7 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register(name: str, *, family: str, paper: str, aux: bool = False) -> Callable[[Builder], Builder]:
+def register(name: str, *, family: str, paper: str, recipe: Recipe, aux: bool = False) -> Callable[[Builder], Builder]:
     """Decorator: register ``builder(num_classes, **options)`` under ``name``."""
 
     def decorator(builder: Builder) -> Builder:
@@ -63,7 +66,7 @@ def register(name: str, *, family: str, paper: str, aux: bool = False) -> Callab
             for p in inspect.signature(builder).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
-        _REGISTRY[name] = _Entry(builder, ModelInfo(name, family, paper, defaults, aux))
+        _REGISTRY[name] = _Entry(builder, ModelInfo(name, family, paper, recipe, defaults, aux))
         return builder
 
     return decorator
@@ -85,6 +88,15 @@ def _entry(name: str) -> _Entry:
 def describe(name: str) -> ModelInfo:
     """Family, paper and default options of a registered model."""
     return _entry(name).info
+
+
+def recipe(name: str, *overrides: dict[str, Any]) -> Recipe:
+    """Model ``name``'s training recipe with ``overrides`` applied in order (params.yaml: ``train``'s fields set
+    for every architecture, then ``models.NAME.recipe``)."""
+    result = _entry(name).info.recipe
+    for fields in overrides:
+        result = result.with_overrides(fields)
+    return result
 
 
 def build(name: str, num_classes: int, **options: Any) -> nn.Module:

@@ -20,11 +20,18 @@ from torch import Tensor, nn
 
 from segflow.models._vgg import VGG16_STAGES, VGG16Encoder
 from segflow.models.base import SegmentationModel, channels, check_width, init_encoder
+from segflow.models.recipe import Recipe
 from segflow.models.registry import register
 
 PAPER = (
     "Badrinarayanan, Kendall & Cipolla, SegNet: A Deep Convolutional Encoder-Decoder Architecture for "
     "Image Segmentation, TPAMI 2017"
+)
+RECIPE = Recipe(
+    source="Badrinarayanan et al. 2017 §4.1 and the authors' Caffe solver: SGD, momentum 0.9, fixed lr 0.1, "
+           "weight decay 5e-4, 12 images a batch, median frequency balancing, from scratch (SegNet-Basic)",
+    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly",
+    from_scratch="TBD",
 )
 
 
@@ -86,12 +93,12 @@ class SegNetBasic(SegmentationModel):
         return self.classifier(x)
 
 
-@register("segnet", family="segnet", paper=PAPER)
+@register("segnet", family="segnet", paper=PAPER, recipe=RECIPE)
 def segnet(num_classes: int, *, width: float = 1.0, encoder_weights: Any = None) -> nn.Module:
     model = SegNet(num_classes, check_width(width))
     return init_encoder(model, encoder_weights, model.encoder.imagenet_state_dict)
 
 
-@register("segnet_basic", family="segnet", paper=PAPER)
+@register("segnet_basic", family="segnet", paper=PAPER, recipe=RECIPE)
 def segnet_basic(num_classes: int, *, width: float = 1.0, encoder_weights: Any = None) -> nn.Module:
     return init_encoder(SegNetBasic(num_classes, check_width(width)), encoder_weights)

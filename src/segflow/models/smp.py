@@ -32,6 +32,7 @@ from segflow.models.base import (
     init_encoder,
     pretrained_unavailable,
 )
+from segflow.models.recipe import SCRATCH_ADAMW, Recipe
 from segflow.models.registry import register
 
 DEFAULT_ENCODER = "resnet18"
@@ -51,6 +52,32 @@ PAPERS = {
     "segformer": "Xie et al., SegFormer: Simple and Efficient Design for Semantic Segmentation with Transformers, "
     "NeurIPS 2021",
 }
+
+MMSEG_SCHEDULE = "MMSegmentation's CNN schedule: SGD, momentum 0.9, lr 0.01, weight decay 5e-4, poly (power 0.9)"
+# Each architecture's training as its paper (or, where the paper gives none, MMSegmentation) states it; SMP
+# itself prescribes none. From random init segflow trains them with AdamW (recipe.SCRATCH_ADAMW).
+RECIPES = {name: Recipe(source=source, optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly",
+                        new_layers_lr_mult=mult, from_scratch=SCRATCH_ADAMW)
+           for name, source, mult in [
+    ("unet", f"{MMSEG_SCHEDULE} (the paper: Caffe SGD, momentum 0.99, one tile a batch)", 1.0),
+    ("unetplusplus", "Zhou et al. 2018 §4: Adam, lr 3e-4", 1.0),
+    ("deeplabv3", "Chen et al. 2017 §4.1: SGD, momentum 0.9, lr 0.007, poly (power 0.9), 16 images a batch", 1.0),
+    ("deeplabv3plus", "Chen et al. 2018 §4, DeepLab v3's protocol: SGD, momentum 0.9, lr 0.007, poly (power 0.9), "
+                      "16 images a batch", 1.0),
+    ("fpn", f"{MMSEG_SCHEDULE} (Semantic FPN)", 1.0),
+    ("pan", MMSEG_SCHEDULE, 1.0),
+    ("linknet", "Chaurasia & Culurciello 2017 §4: RMSProp, lr 5e-4", 1.0),
+    ("manet", MMSEG_SCHEDULE, 1.0),
+    ("upernet", f"{MMSEG_SCHEDULE} (UPerNet)", 1.0),
+]}
+RECIPES["segformer"] = Recipe(
+    source="Xie et al. 2021 §4.1 and MMSegmentation: AdamW, lr 6e-5, weight decay 0.01, poly (power 1), warm-up "
+           "1500 iterations, head at 10x, no weight decay on norms",
+    optimizer="adamw", lr=1e-3, weight_decay=0.01, lr_schedule="poly", warmup_steps=50, new_layers_lr_mult=10.0,
+    norm_bias_decay=False,
+    from_scratch="lr 6e-5 fine-tunes an ImageNet MiT; from random init at 1e-3 (as the other architectures here), "
+                 "with a 50-step warm-up instead of 1500 (a few epochs here are a few hundred steps)",
+)
 
 _PAPER_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
@@ -122,18 +149,18 @@ def _rates(output_stride: Any, atrous_rates: Sequence[int] | None) -> tuple[int,
     return tuple(atrous_rates)
 
 
-@register("unet", family="smp", paper=PAPERS["unet"])
+@register("unet", family="smp", paper=PAPERS["unet"], recipe=RECIPES["unet"])
 def unet(num_classes: int, *, encoder_name: str = DEFAULT_ENCODER, encoder_weights: str | None = None) -> nn.Module:
     return _build(smp.Unet, "unet", num_classes, encoder_name, encoder_weights)
 
 
-@register("unetplusplus", family="smp", paper=PAPERS["unetplusplus"])
+@register("unetplusplus", family="smp", paper=PAPERS["unetplusplus"], recipe=RECIPES["unetplusplus"])
 def unetplusplus(num_classes: int, *, encoder_name: str = DEFAULT_ENCODER,
                  encoder_weights: str | None = None) -> nn.Module:
     return _build(smp.UnetPlusPlus, "unetplusplus", num_classes, encoder_name, encoder_weights)
 
 
-@register("deeplabv3", family="smp", paper=PAPERS["deeplabv3"])
+@register("deeplabv3", family="smp", paper=PAPERS["deeplabv3"], recipe=RECIPES["deeplabv3"])
 def deeplabv3(num_classes: int, *, encoder_name: str = DEFAULT_ENCODER, encoder_weights: str | None = None,
               output_stride: int = 16, atrous_rates: Sequence[int] | None = None) -> nn.Module:
     rates = _rates(output_stride, atrous_rates)
@@ -141,7 +168,7 @@ def deeplabv3(num_classes: int, *, encoder_name: str = DEFAULT_ENCODER, encoder_
                   encoder_output_stride=output_stride, decoder_atrous_rates=rates)
 
 
-@register("deeplabv3plus", family="smp", paper=PAPERS["deeplabv3plus"])
+@register("deeplabv3plus", family="smp", paper=PAPERS["deeplabv3plus"], recipe=RECIPES["deeplabv3plus"])
 def deeplabv3plus(num_classes: int, *, encoder_name: str = DEFAULT_ENCODER, encoder_weights: str | None = None,
                   output_stride: int = 16, atrous_rates: Sequence[int] | None = None) -> nn.Module:
     rates = _rates(output_stride, atrous_rates)
@@ -149,34 +176,34 @@ def deeplabv3plus(num_classes: int, *, encoder_name: str = DEFAULT_ENCODER, enco
                   encoder_output_stride=output_stride, decoder_atrous_rates=rates)
 
 
-@register("fpn", family="smp", paper=PAPERS["fpn"])
+@register("fpn", family="smp", paper=PAPERS["fpn"], recipe=RECIPES["fpn"])
 def fpn(num_classes: int, *, encoder_name: str = DEFAULT_ENCODER, encoder_weights: str | None = None) -> nn.Module:
     return _build(smp.FPN, "fpn", num_classes, encoder_name, encoder_weights)
 
 
-@register("pan", family="smp", paper=PAPERS["pan"])
+@register("pan", family="smp", paper=PAPERS["pan"], recipe=RECIPES["pan"])
 def pan(num_classes: int, *, encoder_name: str = DEFAULT_ENCODER, encoder_weights: str | None = None) -> nn.Module:
     # The feature pyramid attention pools the stride-16 features three more times: pad to 16 * 8.
     return _build(smp.PAN, "pan", num_classes, encoder_name, encoder_weights, size_divisor=128)
 
 
-@register("linknet", family="smp", paper=PAPERS["linknet"])
+@register("linknet", family="smp", paper=PAPERS["linknet"], recipe=RECIPES["linknet"])
 def linknet(num_classes: int, *, encoder_name: str = DEFAULT_ENCODER,
             encoder_weights: str | None = None) -> nn.Module:
     return _build(smp.Linknet, "linknet", num_classes, encoder_name, encoder_weights)
 
 
-@register("manet", family="smp", paper=PAPERS["manet"])
+@register("manet", family="smp", paper=PAPERS["manet"], recipe=RECIPES["manet"])
 def manet(num_classes: int, *, encoder_name: str = DEFAULT_ENCODER, encoder_weights: str | None = None) -> nn.Module:
     return _build(smp.MAnet, "manet", num_classes, encoder_name, encoder_weights)
 
 
-@register("upernet", family="smp", paper=PAPERS["upernet"])
+@register("upernet", family="smp", paper=PAPERS["upernet"], recipe=RECIPES["upernet"])
 def upernet(num_classes: int, *, encoder_name: str = DEFAULT_ENCODER,
             encoder_weights: str | None = None) -> nn.Module:
     return _build(smp.UPerNet, "upernet", num_classes, encoder_name, encoder_weights)
 
 
-@register("segformer", family="smp", paper=PAPERS["segformer"])
+@register("segformer", family="smp", paper=PAPERS["segformer"], recipe=RECIPES["segformer"])
 def segformer(num_classes: int, *, encoder_name: str = "mit_b0", encoder_weights: str | None = None) -> nn.Module:
     return _build(smp.Segformer, "segformer", num_classes, encoder_name, encoder_weights)

@@ -7,8 +7,9 @@ the matching contracting feature map, two 3x3 conv + ReLU, and a 1x1 classifier;
 ~31.0M parameters at ``width`` 1.0. Difference: convs are padded ("same"), so no cropping of the skips and the
 output is the size of the input (the paper's unpadded convs shrink it by 184 pixels).
 
-Options: ``width`` (channel multiplier, 1.0 = 64..1024), ``batch_norm`` (False = paper; True adds BN after
-every conv), ``dropout`` (0.5), ``encoder_weights`` (a file for the contracting path; no ImageNet weights).
+Options: ``width`` (channel multiplier, 1.0 = 64..1024), ``batch_norm`` (default true: BN after every conv, the
+from-scratch change that lets it train in a few epochs; false is the paper's network), ``dropout`` (0.5),
+``encoder_weights`` (a file for the contracting path; no ImageNet weights).
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from segflow.errors import SegflowError
-from segflow.models.base import SegmentationModel, channels, check_probability, check_width, init_encoder
+from segflow.models.base import SegmentationModel, channels, check_flag, check_probability, check_width, init_encoder
+from segflow.models.recipe import Recipe
 from segflow.models.registry import register
 
 PAPER = "Ronneberger, Fischer & Brox, U-Net: Convolutional Networks for Biomedical Image Segmentation, MICCAI 2015"
+RECIPE = Recipe(
+    source="Ronneberger et al. 2015 §3: SGD (Caffe), momentum 0.99, one large tile a batch",
+    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly",
+    from_scratch="momentum 0.99 averages over the paper's one-tile batches; with batches of 8 and batch norm "
+                 "(option batch_norm), AdamW at 1e-3 with poly decay",
+)
 
 
 def double_conv(in_channels: int, out_channels: int, batch_norm: bool) -> nn.Sequential:
@@ -74,10 +81,9 @@ class UNetOriginal(SegmentationModel):
         return self.classifier(x)
 
 
-@register("unet_original", family="unet_original", paper=PAPER)
-def unet_original(num_classes: int, *, width: float = 1.0, batch_norm: bool = False, dropout: float = 0.5,
+@register("unet_original", family="unet_original", paper=PAPER, recipe=RECIPE)
+def unet_original(num_classes: int, *, width: float = 1.0, batch_norm: bool = True, dropout: float = 0.5,
                   encoder_weights: Any = None) -> nn.Module:
-    if not isinstance(batch_norm, bool):
-        raise SegflowError(f"option batch_norm must be true or false; got {batch_norm!r}.")
-    model = UNetOriginal(num_classes, check_width(width), batch_norm, check_probability("dropout", dropout))
+    model = UNetOriginal(num_classes, check_width(width), check_flag("batch_norm", batch_norm),
+                         check_probability("dropout", dropout))
     return init_encoder(model, encoder_weights)
