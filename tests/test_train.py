@@ -1,5 +1,7 @@
+import json
 import logging
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -232,8 +234,35 @@ def test_a_student_can_start_from_its_teachers_weights(plain_project, tmp_path):
     for name, expected in teacher.items():
         torch.testing.assert_close(student[name], expected, rtol=0, atol=1e-6)
 
-    with pytest.raises(SegflowError, match="architecture and classes must be the same"):
+    with pytest.raises(SegflowError, match="must be a model of the same architecture"):
         train_from_params(_plain_params(), "fcn8s", out_dir=tmp_path / "other", init_from=tmp_path / "teacher", **data)
+
+
+def test_a_warm_start_from_a_model_of_other_classes_keeps_all_but_the_head_and_says_so(plain_project, tmp_path):
+    data = {"data_dir": plain_project / Layout.ingested, "splits_csv": plain_project / Layout.splits}
+    train_from_params(_plain_params(batch_size=8), "unet_original", out_dir=tmp_path / "old", **data)
+    # The same images with one more class: the classifier has another number of outputs.
+    more = plain_project / Layout.ingested.parent / f"more-classes-{tmp_path.name}"  # its image paths are relative
+    shutil.copytree(plain_project / Layout.ingested, more)
+    classes = json.loads((more / "classes.json").read_text())
+    (more / "classes.json").write_text(json.dumps({**classes, "names": [*classes["names"], "extra"]}))
+    params = _plain_params(batch_size=8, lr=1e-12, init_from=str(tmp_path / "old"))  # train.init_from
+    train_from_params(params, "unet_original", out_dir=tmp_path / "new", data_dir=more, splits_csv=data["splits_csv"])
+    old, new = weights(tmp_path / "old"), weights(tmp_path / "new")
+    head = {"classifier.weight", "classifier.bias"}
+    assert {k for k in old if old[k].shape != new[k].shape} == head
+    for name in old.keys() - head:
+        torch.testing.assert_close(new[name], old[name], rtol=0, atol=1e-6)
+    card = json.loads((tmp_path / "new" / "model.json").read_text())
+    assert card["extra"]["init_from"] == str(tmp_path / "old") and sorted(card["extra"]["reinitialised"]) == sorted(head)
+
+    # Another width: nothing fits, and the error names the tensors and the options the model needs.
+    wider = _plain_params(init_from=str(tmp_path / "old"))
+    wider.models["unet_original"] = {**PLAIN_UNET, "width": 0.25}
+    with pytest.raises(SegflowError, match=r"of another shape: classifier.weight, .* and more\); the options must be "
+                                           r"the model's: \{'width': 0.125"):
+        train_from_params(wider, "unet_original", out_dir=tmp_path / "wide", **data)
+    assert not (tmp_path / "wide").exists()
 
 
 def test_a_crop_larger_than_every_training_image_is_refused_before_it_eats_the_memory(plain_project, tmp_path):

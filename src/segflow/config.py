@@ -251,6 +251,9 @@ class TrainParams(RecipeParams):
     # pseudo-labels are the least precise), sqrt (softened) or full (as on labeled pixels).
     unlabeled_class_weighting: Literal["none", "sqrt", "full"] = "none"
     oversample_labeled: bool = True   # repeat labeled images to match the pseudo-labeled ones
+    # Warm start: a model folder (models/unet) or a registered model (models:/segflow@champion) of the same
+    # architecture and options gives the initial weights; a head for other classes starts afresh.
+    init_from: str | None = None
     loss: LossParams = Field(default_factory=LossParams)
     augment: AugmentParams = Field(default_factory=AugmentParams)
     pseudo_augment: StrongAugmentParams = Field(default_factory=StrongAugmentParams)

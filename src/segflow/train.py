@@ -26,6 +26,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
@@ -62,7 +64,7 @@ from segflow.errors import SegflowError
 from segflow.fingerprint import file_sha256, folder_sha256, ingested_sha256
 from segflow.fsutil import atomic_dir, atomic_write_json, exclusive_lock
 from segflow.imageio import read_mask
-from segflow.inference import load_weights, save_model
+from segflow.inference import resolve_model_dir, save_model
 from segflow.losses import DEFAULT_LOSS, segmentation_loss
 from segflow.manifest import read_manifest
 from segflow.metrics import confusion_over
@@ -553,22 +555,60 @@ def train(
             # Process-wide: the global RNG (the model's initial weights, dropout) and the backends' settings.
             torch.manual_seed(cfg.seed)
             tune_process_for_training(group.device)
-            return _train(cfg, arch, group, options=dict(model_options), reliable_fraction=reliable_fraction,
-                          val_batch_size=val_batch_size, mlflow_params=mlflow_cfg,
-                          data_dir=data_dir, splits_csv=splits_csv, out_dir=Path(out_dir), pseudo_dir=pseudo_dir,
-                          epochs=epochs or cfg.epochs, run_name=run_name or arch, snapshots=snapshots,
-                          resume=resume, cache_dir=cache_dir, init_from=init_from, keep_last=keep_last)
+            source = init_from if init_from is not None else cfg.init_from
+            with contextlib.ExitStack() as stack:  # a registered model is downloaded for as long as training runs
+                local = None if source is None else stack.enter_context(resolve_model_dir(source))
+                if init_from is None and local is not None and read_card(local).arch != arch:
+                    # train.init_from names one model (the champion, say): the other architectures start afresh.
+                    log.warning("%s: train.init_from %s is a %s model; %s starts from its initialisation", arch,
+                                source, read_card(local).arch, arch)
+                    source = local = None
+                return _train(cfg, arch, group, options=dict(model_options), reliable_fraction=reliable_fraction,
+                              val_batch_size=val_batch_size, mlflow_params=mlflow_cfg,
+                              data_dir=data_dir, splits_csv=splits_csv, out_dir=Path(out_dir), pseudo_dir=pseudo_dir,
+                              epochs=epochs or cfg.epochs, run_name=run_name or arch, snapshots=snapshots,
+                              resume=resume, cache_dir=cache_dir, init_from=local,
+                              init_source=None if source is None else str(source), keep_last=keep_last)
         finally:
             distributed.teardown(group)
 
 
-def load_initial_weights(network: nn.Module, arch: str, classes: list[str], model_dir: Path) -> None:
-    """Start from a trained model's weights (a self-training student fine-tuning its teacher)."""
+def load_initial_weights(network: nn.Module, arch: str, classes: list[str], model_dir: Path) -> list[str]:
+    """Start from a trained model's weights (a warm start, or a self-training student fine-tuning its teacher).
+
+    The architecture must be the same, and every tensor must fit, except the class-sized ones of the head when
+    the classes differ: those keep their fresh initialisation, and their names are returned."""
     card = read_card(model_dir)
-    if (card.arch, card.classes) != (arch, classes):
-        raise SegflowError(f"{model_dir}: cannot start {arch} ({len(classes)} classes) from this {card.arch} model "
-                           f"({card.num_classes} classes); the architecture and classes must be the same.")
-    load_weights(network, Path(model_dir) / WEIGHTS_FILE)
+    if card.arch != arch:
+        raise SegflowError(f"{model_dir}: cannot start {arch} from this {card.arch} model; train.init_from must be "
+                           f"a model of the same architecture.")
+    if card.classes != classes and card.num_classes == len(classes):
+        raise SegflowError(f"{model_dir}: its classes {card.classes} are not these {classes}, yet as many: its head "
+                           "cannot be told from the rest; give a model of these classes, or none.")
+    try:
+        state, own = load_file(str(Path(model_dir) / WEIGHTS_FILE)), network.state_dict()
+    except (SafetensorError, OSError) as exc:
+        raise SegflowError(f"{model_dir}: cannot read its weights ({exc}).") from None
+
+    def head_of_other_classes(key: str) -> bool:  # the class dimension(s) alone differ
+        old, new = tuple(state[key].shape), tuple(own[key].shape)
+        return len(old) == len(new) and old != new and all(
+            a == b or (a, b) == (card.num_classes, len(classes)) for a, b in zip(old, new))
+
+    mismatched = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    reinitialised = [k for k in mismatched if head_of_other_classes(k)]
+    problems = {"missing": sorted(own.keys() - state.keys()), "unexpected": sorted(state.keys() - own.keys()),
+                "of another shape": [k for k in mismatched if k not in reinitialised]}
+    if any(problems.values()):
+        listed = "; ".join(f"{label}: {', '.join(keys[:5])}{' and more' if len(keys) > 5 else ''}"
+                           for label, keys in problems.items() if keys)
+        raise SegflowError(f"{model_dir}: its weights do not fit {arch} with the options of params.yaml's "
+                           f"models.{arch} ({listed}); the options must be the model's: {card.options}.")
+    network.load_state_dict({**state, **{k: own[k] for k in reinitialised}})
+    if reinitialised:
+        log.info("%s: started from %s; its %d classes are not these %d, so the head starts afresh: %s", arch,
+                 model_dir, card.num_classes, len(classes), ", ".join(reinitialised))
+    return reinitialised
 
 
 @dataclass
@@ -656,7 +696,7 @@ def _train(
     cfg: TrainParams, arch: str, group: ProcessGroup, *, options: dict[str, Any], reliable_fraction: float,
     val_batch_size: int, mlflow_params: MlflowParams, data_dir: Path, splits_csv: Path, out_dir: Path,
     pseudo_dir: Path | None, epochs: int, run_name: str, snapshots: int, resume: bool, cache_dir: Path,
-    init_from: Path | None, keep_last: bool,
+    init_from: Path | None, init_source: str | None, keep_last: bool,
 ) -> TrainResult:
     """One process's training: set-up, the epochs, then the model folder (rank 0)."""
     device = group.device
@@ -668,7 +708,8 @@ def _train(
                           batch_augment=batch_augment is not None)
     plan = plan_epochs(cfg, arch, data, epochs, snapshots, group.world_size)
 
-    model, network = _build_model(arch, classes, options, group, sync_batchnorm=cfg.sync_batchnorm, init_from=init_from)
+    model, network, reinitialised = _build_model(arch, classes, options, group, sync_batchnorm=cfg.sync_batchnorm,
+                                                 init_from=init_from)
     optimizer = build_optimizer(recipe, model, device, encoder_loaded=options.get("encoder_weights") is not None)
     scheduler = build_scheduler(recipe, optimizer, plan.total_steps)
     amp = amp_dtype(device, cfg.amp)
@@ -687,10 +728,11 @@ def _train(
     # The class weights go with the model: pseudo-labeling undoes the bias they give its probabilities.
     card = ModelCard(arch=arch, num_classes=len(classes), classes=classes, options=options,
                      extra={"recipe": recipe.describe(),
+                            **({} if init_source is None else {"init_from": init_source, "reinitialised": reinitialised}),
                             **({} if class_weight is None else {"class_weight": class_weight.tolist()})})
 
     resume_dir = checkpoint.resume_dir_for(out_dir)
-    settings = _resume_settings(cfg, recipe, arch, plan.epochs, options, group, init_from, batch_augment is not None,
+    settings = _resume_settings(cfg, recipe, arch, plan.epochs, options, group, init_source, batch_augment is not None,
                                 reliable_fraction=reliable_fraction, val_batch_size=val_batch_size,
                                 data_dir=data_dir, splits_csv=splits_csv, pseudo_dir=pseudo_dir)
     checkpointer = Checkpointer(resume_dir, group, settings, plan, cfg.checkpoint_every_steps, model=model,
@@ -732,29 +774,29 @@ def _train(
 def _build_model(
     arch: str, classes: list[str], options: dict[str, Any], group: ProcessGroup, *, sync_batchnorm: bool,
     init_from: Path | None,
-) -> tuple[nn.Module, nn.Module]:
-    """The model on the training device, and what the training step calls: the model itself, or its
-    DistributedDataParallel wrapper under torchrun."""
+) -> tuple[nn.Module, nn.Module, list[str]]:
+    """The model on the training device, what the training step calls (the model itself, or its
+    DistributedDataParallel wrapper under torchrun), and the tensors a warm start re-initialised."""
     network = models.build(arch, num_classes=len(classes), **options)
-    if init_from is not None:
-        load_initial_weights(network, arch, classes, init_from)
+    reinitialised = [] if init_from is None else load_initial_weights(network, arch, classes, init_from)
     device = group.device
     model = prepare_model(network, device, sync_batchnorm=group.distributed and sync_batchnorm)
     if not group.distributed:
-        return model, model
-    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return model, model, reinitialised
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, ddp, reinitialised
 
 
 def _resume_settings(
     cfg: TrainParams, recipe: Recipe, arch: str, epochs: int, options: dict[str, Any], group: ProcessGroup,
-    init_from: Path | None, batch_augment: bool, *, reliable_fraction: float, val_batch_size: int,
+    init_from: str | None, batch_augment: bool, *, reliable_fraction: float, val_batch_size: int,
     data_dir: Path, splits_csv: Path, pseudo_dir: Path | None,
 ) -> dict[str, Any]:
     """What a resumed training must share with the interrupted one to continue it exactly: its parameters and
     the SHA-256 of every file it reads (the ingested data, the split, the pseudo-labels)."""
     return {
         "arch": arch, "epochs": epochs, "model_options": options,
-        "processes": group.world_size, "init_from": None if init_from is None else str(init_from),
+        "processes": group.world_size, "init_from": init_from,
         **{f"recipe.{key}": value for key, value in recipe.settings().items()},
         # Settings that change neither the numbers nor the order may differ when resuming.
         **{f"train.{key}": value for key, value in cfg.model_dump(mode="json").items()

@@ -25,7 +25,7 @@ from segflow.models.registry import register
 PAPER = "Noh, Hong & Han, Learning Deconvolution Network for Semantic Segmentation, ICCV 2015"
 RECIPE = Recipe(
     source="Noh et al. 2015 §4.1: SGD, momentum 0.9, lr 0.01, weight decay 5e-4, 64 images a batch, batch norm",
-    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly",
+    optimizer="adamw", lr=2e-3, weight_decay=1e-4, lr_schedule="poly",
     from_scratch=SCRATCH_ADAMW,
 )
 

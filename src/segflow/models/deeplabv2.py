@@ -29,7 +29,7 @@ PAPER = (
 RECIPE = Recipe(
     source="Chen et al. 2017 §4: SGD, momentum 0.9, lr 2.5e-4 and 10x on the classifier, poly (power 0.9), "
            "weight decay 5e-4, 10 images a batch",
-    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly", new_layers_lr_mult=10.0,
+    optimizer="adamw", lr=2e-3, weight_decay=1e-4, lr_schedule="poly", new_layers_lr_mult=10.0,
     from_scratch=SCRATCH_ADAMW,
 )
 

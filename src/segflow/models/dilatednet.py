@@ -28,7 +28,7 @@ from segflow.models.registry import register
 PAPER = "Yu & Koltun, Multi-Scale Context Aggregation by Dilated Convolutions, ICLR 2016"
 RECIPE = Recipe(
     source="Yu & Koltun 2016 §4-5: SGD with momentum (Caffe) on an ImageNet VGG-16 front end, then the context module",
-    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly",
+    optimizer="adamw", lr=2e-3, weight_decay=1e-4, lr_schedule="poly",
     from_scratch=SCRATCH_ADAMW,
 )
 

@@ -35,7 +35,7 @@ PAPER = "Long, Shelhamer & Darrell, Fully Convolutional Networks for Semantic Se
 RECIPE = Recipe(
     source="Long et al. 2015 §4.3: SGD, momentum 0.9, lr 1e-4 fixed, weight decay 5e-4, biases at 2x lr, 20 images "
            "a batch",
-    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly", bias_lr_mult=2.0,
+    optimizer="adamw", lr=2e-3, weight_decay=1e-4, lr_schedule="poly", bias_lr_mult=2.0,
     from_scratch=SCRATCH_ADAMW + "; batch norm in the network (option batch_norm); poly instead of fixed, so "
                  "that the budget ends annealed",
 )

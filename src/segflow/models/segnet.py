@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from segflow.models._vgg import VGG16_STAGES, VGG16Encoder
 from segflow.models.base import SegmentationModel, channels, check_width, init_encoder
-from segflow.models.recipe import Recipe
+from segflow.models.recipe import SCRATCH_ADAMW, Recipe
 from segflow.models.registry import register
 
 PAPER = (
@@ -30,8 +30,9 @@ PAPER = (
 RECIPE = Recipe(
     source="Badrinarayanan et al. 2017 §4.1 and the authors' Caffe solver: SGD, momentum 0.9, fixed lr 0.1, "
            "weight decay 5e-4, 12 images a batch, median frequency balancing, from scratch (SegNet-Basic)",
-    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly",
-    from_scratch="TBD",
+    optimizer="adamw", lr=2e-3, weight_decay=1e-4, lr_schedule="poly",
+    from_scratch="the paper's SGD at a fixed 0.1 reached val mIoU 0.266 after 9 of 10 epochs (SegNet-Basic, CamVid "
+                 "90x120, seed 0); as for the papers that fine-tuned: " + SCRATCH_ADAMW,
 )
 
 

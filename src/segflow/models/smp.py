@@ -56,7 +56,7 @@ PAPERS = {
 MMSEG_SCHEDULE = "MMSegmentation's CNN schedule: SGD, momentum 0.9, lr 0.01, weight decay 5e-4, poly (power 0.9)"
 # Each architecture's training as its paper (or, where the paper gives none, MMSegmentation) states it; SMP
 # itself prescribes none. From random init segflow trains them with AdamW (recipe.SCRATCH_ADAMW).
-RECIPES = {name: Recipe(source=source, optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly",
+RECIPES = {name: Recipe(source=source, optimizer="adamw", lr=2e-3, weight_decay=1e-4, lr_schedule="poly",
                         new_layers_lr_mult=mult, from_scratch=SCRATCH_ADAMW)
            for name, source, mult in [
     ("unet", f"{MMSEG_SCHEDULE} (the paper: Caffe SGD, momentum 0.99, one tile a batch)", 1.0),

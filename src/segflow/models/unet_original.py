@@ -20,15 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from segflow.models.base import SegmentationModel, channels, check_flag, check_probability, check_width, init_encoder
-from segflow.models.recipe import Recipe
+from segflow.models.recipe import SCRATCH_ADAMW, Recipe
 from segflow.models.registry import register
 
 PAPER = "Ronneberger, Fischer & Brox, U-Net: Convolutional Networks for Biomedical Image Segmentation, MICCAI 2015"
 RECIPE = Recipe(
     source="Ronneberger et al. 2015 §3: SGD (Caffe), momentum 0.99, one large tile a batch",
-    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly",
+    optimizer="adamw", lr=2e-3, weight_decay=1e-4, lr_schedule="poly",
     from_scratch="momentum 0.99 averages over the paper's one-tile batches; with batches of 8 and batch norm "
-                 "(option batch_norm), AdamW at 1e-3 with poly decay",
+                 "(option batch_norm), AdamW at 2e-3 with poly decay, as for the others: " + SCRATCH_ADAMW,
 )
 
 
