@@ -98,6 +98,7 @@ def write_images(folder: Path, count: int, size: int) -> list[Sample]:
     """Smooth random images (they compress and decode like photos, unlike noise) and blocky masks, with the
     ingest stage's manifest.csv."""
     rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
     samples = []
     manifest = ["image_id,image_path,mask_path,width,height,split"]
     for i in range(count):
@@ -300,9 +301,10 @@ def main() -> None:
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         # One epoch covers every step, so no loop pays for a loader restarting mid-measurement.
-        samples = write_images(Path(tmp), max(args.batch * args.total_steps, 32), args.size)
-        build_cache(Path(tmp), Path(tmp) / "cache")
-        cache = open_cache(Path(tmp) / "cache", Path(tmp))
+        data = Path(tmp) / "ingested"  # the cache is written beside the ingested folder, never inside it
+        samples = write_images(data, max(args.batch * args.total_steps, 32), args.size)
+        build_cache(data, Path(tmp) / "cache")
+        cache = open_cache(Path(tmp) / "cache", data)
         decode_seconds, cache_seconds = read_seconds(samples, cache)
         print(f"reading an image and its mask: decoding {decode_seconds * 1e3:.2f} ms, "
               f"decoded cache {cache_seconds * 1e3:.3f} ms")

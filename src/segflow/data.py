@@ -48,7 +48,10 @@ def load_samples(data_dir: Path, splits_csv: Path, split: str) -> list[Sample]:
     """Samples of one split (``train``, ``val``, ``test`` or ``unlabeled``), in manifest order."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
-    splits = pd.read_csv(splits_csv, dtype=str, keep_default_na=False)
+    try:
+        splits = pd.read_csv(splits_csv, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise SegflowError(f"{splits_csv}: no split file; run the split stage first (segflow split).") from None
     chosen = set(splits.loc[splits["split"] == split, "image_id"])
     rows = manifest[manifest["image_id"].isin(chosen)]
     return [

@@ -780,7 +780,8 @@ def _build_model(
     network = models.build(arch, num_classes=len(classes), **options)
     reinitialised = [] if init_from is None else load_initial_weights(network, arch, classes, init_from)
     device = group.device
-    model = prepare_model(network, device, sync_batchnorm=group.distributed and sync_batchnorm)
+    # PyTorch's SyncBatchNorm runs on CUDA only: CPU processes (gloo) keep their own batch statistics.
+    model = prepare_model(network, device, sync_batchnorm=group.distributed and sync_batchnorm and device.type == "cuda")
     if not group.distributed:
         return model, model, reinitialised
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
