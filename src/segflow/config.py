@@ -136,6 +136,13 @@ class AugmentParams(_Section):
     hflip: bool = True
     scale_min: float = Field(0.75, gt=0)
     scale_max: float = Field(1.25, gt=0)
+    # Probabilities of albumentations' transforms on labeled images (segflow.augment); 0: off.
+    rotate: float = Field(0.0, ge=0, le=1)
+    rotate_limit: float = Field(10.0, ge=0, le=180)   # degrees either way
+    shift_scale_rotate: float = Field(0.0, ge=0, le=1)
+    elastic: float = Field(0.0, ge=0, le=1)
+    brightness_contrast: float = Field(0.0, ge=0, le=1)
+    hue_saturation: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _scale_range(self) -> AugmentParams:

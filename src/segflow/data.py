@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from segflow import IGNORE_INDEX
+from segflow.augment import LabeledAugment
 from segflow.card import MEAN, STD
 from segflow.config import AugmentParams, StrongAugmentParams
 from segflow.errors import SegflowError
@@ -128,6 +129,7 @@ class SegmentationDataset(Dataset):
         self.strong_augment = strong_augment
         self.cache = cache
         self.batch_augment = batch_augment
+        self.labeled_augment = LabeledAugment.from_params(augment)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -144,6 +146,8 @@ class SegmentationDataset(Dataset):
                     f"{sample.mask_path}: mask is {tuple(mask.shape)} but its image {sample.image_path} is "
                     f"{pixels.shape[:2]} (height, width)."
                 )
+        if self.labeled_augment is not None and sample.mask_path is not None and not sample.pseudo:
+            pixels, mask = self.labeled_augment(pixels, mask)
         if self.batch_augment:
             return self._unaugmented(sample, index, pixels, mask)
         image = to_unit_float(pixels)
