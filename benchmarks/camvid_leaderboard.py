@@ -149,10 +149,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the architectures whose every recipe and seed has finished")
     args = parser.parse_args()
 
     work = args.work.resolve() / f"{HEIGHT}x{WIDTH}-epochs-{EPOCHS}-batch-{BATCH}"
-    prepared = prepare(args.camvid.resolve(), work)
+    if args.report_only:
+        args.archs = [name for name in args.archs if all(
+            (work / f"{recipe}-seed-{seed}" / "evaluation" / name / "scores.json").exists()
+            for recipe in args.recipes for seed in args.seeds)]
+    prepared = work / "prepared" if args.report_only else prepare(args.camvid.resolve(), work)
     # Seed by seed, so that a stopped run has whole seeds of every recipe to report.
     results = {(name, recipe, seed): run(prepared, work, name, recipe, seed)
                for seed in args.seeds for recipe in args.recipes for name in args.archs}
@@ -205,6 +211,8 @@ def _markdown(report: dict, recipes: list[str]) -> str:
     lines = [
         "# CamVid leaderboard (from scratch): each architecture's recipe against the shared one",
         "",
+        *([f"**Partial: {len(rows)} of the {len(ARCHS)} architectures have finished every recipe and seed.**", ""]
+          if len(rows) < len(ARCHS) else []),
         "Budget: " + ", ".join(f"{k} {v}" for k, v in budget.items()) + ". "
         "Test split: 233 images, 11 classes, void ignored. Selection (the kept epoch) on val, scores on test.",
         "",
@@ -218,7 +226,7 @@ def _markdown(report: dict, recipes: list[str]) -> str:
     header = "| model | options | " + " | ".join(f"{r} mIoU" for r in recipes)
     header += " | gain |" if both else " |"
     lines += [header + " majority class | mean class acc. | params (M) | train (min) |",
-              "|" + "---|" * (len(recipes) + (6 if both else 5))]
+              "|" + "---|" * (len(recipes) + (7 if both else 6))]
     for row in rows:
         cells = [f"{_pct(row[r]['mean'])} [{_pct(row[r]['min'])}, {_pct(row[r]['max'])}]" for r in recipes]
         if both:
@@ -232,7 +240,7 @@ def _markdown(report: dict, recipes: list[str]) -> str:
                  + (f" | {100 * (means['architecture'] - means['shared']):+.1f}" if both else "") + " | | | | |")
     for anchor in ANCHORS:
         lines.append(f"| {anchor['model']} | 360×480, trained to convergence | {_pct(anchor['miou'])} |"
-                     + " |" * (len(recipes) + (5 if both else 4)))
+                     + " |" * (len(recipes) + (4 if both else 3)))
     if "architecture" in recipes:
         lines += ["", "Recipes (`architecture`):", ""]
         lines += [f"- **{row['model']}**: {row['architecture']['recipe']}" for row in rows]
