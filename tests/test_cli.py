@@ -56,8 +56,8 @@ def test_models_lists_the_classic_line_with_the_paper_the_configured_size_and_th
         elif line.strip().startswith(("recipe:", "from:")):
             recipes.setdefault(name, []).append(line.strip())
     # The paper's recipe, as params.yaml's train and models.fcn8s.recipe change it, with where it comes from.
-    assert recipes["fcn8s"][0] == ("recipe: sgd lr 0.05, momentum 0.9, weight decay 0.001, poly schedule, "
-                                   "biases 2x lr, aux weight 0.4")
+    assert recipes["fcn8s"][0] == "recipe: sgd lr 0.05, momentum 0.9, weight decay 0.001, poly schedule, biases 2x lr"
+    assert recipes["pspnet"][0].endswith("new layers 10x lr over a loaded encoder, aux weight 0.4")  # an aux head
     assert recipes["fcn8s"][1].startswith("from: Long et al. 2015 §4.3: SGD, momentum 0.9, lr 1e-4")
     assert "overridden in params.yaml: weight_decay=0.001; overridden in params.yaml: optimizer='sgd', lr=0.05" \
         in recipes["fcn8s"][1]

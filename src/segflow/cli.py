@@ -363,7 +363,7 @@ def list_models(ctx: typer.Context, params_file: ParamsOption = Path("params.yam
             typer.echo(f"{'':37s}options: " + ", ".join(
                 f"{key}={options[key]!r} (default {value!r})" if options.get(key, value) != value else f"{key}={value!r}"
                 for key, value in info.default_options.items()))
-        typer.echo(f"{'':37s}recipe: {recipe.summary()}")
+        typer.echo(f"{'':37s}recipe: {recipe.summary(info.aux)}")
         typer.echo(f"{'':37s}  from: {recipe.source}")
         if recipe.from_scratch:
             typer.echo(f"{'':37s}  from scratch: {recipe.from_scratch}")

@@ -727,7 +727,7 @@ def _train(
                      ema=ema, total_steps=plan.total_steps, loss=cfg.loss)
     # The class weights go with the model: pseudo-labeling undoes the bias they give its probabilities.
     card = ModelCard(arch=arch, num_classes=len(classes), classes=classes, options=options,
-                     extra={"recipe": recipe.describe(),
+                     extra={"recipe": recipe.describe(models.describe(arch).aux),
                             **({} if init_source is None else {"init_from": init_source, "reinitialised": reinitialised}),
                             **({} if class_weight is None else {"class_weight": class_weight.tolist()})})
 

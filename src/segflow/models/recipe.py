@@ -45,11 +45,12 @@ class Recipe:
         values = asdict(self)
         return {key: values[key] for key in FIELDS}
 
-    def describe(self) -> str:
+    def describe(self, aux: bool = True) -> str:
         """The settings, where they come from and what segflow changed."""
-        return f"{self.summary()}. Source: {self.source}." + (f" From scratch: {self.from_scratch}" if self.from_scratch else "")
+        return f"{self.summary(aux)}. Source: {self.source}." + (f" From scratch: {self.from_scratch}" if self.from_scratch else "")
 
-    def summary(self) -> str:
+    def summary(self, aux: bool = True) -> str:
+        """One line of the settings; ``aux``: the model has an auxiliary head (else its weight is not shown)."""
         """One line: the settings that differ from plain (no groups, no warm-up)."""
         parts = [f"{self.optimizer} lr {self.lr:g}"]
         if self.optimizer == "sgd":
@@ -63,7 +64,8 @@ class Recipe:
             parts.append(f"biases {self.bias_lr_mult:g}x lr")
         if not self.norm_bias_decay:
             parts.append("no weight decay on norm and bias")
-        parts.append(f"aux weight {self.aux_weight:g}")
+        if aux:
+            parts.append(f"aux weight {self.aux_weight:g}")
         return ", ".join(parts)
 
 
