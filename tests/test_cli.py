@@ -61,7 +61,7 @@ def test_models_lists_the_classic_line_with_the_paper_the_configured_size_and_th
     assert recipes["fcn8s"][1].startswith("from: Long et al. 2015 §4.3: SGD, momentum 0.9, lr 1e-4")
     assert "overridden in params.yaml: weight_decay=0.001; overridden in params.yaml: optimizer='sgd', lr=0.05" \
         in recipes["fcn8s"][1]
-    assert recipes["pspnet"][0].startswith("recipe: adamw lr 0.002, weight decay 0.001")  # train's key: every one
+    assert recipes["pspnet"][0].startswith("recipe: adamw lr 0.001, weight decay 0.001")  # train's key: every one
 
 
 def test_models_list_of_an_unknown_registered_model_names_it(tmp_path):

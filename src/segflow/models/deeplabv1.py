@@ -29,8 +29,9 @@ PAPER = (
 RECIPE = Recipe(
     source="Chen et al. 2015 §4.1: SGD, momentum 0.9, lr 1e-3 and 1e-2 on the classifier, x0.1 every 2000 "
            "iterations, weight decay 5e-4, 20 images a batch",
-    optimizer="adamw", lr=2e-3, weight_decay=1e-4, lr_schedule="poly", new_layers_lr_mult=10.0,
-    from_scratch=SCRATCH_ADAMW + "; batch norm in the network (option batch_norm); poly instead of steps",
+    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly", new_layers_lr_mult=10.0,
+    from_scratch=SCRATCH_ADAMW + "; at 1e-3 for DeepLab v1, whose val mIoU was 0.421 at 1e-3 against 0.348 at "
+                 "2e-3 (width 0.5); batch norm in the network (option batch_norm); poly instead of steps",
 )
 
 

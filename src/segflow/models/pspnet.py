@@ -29,8 +29,9 @@ PAPER = "Zhao et al., Pyramid Scene Parsing Network, CVPR 2017"
 RECIPE = Recipe(
     source="Zhao et al. 2017 §5.1: SGD, momentum 0.9, lr 0.01, poly (power 0.9), weight decay 1e-4, 16 images a "
            "batch, auxiliary loss weight 0.4; new layers at 10x over the ImageNet ResNet (MMSegmentation: 1x)",
-    optimizer="adamw", lr=2e-3, weight_decay=1e-4, lr_schedule="poly", new_layers_lr_mult=10.0, aux_weight=0.4,
-    from_scratch=SCRATCH_ADAMW,
+    optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_schedule="poly", new_layers_lr_mult=10.0, aux_weight=0.4,
+    from_scratch=SCRATCH_ADAMW + "; at 1e-3 for PSPNet, whose val mIoU was 0.445 at 1e-3 against 0.408 at 2e-3 "
+                 "(ResNet-18, output stride 8)",
 )
 
 
