@@ -558,10 +558,11 @@ def train(
             source = init_from if init_from is not None else cfg.init_from
             with contextlib.ExitStack() as stack:  # a registered model is downloaded for as long as training runs
                 local = None if source is None else stack.enter_context(resolve_model_dir(source))
-                if init_from is None and local is not None and read_card(local).arch != arch:
+                other = None if init_from is not None or local is None else read_card(local).arch
+                if other not in (None, arch):
                     # train.init_from names one model (the champion, say): the other architectures start afresh.
                     log.warning("%s: train.init_from %s is a %s model; %s starts from its initialisation", arch,
-                                source, read_card(local).arch, arch)
+                                source, other, arch)
                     source = local = None
                 return _train(cfg, arch, group, options=dict(model_options), reliable_fraction=reliable_fraction,
                               val_batch_size=val_batch_size, mlflow_params=mlflow_cfg,
