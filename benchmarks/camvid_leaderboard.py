@@ -13,8 +13,8 @@ median frequency balancing (SegNet), for each seed and each of two recipes:
   poly, no parameter groups, aux weight 0.4) and the papers' networks without batch norm.
 
 Both recipes see the same images, epochs and seeds. Writes ``reports/camvid_leaderboard.{json,md}``: per
-architecture the test mIoU of each recipe (mean and range over the seeds), the difference, and the
-majority-class baseline. Finished trainings are cached in the work folder (one folder per recipe and seed) and not
+architecture the test mIoU of each recipe (mean and range over the seeds), the difference, the leaderboard's
+figure before the recipes (commit ea3f94a) and the majority-class baseline. Finished trainings are cached in the work folder (one folder per recipe and seed) and not
 repeated; a killed run resumes where it stopped.
 """
 
@@ -57,6 +57,9 @@ SHARED_RECIPE = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "moment
 PAPER_NETWORK = {"fcn8s": {"batch_norm": False}, "unet_original": {"batch_norm": False},
                  "deeplabv1_largefov": {"batch_norm": False}}
 RECIPES = ("architecture", "shared")
+# The leaderboard before recipes (commit ea3f94a): one global recipe (AdamW 1e-3, poly), seed 0, test mIoU.
+BEFORE = {"deeplabv3plus": 0.330, "pspnet": 0.305, "segnet_basic": 0.298, "unet_original": 0.281, "fcn8s": 0.260,
+          "segnet": 0.252, "deeplabv1_largefov": 0.210}
 # SegNet paper (Badrinarayanan et al. 2017), Table 1: CamVid, 367 training images, no pretraining, 360x480.
 ANCHORS = [
     {"model": "SegNet-Basic (published)", "miou": 0.477},
@@ -171,7 +174,8 @@ def main() -> None:
         "device": os.environ.get("SEGFLOW_BENCH_DEVICE", _device()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"budget": budget, "shared_recipe": SHARED_RECIPE, "results": rows, "anchors": ANCHORS}
+    report = {"budget": budget, "shared_recipe": SHARED_RECIPE, "results": rows, "anchors": ANCHORS,
+              "before": BEFORE}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(_markdown(report, args.recipes))
     print(_markdown(report, args.recipes))
@@ -224,23 +228,26 @@ def _markdown(report: dict, recipes: list[str]) -> str:
     ]
     both = all(recipe in recipes for recipe in RECIPES)
     header = "| model | options | " + " | ".join(f"{r} mIoU" for r in recipes)
-    header += " | gain |" if both else " |"
-    lines += [header + " majority class | mean class acc. | params (M) | train (min) |",
-              "|" + "---|" * (len(recipes) + (7 if both else 6))]
+    header += " | gain over shared |" if both else " |"
+    lines += [header + " before (ea3f94a) | gain over before | majority class | mean class acc. | params (M) "
+              "| train (min) |", "|" + "---|" * (len(recipes) + (9 if both else 8))]
     for row in rows:
         cells = [f"{_pct(row[r]['mean'])} [{_pct(row[r]['min'])}, {_pct(row[r]['max'])}]" for r in recipes]
         if both:
             cells.append(f"{100 * (row['architecture']['mean'] - row['shared']['mean']):+.1f}")
         main = row[recipes[0]]
+        cells += [_pct(BEFORE[row["model"]]), f"{100 * (main['mean'] - BEFORE[row['model']]):+.1f}"]
         lines.append(f"| {row['model']} | {main['options']} | " + " | ".join(cells)
                      + f" | {_pct(row['majority_test_miou'])} | {_pct(main['mean_class_accuracy'])} "
                      f"| {main['parameters'] / 1e6:.1f} | {main['train_minutes']:.1f} |")
     means = {r: statistics.fmean(row[r]["mean"] for row in rows) for r in recipes}
+    before = statistics.fmean(BEFORE[row["model"]] for row in rows)
     lines.append(f"| **mean of {len(rows)}** | | " + " | ".join(_pct(means[r]) for r in recipes)
-                 + (f" | {100 * (means['architecture'] - means['shared']):+.1f}" if both else "") + " | | | | |")
+                 + (f" | {100 * (means['architecture'] - means['shared']):+.1f}" if both else "")
+                 + f" | {_pct(before)} | {100 * (means[recipes[0]] - before):+.1f} | | | | |")
     for anchor in ANCHORS:
         lines.append(f"| {anchor['model']} | 360×480, trained to convergence | {_pct(anchor['miou'])} |"
-                     + " |" * (len(recipes) + (4 if both else 3)))
+                     + " |" * (len(recipes) + (6 if both else 5)))
     if "architecture" in recipes:
         lines += ["", "Recipes (`architecture`):", ""]
         lines += [f"- **{row['model']}**: {row['architecture']['recipe']}" for row in rows]
