@@ -4,6 +4,11 @@ DVC decides what is up to date (an unchanged stage is skipped in under a second)
 back-off for transient failures (a killed stage, an unreachable tracking server), logs, and the run record. A
 stage that rejects its input, refuses a promotion or crashes is not retried: the same input fails the same way.
 
+With ``orchestrate.slots`` above 1, stages that do not depend on each other (the ``train@ARCH`` ->
+``evaluate@ARCH`` chains) run at the same time, each with its own GPU or share of the CPU threads; DVC's lock
+allows one ``dvc repro`` per workspace, so :mod:`segflow.stage_runner` runs the stages' commands and records
+them with ``dvc commit`` (dvc.lock as a sequential run writes it).
+
     python pipelines/training_pipeline.py            # ephemeral Prefect, embedded MLflow
 """
 
@@ -17,11 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import networkx as nx
-from dvc.repo import Repo
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.futures import wait
 
-from segflow import tracking
+from segflow import stage_runner, tracking
 from segflow.config import PARAMS_FILE, Layout, load_params
 
 # What a failed segflow command prints first (segflow.cli.main): "segflow: error: ..." or "segflow: internal error: ...".
@@ -38,13 +43,6 @@ class StageFailed(RuntimeError):
 class TransientFailure(StageFailed):
     """A stage killed from outside (out of memory, a preempted node) or a tracking server that could not be
     reached: worth retrying."""
-
-
-def dvc_stages(project: Path) -> list[str]:
-    """Stage names (``train@unet`` for matrix stages) in dependency order, ties broken by name."""
-    with Repo(str(project)) as repo:
-        graph = repo.index.graph.reverse()  # DVC's edges point from a stage to what it depends on
-        return [stage.addressing for stage in nx.lexicographical_topological_sort(graph, key=lambda s: s.addressing)]
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
@@ -65,10 +63,16 @@ def dvc_failure(what: str, returncode: int, errors: list[str], stage_exit: int |
 
 def run_dvc(args: list[str], project: Path, what: str) -> None:
     """Run ``dvc ARGS`` in ``project`` with its output in the Prefect log; raises :func:`dvc_failure`."""
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run_logged([sys.executable, "-m", "dvc", *args], project, what, env)
+
+
+def run_logged(command: list[str] | str, project: Path, what: str, env: dict[str, str]) -> None:
+    """Run ``command`` (a shell command line when a string, as DVC runs a stage's) in ``project`` with ``env``
+    added, its output in the Prefect log; raises :func:`dvc_failure`."""
     logger = get_run_logger()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     process = subprocess.Popen(
-        [sys.executable, "-m", "dvc", *args], cwd=project, env=env,
+        command, shell=isinstance(command, str), cwd=project, env={**os.environ, **env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
     )
     errors, stage_exit = [], None
@@ -89,6 +93,39 @@ def run_stage(stage: str, project: Path) -> None:
     run_dvc(["repro", "--single-item", stage], project, f"stage {stage}")
 
 
+# The runner and the slots are shared objects, not inputs to cache on.
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_if_transient, task_run_name="{stage}",
+      cache_policy=NONE)
+def run_stage_in_slot(stage: str, runner: stage_runner.StageRunner, slots: stage_runner.Slots) -> None:
+    command = runner.start(stage)
+    if command is None:
+        get_run_logger().info("Stage '%s' didn't change, skipping", stage)
+        return
+    with slots.take() as slot_env:
+        get_run_logger().info("Running stage '%s' with %s:\n> %s", stage, slot_env, command)
+        run_logged(command, runner.project, f"stage {stage}", {**runner.environment(stage), **slot_env})
+    runner.commit(stage)
+
+
+def run_concurrently(project: Path, slots: int) -> None:
+    """Every stage once its upstream stages are recorded, at most ``slots`` at a time; raises the first
+    failure in dependency order."""
+    import torch  # the GPUs to share out; only this path needs them
+
+    planned = stage_runner.plan(project)
+    runner = stage_runner.StageRunner(project, [stage.name for stage in planned])
+    pool = stage_runner.Slots(slots, torch.cuda.device_count())
+    futures = {}
+    for stage in planned:
+        futures[stage.name] = run_stage_in_slot.submit(
+            stage.name, runner, pool, wait_for=[futures[name] for name in stage.upstream])
+    wait(list(futures.values()))
+    for future in futures.values():
+        if future.state.is_failed():
+            future.result()  # raises the stage's error
+    runner.finish()
+
+
 @flow(name="segflow-pipeline")
 def segflow_pipeline(project: str = ".") -> dict:
     """Run every DVC stage in order under one MLflow parent run; returns the registry decision. The stages read
@@ -97,8 +134,11 @@ def segflow_pipeline(project: str = ".") -> dict:
     os.chdir(project_dir)
     params = load_params(project_dir / PARAMS_FILE)
     with tracking.pipeline_run(params.mlflow) as run:
-        for stage in dvc_stages(project_dir):
-            run_stage(stage, project_dir)
+        if params.orchestrate.slots == 1:
+            for stage in stage_runner.plan(project_dir):
+                run_stage(stage.name, project_dir)
+        else:
+            run_concurrently(project_dir, params.orchestrate.slots)
     # Its description and summary/ say which model was chosen and why; the stages are nested below it.
     get_run_logger().info("The pipeline's MLflow run: %s", tracking.run_page(run))
     return json.loads((project_dir / Layout.registry).read_text())

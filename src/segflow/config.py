@@ -393,6 +393,12 @@ class ScheduleParams(_Section):
     dvc_remote: str | None = None            # pull before / push after; null: DVC's default remote, if any
 
 
+class OrchestrateParams(_Section):
+    """How the Prefect flow runs the DVC stages (not an input of any stage's result)."""
+
+    slots: int = Field(1, ge=1)  # stages run at the same time; each gets a GPU, or its share of the CPU threads
+
+
 class Params(_Section):
     synth: SynthParams = Field(default_factory=SynthParams)
     data: DataParams = Field(default_factory=DataParams)
@@ -406,6 +412,7 @@ class Params(_Section):
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     predict: PredictParams = Field(default_factory=PredictParams)
     schedule: ScheduleParams = Field(default_factory=ScheduleParams)
+    orchestrate: OrchestrateParams = Field(default_factory=OrchestrateParams)
     # Per-architecture builder options, e.g. {"unet": {"encoder_name": "resnet18"}}.
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

@@ -1,0 +1,78 @@
+"""``orchestrate.slots: 2``: the flow trains and evaluates two architectures at the same time, and DVC's record
+is the one a sequential run leaves (benchmarks/parallel_slots.py measures the wall time)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from pipeline_testing import TINY, dvc, load_flow_module, make_project, merge, mlflow_at
+
+from train_testing import weights
+
+pytestmark = pytest.mark.slow
+
+ARCHS = ["pspnet", "unet_original"]
+PARAMS = merge(copy.deepcopy(TINY), {"train": {"archs": ARCHS}, "models": {"unet_original": {"width": 0.125}}})
+
+
+def _run_flow(project: Path, project_root: Path, monkeypatch, slots: int) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["orchestrate"] = {"slots": slots}
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.chdir(project)  # the flow works in the project's folder
+    with mlflow_at(f"sqlite:///{project / 'mlflow.db'}"):
+        load_flow_module(project_root, "training_pipeline").segflow_pipeline(str(project))
+
+
+def _lock_without_hashes(project: Path) -> list:
+    """dvc.lock's stages in order with their commands, params and the paths of their deps and outs (the
+    hashes of what a training writes differ between any two runs: run ids, durations)."""
+    stages = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return [(name, entry["cmd"], entry.get("params"), [d["path"] for d in entry.get("deps", [])],
+             [o["path"] for o in entry.get("outs", [])]) for name, entry in stages.items()]
+
+
+def _most_stages_at_once(project: Path) -> int:
+    """From the stages' MLflow runs: the most that were running at the same moment."""
+    with mlflow_at(f"sqlite:///{project / 'mlflow.db'}"):
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    events = sorted((time, step) for run in runs if run.data.tags.get("segflow.stage") != "pipeline"
+                    for time, step in ((run.info.start_time, 1), (run.info.end_time, -1)))
+    running = most = 0
+    for _, step in events:  # an end sorts before a start at the same millisecond
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_two_slots_train_two_architectures_at_once_and_record_what_a_sequential_run_records(
+        tmp_path, project_root, monkeypatch):
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # `segflow`
+    (tmp_path / "sequential").mkdir()
+    sequential = make_project(tmp_path / "sequential", project_root, PARAMS)
+    dvc(sequential, "repro", "pseudo_label")  # the stages before the architectures' chains, once for both
+    parallel = tmp_path / "parallel"
+    shutil.copytree(sequential, parallel, symlinks=True)
+    # The thread count of a slot, for the sequential run too: the same threads, the same floating-point sums.
+    monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+
+    _run_flow(sequential, project_root, monkeypatch, slots=1)
+    _run_flow(parallel, project_root, monkeypatch, slots=2)
+
+    assert json.loads(dvc(parallel, "status", "--json").stdout) == {}  # `dvc repro` has nothing to do
+    assert _lock_without_hashes(parallel) == _lock_without_hashes(sequential)
+    for arch in ARCHS:
+        parallel_weights, sequential_weights = weights(parallel / "models" / arch), weights(sequential / "models" / arch)
+        assert parallel_weights.keys() == sequential_weights.keys()
+        assert all(parallel_weights[k].equal(sequential_weights[k]) for k in parallel_weights), arch
+    # The independent stages (two trainings, the teacher's evaluation, then two evaluations) ran two at a time.
+    assert _most_stages_at_once(parallel) == 2
+    assert _most_stages_at_once(sequential) == 1
