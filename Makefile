@@ -29,7 +29,7 @@ run: setup
 	$(PYTHON) pipelines/training_pipeline.py
 
 test: setup
-	$(PYTHON) -m pytest -q --durations=15
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check src tests pipelines benchmarks

@@ -93,7 +93,7 @@ def main() -> None:
     markdown = (
         "# Two slots against one: the pipeline flow's wall time\n\n"
         f"`python benchmarks/parallel_slots.py --archs {' '.join(args.archs)} --epochs {args.epochs}`; "
-        f"{cores} CPU cores, {threads} threads per stage in both runs; the stages up to pseudo_label ran once "
+        f"{cores} CPU cores, threads per stage: {threads} in both runs; the stages up to pseudo_label ran once "
         "before both.\n\n"
         "| slots | wall time (s) |\n|---|---|\n"
         f"| 1 | {seconds[1]:.0f} |\n| 2 | {seconds[2]:.0f} |\n\n"

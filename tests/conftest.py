@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,23 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
+# `make test` runs two pytest-xdist workers on the two cores: one thread each, and an ephemeral Prefect server
+# each, with its own database.
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"segflow-prefect-{worker}-")
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Session fixtures of tests/pipelines/conftest.py: the team stack's servers and the one scheduled pipeline run.
+# Their tests share a worker, so that each is started once.
+STACK_FIXTURES = {"postgres", "prefect_server_process", "servers", "prefect_api", "prefect", "project",
+                  "served_deployment", "scheduled_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if STACK_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("stack"))
 
 
 @pytest.fixture(scope="session")
