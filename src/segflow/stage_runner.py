@@ -7,6 +7,9 @@ the one dvc.yaml gives, runs outside the lock; then ``dvc commit`` records the s
 in dvc.lock and the cache, under the lock again. A stage is asked whether it is stale only once everything it
 depends on is recorded, so it reruns exactly when ``dvc repro`` would rerun it. Entries enter dvc.lock in the
 order stages finish; :meth:`StageRunner.finish` puts them back in the order a sequential run writes them.
+
+Run from the project's folder (the flow changes into it): DVC names and finds stages relative to the working
+directory.
 """
 
 from __future__ import annotations

@@ -1,0 +1,71 @@
+"""segflow.stage_runner on a two-stage DVC project of shell commands: stale stages only, outputs removed before
+the command, dvc.lock in the order a sequential `dvc repro` leaves it; and the slots' environments."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from segflow import stage_runner
+
+DVC_YAML = {"stages": {
+    "second": {"cmd": "cat first.txt > second.txt", "deps": ["first.txt"], "outs": ["second.txt"]},
+    "first": {"cmd": "cat input.txt > first.txt", "deps": ["input.txt"], "outs": ["first.txt"]},
+}}
+
+
+def _dvc(project: Path, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def _project(root: Path) -> Path:
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    _dvc(root, "init", "-q")
+    (root / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
+    (root / "input.txt").write_text("a\n")
+    return root
+
+
+def _run(runner: stage_runner.StageRunner, name: str) -> bool:
+    command = runner.start(name)
+    if command is None:
+        return False
+    subprocess.run(command, shell=True, cwd=runner.project, check=True)
+    runner.commit(name)
+    return True
+
+
+def test_stale_stages_run_and_are_recorded_as_dvc_repro_records_them(tmp_path, monkeypatch):
+    project = _project(tmp_path)
+    monkeypatch.chdir(project)  # as the flow does: DVC names stages relative to the working directory
+    planned = stage_runner.plan(project)
+    assert [(s.name, s.upstream) for s in planned] == [("first", ()), ("second", ("first",))]
+
+    runner = stage_runner.StageRunner(project, [s.name for s in planned])
+    assert _run(runner, "first") and _run(runner, "second")
+    # Stages that finish out of order enter dvc.lock out of order; finish() puts them in stage order.
+    (project / "dvc.lock").unlink()
+    runner.commit("second")
+    runner.commit("first")
+    assert list(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == ["second", "first"]
+    runner.finish()
+    assert list(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == ["first", "second"]
+    assert "up to date" in _dvc(project, "status")
+    assert (project / "second.txt").read_text() == "a\n"
+
+    # Nothing changed: nothing runs. A changed input: both run again, the output removed before its command.
+    runner = stage_runner.StageRunner(project, [s.name for s in planned])
+    assert not _run(runner, "first") and not _run(runner, "second")
+    (project / "input.txt").write_text("b\n")
+    assert runner.start("first") is not None and not (project / "first.txt").exists()
+
+
+def test_each_slot_gets_a_gpu_round_robin_or_its_share_of_the_threads():
+    assert [stage_runner.slot_environment(slot, 3, gpus=2) for slot in range(3)] == [
+        {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}, {"CUDA_VISIBLE_DEVICES": "0"}]
+    assert stage_runner.slot_environment(1, 2, gpus=0, cpus=16) == {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"}
+    assert stage_runner.slot_environment(0, 4, gpus=0, cpus=2)["OMP_NUM_THREADS"] == "1"
