@@ -19,8 +19,10 @@ from train_testing import weights
 
 pytestmark = pytest.mark.slow
 
-ARCHS = ["pspnet", "unet_original"]
-PARAMS = merge(copy.deepcopy(TINY), {"train": {"archs": ARCHS}, "models": {"unet_original": {"width": 0.125}}})
+# Two small architectures, one epoch each (the teacher's too): the test is about the orchestration.
+ARCHS = ["segnet_basic", "unet_original"]
+PARAMS = merge(copy.deepcopy(TINY), {"train": {"archs": ARCHS, "epochs": 1}, "teacher": {"epochs": 1},
+                                     "models": {"segnet_basic": {"width": 0.25}, "unet_original": {"width": 0.125}}})
 
 
 def _run_flow(project: Path, project_root: Path, monkeypatch, slots: int) -> None:
