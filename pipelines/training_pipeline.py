@@ -63,16 +63,17 @@ def dvc_failure(what: str, returncode: int, errors: list[str], stage_exit: int |
 
 def run_dvc(args: list[str], project: Path, what: str) -> None:
     """Run ``dvc ARGS`` in ``project`` with its output in the Prefect log; raises :func:`dvc_failure`."""
-    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    run_logged([sys.executable, "-m", "dvc", *args], project, what, env)
+    run_logged([sys.executable, "-m", "dvc", *args], project, what, {})
 
 
 def run_logged(command: list[str] | str, project: Path, what: str, env: dict[str, str]) -> None:
     """Run ``command`` (a shell command line when a string, as DVC runs a stage's) in ``project`` with ``env``
-    added, its output in the Prefect log; raises :func:`dvc_failure`."""
+    added and this interpreter's scripts (``segflow``) first on PATH, its output in the Prefect log; raises
+    :func:`dvc_failure`."""
     logger = get_run_logger()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     process = subprocess.Popen(
-        command, shell=isinstance(command, str), cwd=project, env={**os.environ, **env},
+        command, shell=isinstance(command, str), cwd=project, env={**os.environ, **env, "PATH": path},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
     )
     errors, stage_exit = [], None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,9 +97,8 @@ class StageRunner:
             return " && ".join(commands)
 
     def environment(self, name: str) -> dict[str, str]:
-        """What DVC adds to a stage command's environment, and this interpreter's scripts first on PATH."""
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        return {DVC_ROOT: str(self.project), DVC_STAGE: name, "PATH": path}
+        """What DVC adds to a stage command's environment."""
+        return {DVC_ROOT: str(self.project), DVC_STAGE: name}
 
     def commit(self, name: str) -> None:
         """Record the stage in dvc.lock and the cache (``dvc commit``)."""
