@@ -129,7 +129,8 @@ BEST_DIR = "best"  # inside the resume folder: the best weights so far survive a
 def build_optimizer(recipe: Recipe, model: nn.Module, device: torch.device, *,
                     encoder_loaded: bool) -> torch.optim.Optimizer:
     """The recipe's optimizer over parameter groups: a learning-rate factor (new layers over a loaded encoder,
-    biases) and weight decay or none (norm weights and biases, when the recipe says so)."""
+    biases, the model's own ``lr_multipliers``) and weight decay or none (norm weights and biases, when the recipe
+    says so)."""
     encoder = model.encoder_module() if encoder_loaded and hasattr(model, "encoder_module") else None
     encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
@@ -137,6 +138,8 @@ def build_optimizer(recipe: Recipe, model: nn.Module, device: torch.device, *,
         if not parameter.requires_grad:
             continue
         lr_mult = recipe.bias_lr_mult if name.endswith(".bias") else 1.0
+        lr_mult *= next((factor for prefix, factor in getattr(model, "lr_multipliers", {}).items()
+                         if name.startswith(prefix)), 1.0)
         if encoder is not None and id(parameter) not in encoder_ids:
             lr_mult *= recipe.new_layers_lr_mult
         norm_or_bias = parameter.ndim <= 1  # batch/group/layer norm weights and every bias are vectors

@@ -9,6 +9,7 @@ from zoo_testing import check_training_step, count_params, tiny
 
 from segflow import models
 from segflow.models.dilatednet import ContextModule
+from segflow.train import build_optimizer
 
 
 def test_front_end() -> None:
@@ -47,3 +48,27 @@ def test_context_options(context: str) -> None:
     assert (model.context is None) == (context == "none")
     check_training_step(model)
     assert models.describe("dilatednet").default_options["context"] == "large"
+
+
+def test_the_context_module_passes_on_scores_that_are_all_below_zero() -> None:
+    """Cross entropy leaves the scores' level free; the module sees them shifted to a minimum of 0, so at its
+    identity initialisation the network predicts what the front end predicts, wherever the scores lie."""
+    model = tiny("dilatednet", context="basic", num_classes=4).eval()
+    with torch.no_grad():
+        model.final.bias.fill_(-100.0)  # every class score far below zero
+        x = torch.randn(2, 3, 32, 32)
+        front_end = model.final(model.encoder(x))
+        assert (front_end < 0).all()
+        out = model._forward(x)
+    torch.testing.assert_close(out, front_end - front_end.amin(dim=1, keepdim=True))
+    assert out.argmax(1).unique().numel() > 1  # not the constant class that the ReLUs on raw scores gave
+
+
+def test_the_context_module_trains_slower_than_the_front_end() -> None:
+    """Adam's steps ignore a weight's size; at the recipe's rate they erase the large module's identity."""
+    model = tiny("dilatednet")
+    recipe = models.recipe("dilatednet")
+    optimizer = build_optimizer(recipe, model, torch.device("cpu"), encoder_loaded=False)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert {lr_of[id(p)] for p in model.context.parameters()} == {recipe.lr / 100}
+    assert {lr_of[id(p)] for p in model.encoder.parameters()} == {recipe.lr}

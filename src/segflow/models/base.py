@@ -46,6 +46,8 @@ class SegmentationModel(nn.Module):
     """
 
     size_divisor: int = 32
+    lr_multipliers: dict[str, float] = {}
+    """Learning-rate factor of the parameters whose names start with a prefix (on top of the recipe's groups)."""
 
     def _forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor | None]:
         raise NotImplementedError
