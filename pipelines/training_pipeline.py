@@ -9,6 +9,13 @@ With ``orchestrate.slots`` above 1, stages that do not depend on each other (the
 allows one ``dvc repro`` per workspace, so :mod:`segflow.stage_runner` runs the stages' commands and records
 them with ``dvc commit`` (dvc.lock as a sequential run writes it).
 
+With ``orchestrate.work_pool`` set, each architecture's chain is a flow run of pipelines/architecture.py on that
+Prefect work pool (a worker per GPU machine, a pod per run on Kubernetes): the stages before the chains run here
+and are pushed to DVC's default remote, the chains run in workspaces of their own and push their outputs and
+runs back, and this flow records them from DVC's run cache, then ranks and registers. A chain whose flow run
+fails or crashes is submitted again (``orchestrate.work_pool_retries``); one that still fails is left out: the
+others are ranked and registered, and the flow run fails naming it.
+
     python pipelines/training_pipeline.py            # ephemeral Prefect, embedded MLflow
 """
 
@@ -26,8 +33,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.futures import wait
 
-from segflow import stage_runner, tracking
-from segflow.config import PARAMS_FILE, Layout, load_params
+from segflow import schedule, stage_runner, tracking
+from segflow.config import PARAMS_FILE, Layout, Params, load_params
+from segflow.errors import SegflowError
 
 # What a failed segflow command prints first (segflow.cli.main): "segflow: error: ..." or "segflow: internal error: ...".
 ERROR_MARKER = re.compile(r"segflow: (?:internal )?error: (.*)")
@@ -127,6 +135,67 @@ def run_concurrently(project: Path, slots: int) -> None:
     runner.finish()
 
 
+@task(task_run_name="{arch} on the work pool", cache_policy=NONE)
+def run_chain_on_pool(arch: str, deployment_id: str, files: dict[str, str], env: dict[str, str]) -> None:
+    """One flow run of the architecture's chain on the pool, waited for; raises unless it completed."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(deployment_id, parameters={"arch": arch, "files": files, "env": env}, timeout=None)
+    if not flow_run.state.is_completed():
+        raise TransientFailure(f"{arch}: flow run {flow_run.name} ended {flow_run.state.name}: {flow_run.state.message}")
+
+
+def run_on_work_pool(project: Path, params: Params) -> list[str]:
+    """The stages before the chains here, each stale chain on ``orchestrate.work_pool``, the stages after them
+    here; returns the architectures whose chain did not finish (then ranked and registered without them)."""
+    check_work_pool_setup(project, params)
+    chains = {arch: stage_runner.chain_stages(arch) for arch in params.train.archs}
+    before, after = stage_runner.split_plan(stage_runner.plan(project), {s for c in chains.values() for s in c})
+    for stage in before:
+        run_stage(stage, project)
+    stale = [arch for arch, stages in chains.items() if stage_runner.stale(project, stages)]
+    unfinished = []
+    if stale:
+        run_dvc(["push"], project, "dvc push")
+        cfg = params.orchestrate
+        deployment_id = schedule.architecture_deployment(project, cfg.work_pool, cfg.heartbeat_seconds)
+        env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(params.mlflow),
+               tracking.PARENT_RUN_ENV: os.environ[tracking.PARENT_RUN_ENV]}
+        submit = run_chain_on_pool.with_options(retries=cfg.work_pool_retries, retry_delay_seconds=5)
+        futures = {arch: submit.submit(arch, deployment_id, stage_runner.workspace_files(project, chains[arch]), env)
+                   for arch in stale}
+        wait(list(futures.values()))
+        unfinished = [arch for arch, future in futures.items() if not future.state.is_completed()]
+        for arch in stale:
+            if arch not in unfinished:
+                for stage in chains[arch]:
+                    stage_runner.restore(project, stage)
+    if not unfinished:
+        for stage in after:
+            run_stage(stage, project)
+        return []
+    # Ranked and registered from the chains that finished, not recorded in dvc.lock: the next run redoes them.
+    without = [arg for arch in unfinished for arg in ("--without", arch)]
+    for stage in after:
+        run_logged([*stage_runner.command(project, stage).split(), *without], project, f"stage {stage}", {})
+    return unfinished
+
+
+def check_work_pool_setup(project: Path, params: Params) -> None:
+    """The chains run elsewhere: they need a tracking server and a DVC remote that they can reach."""
+    uri = tracking.tracking_uri(params.mlflow)
+    if not uri.startswith(("http://", "https://")):
+        raise SegflowError(
+            f"orchestrate.work_pool: {params.orchestrate.work_pool}: the architectures' flow runs track to MLflow "
+            f"from other processes or machines, and the tracking store is {uri}. Set mlflow.tracking_uri (or "
+            "MLFLOW_TRACKING_URI) to an MLflow server (the team stack's: infra/README.md).")
+    if stage_runner.default_remote(project) is None:
+        raise SegflowError(
+            f"orchestrate.work_pool: {params.orchestrate.work_pool}: the architectures' flow runs exchange data "
+            f"through DVC's default remote, and {project} has none. Add one the workers can reach: "
+            "`dvc remote add -d NAME URL`.")
+
+
 @flow(name="segflow-pipeline")
 def segflow_pipeline(project: str = ".") -> dict:
     """Run every DVC stage in order under one MLflow parent run; returns the registry decision. The stages read
@@ -134,14 +203,22 @@ def segflow_pipeline(project: str = ".") -> dict:
     project_dir = Path(project).resolve()
     os.chdir(project_dir)
     params = load_params(project_dir / PARAMS_FILE)
+    unfinished = []
     with tracking.pipeline_run(params.mlflow) as run:
-        if params.orchestrate.slots == 1:
+        if params.orchestrate.work_pool:
+            unfinished = run_on_work_pool(project_dir, params)
+        elif params.orchestrate.slots == 1:
             for stage in stage_runner.plan(project_dir):
                 run_stage(stage.name, project_dir)
         else:
             run_concurrently(project_dir, params.orchestrate.slots)
     # Its description and summary/ say which model was chosen and why; the stages are nested below it.
     get_run_logger().info("The pipeline's MLflow run: %s", tracking.run_page(run))
+    if unfinished:
+        raise StageFailed(
+            f"{', '.join(unfinished)}: the chain did not finish on work pool {params.orchestrate.work_pool} "
+            f"(tried {params.orchestrate.work_pool_retries + 1} times; see its flow runs); the others were ranked "
+            "and registered without it, and the next run trains it again.")
     return json.loads((project_dir / Layout.registry).read_text())
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from segflow import stage_runner
@@ -69,3 +70,58 @@ def test_each_slot_gets_a_gpu_round_robin_or_its_share_of_the_threads():
         {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}, {"CUDA_VISIBLE_DEVICES": "0"}]
     assert stage_runner.slot_environment(1, 2, gpus=0, cpus=16) == {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"}
     assert stage_runner.slot_environment(0, 4, gpus=0, cpus=2)["OMP_NUM_THREADS"] == "1"
+
+
+CHAINED = {"stages": {
+    # notes.txt is not cached (as metrics are): it reaches a chain's workspace with the pipeline files.
+    "prepare": {"cmd": "cat input.txt > prepared.txt && echo n > notes.txt", "deps": ["input.txt"],
+                "outs": ["prepared.txt", {"notes.txt": {"cache": False}}]},
+    "train": {"matrix": {"arch": ["a", "b"]}, "cmd": "cat prepared.txt notes.txt code.txt > model-${item.arch}.txt",
+              "deps": ["prepared.txt", "notes.txt", "code.txt"], "outs": ["model-${item.arch}.txt"]},
+    "evaluate": {"matrix": {"arch": ["a", "b"]}, "cmd": "wc -c < model-${item.arch}.txt > score-${item.arch}.txt",
+                 "deps": ["model-${item.arch}.txt"], "outs": ["score-${item.arch}.txt"]},
+    "register": {"cmd": "cat score-a.txt score-b.txt > registered.txt", "deps": ["score-a.txt", "score-b.txt"],
+                 "outs": ["registered.txt"]},
+}}
+
+
+def test_a_chain_runs_in_a_workspace_of_its_own_and_comes_back_through_the_remote_and_run_cache(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    _project(project)
+    (project / "dvc.yaml").write_text(yaml.safe_dump(CHAINED))
+    (project / "code.txt").write_text("code\n")
+    _dvc(project, "remote", "add", "-d", "team", str(tmp_path / "remote"))
+    monkeypatch.chdir(project)
+    planned = stage_runner.plan(project)
+    chains = {arch: stage_runner.chain_stages(arch) for arch in ("a", "b")}
+    assert stage_runner.split_plan(planned, {s for c in chains.values() for s in c}) == (["prepare"], ["register"])
+    _dvc(project, "repro", "prepare")
+    _dvc(project, "push")
+    sequential = tmp_path / "sequential"  # what `dvc repro` records, to compare with
+    subprocess.run(["cp", "-a", str(project), str(sequential)], check=True)
+    _dvc(sequential, "repro", "evaluate@a")
+
+    # The worker's side: a workspace with the code the chain depends on, nothing else; the inputs pulled.
+    workspace = tmp_path / "workspace"
+    upstream = stage_runner.prepare_workspace(project, workspace, stage_runner.workspace_files(project, chains["a"]),
+                                                chains["a"])
+    assert upstream == ["prepare"]
+    assert (workspace / "code.txt").read_text() == "code\n" and not (workspace / "input.txt").exists()
+    assert (workspace / "notes.txt").read_text() == "n\n"
+    _dvc(workspace, "pull", *upstream)
+    for stage in chains["a"]:
+        _dvc(workspace, "repro", "--single-item", stage)
+    _dvc(workspace, "push", "--run-cache", *chains["a"])
+
+    # The parent's side: the stages recorded from the run cache, as the sequential run recorded them.
+    assert stage_runner.stale(project, chains["a"])
+    for stage in chains["a"]:
+        stage_runner.restore(project, stage)
+    assert not stage_runner.stale(project, chains["a"])
+    assert (project / "score-a.txt").read_text() == (sequential / "score-a.txt").read_text()
+    lock, expected = (yaml.safe_load((p / "dvc.lock").read_text())["stages"] for p in (project, sequential))
+    assert {name: lock[name] for name in chains["a"]} == {name: expected[name] for name in chains["a"]}
+    with pytest.raises(stage_runner.RunNotFound, match="train@b"):  # b's chain never ran anywhere
+        stage_runner.restore(project, "train@b")
+    assert not (project / "model-b.txt").exists()

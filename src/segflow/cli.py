@@ -27,6 +27,9 @@ models_app = typer.Typer(help="Architectures (`segflow models`) and registered v
 app.add_typer(models_app, name="models")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="Parameters file.")]
+WithoutOption = Annotated[list[str] | None, typer.Option(
+    help="Leave out this architecture (repeatable): the pipeline flow's work-pool path registers from the "
+         "architectures that finished.")]
 
 
 @app.command()
@@ -237,6 +240,7 @@ def register(
     force: Annotated[bool, typer.Option(
         help="Register even though the registry lacks versions this project registered before (registry/"
              "registrations.jsonl): starts a new history there.")] = False,
+    without: WithoutOption = None,
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Register the run's best model on val, the teacher included (alias challenger); promote it to champion if it
@@ -244,11 +248,19 @@ def register(
     from segflow.register import register as run
 
     params = load_params(params_file)
-    decision = run(params.register_, params.mlflow, _test_split(params), candidates=[*params.train.archs, Layout.teacher],
+    decision = run(params.register_, params.mlflow, _test_split(params), candidates=_candidates(params, without),
                    evaluation_dir=Layout.evaluation, models_dir=Layout.models, out_file=Layout.registry, force=force)
     typer.echo(f"{decision.model_name} v{decision.version} ({decision.candidate}, {decision.arch}): "
                f"{'promoted to champion' if decision.promoted else 'kept as challenger, nothing promoted'} "
                f"({decision.reason})")
+
+
+def _candidates(params: Params, without: list[str] | None) -> list[str]:
+    """The run's models (``train.archs`` and the teacher) less the architectures ``without`` names."""
+    unknown = sorted(set(without or []) - set(params.train.archs))
+    if unknown:
+        raise SegflowError(f"--without {', '.join(unknown)}: not in train.archs ({', '.join(params.train.archs)}).")
+    return [name for name in [*params.train.archs, Layout.teacher] if name not in (without or [])]
 
 
 def _test_split(params: Params):
@@ -307,14 +319,14 @@ def predict(
 
 
 @app.command()
-def leaderboard(params_file: ParamsOption = Path("params.yaml")) -> None:
+def leaderboard(without: WithoutOption = None, params_file: ParamsOption = Path("params.yaml")) -> None:
     """Rank the evaluated models (the teacher included) on val as register chooses: Markdown and JSON, also in MLflow."""
     from segflow.leaderboard import leaderboard as run
 
     params = load_params(params_file)
     run(params.register_, params.mlflow, teacher_arch=params.teacher.arch, evaluation_dir=Layout.evaluation,
         metrics_dir=Layout.metrics, history_dir=Layout.plots / "history",
-        names=[*params.train.archs, Layout.teacher], out_json=Layout.leaderboard / "leaderboard.json",
+        names=_candidates(params, without), out_json=Layout.leaderboard / "leaderboard.json",
         out_markdown=Layout.leaderboard / "leaderboard.md", out_curves=Layout.plots / "learning_curves.csv")
     typer.echo((Layout.leaderboard / "leaderboard.md").read_text())
 

@@ -397,6 +397,11 @@ class OrchestrateParams(_Section):
     """How the Prefect flow runs the DVC stages (not an input of any stage's result)."""
 
     slots: int = Field(1, ge=1)  # stages run at the same time; each gets a GPU, or its share of the CPU threads
+    # Each architecture's train -> evaluate chain as a flow run on this Prefect work pool (a worker per machine or
+    # pod), its inputs and outputs through DVC's default remote; null: in this process.
+    work_pool: str | None = None
+    work_pool_retries: int = Field(2, ge=0)  # a chain whose flow run failed or crashed is submitted again
+    heartbeat_seconds: int = Field(60, ge=30)  # a chain's flow run silent 3x this long is crashed (worker gone)
 
 
 class Params(_Section):

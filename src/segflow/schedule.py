@@ -1,4 +1,5 @@
-"""``segflow schedule``: the Prefect deployment that retrains on a cron schedule (``params.yaml``: ``schedule``).
+"""``segflow schedule``: the Prefect deployment that retrains on a cron schedule (``params.yaml``: ``schedule``);
+and the deployment of one architecture's chain that the pipeline flow submits to ``orchestrate.work_pool``.
 
 The deployment runs ``pipelines/retraining.py:segflow_retraining`` in this project folder, on the cron of
 ``schedule.cron``, never more than ``schedule.concurrency_limit`` runs at once (a run due meanwhile waits, or is
@@ -88,7 +89,8 @@ def retraining_deployment(params: Params, project_dir: Path, *, serve: bool):
     )
 
 
-def _ensure_work_pool(name: str) -> None:
+def ensure_work_pool(name: str) -> None:
+    """The work pool ``name`` on the Prefect server, created as a process pool when missing."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
@@ -113,6 +115,63 @@ def schedule(params: Params, project_dir: Path, *, serve: bool = False) -> Sched
     if serve:
         serve_deployments(deployment)  # registers (upserts) the deployment, then runs what is due
         return None
-    _ensure_work_pool(params.schedule.work_pool)
+    ensure_work_pool(params.schedule.work_pool)
     deployment_id = deployment.apply()
     return Scheduled(f"{deployment.flow_name}/{deployment.name}", str(deployment_id), api_url)
+
+
+ARCHITECTURE_ENTRYPOINT = "pipelines/architecture.py:segflow_architecture"
+ARCHITECTURE_FLOW = "segflow-architecture"
+CRASH_DETECTION = "segflow: crash architecture runs without heartbeats"
+MISSED_HEARTBEATS = 3  # a run is crashed after this many heartbeat periods without one
+
+
+def architecture_deployment(project_dir: Path, work_pool: str, heartbeat_seconds: int) -> str:
+    """Create or update the deployment of the per-architecture flow on ``work_pool`` (its id), and the
+    automation that marks its runs crashed when their heartbeats stop (a killed worker or pod): Prefect's
+    zombie-flow detection, so that the pipeline flow can submit the chain again."""
+    from prefect import Flow
+
+    ensure_work_pool(work_pool)
+    _ensure_crash_detection(heartbeat_seconds)
+    flow = Flow.from_source(source=str(project_dir), entrypoint=ARCHITECTURE_ENTRYPOINT)
+    deployment = flow.to_deployment(
+        name=project_dir.name, work_pool_name=work_pool,
+        job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_seconds)}},
+        description=f"one architecture's train -> evaluate chain of {project_dir}",
+    )
+    return str(deployment.apply())
+
+
+def _ensure_crash_detection(heartbeat_seconds: int) -> None:
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    within = timedelta(seconds=MISSED_HEARTBEATS * heartbeat_seconds)
+    try:
+        existing = Automation.read(name=CRASH_DETECTION)
+    except ValueError:
+        existing = None
+    if existing is not None and existing.trigger.within == within:
+        return
+    if existing is not None:
+        existing.delete()
+    ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+    Automation(
+        name=CRASH_DETECTION,
+        description=f"{ARCHITECTURE_FLOW} runs that sent no heartbeat for {within.total_seconds():.0f} s",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.role": "flow",
+                                                 "prefect.resource.name": ARCHITECTURE_FLOW}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=within,
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {within.total_seconds():.0f} s: its worker is gone")],
+    ).create()

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import chdir, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +94,7 @@ class StageRunner:
             (stage,) = (s for s in repo.index.stages if s.addressing == name)
             with repo.lock:
                 stage.remove_outs(ignore_remove=False, force=False)
-            commands = stage.cmd if isinstance(stage.cmd, list) else [stage.cmd]
-            return " && ".join(commands)
+            return _shell_command(stage)
 
     def environment(self, name: str) -> dict[str, str]:
         """What DVC adds to a stage command's environment."""
@@ -123,3 +123,128 @@ def _locked_stages(lock_file: Path) -> list[str]:
     if not lock_file.exists():
         return []
     return list((yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}))
+
+
+# Chains on a work pool: each runs in a workspace of its own and comes back through DVC's remote and run cache.
+
+
+def chain_stages(arch: str) -> list[str]:
+    """The stages of one architecture's chain (dvc.yaml's matrix stages), in order."""
+    return [f"train@{arch}", f"evaluate@{arch}"]
+
+
+def split_plan(planned: list[PlannedStage], chained: set[str]) -> tuple[list[str], list[str]]:
+    """The stages before the chains (none of their upstream is chained) and the ones after them, in plan order,
+    the chained stages left out."""
+    downstream: set[str] = set()
+    for stage in planned:  # dependency order: a stage's upstream come first
+        if any(name in chained or name in downstream for name in stage.upstream):
+            downstream.add(stage.name)
+    before = [s.name for s in planned if s.name not in chained and s.name not in downstream]
+    after = [s.name for s in planned if s.name in downstream and s.name not in chained]
+    return before, after
+
+
+def stale(project: Path, names: list[str]) -> bool:
+    """Whether ``dvc repro`` would run any of the stages ``names`` (their upstream up to date)."""
+    with Repo(str(project)) as repo:
+        return bool(repo.status(targets=names))
+
+
+# What a chain's workspace needs from the parent: the pipeline, its parameters and DVC's record of it.
+WORKSPACE_FILES = ("dvc.yaml", LOCK_FILE, "params.yaml")
+DVC_CONFIG_FILES = (".dvc/config", ".dvc/config.local")
+
+
+def workspace_files(project: Path, stages: list[str]) -> dict[str, str]:
+    """What a workspace for ``stages`` starts from: ``project``'s pipeline files, and the stages' inputs that DVC
+    does not cache (outputs with ``cache: false``, such as metrics, are versioned with the pipeline, not pushed)."""
+    names = [name for name in WORKSPACE_FILES if (project / name).exists()]
+    with Repo(str(project)) as repo:
+        index = repo.index
+        uncached = {str(out.fs_path) for s in index.stages for out in s.outs if not out.use_cache}
+        names += sorted({str(Path(dep.fs_path).relative_to(project)) for s in index.stages if s.addressing in stages
+                         for dep in s.deps if str(dep.fs_path) in uncached})
+    return {name: (project / name).read_text() for name in names}
+
+
+def prepare_workspace(source: Path, workspace: Path, files: dict[str, str], stages: list[str]) -> list[str]:
+    """A DVC project in ``workspace`` that can reproduce ``stages``: ``files`` (see :func:`workspace_files`),
+    ``source``'s DVC configuration (the remote), and the stages' dependencies that no stage writes (the code)
+    copied from ``source``. Returns the stages whose outputs the chain reads, to pull from the remote."""
+    for name, text in files.items():
+        (workspace / name).parent.mkdir(parents=True, exist_ok=True)
+        (workspace / name).write_text(text)
+    Repo.init(str(workspace), no_scm=True)
+    for name in DVC_CONFIG_FILES:
+        if (source / name).exists():
+            (workspace / name).write_text((source / name).read_text())
+    _set_no_scm(workspace)
+    with chdir(workspace), Repo(str(workspace)) as repo:  # stage names are relative to the cwd
+        index = repo.index  # one index: each access builds new stage objects, which its graph does not know
+        chain = [s for s in index.stages if s.addressing in stages]
+        upstream = sorted({u.addressing for s in chain for u in index.graph.successors(s)} - set(stages))
+        written = {str(out.fs_path) for s in index.stages for out in s.outs}
+        for stage in chain:
+            for dep in stage.deps:
+                if dep.protocol != "local" or str(dep.fs_path) in written:
+                    continue
+                relative = Path(dep.fs_path).relative_to(workspace)
+                _copy(source / relative, workspace / relative)
+    return upstream
+
+
+def _set_no_scm(workspace: Path) -> None:
+    """The workspace is no git repository (DVC's own config reader would refuse to open it to say so)."""
+    from configobj import ConfigObj
+
+    config = ConfigObj(str(workspace / DVC_CONFIG_FILES[0]))
+    config.setdefault("core", {})["no_scm"] = "true"
+    config.write()
+
+
+def _copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copy2(source, target)
+
+
+def restore(project: Path, name: str) -> None:
+    """Record stage ``name`` from a run of it that a chain's workspace pushed to DVC's default remote: its outputs
+    checked out from the run cache and its dvc.lock entry written, as ``dvc repro`` restores a cached stage.
+    Raises :class:`RunNotFound` when the remote holds no run of the stage with these dependencies."""
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    with Repo(str(project)) as repo:
+        repo.stage_cache.pull(None)  # the run records (small files); restore fetches the outputs it needs
+        (stage,) = (s for s in repo.index.stages if s.addressing == name)
+        try:
+            with repo.lock:
+                repo.stage_cache.restore(stage, pull=True)
+        except RunCacheNotFoundError:
+            raise RunNotFound(f"DVC's default remote has no run of stage {name} with this workspace's "
+                              "dependencies and parameters") from None
+        repo.commit(name, force=True)
+
+
+class RunNotFound(RuntimeError):
+    pass
+
+
+def command(project: Path, name: str) -> str:
+    """The shell command dvc.yaml gives stage ``name``."""
+    with Repo(str(project)) as repo:
+        (stage,) = (s for s in repo.index.stages if s.addressing == name)
+        return _shell_command(stage)
+
+
+def _shell_command(stage) -> str:
+    return " && ".join(stage.cmd if isinstance(stage.cmd, list) else [stage.cmd])
+
+
+def default_remote(project: Path) -> str | None:
+    """DVC's default remote of ``project``, if it has one."""
+    with Repo(str(project)) as repo:
+        return repo.config["core"].get("remote")

@@ -1,0 +1,107 @@
+"""``orchestrate.work_pool``: each architecture's chain is a flow run on a real Prefect work pool, run by two real
+``process`` workers, its data through a local DVC remote and its runs tracked to a real MLflow server; one
+worker is killed while it trains, and the run still finishes with DVC's record complete."""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import json
+import os
+import signal
+import threading
+
+import mlflow
+import pytest
+import yaml
+from pipeline_testing import TINY, dvc, load_flow_module, make_project, merge, mlflow_at, stack_env, wait_for
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+from segflow import schedule
+from segflow.config import Layout
+from stack_testing import VENV_BIN, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+POOL = "segflow-test-pool"
+ARCHS = ["pspnet", "unet_original"]
+PARAMS = merge(copy.deepcopy(TINY), {
+    "train": {"archs": ARCHS},
+    "models": {"unet_original": {"width": 0.125}},
+    "orchestrate": {"work_pool": POOL, "work_pool_retries": 1, "heartbeat_seconds": 30},
+})
+
+
+@pytest.fixture
+def workers(servers, prefect, tmp_path):
+    """Two `prefect worker start --type process` on the pool, each in its own process group."""
+    schedule.ensure_work_pool(POOL)  # before the workers: two creating it at once can meet a locked database
+    started = []
+    for name in ("worker-a", "worker-b"):
+        home = tmp_path / name
+        home.mkdir()
+        env = stack_env(servers, home, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1")
+        command = [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--name", name]
+        started.append(ServerProcess(command, env, home / "worker.log").start())
+    try:
+        yield started
+    finally:
+        for worker in started:
+            worker.stop()
+
+
+def _architecture_runs(client) -> list:
+    return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["segflow-architecture"])))
+
+
+def test_chains_run_on_two_workers_and_a_killed_worker_costs_a_retry_not_the_run(
+        servers, prefect, workers, tmp_path, project_root, monkeypatch):
+    monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")  # `segflow`
+    (tmp_path / "project").mkdir()
+    project = make_project(tmp_path / "project", project_root, PARAMS)
+    dvc(project, "remote", "add", "-d", "team", str(tmp_path / "dvc-remote"))
+    monkeypatch.chdir(project)
+    flow_module = load_flow_module(project_root, "training_pipeline")
+
+    outcome: dict = {}
+
+    def run_pipeline() -> None:
+        with mlflow_at(servers["mlflow"].url):
+            try:
+                outcome["decision"] = flow_module.segflow_pipeline(str(project))
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                outcome["error"] = exc
+
+    # In a thread of its own, with this thread's context (the Prefect server as the API, prefect_api's setting).
+    pipeline = threading.Thread(target=contextvars.copy_context().run, args=(run_pipeline,))
+    pipeline.start()
+    # Kill the worker that took the first chain, once that chain's training has started.
+    running = wait_for(lambda: [r for r in _architecture_runs(prefect) if r.state.is_running()], 600,
+                       "a chain's flow run to start on a worker")[0]
+    victim = wait_for(lambda: next((w for w in workers if str(running.id) in w.log.read_text()), None), 60,
+                      "the worker that took it")
+    wait_for(lambda: "epoch" in victim.log.read_text() or None, 300, "its training to start")
+    os.killpg(victim.process.pid, signal.SIGKILL)
+    pipeline.join(timeout=900)
+    assert not pipeline.is_alive(), "the pipeline flow did not finish"
+    assert "error" not in outcome, outcome.get("error")
+
+    # The killed run was crashed by the missed heartbeats, submitted again and finished on the other worker.
+    runs = _architecture_runs(prefect)
+    states = {arch: sorted(r.state.type.value for r in runs if r.parameters["arch"] == arch) for arch in ARCHS}
+    killed = running.parameters["arch"]
+    assert states[killed] == ["COMPLETED", "CRASHED"], states
+    assert states[next(a for a in ARCHS if a != killed)] == ["COMPLETED"], states
+    # DVC's record is complete: `dvc repro` has nothing to do, and the chains' outputs are here.
+    assert json.loads(dvc(project, "status", "--json").stdout) == {}
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert all(f"{stage}@{arch}" in lock for stage in ("train", "evaluate") for arch in ARCHS)
+    for arch in ARCHS:
+        assert (project / Layout.evaluation / arch / "scores.json").exists()
+    assert outcome["decision"]["candidate"] in [*ARCHS, "teacher"]
+    # The chains' stage runs are on the MLflow server, under the pipeline's run.
+    with mlflow_at(servers["mlflow"].url):
+        trained = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                     filter_string="tags.`segflow.stage` = 'train'")
+    pipeline_runs = {run.data.tags.get("mlflow.parentRunId") for run in trained}
+    assert len(trained) >= len(ARCHS) and len(pipeline_runs) == 1 and None not in pipeline_runs
