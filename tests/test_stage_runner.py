@@ -78,8 +78,11 @@ CHAINED = {"stages": {
                 "outs": ["prepared.txt", {"notes.txt": {"cache": False}}]},
     "train": {"matrix": {"arch": ["a", "b"]}, "cmd": "cat prepared.txt notes.txt code.txt > model-${item.arch}.txt",
               "deps": ["prepared.txt", "notes.txt", "code.txt"], "outs": ["model-${item.arch}.txt"]},
-    "evaluate": {"matrix": {"arch": ["a", "b"]}, "cmd": "wc -c < model-${item.arch}.txt > score-${item.arch}.txt",
-                 "deps": ["model-${item.arch}.txt"], "outs": ["score-${item.arch}.txt"]},
+    "evaluate": {"matrix": {"arch": ["a", "b"]},
+                 "cmd": "wc -c < model-${item.arch}.txt > score-${item.arch}.txt"
+                        " && echo {\"arch\": \"${item.arch}\"} > m-${item.arch}.json",
+                 "deps": ["model-${item.arch}.txt"], "outs": ["score-${item.arch}.txt"],
+                 "metrics": [{"m-${item.arch}.json": {"cache": False}}]},
     "register": {"cmd": "cat score-a.txt score-b.txt > registered.txt", "deps": ["score-a.txt", "score-b.txt"],
                  "outs": ["registered.txt"]},
 }}
@@ -119,7 +122,8 @@ def test_a_chain_runs_in_a_workspace_of_its_own_and_comes_back_through_the_remot
     for stage in chains["a"]:
         stage_runner.restore(project, stage)
     assert not stage_runner.stale(project, chains["a"])
-    assert (project / "score-a.txt").read_text() == (sequential / "score-a.txt").read_text()
+    for output in ("score-a.txt", "m-a.json"):  # cached and not
+        assert (project / output).read_text() == (sequential / output).read_text()
     lock, expected = (yaml.safe_load((p / "dvc.lock").read_text())["stages"] for p in (project, sequential))
     assert {name: lock[name] for name in chains["a"]} == {name: expected[name] for name in chains["a"]}
     with pytest.raises(stage_runner.RunNotFound, match="train@b"):  # b's chain never ran anywhere

@@ -171,10 +171,11 @@ def workspace_files(project: Path, stages: list[str]) -> dict[str, str]:
 def prepare_workspace(source: Path, workspace: Path, files: dict[str, str], stages: list[str]) -> list[str]:
     """A DVC project in ``workspace`` that can reproduce ``stages``: ``files`` (see :func:`workspace_files`),
     ``source``'s DVC configuration (the remote), and the stages' dependencies that no stage writes (the code)
-    copied from ``source``. Returns the stages whose outputs the chain reads, to pull from the remote."""
+    copied from ``source``. Returns the stages the chain depends on, directly or not, to pull from the remote."""
     for name, text in files.items():
         (workspace / name).parent.mkdir(parents=True, exist_ok=True)
         (workspace / name).write_text(text)
+    _cache_every_output(workspace / "dvc.yaml", {name.split("@")[0] for name in stages})
     Repo.init(str(workspace), no_scm=True)
     for name in DVC_CONFIG_FILES:
         if (source / name).exists():
@@ -183,7 +184,9 @@ def prepare_workspace(source: Path, workspace: Path, files: dict[str, str], stag
     with chdir(workspace), Repo(str(workspace)) as repo:  # stage names are relative to the cwd
         index = repo.index  # one index: each access builds new stage objects, which its graph does not know
         chain = [s for s in index.stages if s.addressing in stages]
-        upstream = sorted({u.addressing for s in chain for u in index.graph.successors(s)} - set(stages))
+        # Every stage the chain depends on, directly or not: a stage may read more than its outputs (the training
+        # opens the images that ingest's manifest names, in the data root).
+        upstream = sorted({u.addressing for s in chain for u in nx.descendants(index.graph, s)} - set(stages))
         written = {str(out.fs_path) for s in index.stages for out in s.outs}
         for stage in chain:
             for dep in stage.deps:
@@ -192,6 +195,20 @@ def prepare_workspace(source: Path, workspace: Path, files: dict[str, str], stag
                 relative = Path(dep.fs_path).relative_to(workspace)
                 _copy(source / relative, workspace / relative)
     return upstream
+
+
+def _cache_every_output(dvc_yaml: Path, definitions: set[str]) -> None:
+    """``cache: false`` dropped from the outputs of the stage ``definitions``: the run cache records such outputs,
+    but ``dvc push`` sends only cached ones, and the parent restores every output. The run's key (command,
+    dependencies, parameters, output paths) does not change."""
+    pipeline = yaml.safe_load(dvc_yaml.read_text())
+    for name in definitions:
+        stage = pipeline["stages"][name]
+        for section in ("outs", "metrics", "plots"):
+            if section in stage:
+                stage[section] = [{path: {**(options or {}), "cache": True} for path, options in entry.items()}
+                                  if isinstance(entry, dict) else entry for entry in stage[section]]
+    dvc_yaml.write_text(yaml.safe_dump(pipeline, sort_keys=False))
 
 
 def _set_no_scm(workspace: Path) -> None:

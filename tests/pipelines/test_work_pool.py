@@ -15,6 +15,7 @@ import mlflow
 import pytest
 import yaml
 from pipeline_testing import TINY, dvc, load_flow_module, make_project, merge, mlflow_at, stack_env, wait_for
+from prefect.automations import Automation
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
 from segflow import schedule
@@ -41,7 +42,8 @@ def workers(servers, prefect, tmp_path):
         home = tmp_path / name
         home.mkdir()
         env = stack_env(servers, home, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1")
-        command = [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--name", name]
+        command = [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--name", name,
+                   "--limit", "1"]  # one chain at a time, as on a one-GPU machine
         started.append(ServerProcess(command, env, home / "worker.log").start())
     try:
         yield started
@@ -73,7 +75,7 @@ def test_chains_run_on_two_workers_and_a_killed_worker_costs_a_retry_not_the_run
                 outcome["error"] = exc
 
     # In a thread of its own, with this thread's context (the Prefect server as the API, prefect_api's setting).
-    pipeline = threading.Thread(target=contextvars.copy_context().run, args=(run_pipeline,))
+    pipeline = threading.Thread(target=contextvars.copy_context().run, args=(run_pipeline,), daemon=True)
     pipeline.start()
     # Kill the worker that took the first chain, once that chain's training has started.
     running = wait_for(lambda: [r for r in _architecture_runs(prefect) if r.state.is_running()], 600,
@@ -92,6 +94,10 @@ def test_chains_run_on_two_workers_and_a_killed_worker_costs_a_retry_not_the_run
     killed = running.parameters["arch"]
     assert states[killed] == ["COMPLETED", "CRASHED"], states
     assert states[next(a for a in ARCHS if a != killed)] == ["COMPLETED"], states
+    # Had the flow run's process died with the worker (a lost machine or pod), its missing heartbeats would
+    # have crashed it: the automation that does so watches the chains' flow runs.
+    automation = Automation.read(name=schedule.CRASH_DETECTION)
+    assert automation.trigger.within.total_seconds() == 3 * PARAMS["orchestrate"]["heartbeat_seconds"]
     # DVC's record is complete: `dvc repro` has nothing to do, and the chains' outputs are here.
     assert json.loads(dvc(project, "status", "--json").stdout) == {}
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
