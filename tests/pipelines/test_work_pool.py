@@ -26,9 +26,11 @@ pytestmark = pytest.mark.slow
 
 POOL = "segflow-test-pool"
 ARCHS = ["pspnet", "unet_original"]
+EXPERIMENT = "segflow-work-pool"  # its own, on the session's MLflow server
 PARAMS = merge(copy.deepcopy(TINY), {
-    "train": {"archs": ARCHS},
+    "train": {"archs": ARCHS, "epochs": 1}, "teacher": {"epochs": 1},
     "models": {"unet_original": {"width": 0.125}},
+    "mlflow": {"experiment": EXPERIMENT},
     "orchestrate": {"work_pool": POOL, "work_pool_retries": 1, "heartbeat_seconds": 30},
 })
 
@@ -107,9 +109,9 @@ def test_chains_run_on_two_workers_and_a_killed_worker_costs_a_retry_not_the_run
     assert outcome["decision"]["candidate"] in [*ARCHS, "teacher"]
     # The chains' stage runs are on the MLflow server, under the pipeline's run.
     with mlflow_at(servers["mlflow"].url):
-        trained = mlflow.search_runs(search_all_experiments=True, output_format="list",
+        trained = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
                                      filter_string="tags.`segflow.stage` = 'train'")
-        (pipeline_run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+        (pipeline_run,) = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
                                              filter_string="tags.`segflow.stage` = 'pipeline'")
     chains = {run.data.params["arch"] for run in trained
               if run.data.tags.get("mlflow.parentRunId") == pipeline_run.info.run_id and run.info.status == "FINISHED"}
