@@ -148,7 +148,6 @@ def run_chain_on_pool(arch: str, deployment_id: str, files: dict[str, str], env:
 def run_on_work_pool(project: Path, params: Params) -> list[str]:
     """The stages before the chains here, each stale chain on ``orchestrate.work_pool``, the stages after them
     here; returns the architectures whose chain did not finish (then ranked and registered without them)."""
-    check_work_pool_setup(project, params)
     chains = {arch: stage_runner.chain_stages(arch) for arch in params.train.archs}
     before, after = stage_runner.split_plan(stage_runner.plan(project), {s for c in chains.values() for s in c})
     for stage in before:
@@ -203,6 +202,8 @@ def segflow_pipeline(project: str = ".") -> dict:
     project_dir = Path(project).resolve()
     os.chdir(project_dir)
     params = load_params(project_dir / PARAMS_FILE)
+    if params.orchestrate.work_pool:
+        check_work_pool_setup(project_dir, params)
     unfinished = []
     with tracking.pipeline_run(params.mlflow) as run:
         if params.orchestrate.work_pool:

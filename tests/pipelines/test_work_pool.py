@@ -19,7 +19,8 @@ from prefect.automations import Automation
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
 from segflow import schedule
-from segflow.config import Layout
+from segflow.config import Layout, load_params
+from segflow.errors import SegflowError
 from stack_testing import VENV_BIN, ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -116,3 +117,17 @@ def test_chains_run_on_two_workers_and_a_killed_worker_costs_a_retry_not_the_run
     chains = {run.data.params["arch"] for run in trained
               if run.data.tags.get("mlflow.parentRunId") == pipeline_run.info.run_id and run.info.status == "FINISHED"}
     assert chains >= set(ARCHS)
+
+
+def test_a_work_pool_needs_a_tracking_server_and_a_dvc_remote(tmp_path, project_root, monkeypatch):
+    project = make_project(tmp_path, project_root, PARAMS)
+    check = load_flow_module(project_root, "training_pipeline").check_work_pool_setup
+    params = load_params(project / "params.yaml")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(SegflowError, match=r"orchestrate.work_pool: segflow-test-pool: .* MLflow server"):
+        check(project, params)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    with pytest.raises(SegflowError, match=r"DVC's default remote, and .* has none. .*dvc remote add -d"):
+        check(project, params)
+    dvc(project, "remote", "add", "-d", "team", str(tmp_path / "remote"))
+    check(project, params)
