@@ -118,6 +118,24 @@ def test_chains_run_on_two_workers_and_a_killed_worker_costs_a_retry_not_the_run
               if run.data.tags.get("mlflow.parentRunId") == pipeline_run.info.run_id and run.info.status == "FINISHED"}
     assert chains >= set(ARCHS)
 
+    # A chain that fails every time is left out: the others are ranked and registered, the flow run fails naming
+    # it, and what was registered without it is not recorded (the next run does it again). Its fault: a weights
+    # file in the project folder that the chain's workspace does not have.
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["models"]["unet_original"]["encoder_weights"] = "weights/unet_original.pth"
+    raw["orchestrate"]["work_pool_retries"] = 0
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (project / "weights").mkdir()
+    (project / "weights/unet_original.pth").write_bytes(b"")
+    with mlflow_at(servers["mlflow"].url), pytest.raises(flow_module.StageFailed, match="unet_original: the chain "
+                                                         "did not finish on work pool segflow-test-pool"):
+        flow_module.segflow_pipeline(str(project))
+    ranked = {row["name"] for row in json.loads((project / "leaderboard/leaderboard.json").read_text())}
+    assert "pspnet" in ranked and "unet_original" not in ranked
+    assert json.loads((project / Layout.registry).read_text())["candidate"] != "unet_original"
+    stale = json.loads(dvc(project, "status", "--json").stdout)
+    assert {"train@unet_original", "leaderboard", "register"} <= set(stale) and "train@pspnet" not in stale
+
 
 def test_a_work_pool_needs_a_tracking_server_and_a_dvc_remote(tmp_path, project_root, monkeypatch):
     project = make_project(tmp_path, project_root, PARAMS)
