@@ -8,6 +8,9 @@ in dvc.lock and the cache, under the lock again. A stage is asked whether it is 
 depends on is recorded, so it reruns exactly when ``dvc repro`` would rerun it. Entries enter dvc.lock in the
 order stages finish; :meth:`StageRunner.finish` puts them back in the order a sequential run writes them.
 
+For ``orchestrate.work_pool``, an architecture's chain runs in a workspace of its own on another machine
+(:func:`prepare_workspace`) and comes back through DVC's remote and run cache (:func:`restore`).
+
 Run from the project's folder (the flow changes into it): DVC names and finds stages relative to the working
 directory.
 """
@@ -247,7 +250,7 @@ def restore(project: Path, name: str) -> None:
 
 
 class RunNotFound(RuntimeError):
-    pass
+    """No run of the stage with the workspace's dependencies and parameters is in the remote's run cache."""
 
 
 def command(project: Path, name: str) -> str:
