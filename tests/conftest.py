@@ -27,9 +27,6 @@ STACK_FIXTURES = {"postgres", "prefect_server_process", "servers", "prefect_api"
                   "served_deployment", "scheduled_run"}
 
 
-# Before xdist's own hook, which reads the groups (once it has run, a group added here is ignored: the stack's
-# session fixtures then started once per worker).
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if STACK_FIXTURES.intersection(getattr(item, "fixturenames", ())):
