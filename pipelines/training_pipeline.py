@@ -165,10 +165,7 @@ def run_on_work_pool(project: Path, params: Params) -> list[str]:
                    for arch in stale}
         wait(list(futures.values()))
         unfinished = [arch for arch, future in futures.items() if not future.state.is_completed()]
-        for arch in stale:
-            if arch not in unfinished:
-                for stage in chains[arch]:
-                    stage_runner.restore(project, stage)
+        stage_runner.restore(project, [stage for arch in stale if arch not in unfinished for stage in chains[arch]])
     if not unfinished:
         for stage in after:
             run_stage(stage, project)

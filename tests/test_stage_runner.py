@@ -119,13 +119,12 @@ def test_a_chain_runs_in_a_workspace_of_its_own_and_comes_back_through_the_remot
 
     # The parent's side: the stages recorded from the run cache, as the sequential run recorded them.
     assert stage_runner.stale(project, chains["a"])
-    for stage in chains["a"]:
-        stage_runner.restore(project, stage)
+    stage_runner.restore(project, chains["a"])
     assert not stage_runner.stale(project, chains["a"])
     for output in ("score-a.txt", "m-a.json"):  # cached and not
         assert (project / output).read_text() == (sequential / output).read_text()
     lock, expected = (yaml.safe_load((p / "dvc.lock").read_text())["stages"] for p in (project, sequential))
     assert {name: lock[name] for name in chains["a"]} == {name: expected[name] for name in chains["a"]}
     with pytest.raises(stage_runner.RunNotFound, match="train@b"):  # b's chain never ran anywhere
-        stage_runner.restore(project, "train@b")
+        stage_runner.restore(project, ["train@b"])
     assert not (project / "model-b.txt").exists()

@@ -94,7 +94,7 @@ class StageRunner:
         with self._lock, Repo(str(self.project)) as repo:
             if not repo.status(targets=[name]):
                 return None
-            (stage,) = (s for s in repo.index.stages if s.addressing == name)
+            stage = _stage(repo, name)
             with repo.lock:
                 stage.remove_outs(ignore_remove=False, force=False)
             return _shell_command(stage)
@@ -231,22 +231,23 @@ def _copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def restore(project: Path, name: str) -> None:
-    """Record stage ``name`` from a run of it that a chain's workspace pushed to DVC's default remote: its outputs
-    checked out from the run cache and its dvc.lock entry written, as ``dvc repro`` restores a cached stage.
-    Raises :class:`RunNotFound` when the remote holds no run of the stage with these dependencies."""
+def restore(project: Path, names: list[str]) -> None:
+    """Record the stages ``names``, in order, from runs of them that a chain's workspace pushed to DVC's default
+    remote: outputs checked out from the run cache and dvc.lock entries written, as ``dvc repro`` restores a cached
+    stage. Raises :class:`RunNotFound` when the remote holds no run of one with these dependencies."""
     from dvc.stage.cache import RunCacheNotFoundError
 
     with Repo(str(project)) as repo:
         repo.stage_cache.pull(None)  # the run records (small files); restore fetches the outputs it needs
-        (stage,) = (s for s in repo.index.stages if s.addressing == name)
-        try:
-            with repo.lock:
-                repo.stage_cache.restore(stage, pull=True)
-        except RunCacheNotFoundError:
-            raise RunNotFound(f"DVC's default remote has no run of stage {name} with this workspace's "
-                              "dependencies and parameters") from None
-        repo.commit(name, force=True)
+        for name in names:
+            stage = _stage(repo, name)
+            try:
+                with repo.lock:
+                    repo.stage_cache.restore(stage, pull=True)
+            except RunCacheNotFoundError:
+                raise RunNotFound(f"DVC's default remote has no run of stage {name} with this workspace's "
+                                  "dependencies and parameters") from None
+            repo.commit(name, force=True)
 
 
 class RunNotFound(RuntimeError):
@@ -256,8 +257,12 @@ class RunNotFound(RuntimeError):
 def command(project: Path, name: str) -> str:
     """The shell command dvc.yaml gives stage ``name``."""
     with Repo(str(project)) as repo:
-        (stage,) = (s for s in repo.index.stages if s.addressing == name)
-        return _shell_command(stage)
+        return _shell_command(_stage(repo, name))
+
+
+def _stage(repo: Repo, name: str):
+    (stage,) = (s for s in repo.index.stages if s.addressing == name)
+    return stage
 
 
 def _shell_command(stage) -> str:
