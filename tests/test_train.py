@@ -22,7 +22,9 @@ from segflow.train import (
     CompiledOrEager,
     EpochPlan,
     batches_per_rank,
+    class_pixels,
     median_frequency_weights,
+    prior_bias,
     tune_process_for_training,
 )
 from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, train_from_params, weights
@@ -36,11 +38,23 @@ def test_median_frequency_weights_follow_the_segnet_formula(tmp_path):
     for name, mask in [("a", a), ("b", b)]:
         write_mask(tmp_path / f"{name}.png", mask)
         samples.append(Sample(name, tmp_path / f"{name}.png", tmp_path / f"{name}.png"))
-    weights = median_frequency_weights(samples, num_classes=4)
+    pixels, image_pixels = class_pixels(samples, num_classes=4)
+    assert pixels.tolist() == [20, 4, 8, 0]
+    weights = median_frequency_weights(pixels, image_pixels)
     frequency = np.array([20 / 32, 4 / 16, 8 / 16])  # pixels of c / pixels of the images containing c
     expected = np.median(frequency) / frequency
     assert weights[:3].numpy() == pytest.approx(expected, rel=1e-6)
     assert weights[3].item() == 1.0  # never seen: left alone
+
+
+def test_prior_bias_is_the_loss_minimising_constant_prediction():
+    pixels = np.array([59.0, 29.0, 9.0, 0.0])
+    # Softmax of the offsets: each class's share of the pixels, one pixel added to each (101 in all).
+    expected = np.array([60, 30, 10, 1]) / 101
+    assert torch.softmax(prior_bias(pixels, None), 0).numpy() == pytest.approx(expected, rel=1e-5)
+    # With class weights the weighted shares: here weights that equalise them give equal offsets.
+    equalising = torch.tensor([1 / 60, 1 / 30, 1 / 10, 1.0])
+    assert prior_bias(pixels, equalising).numpy() == pytest.approx([0.0] * 4, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +81,18 @@ def _train_plain(project, out_dir, **train_params):
 def batch8_weights(plain_project, tmp_path_factory):
     """One epoch in batches of 8, augmented per image on the CPU (the default there)."""
     return _train_plain(plain_project, tmp_path_factory.mktemp("batch8") / "model", batch_size=8)
+
+
+@pytest.mark.parametrize("prior_init", [True, False])
+def test_the_output_bias_starts_at_the_training_masks_class_prior(plain_project, tmp_path, prior_init):
+    """A learning rate too small to move anything keeps the classifier's bias where training started it."""
+    trained = _train_plain(plain_project, tmp_path / "model", lr=1e-12, prior_init=prior_init)
+    train = load_samples(plain_project / Layout.ingested, plain_project / Layout.splits, "train")
+    num_classes = trained["classifier.bias"].numel()
+    expected = prior_bias(class_pixels(train, num_classes)[0], None) if prior_init else torch.zeros(num_classes)
+    torch.testing.assert_close(trained["classifier.bias"], expected, rtol=0, atol=1e-5)
+    card = json.loads((tmp_path / "model/model.json").read_text())
+    assert card["extra"].get("prior_init") == ("classifier.bias" if prior_init else None)
 
 
 def test_two_accumulated_batches_of_4_train_like_one_batch_of_8(plain_project, batch8_weights, tmp_path):

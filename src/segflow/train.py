@@ -96,23 +96,39 @@ def mix_labeled_and_pseudo(labeled: list[Sample], pseudo: list[Sample], oversamp
     return labeled * repeats + pseudo
 
 
-def median_frequency_weights(samples: list[Sample], num_classes: int) -> torch.Tensor:
-    """SegNet's median frequency balancing: ``median(freq) / freq[c]``, where ``freq[c]`` is the class's pixels
-    over the pixels of the images it appears in (classes never seen get weight 1)."""
-    class_pixels = np.zeros(num_classes)
+def class_pixels(samples: list[Sample], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: its labeled pixels, and the pixels of the images it appears in (void excluded)."""
+    pixels = np.zeros(num_classes)
     image_pixels = np.zeros(num_classes)
     for sample in samples:
         labels = read_mask(sample.mask_path)
         labels = labels[labels != IGNORE_INDEX]
         counts = np.bincount(labels, minlength=num_classes)[:num_classes]
-        class_pixels += counts
+        pixels += counts
         image_pixels[counts > 0] += labels.size
-    frequency = class_pixels / np.maximum(image_pixels, 1)
+    return pixels, image_pixels
+
+
+def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> torch.Tensor:
+    """SegNet's median frequency balancing: ``median(freq) / freq[c]``, where ``freq[c]`` is the class's pixels
+    over the pixels of the images it appears in (classes never seen get weight 1)."""
+    frequency = pixels / np.maximum(image_pixels, 1)
     seen = frequency > 0
-    weights = np.ones(num_classes)
+    weights = np.ones(len(pixels))
     if seen.any():
         weights[seen] = np.median(frequency[seen]) / frequency[seen]
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def prior_bias(pixels: np.ndarray, class_weight: torch.Tensor | None) -> torch.Tensor:
+    """The class scores' offsets whose softmax is the (class-weighted) share of each class's labeled pixels: the
+    constant prediction that minimises the loss, so training starts from it (Lin et al. 2017, §4.1). One pixel
+    is added to every class, so that a class absent from the training masks gets a finite offset."""
+    share = torch.tensor(pixels + 1, dtype=torch.float32)
+    if class_weight is not None:
+        share = share * class_weight.cpu()
+    log_share = (share / share.sum()).log()
+    return log_share - log_share.mean()
 
 
 def unlabeled_class_weight(class_weight: torch.Tensor | None, setting: str) -> torch.Tensor | None:
@@ -718,9 +734,14 @@ def _train(
     scheduler = build_scheduler(recipe, optimizer, plan.total_steps)
     amp = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    class_weight = None
-    if cfg.class_weighting:  # from the labeled training masks only: pseudo-labels would echo the teacher's bias
-        class_weight = median_frequency_weights(data.labeled_samples, len(classes)).to(device)
+    # Class statistics from the labeled training masks only: pseudo-labels would echo the teacher's bias.
+    pixels, image_pixels = class_pixels(data.labeled_samples, len(classes))
+    class_weight = median_frequency_weights(pixels, image_pixels).to(device) if cfg.class_weighting else None
+    prior_layer = None  # a resumed training then loads its checkpoint over it
+    if cfg.prior_init and (init_from is None or reinitialised):
+        prior_layer = models.init_output_bias(model, prior_bias(pixels, class_weight).to(device))
+        log.info("%s: %s", arch, f"{prior_layer}.bias starts at the class prior" if prior_layer else
+                 "no layer's bias reaches the class scores unchanged; train.prior_init does not apply")
     ema = mean_teacher(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     # What is validated, kept and registered: the Mean Teacher's weights or the trained ones.
     evaluated = ema.module if ema is not None and cfg.ema.evaluate else model
@@ -733,7 +754,8 @@ def _train(
     card = ModelCard(arch=arch, num_classes=len(classes), classes=classes, options=options,
                      extra={"recipe": recipe.describe(models.describe(arch).aux),
                             **({} if init_source is None else {"init_from": init_source, "reinitialised": reinitialised}),
-                            **({} if class_weight is None else {"class_weight": class_weight.tolist()})})
+                            **({} if class_weight is None else {"class_weight": class_weight.tolist()}),
+                            **({} if prior_layer is None else {"prior_init": f"{prior_layer}.bias"})})
 
     resume_dir = checkpoint.resume_dir_for(out_dir)
     settings = _resume_settings(cfg, recipe, arch, plan.epochs, options, group, init_source, batch_augment is not None,
@@ -828,7 +850,7 @@ def _run_params(
         "global_batch_size": cfg.batch_size * cfg.accumulate_steps * group.world_size,
         "train_images": len(data.labeled_samples), "pseudo_images": data.pseudo_count,
         "pseudo_weight": cfg.pseudo_weight, "val_images": data.val_count,
-        "class_weighting": cfg.class_weighting, "unlabeled_images": data.unlabeled_count,
+        "class_weighting": cfg.class_weighting, "prior_init": cfg.prior_init, "unlabeled_images": data.unlabeled_count,
         "unlabeled_class_weighting": cfg.unlabeled_class_weighting, "ema_decay": cfg.ema.decay,
         "ema_evaluated": cfg.ema.decay > 0 and cfg.ema.evaluate,
         **({"consistency_weight": cfg.consistency.weight, "consistency_threshold": cfg.consistency.threshold,

@@ -124,3 +124,36 @@ def test_imagenet_needs_full_width() -> None:
 def test_no_shared_tensors_so_safetensors_can_save(tmp_path: Path) -> None:
     for name in ["fcn8s", "pspnet", "unet"]:
         save_file(tiny(name).state_dict(), str(tmp_path / f"{name}.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["segnet", "fcn8s", "pspnet", "deeplabv3plus", "fcdensenet56", "deconvnet"])
+def test_init_output_bias_shifts_every_pixels_scores_by_the_bias(name):
+    model = tiny(name, num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    bias = torch.tensor([1.5, -0.5, -1.0])
+    layer = models.init_output_bias(model, bias)
+    assert layer is not None and "aux" not in layer
+    with torch.no_grad():
+        shift = (model(x) - before)[..., 16:48, 16:48]  # FCN's bilinear upsampling sums to less at the border
+    assert torch.allclose(shift, bias.view(1, 3, 1, 1).expand_as(shift), atol=1e-4)
+
+
+class SquashedScores(SegmentationModel):
+    """Class scores through a non-linearity: no bias shifts them by its own amount."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 3, 1)
+
+    def _forward(self, x):
+        return torch.tanh(self.encoder(x))
+
+
+def test_init_output_bias_changes_nothing_where_no_bias_reaches_the_scores_unchanged():
+    model = SquashedScores()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert models.init_output_bias(model, torch.tensor([1.5, -0.5, -1.0])) is None
+    assert model.training  # the mode it was in
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

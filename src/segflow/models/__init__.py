@@ -6,7 +6,8 @@ the conventions of :mod:`segflow.models.base` (any input size, logits N x K x H 
 training mode for models with an auxiliary head).
 """
 
+from segflow.models.base import init_output_bias
 from segflow.models.recipe import Recipe
 from segflow.models.registry import ModelInfo, available, build, describe, recipe, register
 
-__all__ = ["ModelInfo", "Recipe", "available", "build", "describe", "recipe", "register"]
+__all__ = ["ModelInfo", "Recipe", "available", "build", "describe", "init_output_bias", "recipe", "register"]

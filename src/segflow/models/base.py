@@ -284,3 +284,35 @@ def hub_guard() -> Iterator[None]:
 def torchvision_state_dict(weights: Any) -> dict[str, Tensor]:
     """State dict of a torchvision ``WeightsEnum`` member (downloaded or from the torch hub cache)."""
     return weights.get_state_dict(progress=False, check_hash=False)
+
+
+@torch.no_grad()
+def init_output_bias(model: nn.Module, bias: Tensor) -> str | None:
+    """Add ``bias`` (one value per class) to the bias of the layer that writes the model's class scores, and
+    return that layer's name; None when no layer's bias reaches the scores unchanged (DilatedNet's context
+    module transforms them), and then nothing is changed.
+
+    The layer is found by what it does, not by its name: the last layer with one output channel per class and a
+    bias (auxiliary heads excepted) whose bias, shifted, shifts the model's eval-mode scores at every pixel by
+    the same amount (away from the border, where an upsampling layer's kernel may sum to less than 1, as in FCN)."""
+    num_classes = bias.numel()
+    candidates = [(name, layer) for name, layer in model.named_modules()
+                  if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and layer.out_channels == num_classes
+                  and layer.bias is not None and "aux" not in name]
+    was_training = model.training
+    model.eval()
+    side = 2 * max(32, getattr(model, "size_divisor", 32))
+    probe = torch.zeros(1, 3, side, side, device=bias.device)
+    inner = slice(side // 4, 3 * side // 4)
+    try:
+        before = model(probe)[..., inner, inner]
+        for name, layer in reversed(candidates):
+            original = layer.bias.clone()
+            layer.bias += bias.to(layer.bias)
+            shift = model(probe)[..., inner, inner] - before
+            if torch.allclose(shift, bias.view(1, -1, 1, 1).expand_as(shift).to(shift), atol=1e-4, rtol=1e-3):
+                return name
+            layer.bias.copy_(original)
+        return None
+    finally:
+        model.train(was_training)

@@ -51,7 +51,6 @@ class Recipe:
 
     def summary(self, aux: bool = True) -> str:
         """One line of the settings; ``aux``: the model has an auxiliary head (else its weight is not shown)."""
-        """One line: the settings that differ from plain (no groups, no warm-up)."""
         parts = [f"{self.optimizer} lr {self.lr:g}"]
         if self.optimizer == "sgd":
             parts.append(f"momentum {self.momentum:g}")
