@@ -83,16 +83,24 @@ def batch8_weights(plain_project, tmp_path_factory):
     return _train_plain(plain_project, tmp_path_factory.mktemp("batch8") / "model", batch_size=8)
 
 
-@pytest.mark.parametrize("prior_init", [True, False])
-def test_the_output_bias_starts_at_the_training_masks_class_prior(plain_project, tmp_path, prior_init):
-    """A learning rate too small to move anything keeps the classifier's bias where training started it."""
-    trained = _train_plain(plain_project, tmp_path / "model", lr=1e-12, prior_init=prior_init)
+@pytest.mark.parametrize("prior_init, power", [(True, None), (False, None), (True, 0.5)])
+def test_the_output_bias_starts_at_the_training_masks_class_prior(plain_project, tmp_path, prior_init, power):
+    """A learning rate too small to move anything keeps the classifier's bias where training started it; with
+    class weighting (its weights to ``power``) the card keeps the weights, and the prior is the weighted one."""
+    weighting = {} if power is None else {"class_weighting": True, "class_weight_power": power}
+    trained = _train_plain(plain_project, tmp_path / "model", lr=1e-12, prior_init=prior_init, **weighting)
     train = load_samples(plain_project / Layout.ingested, plain_project / Layout.splits, "train")
     num_classes = trained["classifier.bias"].numel()
-    expected = prior_bias(class_pixels(train, num_classes)[0], None) if prior_init else torch.zeros(num_classes)
+    pixels, image_pixels = class_pixels(train, num_classes)
+    class_weight = None if power is None else median_frequency_weights(pixels, image_pixels) ** power
+    expected = prior_bias(pixels, class_weight) if prior_init else torch.zeros(num_classes)
     torch.testing.assert_close(trained["classifier.bias"], expected, rtol=0, atol=1e-5)
     card = json.loads((tmp_path / "model/model.json").read_text())
     assert card["extra"].get("prior_init") == ("classifier.bias" if prior_init else None)
+    if power is not None:
+        assert card["extra"]["class_weight"] == pytest.approx(class_weight.tolist())
+        full = median_frequency_weights(pixels, image_pixels)
+        assert card["extra"]["class_weight"] != pytest.approx(full.tolist())  # the power changed them
 
 
 def test_two_accumulated_batches_of_4_train_like_one_batch_of_8(plain_project, batch8_weights, tmp_path):

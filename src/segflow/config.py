@@ -237,6 +237,7 @@ class TrainParams(RecipeParams):
     batch_size: int = Field(8, ge=1)
     crop_size: int = Field(96, ge=16)
     class_weighting: bool = False   # SegNet's median frequency balancing of the loss
+    class_weight_power: float = Field(1.0, gt=0, le=1)  # class_weighting's weights to this power (0.5: square roots)
     prior_init: bool = True  # the class scores' bias starts at the class prior (Lin et al. 2017), see train.prior_bias
     amp: bool = True
     num_workers: int = Field(0, ge=0)

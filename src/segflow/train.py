@@ -736,7 +736,8 @@ def _train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     # Class statistics from the labeled training masks only: pseudo-labels would echo the teacher's bias.
     pixels, image_pixels = class_pixels(data.labeled_samples, len(classes))
-    class_weight = median_frequency_weights(pixels, image_pixels).to(device) if cfg.class_weighting else None
+    class_weight = (median_frequency_weights(pixels, image_pixels) ** cfg.class_weight_power).to(device) \
+        if cfg.class_weighting else None
     prior_layer = None  # a resumed training then loads its checkpoint over it
     if cfg.prior_init and (init_from is None or reinitialised):
         prior_layer = models.init_output_bias(model, prior_bias(pixels, class_weight).to(device))
@@ -850,7 +851,8 @@ def _run_params(
         "global_batch_size": cfg.batch_size * cfg.accumulate_steps * group.world_size,
         "train_images": len(data.labeled_samples), "pseudo_images": data.pseudo_count,
         "pseudo_weight": cfg.pseudo_weight, "val_images": data.val_count,
-        "class_weighting": cfg.class_weighting, "prior_init": cfg.prior_init, "unlabeled_images": data.unlabeled_count,
+        "class_weighting": cfg.class_weighting, "class_weight_power": cfg.class_weight_power,
+        "prior_init": cfg.prior_init, "unlabeled_images": data.unlabeled_count,
         "unlabeled_class_weighting": cfg.unlabeled_class_weighting, "ema_decay": cfg.ema.decay,
         "ema_evaluated": cfg.ema.decay > 0 and cfg.ema.evaluate,
         **({"consistency_weight": cfg.consistency.weight, "consistency_threshold": cfg.consistency.threshold,
