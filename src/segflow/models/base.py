@@ -289,8 +289,8 @@ def torchvision_state_dict(weights: Any) -> dict[str, Tensor]:
 @torch.no_grad()
 def init_output_bias(model: nn.Module, bias: Tensor) -> str | None:
     """Add ``bias`` (one value per class) to the bias of the layer that writes the model's class scores, and
-    return that layer's name; None when no layer's bias reaches the scores unchanged (DilatedNet's context
-    module transforms them), and then nothing is changed.
+    return that layer's name; None when no layer's bias reaches the scores unchanged (scores squashed by a
+    non-linearity, say), and then nothing is changed.
 
     The layer is found by what it does, not by its name: the last layer with one output channel per class and a
     bias (auxiliary heads excepted) whose bias, shifted, shifts the model's eval-mode scores at every pixel by
