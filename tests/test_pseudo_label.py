@@ -249,7 +249,9 @@ def test_label_next_ranks_the_images_the_teacher_gets_most_wrong_first(semi_supe
     """On the embedded default data, with the masks of the semi-supervised protocol hidden: the images ranked in
     the first half of label_next.csv hold more of the teacher's mistakes than the second half."""
     data_dir, splits_csv = semi_supervised
-    params = _params(train={"epochs": 40, "val_interval": 40})
+    # The teacher this test was built on: with train.prior_init its errors on these 10 images halve (0.14 against
+    # 0.23) and are too even for a ranking of 10 to show (Spearman 0.16 against 0.38); an open point of issue 20.
+    params = _params(train={"epochs": 40, "val_interval": 40, "prior_init": False})
     train_from_params(params, "unet", data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "teacher")
     pseudo_label(params.pseudo_label, params.train, params.evaluate.inference, params.mlflow,
                  teacher_dir=tmp_path / "teacher", data_dir=data_dir, splits_csv=splits_csv,
