@@ -21,37 +21,25 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "tests/models"))
 from zoo_testing import TINY  # noqa: E402 - the small configurations the zoo tests build
 
-from segflow.config import load_params, parse_params  # noqa: E402
-from segflow.evaluate import majority_baseline  # noqa: E402
-from segflow.imageio import read_mask  # noqa: E402
-from segflow.ingest import ingest_coco  # noqa: E402
-from segflow.synth import generate  # noqa: E402
-from train_testing import train_from_params  # noqa: E402 - the train stage's call, as the tests make it
+from segflow.config import Layout, load_params, parse_params  # noqa: E402
+from train_testing import majority_val_miou, make_project, train_from_params  # noqa: E402 - as the tests make them
 
 MARGIN = 0.03
 
 
 def prepare(work: Path, defaults) -> tuple[Path, Path, float]:
-    """The default synthetic data, ingested, with a 3:1 train/val split; the val majority class's mIoU."""
-    cfg = defaults.synth
-    if not (work / "splits.csv").exists():
-        generate(work / "synthetic", seed=cfg.seed, num_labeled=cfg.num_labeled, num_unlabeled=0,
-                 image_size=cfg.image_size)
-        ingest_coco(work / "synthetic/images", work / "synthetic/annotations.json", work / "ingested")
-        ids = sorted(p.stem for p in (work / "ingested/masks").glob("*.png"))
-        splits = ["train" if i < len(ids) * 3 // 4 else "val" for i in range(len(ids))]
-        (work / "splits.csv").write_text("image_id,split\n" + "".join(f"{i},{s}\n" for i, s in zip(ids, splits)))
-    rows = [line.split(",") for line in (work / "splits.csv").read_text().split()[1:]]
-    val = np.concatenate([read_mask(work / "ingested/masks" / f"{i}.png").ravel() for i, s in rows if s == "val"])
-    counts = np.bincount(val[val != 255])
-    return work / "ingested", work / "splits.csv", majority_baseline(np.diag(counts), [str(c) for c in range(len(counts))])["miou"]
+    """The default synthetic data (params.yaml's synth), ingested, split 3:1 into train and val (once); the val
+    majority class's mIoU."""
+    synth = defaults.synth
+    if not (work / Layout.splits).exists():
+        train = synth.num_labeled * 3 // 4
+        make_project(work, train, synth.num_labeled - train, synth.image_size)
+    return work / Layout.ingested, work / Layout.splits, majority_val_miou(work)
 
 
 def main() -> None:

@@ -25,10 +25,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Their tests share a worker, so that each is started once.
 STACK_FIXTURES = {"postgres", "prefect_server_process", "servers", "prefect_api", "prefect", "project",
                   "served_deployment", "scheduled_run"}
+
+
 # pytest-xdist's loadgroup reads the mark in its own collection hook, so this one runs first; and pytest 9.2.0
 # splits a group over the workers even so (pytest is pinned to 9.1.1).
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:

@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from segflow.config import Layout, parse_params
+from segflow.evaluate import majority_baseline
+from segflow.imageio import read_mask
 from segflow.ingest import ingest_coco
 from segflow.synth import generate
 
@@ -31,6 +34,15 @@ def make_project(root: Path, train: int, val: int = 2, size: int = SIZE) -> Path
     splits = ["train"] * train + ["val"] * val
     (root / Layout.splits).write_text("image_id,split\n" + "".join(f"{i},{s}\n" for i, s in zip(ids, splits)))
     return root
+
+
+def majority_val_miou(project: Path) -> float:
+    """The val mIoU of predicting the val masks' most common class everywhere."""
+    rows = [line.split(",") for line in (project / Layout.splits).read_text().split()[1:]]
+    val = np.concatenate([read_mask(project / Layout.ingested / "masks" / f"{i}.png").ravel()
+                          for i, split in rows if split == "val"])
+    counts = np.bincount(val[val != 255])
+    return majority_baseline(np.diag(counts), [str(c) for c in range(len(counts))])["miou"]
 
 
 def write_params(root: Path, raw: dict[str, Any]) -> None:

@@ -734,12 +734,15 @@ def _train(
     scheduler = build_scheduler(recipe, optimizer, plan.total_steps)
     amp = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    # Class statistics from the labeled training masks only: pseudo-labels would echo the teacher's bias.
-    pixels, image_pixels = class_pixels(data.labeled_samples, len(classes))
-    class_weight = (median_frequency_weights(pixels, image_pixels) ** cfg.class_weight_power).to(device) \
-        if cfg.class_weighting else None
-    prior_layer = None  # a resumed training then loads its checkpoint over it
-    if cfg.prior_init and (init_from is None or reinitialised):
+    # Class statistics from the labeled training masks only: pseudo-labels would echo the teacher's bias. A warm
+    # start keeps its head's bias; a resumed training loads its checkpoint over the prior.
+    prior_init = cfg.prior_init and (init_from is None or bool(reinitialised))
+    class_weight, prior_layer = None, None
+    if cfg.class_weighting or prior_init:
+        pixels, image_pixels = class_pixels(data.labeled_samples, len(classes))
+        if cfg.class_weighting:
+            class_weight = (median_frequency_weights(pixels, image_pixels) ** cfg.class_weight_power).to(device)
+    if prior_init:
         prior_layer = models.init_output_bias(model, prior_bias(pixels, class_weight).to(device))
         log.info("%s: %s", arch, f"{prior_layer}.bias starts at the class prior" if prior_layer else
                  "no layer's bias reaches the class scores unchanged; train.prior_init does not apply")

@@ -13,35 +13,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from zoo_testing import TINY
 
-from segflow.config import load_params, parse_params
-from segflow.evaluate import majority_baseline
-from segflow.imageio import read_mask
-from segflow.ingest import ingest_coco
-from segflow.synth import generate
-from train_testing import train_from_params
+from segflow.config import Layout, load_params, parse_params
+from train_testing import majority_val_miou, make_project, train_from_params
 
 REPO = Path(__file__).resolve().parents[2]
-SIZE, LABELED = 96, 128
-SPLITS = ["train"] * 96 + ["val"] * 32
-DEFAULTS = load_params(REPO / "params.yaml")  # the default epochs, batch and recipes
+DEFAULTS = load_params(REPO / "params.yaml")  # the default data, epochs, batch and recipes
 
 
 @pytest.fixture(scope="module")
 def default_data(tmp_path_factory):
-    """The default synthetic data, ingested and split; the val majority class's mIoU."""
-    root = tmp_path_factory.mktemp("default-data")
-    generate(root / "synthetic", seed=0, num_labeled=LABELED, num_unlabeled=0, image_size=SIZE)
-    ingest_coco(root / "synthetic/images", root / "synthetic/annotations.json", root / "ingested")
-    ids = sorted(p.stem for p in (root / "ingested/masks").glob("*.png"))
-    (root / "splits.csv").write_text("image_id,split\n" + "".join(f"{i},{s}\n" for i, s in zip(ids, SPLITS)))
-    val = np.concatenate([read_mask(root / "ingested/masks" / f"{i}.png").ravel()
-                          for i, s in zip(ids, SPLITS) if s == "val"])
-    counts = np.bincount(val[val != 255])
-    return root, majority_baseline(np.diag(counts), [str(c) for c in range(len(counts))])["miou"]
+    """The default synthetic data (params.yaml's synth), ingested and split 3:1; the val majority class's mIoU."""
+    synth = DEFAULTS.synth
+    train = synth.num_labeled * 3 // 4
+    project = make_project(tmp_path_factory.mktemp("default-data"), train, synth.num_labeled - train,
+                           synth.image_size)
+    return project, majority_val_miou(project)
 
 
 @pytest.mark.parametrize("arch, options", [
@@ -50,12 +39,12 @@ def default_data(tmp_path_factory):
     ("segnet_basic", TINY["segnet_basic"]),
 ])
 def test_beats_the_majority_class_within_the_default_budget(default_data, tmp_path, arch, options):
-    root, majority = default_data
+    project, majority = default_data
     params = parse_params({
-        "train": {"archs": [arch], "crop_size": SIZE, "device": "cpu", "decoded_cache": False,
+        "train": {"archs": [arch], "crop_size": DEFAULTS.synth.image_size, "device": "cpu", "decoded_cache": False,
                   "epochs": DEFAULTS.train.epochs, "batch_size": DEFAULTS.train.batch_size},
         "models": {arch: options},
     })
-    result = train_from_params(params, arch, data_dir=root / "ingested", splits_csv=root / "splits.csv",
-                               out_dir=tmp_path / arch)
+    result = train_from_params(params, arch, data_dir=project / Layout.ingested,
+                               splits_csv=project / Layout.splits, out_dir=tmp_path / arch)
     assert result.best_miou > majority + 0.03, ([h["val_miou"] for h in result.history], majority)
