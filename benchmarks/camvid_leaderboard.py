@@ -82,9 +82,9 @@ ANCHORS = [
 ]
 
 
-def resize_camvid(source: Path, target: Path) -> None:
+def resize_camvid(source: Path, target: Path, height: int = HEIGHT, width: int = WIDTH) -> None:
     """Resized copy of the CamVid folders (written once)."""
-    marker = target / f".resized-{HEIGHT}x{WIDTH}"
+    marker = target / f".resized-{height}x{width}"
     if marker.exists():
         return
     shutil.rmtree(target, ignore_errors=True)
@@ -92,7 +92,7 @@ def resize_camvid(source: Path, target: Path) -> None:
         for folder, resample in [(images, Image.BILINEAR), (masks, Image.NEAREST)]:
             (target / folder).mkdir(parents=True)
             for path in sorted((source / folder).glob("*.png")):
-                Image.open(path).resize((WIDTH, HEIGHT), resample).save(target / folder / path.name)
+                Image.open(path).resize((width, height), resample).save(target / folder / path.name)
     marker.touch()
 
 

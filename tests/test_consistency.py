@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from segflow.config import AugmentParams, ConsistencyParams, StrongAugmentParams
+from segflow import IGNORE_INDEX
+from segflow.config import AugmentParams, ConsistencyParams, StrongAugmentParams, parse_params
 from segflow.consistency import (
     ConsistencyTargets,
+    TargetStatistics,
     UnlabeledViews,
     batchnorm_statistics_frozen,
     consistency_loss,
@@ -18,7 +20,8 @@ from segflow.consistency import (
 )
 from segflow.data import Sample
 from segflow.distributed import EpochSampler, SeededDataset
-from segflow.imageio import write_image
+from segflow.imageio import write_image, write_mask
+from segflow.train import TrainStep, unlabeled_class_weight
 
 NO_STRONG = StrongAugmentParams(color_jitter=0, grayscale=0, blur=0, cutout=0)
 
@@ -90,7 +93,8 @@ def test_targets_keep_confident_image_pixels_and_cutmix_moves_image_and_targets_
     box = torch.zeros(batch_size, size, size, dtype=torch.bool)
     box[0, :2, :2] = True         # crop 0 gets crop 1's top-left corner
     strong = torch.stack([torch.full((3, size, size), 1.0), torch.full((3, size, size), 2.0)])
-    batch = {"weak": torch.zeros_like(strong), "strong": strong, "valid": valid, "box": box}
+    batch = {"weak": torch.zeros_like(strong), "strong": strong, "valid": valid, "box": box,
+             "truth": torch.full((batch_size, size, size), IGNORE_INDEX)}
 
     targets = consistency_targets(_constant_forward(logits), batch, ConsistencyParams(threshold=0.9), torch.device("cpu"))
 
@@ -111,7 +115,7 @@ def test_consistency_loss_is_cross_entropy_on_confident_pixels_over_all_image_pi
     confident = torch.rand(2, 4, 4) > 0.5
     valid = torch.ones(2, 4, 4, dtype=torch.bool)
     valid[1, 0] = False
-    targets = ConsistencyTargets(torch.zeros(2, 3, 4, 4), target, confident & valid, valid)
+    targets = ConsistencyTargets(torch.zeros(2, 3, 4, 4), target, confident & valid, valid, torch.full_like(target, 255))
     expected = F.cross_entropy(logits, target, reduction="none")[confident & valid].sum() / valid.sum()
     assert consistency_loss(logits, targets).item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -120,7 +124,7 @@ def test_consistency_loss_is_cross_entropy_on_confident_pixels_over_all_image_pi
     expected = weighted[confident & valid].sum() / class_weight[target][valid].sum()
     assert consistency_loss(logits, targets, class_weight).item() == pytest.approx(expected.item(), rel=1e-6)
 
-    nothing = ConsistencyTargets(targets.strong, target, torch.zeros_like(valid), valid)
+    nothing = ConsistencyTargets(targets.strong, target, torch.zeros_like(valid), valid, targets.truth)
     assert consistency_loss(logits, nothing).item() == 0.0
 
 
@@ -156,7 +160,7 @@ def _batch(seed=0, size=8):
     generator = torch.Generator().manual_seed(seed)
     weak = torch.randn(2, 3, size, size, generator=generator)
     return {"weak": weak, "strong": weak + 3, "valid": torch.ones(2, size, size, dtype=torch.bool),
-            "box": torch.zeros(2, size, size, dtype=torch.bool)}
+            "box": torch.zeros(2, size, size, dtype=torch.bool), "truth": torch.full((2, size, size), IGNORE_INDEX)}
 
 
 def test_targets_are_predicted_in_eval_mode_and_the_model_goes_back_to_training():
@@ -198,3 +202,112 @@ def test_sigmoid_rampup_rises_from_near_zero_to_one_and_stays():
     assert sigmoid_rampup(0, 0) == 1.0  # no ramp-up
     values = [sigmoid_rampup(step, 100) for step in range(101)]
     assert values == sorted(values)
+
+
+def _logits_of(probabilities: list[list[float]]) -> torch.Tensor:
+    """1xKx1xN logits whose softmax at pixel n is ``probabilities[n]``."""
+    return torch.tensor(probabilities).log().T.reshape(1, len(probabilities[0]), 1, len(probabilities))
+
+
+def _one_image_batch(pixels: int, truth: list[int] | None = None) -> dict[str, torch.Tensor]:
+    weak = torch.zeros(1, 3, 1, pixels)
+    return {"weak": weak, "strong": weak, "valid": torch.ones(1, 1, pixels, dtype=torch.bool),
+            "box": torch.zeros(1, 1, pixels, dtype=torch.bool),
+            "truth": torch.tensor([[truth or [IGNORE_INDEX] * pixels]])}
+
+
+def test_targets_undo_the_class_weighted_prior_and_the_unlabeled_loss_weighs_classes_as_the_labeled_one():
+    """Two classes, weights 1 and 4: a teacher trained with them says 0.4 / 0.6 where the posterior is
+    0.4 / (0.6 / 4) renormalised = 0.727 / 0.273. The target is class 0, confident at 0.7; the raw softmax would
+    give class 1 at 0.6, below the threshold."""
+    class_weight = torch.tensor([1.0, 4.0])
+    teacher = _constant_forward(_logits_of([[0.4, 0.6]]))
+    cfg, cpu = ConsistencyParams(threshold=0.7), torch.device("cpu")
+    targets = consistency_targets(teacher, _one_image_batch(1), cfg, cpu, class_weight)
+    assert targets.target.item() == 0 and targets.confident.item()
+    raw = consistency_targets(teacher, _one_image_batch(1), cfg, cpu)
+    assert raw.target.item() == 1 and not raw.confident.item()
+
+    # The student's loss on that pixel: -log softmax(student)[0], weighted by class 0's weight over the image
+    # pixels' weights (one pixel: 1 / 1), as weighted cross-entropy on a labeled pixel would be.
+    student = torch.tensor([[[[0.3]], [[1.1]]]]).reshape(1, 2, 1, 1)
+    expected = -torch.log_softmax(student, 1)[0, 0].item()
+    assert consistency_loss(student, targets, class_weight).item() == pytest.approx(expected)
+    # train.unlabeled_class_weighting's default gives the unlabeled loss the labeled loss's weights
+    default = parse_params({}).train.unlabeled_class_weighting
+    assert unlabeled_class_weight(class_weight, default) is class_weight
+
+
+class _ConstantTrainable(torch.nn.Module):
+    """Fixed logits plus a zero-initialised trainable offset: a model TrainStep can take a step with."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+        self.offset = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, images):
+        return self.logits.expand(images.shape[0], -1, *images.shape[-2:]) + self.offset
+
+
+def test_training_step_corrects_the_targets_with_its_class_weights_and_counts_them_per_class():
+    class_weight = torch.tensor([1.0, 4.0])
+    model = _ConstantTrainable(_logits_of([[0.4, 0.6]] * 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = TrainStep(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                     torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"), amp=None, aux_weight=0.0,
+                     class_weight=class_weight, consistency=ConsistencyParams(weight=1.0, threshold=0.7),
+                     unlabeled_class_weight=class_weight)
+    labeled = {"image": torch.zeros(1, 3, 1, 3), "mask": torch.zeros(1, 1, 3, dtype=torch.long),
+               "pseudo": torch.zeros(1, dtype=torch.bool)}
+    step.forward_backward(labeled, unlabeled=_one_image_batch(3, truth=[0, 1, IGNORE_INDEX]))
+    record = step.unlabeled_target_record(["road", "pavement"])
+    # every pixel becomes a confident class 0 target (uncorrected: class 1, none confident); one of the two
+    # scored ones is right
+    assert record == {"unlabeled_confident": 1.0, "unlabeled_confident.road": 1.0,
+                      "unlabeled_precision": 0.5, "unlabeled_precision.road": 0.5}
+    assert step.unlabeled_target_record(["road", "pavement"])["unlabeled_confident"] == 0.0  # reset
+
+
+def test_class_balanced_thresholds_let_an_unsure_class_keep_its_surer_half():
+    """Class 1 is predicted at 0.6345 on two pixels and 0.8345 on two: the global 0.95 keeps none of them;
+    class-balanced with keep 0.5 lowers class 1's threshold to its surer half. Class 0 (0.99) keeps 0.95."""
+    teacher = _constant_forward(_logits_of([[0.99, 0.01], [0.99, 0.01], [0.3655, 0.6345], [0.3655, 0.6345],
+                                            [0.1655, 0.8345], [0.1655, 0.8345]]))
+    batch, cpu = _one_image_batch(6), torch.device("cpu")
+    global_only = consistency_targets(teacher, batch, ConsistencyParams(threshold=0.95), cpu)
+    assert global_only.confident[0, 0].tolist() == [True, True, False, False, False, False]
+    balanced = consistency_targets(teacher, batch, ConsistencyParams(threshold=0.95, class_balanced=True,
+                                                                    class_keep_fraction=0.5), cpu)
+    assert balanced.confident[0, 0].tolist() == [True, True, False, False, True, True]
+    assert balanced.target[0, 0].tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_target_statistics_share_and_precision_per_class():
+    statistics = TargetStatistics(3, torch.device("cpu"))
+    valid = torch.tensor([[[True, True, True, True, False]]])
+    targets = ConsistencyTargets(
+        strong=torch.zeros(1, 3, 1, 5), target=torch.tensor([[[0, 0, 1, 1, 2]]]),
+        confident=torch.tensor([[[True, False, True, True, False]]]), valid=valid,
+        truth=torch.tensor([[[0, 1, 0, IGNORE_INDEX, 2]]]))
+    statistics.update(targets)
+    record = statistics.summary(["a", "b", "c"])
+    assert record == {"unlabeled_confident": 0.75, "unlabeled_confident.a": 0.5, "unlabeled_confident.b": 1.0,
+                      "unlabeled_precision": 0.5, "unlabeled_precision.a": 1.0, "unlabeled_precision.b": 0.0}
+
+
+def test_unlabeled_views_carry_a_hidden_mask_through_the_crop_as_truth(tmp_path):
+    rng = np.random.default_rng(1)
+    write_image(tmp_path / "u.png", rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    mask = rng.integers(0, 3, (20, 24)).astype(np.uint8)
+    mask[:4] = IGNORE_INDEX  # void rows
+    write_mask(tmp_path / "u_mask.png", mask)
+    hidden = Sample("u", tmp_path / "u.png", tmp_path / "u_mask.png")
+    views = _views([hidden], crop_size=28, hflip=False, scale_min=1.0, scale_max=1.0)
+    item = views[0]
+    assert torch.equal(item["truth"][:20, :24], torch.from_numpy(mask).long())  # void stays ignore
+    assert (item["truth"][20:] == IGNORE_INDEX).all() and (item["truth"][:, 24:] == IGNORE_INDEX).all()
+    assert item["valid"][:20, :24].all() and not item["valid"][20:].any()  # void rows are image, not padding
+    no_mask = _views([Sample("u", tmp_path / "u.png", None)], crop_size=28, hflip=False, scale_min=1.0,
+                     scale_max=1.0)[0]
+    assert (no_mask["truth"] == IGNORE_INDEX).all() and torch.equal(no_mask["valid"], item["valid"])

@@ -12,26 +12,26 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from segflow import IGNORE_INDEX
-from segflow.config import PseudoLabelParams, StrongAugmentParams, parse_params
+from segflow import IGNORE_INDEX, WEIGHTS_FILE
+from segflow import teacher as teacher_stage
+from segflow.config import StrongAugmentParams, parse_params
 from segflow.data import Sample, SegmentationDataset, load_pseudo_samples, load_samples, pad_collate, strong_augment
 from segflow.evaluate import evaluate
 from segflow.imageio import read_mask
 from segflow.inference import load_model, probabilities
 from segflow.ingest import ingest_coco
 from segflow.pseudo_label import (
-    HISTOGRAM_BINS,
     choose_prior_correction,
-    class_thresholds,
-    corrected,
     label_priority,
     prediction_agreement,
     pseudo_label,
 )
 from segflow.synth import generate
+from segflow.targets import HISTOGRAM_BINS, class_thresholds, corrected
 from segflow.teacher import train_teacher
-from segflow.train import mix_labeled_and_pseudo
+from segflow.train import mix_labeled_and_pseudo, train
 from train_testing import train_from_params
 
 SIZE = 48
@@ -54,11 +54,10 @@ def test_class_balanced_thresholds_keep_a_rare_unsure_class_that_the_global_one_
     unsure = _histogram([0.4, 0.5, 0.6, 0.8], 10)   # a rare class the teacher hesitates on
     histograms = torch.stack([sure, unsure, torch.zeros(HISTOGRAM_BINS, dtype=torch.int64)])
 
-    global_only = class_thresholds(histograms, PseudoLabelParams(threshold=0.9, class_balanced=False))
+    global_only = class_thresholds(histograms, 0.9, None)
     assert global_only.tolist() == [0.9, 0.9, 0.9]
 
-    balanced = class_thresholds(histograms, PseudoLabelParams(threshold=0.9, class_balanced=True,
-                                                              class_keep_fraction=0.5))
+    balanced = class_thresholds(histograms, 0.9, 0.5)
     assert balanced[0] == pytest.approx(0.9)       # never raised above the global threshold
     assert balanced[1] == pytest.approx(0.6)       # the top half of the rare class's pixels pass
     assert balanced[2] == pytest.approx(0.9)       # a class never predicted keeps the global threshold
@@ -177,10 +176,18 @@ def test_auto_prior_correction_picks_the_strength_with_the_best_val_miou(semi_su
     assert choose_prior_correction(*_sections(_params()), teacher, None, val, torch.device("cpu"), 6) == (0.0, {})
 
 
-def test_teacher_stage_trains_both_teachers_at_one_budget_and_keeps_the_one_val_picks(semi_supervised, tmp_path):
+def test_teacher_stage_trains_both_teachers_at_one_budget_and_keeps_the_one_val_picks(semi_supervised, tmp_path,
+                                                                                     monkeypatch):
     data_dir, splits_csv = semi_supervised
     params = _params(train={"class_weighting": True, "ema": {"decay": 0.9}})
+    started = []  # (run name, init_from, its weights when the training began)
 
+    def recording_train(cfg, arch, **kwargs):
+        init_from = kwargs.get("init_from")
+        started.append((kwargs["run_name"], init_from, None if init_from is None else load_file(init_from / WEIGHTS_FILE)))
+        return train(cfg, arch, **kwargs)
+
+    monkeypatch.setattr(teacher_stage, "train", recording_train)
     summary = train_teacher(params.teacher, params.train, model_options=params.models.get(params.teacher.arch, {}),
                             val_batch_size=params.evaluate.batch_size, inference=params.evaluate.inference,
                             mlflow_cfg=params.mlflow, data_dir=data_dir, splits_csv=splits_csv,
@@ -191,6 +198,16 @@ def test_teacher_stage_trains_both_teachers_at_one_budget_and_keeps_the_one_val_
     assert all(0 <= arm[key] <= 1 for arm in (labeled, semi) for key in ("val_miou", "test_miou"))
     assert summary["use_unlabeled"] == (semi["val_miou"] > labeled["val_miou"])
     assert summary["kept"] == ("with_unlabeled" if summary["use_unlabeled"] else "labeled_only")
+    # teacher.warm_start: a labeled-only teacher first, then both arms from its very weights
+    assert summary["warm_start"] and summary["start"]["steps"] == labeled["steps"]
+    (start_name, start_init, _), *arms = started
+    assert start_name == "teacher start" and start_init is None
+    assert [name for name, _, _ in arms] == ["teacher labeled-only", "teacher with-unlabeled"]
+    (_, first_init, first_weights), (_, second_init, second_weights) = arms
+    assert first_init == second_init and first_init.name == "start"
+    assert first_weights.keys() == second_weights.keys()
+    assert all(torch.equal(first_weights[k], second_weights[k]) for k in first_weights)
+    assert load_model(tmp_path / "teacher")[1].extra["init_from"] == str(first_init)
     assert load_model(tmp_path / "teacher")[1].extra["val_miou"] == pytest.approx(summary[summary["kept"]]["val_miou"])
     assert len(list((tmp_path / "teacher" / "snapshots").glob("epoch_*"))) == 1
 

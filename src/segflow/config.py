@@ -167,6 +167,10 @@ class ConsistencyParams(_Section):
 
     weight: float = Field(0.0, ge=0)          # weight of the unlabeled loss; 0: off
     threshold: float = Field(0.95, ge=0, le=1)  # pixels predicted with less confidence teach nothing
+    # Class-balanced thresholds (CBST) per unlabeled batch: a class's threshold is lowered, never raised, until at
+    # least class_keep_fraction of the pixels the teacher gives it pass.
+    class_balanced: bool = False
+    class_keep_fraction: float = Field(0.5, gt=0, le=1)
     cutmix: float = Field(0.5, ge=0, le=1)    # probability that a crop gets a box of another unlabeled crop
     # Share of the training's optimizer steps over which the weight rises from 0 (Mean Teacher's sigmoid ramp-up):
     # from scratch the first targets come from a model that is itself still random.
@@ -256,9 +260,9 @@ class TrainParams(RecipeParams):
     # stage's semi-supervised teacher beat its labeled-only twin on val (metrics/semi_supervised.json).
     use_pseudo_labels: bool | Literal["auto"] = "auto"
     pseudo_weight: float = Field(1.0, ge=0)
-    # class_weighting's weights on pseudo-labeled and unlabeled pixels: none (ST++, UniMatch: the rare classes'
-    # pseudo-labels are the least precise), sqrt (softened) or full (as on labeled pixels).
-    unlabeled_class_weighting: Literal["none", "sqrt", "full"] = "none"
+    # class_weighting's weights on pseudo-labeled and unlabeled pixels: full (as on labeled pixels: the targets
+    # are prior-corrected, so both losses teach the same weighted probabilities), sqrt (softened) or none.
+    unlabeled_class_weighting: Literal["none", "sqrt", "full"] = "full"
     oversample_labeled: bool = True   # repeat labeled images to match the pseudo-labeled ones
     # Warm start: a model folder (models/unet) or a registered model (models:/segflow@champion) of the same
     # architecture and options gives the initial weights; a head for other classes starts afresh.
@@ -272,10 +276,14 @@ class TrainParams(RecipeParams):
 
 class TeacherParams(_Section):
     """The teacher stage trains ``arch`` twice at the same budget (same optimizer steps, same initial weights):
-    labeled-only, and with the unlabeled images (train.consistency with this weight, Mean Teacher targets)."""
+    labeled-only, and with the unlabeled images (train.consistency with this weight, Mean Teacher targets). With
+    ``warm_start`` both arms continue from a labeled-only teacher trained first, so the unlabeled images' targets
+    come from a model that has learned something."""
 
     arch: str = "unet"
     epochs: int | None = Field(None, ge=1)  # null: train.epochs (the architectures get the same budget)
+    warm_start: bool = True                 # both arms start from the labeled-only teacher's weights
+    continue_epochs: int | None = Field(None, ge=1)  # warm_start: the arms' further epochs; null: epochs
 
     @field_validator("arch")
     @classmethod

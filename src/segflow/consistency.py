@@ -7,7 +7,10 @@ grayscale, blur) and CutMix-ed with another unlabeled crop. Unlike the offline p
 ``pseudo_label`` stage, the targets improve as the model does, and every unlabeled image regularises the model
 from the first step.
 
-The targets are predicted in eval mode (no dropout, batch-norm running statistics), by the Mean Teacher (an EMA
+The targets are the teacher's probabilities with the labeled loss's class prior undone (``segflow.targets``, as
+the offline pseudo-labels are), thresholded globally or per class (CBST), and the unlabeled loss weighs classes
+as the labeled one does (``train.unlabeled_class_weighting: full``): a class-weighted teacher's inflated
+rare-class probabilities are not trusted as they are. They are predicted in eval mode (no dropout, batch-norm running statistics), by the Mean Teacher (an EMA
 of the weights, ``train.ema``) when there is one, else by the model itself; the strong views get a forward pass
 of their own that leaves the running statistics alone, so the statistics evaluation uses come from clean images
 (separate batch norm for strong views: Yuan et al., ICCV 2021).
@@ -29,11 +32,16 @@ from segflow.config import ConsistencyParams, StrongAugmentParams
 from segflow.data import SegmentationDataset, chance, normalize, random_box, strong_augment, to_unit_float
 from segflow.distributed import EpochSampler
 from segflow.losses import weighted_cross_entropy
+from segflow.targets import class_thresholds, confidence_histograms, corrected
+
+VOID_TRUTH = -1  # a hidden mask's void pixels while augmenting: told apart from the crop's padding (IGNORE_INDEX)
 
 
 class UnlabeledViews(SegmentationDataset):
     """An unlabeled image's weakly augmented crop (``weak``), the same crop strongly perturbed (``strong``), which
-    of its pixels are image rather than padding (``valid``) and the box another crop is pasted into (``box``)."""
+    of its pixels are image rather than padding (``valid``), the box another crop is pasted into (``box``) and,
+    where a protocol hid the image's mask, the crop's true classes (``truth``: to score the targets, never to
+    train; ignore elsewhere)."""
 
     def __init__(self, samples, *, crop_size, augment, strong: StrongAugmentParams, cutmix: float, cache=None):
         # No cutout: CutMix's box takes its place, and its pixels get a target.
@@ -42,15 +50,24 @@ class UnlabeledViews(SegmentationDataset):
         self.cutmix = cutmix
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        pixels = self._read_image(self.samples[index])
-        image, valid = self._augment(to_unit_float(pixels), torch.zeros(pixels.shape[:2], dtype=torch.long))
-        strong, _ = strong_augment(image, valid, self.strong_augment)
+        sample = self.samples[index]
+        pixels = self._read_image(sample)
+        if sample.mask_path is None:
+            truth = torch.zeros(pixels.shape[:2], dtype=torch.long)
+        else:
+            truth = torch.from_numpy(self._read_mask(sample)).long()
+            truth[truth == IGNORE_INDEX] = VOID_TRUTH
+        image, truth = self._augment(to_unit_float(pixels), truth)
+        valid = truth != IGNORE_INDEX
+        truth = truth.where(valid & (truth != VOID_TRUTH), IGNORE_INDEX) if sample.mask_path is not None \
+            else torch.full_like(truth, IGNORE_INDEX)
+        strong, _ = strong_augment(image, truth, self.strong_augment)
         box = torch.zeros(image.shape[1:], dtype=torch.bool)
         if chance(self.cutmix):
             box[random_box(*image.shape[1:])] = True
-        valid = valid != IGNORE_INDEX
         # Padding stays the mean colour (0 once normalised) in the strong view too, as in the weak one.
-        return {"weak": normalize(image), "strong": normalize(strong).where(valid, 0), "valid": valid, "box": box}
+        return {"weak": normalize(image), "strong": normalize(strong).where(valid, 0), "valid": valid, "box": box,
+                "truth": truth}
 
 
 def unlabeled_batches(loader: DataLoader, first: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -70,8 +87,9 @@ def unlabeled_batches(loader: DataLoader, first: int) -> Iterator[dict[str, torc
 class ConsistencyTargets:
     strong: torch.Tensor      # Bx3xHxW strong views, CutMix applied
     target: torch.Tensor      # BxHxW class the weak view predicts
-    confident: torch.Tensor   # BxHxW bool: confidence at least the threshold, on image pixels
+    confident: torch.Tensor   # BxHxW bool: confidence at least its class's threshold, on image pixels
     valid: torch.Tensor       # BxHxW bool: image pixels (not the crop's padding)
+    truth: torch.Tensor       # BxHxW true class where a protocol hid the mask, else ignore (scoring only)
 
 
 @contextlib.contextmanager
@@ -100,25 +118,31 @@ def batchnorm_statistics_frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def consistency_targets(
-    teacher: nn.Module, batch: dict[str, torch.Tensor], cfg: ConsistencyParams, device: torch.device
+    teacher: nn.Module, batch: dict[str, torch.Tensor], cfg: ConsistencyParams, device: torch.device,
+    class_weight: torch.Tensor | None = None,
 ) -> ConsistencyTargets:
-    """Predict the weak views with ``teacher`` in eval mode (no gradient) and CutMix the strong views and their
-    targets alike: crop ``b``'s box comes from crop ``b + 1`` (wrapping round), as do the targets inside it."""
+    """Predict the weak views with ``teacher`` in eval mode (no gradient), undo the prior that ``class_weight``
+    (the labeled loss's) put in its probabilities, keep the pixels at or above their class's threshold, and
+    CutMix the strong views and their targets alike: crop ``b``'s box comes from crop ``b + 1`` (wrapping
+    round), as do the targets inside it."""
     weak = batch["weak"].to(device, non_blocking=True)
     strong = batch["strong"].to(device, non_blocking=True)
     valid = batch["valid"].to(device, non_blocking=True)
     box = batch["box"].to(device, non_blocking=True)
+    truth = batch["truth"].to(device, non_blocking=True)
     with torch.no_grad(), evaluating(teacher):
         output = teacher(weak)
         logits = output["out"] if isinstance(output, dict) else output
-        confidence, target = logits.float().softmax(1).max(1)
-    confident = (confidence >= cfg.threshold) & valid
+        confidence, target = corrected(logits.float().softmax(1), class_weight, 1.0).max(1)
+    thresholds = class_thresholds(confidence_histograms(target[valid], confidence[valid], logits.shape[1]),
+                                  cfg.threshold, cfg.class_keep_fraction if cfg.class_balanced else None)
+    confident = (confidence >= thresholds[target]) & valid
 
     def mixed(tensor: torch.Tensor) -> torch.Tensor:
         other = tensor.roll(-1, dims=0)
         return torch.where(box[:, None] if tensor.dim() == 4 else box, other, tensor)
 
-    return ConsistencyTargets(mixed(strong), mixed(target), mixed(confident), mixed(valid))
+    return ConsistencyTargets(mixed(strong), mixed(target), mixed(confident), mixed(valid), mixed(truth))
 
 
 def consistency_loss(
@@ -126,7 +150,8 @@ def consistency_loss(
 ) -> torch.Tensor:
     """Cross-entropy on the confident pixels, averaged over all image pixels (UniMatch): a model that is
     confident nowhere gets no unlabeled loss, rather than a loss from a few pixels. ``class_weight`` is
-    ``train.unlabeled_class_weighting``'s (none by default, as in ST++, UniMatch and CPS)."""
+    ``train.unlabeled_class_weighting``'s (by default the labeled loss's: the targets are prior-corrected, so the
+    student learns the same weighted probabilities on both)."""
     return weighted_cross_entropy(logits, targets.target, targets.confident, targets.valid, class_weight)
 
 
@@ -135,3 +160,34 @@ def sigmoid_rampup(step: int, rampup_steps: float) -> float:
     if rampup_steps <= 0 or step >= rampup_steps:
         return 1.0
     return math.exp(-5.0 * (1.0 - step / rampup_steps) ** 2)
+
+
+class TargetStatistics:
+    """Per class, over the unlabeled pixels since the last :meth:`summary`: how many the teacher gives the
+    class, how many of those pass its threshold, and, where a protocol hid the masks, how many of the passing
+    ones are right: whether the targets can be trusted, before trusting them."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.counts = torch.zeros(4, num_classes, dtype=torch.long, device=device)
+
+    def update(self, targets: ConsistencyTargets) -> None:
+        num_classes = self.counts.shape[1]
+        scored = targets.confident & (targets.truth != IGNORE_INDEX)
+        for row, pixels in enumerate((targets.valid, targets.confident, scored,
+                                      scored & (targets.target == targets.truth))):
+            self.counts[row] += torch.bincount(targets.target[pixels], minlength=num_classes)
+
+    def summary(self, classes: list[str]) -> dict[str, float]:
+        """``unlabeled_confident`` (share of the image pixels that teach) and ``unlabeled_confident.CLASS``
+        (share of the class's pixels that pass); with hidden masks, ``unlabeled_precision`` and
+        ``unlabeled_precision.CLASS`` (share of the passing pixels whose class is right). Then reset."""
+        predicted, confident, scored, correct = self.counts.double().cpu()
+        self.counts.zero_()
+        record = {"unlabeled_confident": float(confident.sum() / predicted.sum().clamp_min(1))}
+        record |= {f"unlabeled_confident.{name}": float(confident[c] / predicted[c])
+                   for c, name in enumerate(classes) if predicted[c]}
+        if scored.sum():
+            record["unlabeled_precision"] = float(correct.sum() / scored.sum())
+            record |= {f"unlabeled_precision.{name}": float(correct[c] / scored[c])
+                       for c, name in enumerate(classes) if scored[c]}
+        return record

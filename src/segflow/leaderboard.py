@@ -46,11 +46,14 @@ TEACHER_ARMS = {"labeled_only": "labeled-only", "with_unlabeled": "with unlabele
 
 
 def semi_supervised_section(summary: dict, teacher_arch: str) -> list[str]:
-    """The teacher stage's comparison as Markdown: both teachers at the same budget, and what was decided."""
+    """The teacher stage's comparison as Markdown: both teachers at the same budget, where they started, and what
+    was decided."""
+    start = ("both continuing from a labeled-only teacher trained first (its row: start)" if summary.get("warm_start")
+             else "both from the same random initial weights")
     lines = ["", f"Do the unlabeled images pay? The teacher's architecture ({teacher_arch}) trained twice at the same "
-             "budget (same optimizer steps, same initial weights):", "",
+             f"budget (same optimizer steps), {start}:", "",
              "| teacher | val mIoU | test mIoU | optimizer steps | kept |", "|---|---|---|---|---|"]
-    for arm, title in TEACHER_ARMS.items():
+    for arm, title in {"start": "start (labeled-only)", **TEACHER_ARMS}.items():
         if arm in summary:
             scores = summary[arm]
             lines.append(f"| {title} | {_cell(scores['val_miou'], '{:.4f}', '')} | "

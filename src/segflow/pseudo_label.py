@@ -30,43 +30,11 @@ from segflow.fsutil import atomic_dir, atomic_open, atomic_write_json
 from segflow.imageio import read_image, read_mask, write_mask
 from segflow.inference import load_model, probabilities, resolve_device
 from segflow.metrics import ConfusionMatrix
+from segflow.targets import HISTOGRAM_BINS, class_thresholds, confidence_histograms, corrected
 from segflow.visualize import colorize, save_grid
 
-HISTOGRAM_BINS = 1000
 GRID_EXAMPLES = 4
 PRIOR_CORRECTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)  # tried by prior_correction: auto
-
-
-def class_thresholds(histograms: torch.Tensor, cfg: PseudoLabelParams) -> torch.Tensor:
-    """One threshold per class from K×BINS confidence histograms of the pixels the teacher assigns to each class.
-
-    Global: ``cfg.threshold`` for every class. Class-balanced (CBST, Zou et al. 2018): a class's threshold is
-    lowered, never raised, until at least ``cfg.class_keep_fraction`` of its pixels pass, so a rare class the
-    teacher is less sure of keeps pixels instead of vanishing from the pseudo-labels.
-    """
-    num_classes = histograms.shape[0]
-    thresholds = torch.full((num_classes,), cfg.threshold, dtype=torch.float64)
-    if not cfg.class_balanced:
-        return thresholds
-    # share of the class's pixels with confidence >= each bin's lower edge
-    tail = histograms.double().flip(-1).cumsum(-1).flip(-1)
-    share = tail / tail[:, :1].clamp_min(1)
-    lower_edges = torch.arange(HISTOGRAM_BINS, dtype=torch.float64) / HISTOGRAM_BINS
-    for c in range(num_classes):
-        passing = torch.nonzero(share[c] >= cfg.class_keep_fraction).flatten()
-        if len(passing):
-            thresholds[c] = min(cfg.threshold, float(lower_edges[passing[-1]]))
-    return thresholds
-
-
-def corrected(probabilities: torch.Tensor, class_weight: torch.Tensor | None, strength: float) -> torch.Tensor:
-    """N×K×H×W probabilities divided by ``class_weight ** strength`` and renormalised: weighted cross-entropy
-    learns probabilities proportional to weight × posterior, a prior shift that can be undone (as in logit
-    adjustment, Menon et al. 2021), so the pseudo-labels stop over-predicting the rare, up-weighted classes."""
-    if class_weight is None or strength == 0:
-        return probabilities
-    adjusted = probabilities / class_weight.view(1, -1, 1, 1) ** strength
-    return adjusted / adjusted.sum(dim=1, keepdim=True)
 
 
 def choose_prior_correction(
@@ -125,13 +93,11 @@ def _predict_and_stream(
         # Snapshots predict as the teacher does (TTA included): agreement then measures stability, not TTA.
         snapshot_labels = [probabilities(snapshot, images, inference, train.crop_size)
                            .argmax(dim=1) for snapshot in snapshots]
-        bins = (confidence * HISTOGRAM_BINS).long().clamp_(max=HISTOGRAM_BINS - 1)
         for row, index in enumerate(batch["index"].tolist()):
             sample = samples[index]
             height, width = batch["size"][row].tolist()
-            image_labels, image_bins = labels[row, :height, :width], bins[row, :height, :width]
-            histograms.view(-1).index_add_(
-                0, (image_labels * HISTOGRAM_BINS + image_bins).flatten(), torch.ones_like(image_bins.flatten()))
+            image_labels = labels[row, :height, :width]
+            histograms += confidence_histograms(image_labels, confidence[row, :height, :width], num_classes)
             agreements = [prediction_agreement(s[row, :height, :width], image_labels, num_classes)
                           for s in snapshot_labels]
             reliability[sample.image_id] = float(np.mean(agreements)) if agreements else 1.0
@@ -235,7 +201,8 @@ def pseudo_label(
             cfg, train, inference, model, class_weight, load_samples(data_dir, splits_csv, "val"), device, card.num_classes)
         histograms, reliability = _predict_and_stream(cfg, train, inference, model, snapshots, samples, raw_dir, device,
                                                       card.num_classes, class_weight, strength)
-        thresholds = class_thresholds(histograms, cfg).numpy()
+        thresholds = class_thresholds(histograms, cfg.threshold,
+                                      cfg.class_keep_fraction if cfg.class_balanced else None).numpy()
         predicted_share = histograms.sum(dim=1).double()
         predicted_share = (predicted_share / predicted_share.sum().clamp_min(1)).numpy()
         # Classes the teacher gives fewer pixels than an even share: the ones a label would show it most.

@@ -40,6 +40,7 @@ from segflow.card import EMA_DIR, LAST_DIR, SNAPSHOTS_DIR, ModelCard, read_card
 from segflow.checkpoint import Progress
 from segflow.config import ConsistencyParams, LossParams, MlflowParams, TrainParams
 from segflow.consistency import (
+    TargetStatistics,
     UnlabeledViews,
     batchnorm_statistics_frozen,
     consistency_loss,
@@ -293,7 +294,7 @@ class TrainStep:
         self.consistency = consistency
         self.ema = ema  # Mean Teacher: predicts the consistency targets (segflow.ema)
         self.rampup_steps = (consistency.rampup if consistency is not None else 0) * total_steps
-        self.unlabeled_pixels = torch.zeros(2, device=device)  # confident, image pixels of the unlabeled crops
+        self.target_statistics: TargetStatistics | None = None  # of the unlabeled targets, from the first batch
 
     def unlabeled_weight(self) -> float:
         """``consistency.weight``, ramped up over the first ``consistency.rampup`` share of the steps."""
@@ -325,23 +326,26 @@ class TrainStep:
                                          self.unlabeled_class_weight, self.loss)
                 if unlabeled is not None:
                     teacher = self.model if self.ema is None else self.ema.module
-                    targets = consistency_targets(teacher, unlabeled, self.consistency, self.device)
-                    self.unlabeled_pixels += torch.stack([targets.confident.sum(), targets.valid.sum()])
+                    targets = consistency_targets(teacher, unlabeled, self.consistency, self.device,
+                                                  self.class_weight)
                     # The inner model (not a DDP wrapper's second forward): the backward below still all-reduces
                     # every gradient once, through the hooks DDP put on the parameters.
                     with batchnorm_statistics_frozen(self.model):
                         strong_output = self.model(targets.strong.to(images.dtype))
                     strong_logits = strong_output["out"] if isinstance(strong_output, dict) else strong_output
+                    if self.target_statistics is None:
+                        self.target_statistics = TargetStatistics(strong_logits.shape[1], self.device)
+                    self.target_statistics.update(targets)
                     loss = loss + self.unlabeled_weight() * consistency_loss(strong_logits, targets,
                                                                              self.unlabeled_class_weight)
             self.scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
         return loss.detach()
 
-    def unlabeled_confident_share(self) -> float:
-        """Share of the unlabeled pixels confident enough to teach since the last call (then reset)."""
-        confident, pixels = self.unlabeled_pixels.tolist()
-        self.unlabeled_pixels.zero_()
-        return confident / max(pixels, 1)
+    def unlabeled_target_record(self, classes: list[str]) -> dict[str, float]:
+        """How the unlabeled targets since the last call stood (:meth:`TargetStatistics.summary`), then reset."""
+        if self.target_statistics is None:
+            return {"unlabeled_confident": 0.0}
+        return self.target_statistics.summary(classes)
 
     def optimizer_step(self) -> None:
         self.scaler.step(self.optimizer)
@@ -499,8 +503,8 @@ def end_of_epoch(
         raise SegflowError(f"training {arch} diverged at epoch {epoch} (loss {train_loss}); lower the learning rate "
                            f"(train.lr, or models.{arch}.recipe.lr).")
     record = {"epoch": epoch, "train_loss": train_loss, "lr": step.scheduler.get_last_lr()[0]}
-    if data.unlabeled_loader is not None:  # this rank's share; how much of the unlabeled images teaches
-        record["unlabeled_confident"] = step.unlabeled_confident_share()
+    if data.unlabeled_loader is not None:  # this rank's share: how much of the unlabeled images teaches, how well
+        record |= step.unlabeled_target_record(card.classes)
     validating, improved = plan.validates(epoch), False
     if validating:
         val = validate(evaluated, data.val_loader, card.num_classes, group)
