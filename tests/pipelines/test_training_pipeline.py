@@ -81,7 +81,12 @@ def test_pipeline_registers_the_best_candidate_on_val_and_promotes_it_above_the_
     assert twins["teacher, with unlabeled"]["kept"] == semi["use_unlabeled"]
     assert twins["teacher, labeled-only"]["miou"] == semi["labeled_only"]["test_miou"]
     assert semi["labeled_only"]["steps"] == semi["with_unlabeled"]["steps"]
-    assert "Decision: the unlabeled images are" in (project / "leaderboard/leaderboard.md").read_text()
+    board_text = (project / "leaderboard/leaderboard.md").read_text()
+    assert "Decision: the unlabeled images are" in board_text
+    # teacher.warm_start (the default): both arms continued from a labeled-only teacher, and the board says so
+    assert semi["warm_start"] and semi["start"]["steps"] == semi["labeled_only"]["steps"]
+    assert "both continuing from a labeled-only teacher trained first" in board_text
+    assert "| start (labeled-only) |" in board_text
 
 
 def test_champion_loads_without_pickle_and_predicts_a_mask(pipeline_decision, project):
