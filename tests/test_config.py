@@ -41,6 +41,30 @@ def test_invalid_yaml_is_a_clear_error(tmp_path):
         load_params(path)
 
 
+def _alias_bomb(depth: int, key: str = "archs") -> str:
+    """A params file whose train.KEY holds 9 ** depth values once its aliases are expanded."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{n}: &a{n} [*a{n - 1}, *a{n - 1}, *a{n - 1}, *a{n - 1}, *a{n - 1}, *a{n - 1}, *a{n - 1}, *a{n - 1}, "
+              f"*a{n - 1}]" for n in range(1, depth + 1)]
+    return "\n".join(lines).replace("a0:", "bombs:\n  a0:").replace("\na", "\n  a") + f"\ntrain:\n  {key}: *a{depth}\n"
+
+
+def test_yaml_alias_bomb_is_refused_before_it_is_expanded(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(_alias_bomb(10))  # 3.5 billion values once expanded
+    with pytest.raises(SegflowError, match="aliases expand to more than 100000 values") as err:
+        load_params(path)
+    assert str(path) in str(err.value) and len(str(err.value)) < 300
+
+
+def test_an_invalid_value_is_echoed_cut_short(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(_alias_bomb(3, key="epochs"))  # 729 values (3.6 kB printed whole): under the bound, not a number
+    with pytest.raises(SegflowError, match="train.epochs") as err:
+        load_params(path)
+    assert len(str(err.value)) < 600
+
+
 def test_model_options_without_a_value_are_none():
     params = parse_params({"models": {"unet": {"encoder_name": "resnet18"}, "fcn8s": None}})
     assert params.models == {"unet": {"encoder_name": "resnet18"}, "fcn8s": {}}

@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from segflow.architectures import unknown_architecture
-from segflow.errors import SegflowError
+from segflow.errors import SegflowError, shown
 
 PARAMS_FILE = Path("params.yaml")
 GROUP_COLUMN_PREFIX = "column:"  # split.group_by names a manifest column
@@ -457,8 +457,26 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         message = "unknown key (misspelt?)"
     got = error.get("input")
-    suffix = f" (got {got!r})" if error["type"] not in ("extra_forbidden", "missing") and not isinstance(got, dict) else ""
+    suffix = f" (got {shown(got)})" if error["type"] not in ("extra_forbidden", "missing") and not isinstance(got, dict) else ""
     return f"{key}: {message}{suffix}"
+
+
+MAX_YAML_VALUES = 100_000  # values a params file may hold once its aliases are expanded
+
+
+def _expanded_values(node: yaml.Node) -> int:
+    """How many values ``node`` holds once every alias in it is expanded (counted once per shared node, in
+    linear time; stops counting past MAX_YAML_VALUES)."""
+    counted: dict[int, int] = {}
+
+    def count(current: yaml.Node) -> int:
+        if id(current) not in counted:
+            children = current.value if isinstance(current, yaml.SequenceNode) else (
+                [part for pair in current.value for part in pair] if isinstance(current, yaml.MappingNode) else [])
+            counted[id(current)] = min(MAX_YAML_VALUES + 1, 1 + sum(count(child) for child in children))
+        return counted[id(current)]
+
+    return count(node)
 
 
 def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Params:
@@ -472,7 +490,12 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Par
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_values(node) > MAX_YAML_VALUES:
+            raise SegflowError(f"{path}: its YAML aliases expand to more than {MAX_YAML_VALUES} values (an alias bomb?); "
+                               "write the values out, or use fewer nested aliases.")
+        raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise SegflowError(f"{path}: parameters file not found (run from the project folder).") from None
     except yaml.YAMLError as exc:

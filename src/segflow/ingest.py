@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import re
-import reprlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +65,7 @@ from pydantic import (
 )
 
 from segflow import IGNORE_INDEX
-from segflow.errors import SegflowError
+from segflow.errors import SegflowError, shown
 from segflow.fsutil import atomic_write_json, owned_dir, refuse_overlap
 from segflow.imageio import image_size, read_mask, write_mask
 
@@ -364,15 +363,6 @@ def _is_byte_text(text: str) -> bool:
     return text.isascii() and text.isdigit() and int(text) <= 255
 
 
-_REPR = reprlib.Repr()  # bounded work and text for any value, however large (the input of a whole file)
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
-
-
-def _short(value: Any) -> str:
-    text = _REPR.repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 # ----------------------------------------------------------------------------------------------------------
 # COCO: the annotations file, parsed once into typed models (they say what segflow needs of it)
 # ----------------------------------------------------------------------------------------------------------
@@ -553,7 +543,7 @@ def _describe(doc: Any, error: ErrorDetails) -> str:
     else:
         text = _PREDICATES[kind].format(**error.get("ctx", {})) if kind in _PREDICATES else error["msg"]
         text = text.replace("Input should be", "must be").removeprefix("Value error, ")
-        predicate = f"{text}, found {_short(error['input'])}"
+        predicate = f"{text}, found {shown(error['input'])}"
     if len(loc) < 2:  # the document itself, or one of its top-level keys
         return f"'{loc[0]}' {predicate}" if loc else f"the top level {predicate}"
     field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[2:]).lstrip(".")
@@ -694,7 +684,7 @@ class _MaskPair:
 
 def _check_class_names(names: Sequence[str], source: str = "classes") -> None:
     if not names or not all(isinstance(name, str) and name.strip() for name in names):
-        raise SegflowError(f"{source}: give a non-empty list of non-empty class names, got {_short(list(names))}.")
+        raise SegflowError(f"{source}: give a non-empty list of non-empty class names, got {shown(list(names))}.")
     if len(names) > MAX_CLASSES:
         raise SegflowError(f"{source}: {len(names)} classes do not fit 8-bit masks (at most {MAX_CLASSES}).")
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -711,7 +701,7 @@ def _value_lookup(value_map: dict[int, int] | None, ignore_value: int | None) ->
         lookup[raw] = index
     if ignore_value is not None:
         if not _is_byte_int(ignore_value):
-            raise SegflowError(f"ignore_value must be an integer 0..255, got {_short(ignore_value)}.")
+            raise SegflowError(f"ignore_value must be an integer 0..255, got {shown(ignore_value)}.")
         lookup[lookup == ignore_value] = IGNORE_INDEX
     return lookup
 
