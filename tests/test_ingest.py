@@ -844,3 +844,21 @@ def test_a_folder_segflow_did_not_write_is_never_replaced_but_its_own_output_is(
     for _ in range(2):  # and its own output is replaced on the next run
         ingest_coco(coco_project / "images", coco_project / "annotations.json", out)
     assert (out / ".segflow-output").is_file() and (out / "manifest.csv").is_file()
+
+
+@pytest.mark.parametrize("root, message", [
+    ("/", "holds the project folder"),
+    (".", "holds the project folder"),
+    ("..", "holds the project folder"),
+    (".git", "inside a .git folder"),
+    (".git/objects", "inside a .git folder"),
+])
+def test_data_root_that_dvc_cannot_track_as_data_is_refused_before_anything_is_written(tmp_path, monkeypatch, root,
+                                                                                       message):
+    project = tmp_path / "project"
+    (project / ".git" / "objects").mkdir(parents=True)
+    monkeypatch.chdir(project)
+    with pytest.raises(SegflowError, match=message) as caught:
+        ingest_from_params(DataParams(format="coco", root=Path(root)), project / "data/ingested")
+    assert f"data.root {root}" in str(caught.value)
+    assert not (project / "data").exists()

@@ -226,8 +226,24 @@ def ingest_masks(
     return IngestReport(len(rows), len(unlabeled_rows), warnings, list(names))
 
 
-def ingest_from_params(data: DataParams, out: Path) -> IngestReport:
-    """Run the ingest that ``params.yaml``'s ``data`` section describes; its paths are relative to ``data.root``."""
+def check_data_root(root: Path, project: Path) -> None:
+    """``data.root`` must be a folder of data that DVC can track as one dependency: not the project folder or a
+    folder holding it (``/``: DVC would record the project inside itself, and say "up to date" after an image
+    changed), and nothing inside a ``.git`` folder."""
+    resolved, project = Path(root).resolve(), Path(project).resolve()
+    if resolved == project or resolved in project.parents:
+        raise SegflowError(f"data.root {root} holds the project folder {project} itself: DVC cannot track a folder "
+                           "that contains the pipeline's own outputs. Point data.root at the folder of your images "
+                           "(e.g. /data/my-project, or data/raw inside the project).")
+    if ".git" in resolved.parts:
+        raise SegflowError(f"data.root {root} is inside a .git folder: that is git's store, not data. Point data.root "
+                           "at the folder of your images.")
+
+
+def ingest_from_params(data: DataParams, out: Path, project: Path = Path(".")) -> IngestReport:
+    """Run the ingest that ``params.yaml``'s ``data`` section describes; its paths are relative to ``data.root``,
+    which must be a folder of data apart from the ``project`` folder (:func:`check_data_root`)."""
+    check_data_root(data.root, project)
     unlabeled = None if data.unlabeled is None else data.root / data.unlabeled
     if data.format == "coco":
         images, annotations = data.root / data.coco.images, data.root / data.coco.annotations
