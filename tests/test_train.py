@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from segflow import IGNORE_INDEX
+from segflow import IGNORE_INDEX, checkpoint
 from segflow.card import MEAN, STD
 from segflow.checkpoint import Progress
 from segflow.config import AugmentParams, Layout, parse_params
@@ -313,7 +313,7 @@ def test_a_crop_larger_than_every_training_image_is_refused_before_it_eats_the_m
 def test_a_second_training_of_the_same_model_is_refused_and_leaves_the_first_alone(plain_project, tmp_path):
     data = {"data_dir": plain_project / Layout.ingested, "splits_csv": plain_project / Layout.splits}
     out_dir = tmp_path / "models" / "unet_original"
-    lock = tmp_path / "models" / ".unet_original.lock"
+    lock = checkpoint.lock_path_for(out_dir)
     # Another process holds the lock as a training holds it, then is killed (its forked children live on).
     holder = subprocess.Popen([sys.executable, "-c", (
         "import os, sys, time; from segflow.fsutil import exclusive_lock\n"
@@ -329,6 +329,8 @@ def test_a_second_training_of_the_same_model_is_refused_and_leaves_the_first_alo
     holder.wait()
     train_from_params(_plain_params(), "unet_original", out_dir=out_dir, **data)  # the lock went with its holder, not its child
     assert (out_dir / "model.safetensors").is_file()
+    # the lock lives outside models/ (a dependency of the register stage): the folder holds the model alone
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["unet_original"] and lock.is_file()
 
 
 @pytest.fixture(scope="module")

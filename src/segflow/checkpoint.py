@@ -13,6 +13,7 @@ A checkpoint lives in a folder beside the model folder it will become (``models/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -30,6 +31,17 @@ from segflow.fingerprint import differences
 from segflow.fsutil import atomic_write_json
 
 CHECKPOINT_FILE = "checkpoint.json"
+
+
+LOCKS_DIR = Path(".segflow/locks")  # in the project folder, outside every DVC-tracked output
+
+
+def lock_path_for(out_dir: Path) -> Path:
+    """The lock one training of ``out_dir`` holds: outside ``models/``, which the register stage depends on (a
+    lock file there, left by any training attempt, would make ``dvc status`` report that stage changed). Named
+    by the model folder's absolute path, so two projects' trainings never share one."""
+    resolved = str(Path(out_dir).resolve())
+    return LOCKS_DIR / f"{Path(out_dir).name}-{hashlib.sha256(resolved.encode()).hexdigest()[:16]}.lock"
 
 
 def resume_dir_for(out_dir: Path) -> Path:

@@ -570,7 +570,7 @@ def train(
     if (problem := unknown_architecture(arch)) is not None:
         raise SegflowError(f"{problem}.")
     # One training per model folder (torchrun's ranks are one training: rank 0 holds the lock for them all).
-    lock = (exclusive_lock(checkpoint.resume_dir_for(out_dir).with_suffix(".lock"), f"a training of {out_dir}")
+    lock = (exclusive_lock(checkpoint.lock_path_for(out_dir), f"a training of {out_dir}")
             if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext())
     with lock:
         group = distributed.setup(cfg.device)
