@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mlflow import MlflowClient
 
 from segflow import models
 from segflow.card import ModelCard
@@ -81,3 +82,8 @@ def promote(params: Params, name: str, version: str, *, data_dir: Path, splits_c
     """segflow.promotion.promote_version with its params sections taken from ``params``, as the CLI passes them."""
     return promote_version(name, version, register=params.register_, mlflow=params.mlflow,
                            test=test_split(params, data_dir, splits_csv), **force_and_reason)
+
+
+def artifact_dir(name: str, version: str = "1") -> Path:
+    """The version's model folder in the (local) artifact store, as an attacker with write access sees it."""
+    return Path(MlflowClient().get_model_version_download_uri(name, version).removeprefix("file://"))

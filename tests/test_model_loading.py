@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -20,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from PIL import Image
 
-from register_testing import ARCH, register_version
+from register_testing import ARCH, artifact_dir, register_version
 from segflow import models
 from segflow.card import ModelCard
 from segflow.config import InferenceParams
@@ -32,11 +31,6 @@ from segflow.registry import LOADER_MODULE, MLMODEL_TAG, WEIGHTS_TAG, segflow_fl
 from test_registry_ops import promote
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
-
-
-def artifact_dir(name: str, version: str = "1") -> Path:
-    """The version's model folder in the (local) artifact store, as an attacker with write access sees it."""
-    return Path(MlflowClient().get_model_version_download_uri(name, version).removeprefix("file://"))
 
 
 def segflow_mask(uri: str) -> np.ndarray:

@@ -23,11 +23,12 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 import segflow.promotion
 import segflow.registry
-from register_testing import ARCH, register_stage, register_version, write_scores
+from register_testing import ARCH, artifact_dir, register_stage, register_version, write_scores
 from register_testing import promote as promote_with
 from segflow.config import parse_params
 from segflow.data import load_samples
 from segflow.errors import SegflowError
+from segflow.fingerprint import file_sha256
 from segflow.imageio import read_image, write_image
 from segflow.inference import load_model, predict_mask, predict_probabilities, resolved_inference
 from segflow.metrics import split_fingerprint
@@ -236,6 +237,34 @@ def check_deleted_model_files_are_refused(workspace: Path, name: str) -> None:
 
 def test_a_version_whose_model_files_were_deleted_is_never_promoted(workspace):
     check_deleted_model_files_are_refused(workspace, "reg-gone")
+
+
+def _flip_last_byte(path: Path) -> tuple[str, str]:
+    """One flipped byte in ``path``; returns its SHA-256 before and after."""
+    before, data = file_sha256(path), bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    return before, file_sha256(path)
+
+
+def test_promotion_and_rollback_refuse_a_version_whose_weights_changed_in_the_store(workspace):
+    name = "reg-flipped"
+    register_version(workspace, name, 0.5)
+    second = register_version(workspace, name, 0.4).version  # its own model files, kept as challenger
+    weights = artifact_dir(name, second) / "data" / ARCH / "model.safetensors"
+    recorded, changed = _flip_last_byte(weights)
+    with pytest.raises(PromotionRefused, match=rf"{name} v{second} cannot become champion: .*model.safetensors has "
+                                               rf"SHA-256 {changed}, not the {recorded}"):
+        promote(workspace, name, second, force=True, reason="one byte cannot matter")
+    assert champion(name) == "1"
+
+    _flip_last_byte(weights)  # restored: the same version now passes
+    promote(workspace, name, second, force=True, reason="intact again")
+    recorded, changed = _flip_last_byte(artifact_dir(name, "1") / "data" / ARCH / "model.safetensors")
+    with pytest.raises(PromotionRefused, match=rf"{name} v1 cannot become champion: .*SHA-256 {changed}, not the "
+                                               rf"{recorded}"):
+        rollback(PARAMS.mlflow, name)
+    assert champion(name) == second
 
 
 def test_cli_refused_promotion_exits_1_with_the_reason(workspace, tmp_path):

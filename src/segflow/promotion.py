@@ -26,7 +26,7 @@ from segflow.registry import (
     model_version,
     promotion_lock,
     record_champion,
-    require_artifacts,
+    require_intact,
     version_number,
 )
 
@@ -126,7 +126,7 @@ def promote_version(
         raise SegflowError("segflow promote: --force needs --reason TEXT (recorded in the champion history).")
     client = connect(mlflow)
     candidate = model_version(client, name, version)
-    require_artifacts(name, version)
+    require_intact(name, version)
     if force:
         return _force(client, candidate, reason.strip())
     from segflow.data import load_samples

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -308,12 +309,23 @@ def format_versions(rows: list[VersionRow], metric: str) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip() for cells in table)
 
 
-def require_artifacts(name: str, version: str) -> None:
+def require_intact(name: str, version: str) -> None:
+    """Refuse to make ``version`` the champion unless its files are all there and are the ones registered: the
+    MLmodel, weights and card are downloaded and checked against the SHA-256s recorded at registration
+    (:func:`registered_files`). The download is the price of a promotion that cannot point the alias at
+    tampered weights."""
     if missing := missing_artifacts(name, version):
         raise PromotionRefused(
             f"{name} v{version} cannot become champion: its model artifact is incomplete, missing "
             f"{', '.join(missing)} (deleted from the artifact store?). Register a new version instead."
         )
+    with tempfile.TemporaryDirectory(prefix="segflow-promote-") as local:
+        try:
+            download_registered_model(f"models:/{name}/{version}", Path(local))
+        except SegflowError as exc:
+            if exc.__cause__ is not None:  # the store could not be reached: not this version's fault
+                raise
+            raise PromotionRefused(f"{name} v{version} cannot become champion: {exc}") from None
 
 
 def rollback(cfg: MlflowParams, name: str) -> tuple[str | None, str]:
@@ -326,7 +338,7 @@ def rollback(cfg: MlflowParams, name: str) -> tuple[str | None, str]:
             raise SegflowError(f"{name}: no previous champion to roll back to "
                                f"(champion history: {', '.join('v' + v for v in lineage) or 'empty'}).")
         current, target = champion_version(client, name), lineage[-2]
-        require_artifacts(name, target)
+        require_intact(name, target)
         record_champion(client, name, history_entry(target, "rollback", f"rollback from v{lineage[-1]}", current))
     return version_number(current), target
 
