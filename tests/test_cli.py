@@ -99,3 +99,25 @@ def test_a_crash_exits_3_in_one_line_with_the_traceback_in_a_log(tmp_path, monke
     logs = list((tmp_path / ".segflow/crash-logs").iterdir())
     assert len(logs) == 1 and str(logs[0]) in stderr
     assert "Traceback" in logs[0].read_text() and "segflow split" in logs[0].read_text()
+
+
+def test_a_full_disk_exits_2_naming_the_path_and_the_cause(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import pytest
+
+    from segflow import cli, split
+
+    def disk_full(*args, **kwargs):  # fault injection: the machine, not segflow, fails
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "data/splits.csv"))
+
+    monkeypatch.setattr(split, "make_splits", disk_full)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["segflow", "split"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    assert f"{tmp_path / 'data/splits.csv'}: No space left on device: the disk is full" in stderr
+    assert "internal error" not in stderr and not (tmp_path / ".segflow/crash-logs").exists()

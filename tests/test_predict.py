@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -154,3 +155,25 @@ def test_unknown_model_and_an_output_folder_holding_the_images_are_errors(tmp_pa
         with pytest.raises(SegflowError, match=f"output folder .* {relation} the input"):
             predict(parse_params(PARAMS), model=tmp_path / "nowhere", images_dir=images_dir, out_dir=out_dir)
     assert sorted(p.name for p in images_dir.iterdir()) == ["a.png", "b.jpg", "c.bmp", "notes.txt"]
+
+
+@pytest.mark.parametrize("csv_path, message", [
+    ("folder", "is a folder; give the path of the CSV file"),
+    ("file.txt/x.csv", "does not exist \\(or is a file\\)"),
+])
+def test_a_csv_path_that_cannot_be_written_exits_2_before_anything_is_written(tmp_path, model_dir, images_dir,
+                                                                               monkeypatch, capsys, csv_path, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(PARAMS))
+    monkeypatch.setattr(sys, "argv", [
+        "segflow", "predict", "--model", str(model_dir), "--images", str(images_dir), "--out", str(tmp_path / "out"),
+        "--csv", str(tmp_path / csv_path), "--params", str(params_file),
+    ])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert re.search(f"--csv {re.escape(str(tmp_path / csv_path))}.*{message}", stderr) and "Traceback" not in stderr
+    assert not (tmp_path / "out").exists()

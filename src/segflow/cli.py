@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from segflow.config import Layout, Params, load_params
-from segflow.errors import INTERNAL_ERROR, SegflowError
+from segflow.errors import INTERNAL_ERROR, SegflowError, environment_error
 
 app = typer.Typer(
     help="segflow: from raw images to a registered, promoted segmentation model. "
@@ -419,7 +419,7 @@ def main() -> None:
         app()
     except Exception as exc:  # noqa: BLE001  (every failure ends as one paragraph and an exit code)
         # A tracking server that is down is no programming error either: say so in one paragraph too.
-        error = exc if isinstance(exc, SegflowError) else _unreachable_server_error(exc)
+        error = exc if isinstance(exc, SegflowError) else _unreachable_server_error(exc) or environment_error(exc)
         if error is None:
             log_file = _write_crash_log(exc)
             typer.echo(f"segflow: internal error: {type(exc).__name__}: {exc}. This is a bug in segflow, not a "

@@ -1,10 +1,11 @@
 """Errors and the exit codes they end a command with.
 
 0 success; 1 the data failed validation or a promotion was refused; 2 the user's input (data, parameters,
-files) is wrong; 3 segflow itself failed (a bug: the traceback goes to a log file). The Prefect flow retries
+files, or the machine: a full disk, no permission) is wrong; 3 segflow itself failed (a bug: the traceback goes to a log file). The Prefect flow retries
 none of these: only a stage killed from outside or a tracking server that cannot be reached is transient.
 """
 
+import errno
 import reprlib
 from typing import Any
 
@@ -38,3 +39,28 @@ def shown(value: Any, characters: int = 200) -> str:
     (nested lists that YAML aliases share would print exponentially)."""
     text = _REPR.repr(value)
     return text if len(text) <= characters else text[: characters - 3] + "..."
+
+
+# What the user or the machine can do about an OSError: the environment's problems, not segflow's bugs.
+_ENVIRONMENT_CAUSES = {
+    errno.ENOSPC: "the disk is full; free some space and run it again",
+    errno.EDQUOT: "the disk quota is used up; free some space and run it again",
+    errno.EISDIR: "it is a folder where a file was expected; give a file's path",
+    errno.ENOTDIR: "a part of the path is a file where a folder was expected",
+    errno.EEXIST: "it already exists; remove it or give another path",
+    errno.EACCES: "permission denied; give a path you can write to, or change its permissions",
+    errno.EPERM: "operation not permitted; give a path you can write to, or change its permissions",
+    errno.EROFS: "the file system is read-only; give a writable path",
+}
+
+
+def environment_error(exc: BaseException) -> SegflowError | None:
+    """The user's paths or the machine (a full disk, a folder given for a file, no permission) as one paragraph
+    naming the path and the cause, for an OSError anywhere in ``exc``'s chain; None for any other failure."""
+    cause: BaseException | None = exc
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in _ENVIRONMENT_CAUSES):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    where = " -> ".join(str(name) for name in (cause.filename, cause.filename2) if name is not None) or "a file"
+    return SegflowError(f"{where}: {cause.strerror or errno.errorcode[cause.errno]}: {_ENVIRONMENT_CAUSES[cause.errno]}.")

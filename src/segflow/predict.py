@@ -68,6 +68,12 @@ def _check_outputs(images_dir: Path, out_dir: Path, csv_file: Path | None) -> No
     refuse_overlap(out_dir, [images_dir], "segflow predict")
     if csv_file is not None and csv_file.resolve().is_relative_to(out_dir.resolve()):
         raise SegflowError(f"--csv {csv_file} lies inside --out {out_dir}, which is replaced whole; put it elsewhere.")
+    # Checked before anything is written: the CSV is written last, when --out is already in place.
+    if csv_file is not None and csv_file.is_dir():
+        raise SegflowError(f"--csv {csv_file} is a folder; give the path of the CSV file to write.")
+    if csv_file is not None and not csv_file.parent.is_dir():
+        raise SegflowError(f"--csv {csv_file}: its folder {csv_file.parent} does not exist (or is a file); create "
+                           "it, or give another path.")
 
 
 def predict(
