@@ -38,16 +38,11 @@ def test_champion_scored_on_other_test_data_is_rescored_before_comparing(workspa
 
 
 def test_a_registry_that_lost_the_projects_history_is_refused_until_forced(workspace, tmp_path, monkeypatch):
-    import mlflow
 
     from segflow.errors import SegflowError
 
     first = register_version(workspace, "lost-history", 0.50)
-    # mlflow.db deleted (or another tracking URI): a new, empty store.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'new-mlflow.db'}")
-    # MLflow's process-wide URIs: put back after the test, for the tests that share the session's store.
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
-    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    _other_store(tmp_path, monkeypatch, "new-mlflow.db")
     with pytest.raises(SegflowError, match=(
             rf"registrations.jsonl: this project registered lost-history v{first.version} on .* but the model "
             r"registry at sqlite:///.*new-mlflow.db has no model named 'lost-history': it has lost its history")):
@@ -60,6 +55,51 @@ def test_a_registry_that_lost_the_projects_history_is_refused_until_forced(works
     assert register_version(workspace, "lost-history", 0.70).version == "2"  # the new history is the record now
     records = [json.loads(line) for line in (workspace / "registrations.jsonl").read_text().splitlines()]
     assert [(r["version"], r["new_history"]) for r in records] == [(first.version, False), ("1", True), ("2", False)]
+
+
+def _other_store(tmp_path, monkeypatch, name: str) -> str:
+    """MLFLOW_TRACKING_URI on a new, empty store (mlflow.db deleted, or another tracking URI), put back after;
+    returns its URI."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / name}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # MLflow's process-wide URIs: put back after the test, for the tests that share the session's store.
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    return uri
+
+
+def test_another_store_with_a_model_of_the_same_name_and_as_many_versions_is_refused(workspace, tmp_path,
+                                                                                     monkeypatch):
+    from segflow.errors import SegflowError
+
+    first = register_version(workspace, "twin-name", 0.50)
+    recorded = json.loads((workspace / "registrations.jsonl").read_text().splitlines()[-1])
+    stored = MlflowClient().get_model_version("twin-name", first.version)
+    assert (recorded["run_id"], recorded["created"]) == (stored.run_id, str(stored.creation_timestamp))
+    uri = _other_store(tmp_path, monkeypatch, "twin-mlflow.db")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("twin-name")  # someone else's model, as many versions
+    for _ in range(int(first.version)):
+        client.create_model_version("twin-name", str(tmp_path / "elsewhere"))
+    with pytest.raises(SegflowError, match=(
+            rf"registered twin-name v{first.version} on .* \(training run {stored.run_id}, created {stored.creation_timestamp}\), but "
+            rf"v{first.version} in the model registry at sqlite:///.*twin-mlflow.db is another model")):
+        register_version(workspace, "twin-name", 0.60)
+    assert "champion" not in client.get_registered_model("twin-name").aliases
+
+
+def test_a_cut_short_line_of_the_registrations_record_is_named_with_its_number(workspace):
+    from segflow.errors import SegflowError
+
+    register_version(workspace, "cut-record", 0.50)
+    record = workspace / "registrations.jsonl"
+    lines = record.read_text().splitlines()
+    record.write_text("\n".join(lines) + "\n" + lines[-1][:25])  # a write cut short by a full disk
+    with pytest.raises(SegflowError, match=rf"registrations.jsonl: line {len(lines) + 1} is not a whole JSON record"):
+        register_version(workspace, "cut-record", 0.60)
+    record.write_text("\n".join(lines) + "\n")
 
 
 def test_candidates_are_ranked_on_val_and_the_teacher_is_one_of_them(workspace):

@@ -241,6 +241,6 @@ def register(
         for run_id, folder in shown_on:
             if run_id is not None:
                 log_decision(client, run_id, folder, decision, description, scores, Path(out_file), history)
-        record_registration(record_file, decision, new_history=force)
+        record_registration(record_file, decision, new_history=force, version=candidate)
     log.info("registered %s v%s (%s): %s", cfg.model_name, decision.version, chosen, decision.reason)
     return decision

@@ -36,7 +36,7 @@ from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from segflow import CARD_FILE, WEIGHTS_FILE, tracking
 from segflow.config import MlflowParams
-from segflow.errors import VALIDATION_FAILED, SegflowError
+from segflow.errors import VALIDATION_FAILED, SegflowError, shown
 from segflow.fingerprint import file_sha256
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -358,37 +358,66 @@ def recorded_versions(record_file: Path, name: str) -> list[dict]:
     """The registrations of ``name`` on record since its history last started (``--force`` starts one)."""
     if not Path(record_file).exists():
         return []
-    entries = [json.loads(line) for line in Path(record_file).read_text().splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(Path(record_file).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise SegflowError(
+                f"{record_file}: line {number} is not a whole JSON record ({shown(line, 120)}): a write cut short "
+                "(a full disk, a killed process) or an edit. Restore the file from git (`git checkout "
+                f"{record_file}`), or delete that line if it was the last registration's; then run again.") from None
     entries = [entry for entry in entries if entry.get("model_name") == name]
     starts = [i for i, entry in enumerate(entries) if entry.get("new_history")]
     return entries[starts[-1]:] if starts else entries
 
 
+IDENTITY_KEYS = ("run_id", "created")  # what tells a registered version from another store's of the same number
+
+
+def version_identity(version: ModelVersion) -> dict[str, str]:
+    return {"run_id": str(version.run_id), "created": str(version.creation_timestamp)}
+
+
 def check_history(client: MlflowClient, name: str, record_file: Path) -> None:
     """Refuse a registry that lacks versions the project registered before (a deleted ``mlflow.db``, another
-    tracking URI): registering there would promote a first champion ungated and lose the old history."""
+    tracking URI), or whose versions are not those (another store holding a model of the same name with as many
+    versions): registering there would promote a first champion ungated, or gate against a stranger."""
     recorded = recorded_versions(record_file, name)
     if not recorded:
         return
     newest = max(recorded, key=lambda entry: int(entry["version"]))
-    versions = client.search_model_versions(f"name = '{name}'")
-    highest = max((int(v.version) for v in versions), default=0)
-    if highest >= int(newest["version"]):
-        return
-    found = f"only versions up to v{highest}" if highest else f"no model named '{name}'"
-    raise SegflowError(
-        f"{record_file}: this project registered {name} v{newest['version']} on {newest['at']} in "
-        f"{newest['registry']}, but the model registry at {_without_credentials(mlflow.get_registry_uri())} has "
-        f"{found}: it has lost its history (a deleted mlflow.db, or another tracking URI). Restore that store or "
-        "point MLFLOW_TRACKING_URI at it; or, to start a new history in this registry on purpose (its first "
-        "champion is then promoted without a gate), run `segflow register --force`.")
+    registry = _without_credentials(mlflow.get_registry_uri())
+    fix = ("Restore that store or point MLFLOW_TRACKING_URI at it; or, to start a new history in this registry on "
+           "purpose (its first champion is then promoted without a gate), run `segflow register --force`.")
+    versions = {str(v.version): v for v in client.search_model_versions(f"name = '{name}'")}
+    stored = versions.get(str(newest["version"]))
+    if stored is None:
+        highest = max((int(v) for v in versions), default=0)
+        found = f"only versions up to v{highest}" if highest else f"no model named '{name}'"
+        raise SegflowError(
+            f"{record_file}: this project registered {name} v{newest['version']} on {newest['at']} in "
+            f"{newest['registry']}, but the model registry at {registry} has {found}: it has lost its history (a "
+            f"deleted mlflow.db, or another tracking URI). {fix}")
+    expected = {key: newest[key] for key in IDENTITY_KEYS if key in newest}  # older records lack them
+    actual = version_identity(stored)
+    if any(actual[key] != value for key, value in expected.items()):
+        raise SegflowError(
+            f"{record_file}: this project registered {name} v{newest['version']} on {newest['at']} in "
+            f"{newest['registry']} (training run {expected.get('run_id')}, created {expected.get('created')}), but "
+            f"v{newest['version']} in the model registry at {registry} is another model (run {actual['run_id']}, "
+            f"created {actual['created']}): a different store holding a model of the same name. {fix}")
 
 
-def record_registration(record_file: Path, decision: Decision, new_history: bool) -> None:
-    """Append the registration to the project's record (one JSON line; the file is never rewritten)."""
+def record_registration(record_file: Path, decision: Decision, new_history: bool, version: ModelVersion) -> None:
+    """Append the registration of ``version`` to the project's record (one JSON line; the file is never
+    rewritten), with what identifies it in its registry (:data:`IDENTITY_KEYS`)."""
     entry = {"model_name": decision.model_name, "version": decision.version, "arch": decision.arch,
              "promoted": decision.promoted, "at": _utc_now(),
-             "registry": _without_credentials(mlflow.get_registry_uri()), "new_history": new_history}
+             "registry": _without_credentials(mlflow.get_registry_uri()), "new_history": new_history,
+             **version_identity(version)}
     Path(record_file).parent.mkdir(parents=True, exist_ok=True)
     with open(record_file, "a") as file:
         file.write(json.dumps(entry) + "\n")
