@@ -38,7 +38,6 @@ def test_champion_scored_on_other_test_data_is_rescored_before_comparing(workspa
 
 
 def test_a_registry_that_lost_the_projects_history_is_refused_until_forced(workspace, tmp_path, monkeypatch):
-
     from segflow.errors import SegflowError
 
     first = register_version(workspace, "lost-history", 0.50)
