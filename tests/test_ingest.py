@@ -577,12 +577,45 @@ def test_a_file_name_outside_the_images_folder_is_refused(coco_with_previous_out
 
 
 @pytest.mark.parametrize("file_name", ["sub/../b.png", "link.png"])
-def test_a_dot_dot_that_stays_inside_and_a_linked_file_are_fine(coco_with_previous_output, file_name):
+def test_a_dot_dot_that_stays_inside_and_a_file_linked_into_dvc_cache_are_fine(coco_with_previous_output, file_name,
+                                                                                monkeypatch):
     images, ann_path, out, _ = coco_with_previous_output
+    monkeypatch.chdir(images.parent)  # the project folder
     # As DVC's symlink cache type lays out a tracked folder: the file is a link into the cache.
-    (images / "link.png").symlink_to(save_image(images.parent / "cache" / "b.png", 10, 8))
+    cached = images.parent / ".dvc/cache/files/md5/ab/cdef"  # no extension: DVC names cache files by hash
+    cached.parent.mkdir(parents=True)
+    save_image(images.parent / "b-copy.png", 10, 8).rename(cached)
+    (images / "link.png").symlink_to(cached)
     write_json(ann_path, set_in(good_doc(), ("images", 1, "file_name"), file_name))
     assert ingest_coco(images, ann_path, out).labeled == 2
+
+
+@pytest.mark.parametrize("listed_as", ["coco image", "mask folder image", "unlabeled image"])
+def test_a_file_linked_outside_its_folder_and_the_dvc_cache_is_refused(coco_with_previous_output, monkeypatch,
+                                                                       listed_as):
+    images, ann_path, out, before = coco_with_previous_output
+    monkeypatch.chdir(images.parent)
+    secret = images.parent / "secret" / "shadow"  # a readable file nobody meant as data (/etc/shadow, a key)
+    secret.parent.mkdir()
+    save_image(images.parent / "shadow.png", 10, 8).rename(secret)
+    if listed_as == "coco image":
+        (images / "link.png").symlink_to(secret)
+        write_json(ann_path, set_in(good_doc(), ("images", 1, "file_name"), "link.png"))
+        call = lambda: ingest_coco(images, ann_path, out)  # noqa: E731
+    elif listed_as == "mask folder image":
+        source = MaskSource(images.parent / "frames", images.parent / "frame_masks", "train")
+        save_image(source.images / "a.png", 8, 6)
+        save_mask(source.masks / "a.png", pattern())
+        (source.images / "zzz.png").symlink_to(secret)
+        save_mask(source.masks / "zzz.png", pattern())
+        call = lambda: ingest_masks([source], out)  # noqa: E731
+    else:
+        (images.parent / "pool").mkdir()
+        (images.parent / "pool" / "zzz.png").symlink_to(secret)
+        call = lambda: ingest_coco(images, ann_path, out, unlabeled=images.parent / "pool")  # noqa: E731
+    expected = ["zzz.png" if listed_as != "coco image" else "link.png", f"a symbolic link (itself or a folder on its "
+                f"way) to {secret}", "outside the"]
+    assert_error_keeps_previous_output(call, out, before, expected)
 
 
 def test_an_exif_rotated_photo_is_rasterized_on_the_picture_as_displayed(tmp_path):

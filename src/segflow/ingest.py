@@ -307,8 +307,25 @@ def _final_location(out: Path) -> Path:
     return out.parent.resolve() / out.name
 
 
+DVC_CACHE = Path(".dvc/cache")  # in the project folder: DVC's symlink and hardlink cache types link files there
+
+
+def refuse_link_outside(path: Path, folder: Path, what: str) -> None:
+    """The one symbolic-link policy for every file read as data: ``path`` (listed under ``folder``) may be or pass
+    through a link only if where it ends up lies inside ``folder`` itself or in the project's DVC cache (DVC's
+    symlink cache type links every tracked file there). A link elsewhere (``zzz.png -> /etc/shadow``) would make
+    segflow read a file DVC does not track, or one the data's author should not get to read."""
+    target, inside = path.resolve(), [Path(folder).resolve(), DVC_CACHE.resolve()]
+    if not any(target.is_relative_to(root) for root in inside):
+        raise SegflowError(
+            f"{path}: a symbolic link (itself or a folder on its way) to {target}, outside the {what} folder "
+            f"{folder} and the project's DVC cache. Data is read only from inside its folder: copy the file in, "
+            "or point the data settings at the folder that holds it.")
+
+
 def _list_images(folder: Path, what: str, skipped: Iterable[Path] = ()) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted), leaving out hidden entries and ``skipped`` folders."""
+    """Image files under ``folder`` (recursive, sorted), leaving out hidden entries and ``skipped`` folders; a
+    link out of ``folder`` is refused (:func:`refuse_link_outside`)."""
     if not folder.is_dir():
         raise SegflowError(f"{folder}: {what} folder not found (or not a folder).")
     skipped = [path.resolve() for path in skipped]
@@ -319,6 +336,7 @@ def _list_images(folder: Path, what: str, skipped: Iterable[Path] = ()) -> list[
         if path.suffix.lower() not in IMAGE_EXTENSIONS or any(part.startswith(".") for part in relative.parts):
             continue
         if path.is_file() and not any((resolved_folder / relative).is_relative_to(skip) for skip in skipped):
+            refuse_link_outside(path, folder, what)
             found.append(path)
     return sorted(found)
 
@@ -640,7 +658,7 @@ def _match_coco_images(
 def _refuse_files_outside(coco: _CocoFile, images: Path, annotations: Path) -> None:
     """A file_name must name a file inside ``images``: one outside (absolute, or out through ``..`` or a linked
     folder) is data that DVC does not track, or a file the annotations' author should not get to read. The file
-    itself may be a symbolic link: DVC's symlink cache type links every tracked file into its cache."""
+    itself may be a symbolic link into the images folder or DVC's cache (:func:`refuse_link_outside`)."""
     root = images.resolve()
     for entry in coco.images:
         folder = (images / entry.file_name).parent.resolve()
@@ -650,6 +668,8 @@ def _refuse_files_outside(coco: _CocoFile, images: Path, annotations: Path) -> N
                 f"images folder {images} (an absolute path, or out through '..' or a linked folder). Images are "
                 "read only from inside the images folder: give file_name relative to it, or move the file into it."
             )
+        if (images / entry.file_name).is_symlink():
+            refuse_link_outside(images / entry.file_name, images, "images")
 
 
 def _write_coco_mask(
