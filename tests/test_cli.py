@@ -121,3 +121,36 @@ def test_a_full_disk_exits_2_naming_the_path_and_the_cause(tmp_path, monkeypatch
     stderr = capsys.readouterr().err
     assert f"{tmp_path / 'data/splits.csv'}: No space left on device: the disk is full" in stderr
     assert "internal error" not in stderr and not (tmp_path / ".segflow/crash-logs").exists()
+
+
+def test_killing_dvc_ends_the_stage_it_started_instead_of_leaving_an_orphan(tmp_path):
+    import os
+    import time
+
+    import psutil
+
+    from segflow.checkpoint import lock_path_for
+    from train_testing import PLAIN_UNET, make_project, subprocess_env, write_params
+
+    project = make_project(tmp_path, train=8)
+    write_params(project, {"train": {"archs": ["unet_original"], "epochs": 1000, "batch_size": 4, "crop_size": 32,
+                                     "device": "cpu", "decoded_cache": False, "use_pseudo_labels": False},
+                           "models": {"unet_original": PLAIN_UNET}})
+    # A stand-in for `dvc repro`: it starts the stage's command as DVC does, and is then killed with SIGKILL.
+    dvc = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\n"
+        "stage = subprocess.Popen(sys.argv[1:], env={**os.environ, 'DVC_STAGE': 'train@unet_original'})\n"
+        "print(stage.pid, flush=True); time.sleep(600)"), SEGFLOW, "train", "--arch", "unet_original"],
+        cwd=project, stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    stage = psutil.Process(int(dvc.stdout.readline()))
+    lock = project / lock_path_for(project / "models/unet_original")
+    deadline = time.monotonic() + 60
+    while not lock.exists() and time.monotonic() < deadline:  # the training has begun
+        time.sleep(0.2)
+    assert lock.exists() and stage.is_running()
+    os.kill(dvc.pid, 9)
+    dvc.wait()
+    gone, alive = psutil.wait_procs([stage], timeout=20)
+    for orphan in alive:  # a failing test leaves nothing running behind it
+        orphan.kill()
+    assert gone, "the training went on as an orphan"

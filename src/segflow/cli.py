@@ -415,6 +415,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("segflow").setLevel(os.environ.get("SEGFLOW_LOG_LEVEL", "INFO"))
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    if os.environ.get("DVC_STAGE"):
+        _end_with_parent()
     try:
         app()
     except Exception as exc:  # noqa: BLE001  (every failure ends as one paragraph and an exit code)
@@ -427,6 +429,22 @@ def main() -> None:
             sys.exit(INTERNAL_ERROR)
         typer.echo(f"segflow: error: {error}{_dvc_recovery()}", err=True)
         sys.exit(error.exit_code)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _end_with_parent() -> None:
+    """Under ``dvc repro``: when DVC is killed (SIGKILL leaves it no time to stop its stage), this process gets
+    SIGTERM instead of training on as an orphan; the next run resumes or restarts it. Linux only."""
+    import ctypes
+    import signal
+
+    if sys.platform != "linux":
+        return
+    parent = os.getppid()
+    if ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0 and os.getppid() != parent:
+        sys.exit(f"segflow: the process that started this stage ({parent}) has ended; stopping.")
 
 
 def _unreachable_server_error(exc: Exception) -> SegflowError | None:
