@@ -21,11 +21,12 @@ from register_testing import register_stage, write_scores
 from segflow import models, tracking
 from segflow.card import ModelCard
 from segflow.cli import main
-from segflow.config import parse_params
+from segflow.config import InferenceParams, parse_params
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask, write_image
 from segflow.inference import resolve_model_dir, resolved_inference, save_model
-from segflow.predict import predict
+from segflow.predict import predict, within_limits
+from segflow.pyfunc_model import decode_image
 from segflow.visualize import palette
 
 ARCH, NUM_CLASSES = "fcn32s", 4
@@ -177,3 +178,34 @@ def test_a_csv_path_that_cannot_be_written_exits_2_before_anything_is_written(tm
     stderr = capsys.readouterr().err
     assert re.search(f"--csv {re.escape(str(tmp_path / csv_path))}.*{message}", stderr) and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_past_the_limits_is_refused_from_its_header_and_the_others_are_predicted(tmp_path, model_dir,
+                                                                                        images_dir, monkeypatch,
+                                                                                        capsys):
+    Image.new("L", (9000, 9000)).save(images_dir / "huge.png")  # 310 kB, 81 megapixels once decoded
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(PARAMS))
+    monkeypatch.setattr(sys, "argv", ["segflow", "predict", "--model", str(model_dir), "--images", str(images_dir),
+                                      "--out", str(tmp_path / "out"), "--params", str(params_file)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert re.search(rf"1 image\(s\) not predicted: {re.escape(str(images_dir / 'huge.png'))} is 9000x9000 = "
+                     r"81,000,000 pixels, more than the 4,000,000 this model takes", stderr)
+    assert sorted(p.name for p in (tmp_path / "out/masks").iterdir()) == ["a.png", "b.png", "c.png"]
+
+    small = parse_params({**PARAMS, "evaluate": {"inference": {"max_image_mb": 0.0001, "max_pixels": 500}}})
+    refused = within_limits(sorted(images_dir.glob("*.*")), small.evaluate.inference, 16)
+    assert {path.name for path in refused} == {"a.png", "b.jpg", "c.bmp", "huge.png"}  # notes.txt: 12 bytes
+    assert "MB encoded, more than the 0.0001 MB" in refused[images_dir / "a.png"]
+
+
+def test_the_served_model_refuses_an_array_or_base64_text_past_its_limits():
+    limits = InferenceParams(max_pixels=100, max_image_mb=0.001)
+    with pytest.raises(SegflowError, match="the image sent is 11x10 = 110 pixels, more than the 100"):
+        decode_image(np.zeros((10, 11, 3), dtype=np.uint8), limits)
+    assert decode_image(np.zeros((10, 10, 3), dtype=np.uint8), limits).shape == (10, 10, 3)
+    with pytest.raises(SegflowError, match="the image sent is 0.0 MB encoded, more than the 0.001 MB"):
+        decode_image("A" * 2000, limits)  # refused by its length, before it is base64-decoded

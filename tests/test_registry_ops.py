@@ -5,6 +5,7 @@ tests/pipelines/test_tracking_faults.py runs the concurrency and deleted-files c
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import socket
@@ -14,12 +15,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from PIL import Image
 
 import segflow.promotion
 import segflow.registry
@@ -306,7 +309,8 @@ def test_mlflow_models_serve_predicts_a_posted_png_as_evaluation_does(workspace,
     assert flavor["loader_module"] == "segflow.pyfunc_model"  # the installed package's code, none from the store
     card = json.loads((local / flavor["data"] / "model.json").read_text())
     assert card["extra"]["inference"] == {"mode": "slide", "crop_size": 24, "stride": 16, "windows_per_batch": 8,
-                                          "flip": True, "scales": [0.75, 1.25]}  # the window made concrete
+                                          "flip": True, "scales": [0.75, 1.25], "max_pixels": 4_000_000,
+                                          "max_image_mb": 16.0}  # the window and the pixel limit made concrete
 
     port, log = _free_port(), tmp_path / "serve.log"
     # The scoring server is started as `uvicorn`, found on PATH.
@@ -351,6 +355,19 @@ def test_mlflow_models_serve_predicts_a_posted_png_as_evaluation_does(workspace,
 
         refused = invoke({"inputs": base64.b64encode(b"not an image").decode()})
         assert refused.status_code == 400 and "the image sent: cannot decode image" in refused.json()["message"]
+
+        # 9000x9000 black pixels: 310 kB on the wire, gigabytes once decoded. Refused from its header, at once.
+        huge = io.BytesIO()
+        Image.new("L", (9000, 9000)).save(huge, format="PNG")
+        served = psutil.Process(server.pid)
+        memory_before = sum(p.memory_info().rss for p in [served, *served.children(recursive=True)])
+        started = time.monotonic()
+        refused = invoke({"inputs": base64.b64encode(huge.getvalue()).decode()})
+        assert refused.status_code == 400 and time.monotonic() - started < 2
+        assert "is 9000x9000 = 81,000,000 pixels, more than the 4,000,000" in refused.json()["message"]
+        memory_after = sum(p.memory_info().rss for p in [served, *served.children(recursive=True)])
+        assert memory_after - memory_before < 300e6
+        np.testing.assert_array_equal(invoke({"inputs": encoded}).json()["predictions"], expected)  # still serving
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

@@ -316,6 +316,8 @@ def predict(
 
     result = run(load_params(params_file), model=model, images_dir=images, out_dir=out, csv_file=csv)
     typer.echo(f"predicted {result.images} images into {result.out_dir}" + (f" and {result.csv_file}" if csv else ""))
+    if result.refused:  # the others were predicted; these were not
+        raise SegflowError(f"{len(result.refused)} image(s) not predicted: " + " ".join(result.refused.values()))
 
 
 @app.command()

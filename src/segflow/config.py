@@ -329,6 +329,10 @@ class InferenceParams(_Section):
     windows_per_batch: int = Field(8, ge=1)      # slide windows per forward pass: memory against speed
     flip: bool = False                           # average with the horizontally flipped prediction
     scales: list[float] = Field(default_factory=lambda: [1.0])  # multi-scale TTA: probabilities averaged
+    # What one image sent to the served model or to `segflow predict` may be (evaluation is not limited): its
+    # pixels (null: 16 windows' worth, at least 4 megapixels; made concrete when registered) and its encoded size.
+    max_pixels: int | None = Field(None, ge=1)
+    max_image_mb: float = Field(16.0, gt=0)
 
     @field_validator("scales")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -93,6 +94,17 @@ def image_size(path: Path | str) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), after a full decode so corrupt files are caught."""
     img = _open(Path(path))
     return img.size
+
+
+def header_size(path: Path | str | BinaryIO) -> tuple[int, int]:
+    """(width, height) from the file's header alone, no pixel decoded (an EXIF rotation does not change their
+    product): to refuse an image too large to decode before decoding it. (0, 0) when Pillow cannot read the
+    header: :func:`read_image` then says what is wrong with the file."""
+    try:
+        with Image.open(path) as header:
+            return header.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return 0, 0
 
 
 def write_mask(path: Path | str, mask: np.ndarray, palette: np.ndarray | None = None) -> None:

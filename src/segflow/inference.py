@@ -145,13 +145,46 @@ def probabilities(
     return total.div_(len(inference.scales) * len(flips))
 
 
+DEFAULT_MAX_PIXELS = 4_000_000  # at least a 2000x2000 photo, whatever the training window
+
+
+def max_pixels(inference: InferenceParams, train_crop_size: int | None) -> int:
+    """``inference.max_pixels``, or what null stands for: 16 windows (the slide window, else the training crop)
+    worth of pixels, at least :data:`DEFAULT_MAX_PIXELS`."""
+    if inference.max_pixels is not None:
+        return inference.max_pixels
+    window = inference.crop_size or train_crop_size or 0
+    return max(DEFAULT_MAX_PIXELS, 16 * window * window)
+
+
+def check_image_size(width: int, height: int, inference: InferenceParams, train_crop_size: int | None,
+                     what: str) -> None:
+    """Refuse an image larger than ``inference`` allows (:func:`max_pixels`), before it is decoded: a 310 kB PNG
+    can hold 9000x9000 black pixels, gigabytes once decoded and minutes of inference."""
+    limit = max_pixels(inference, train_crop_size)
+    if width * height > limit:
+        raise SegflowError(
+            f"{what} is {width}x{height} = {width * height:,} pixels, more than the {limit:,} this model takes "
+            "(evaluate.inference.max_pixels, made concrete when it was registered); send it downscaled or cut "
+            "into tiles, or raise that limit and register the model again.")
+
+
+def check_encoded_size(size: int, inference: InferenceParams, what: str) -> None:
+    """Refuse an encoded image file over ``inference.max_image_mb`` before anything decodes it."""
+    if size > inference.max_image_mb * 1e6:
+        raise SegflowError(f"{what} is {size / 1e6:.1f} MB encoded, more than the {inference.max_image_mb:g} MB this "
+                           "model takes (evaluate.inference.max_image_mb); send it compressed or downscaled.")
+
+
 def resolved_inference(inference: InferenceParams, train_crop_size: int | None) -> InferenceParams:
-    """``inference`` with its sliding window and stride made concrete (what a null ``crop_size`` / ``stride``
-    stand for), so the settings predict the same wherever they travel without ``train.crop_size``."""
+    """``inference`` with its sliding window, stride and pixel limit made concrete (what null ``crop_size`` /
+    ``stride`` / ``max_pixels`` stand for), so the settings predict and refuse the same wherever they travel
+    without ``train.crop_size``."""
+    limits = {"max_pixels": max_pixels(inference, train_crop_size)}
     if inference.mode != "slide":
-        return inference
+        return inference.model_copy(update=limits)
     window, stride = _window(inference, train_crop_size)
-    return inference.model_copy(update={"crop_size": window, "stride": stride})
+    return inference.model_copy(update={"crop_size": window, "stride": stride, **limits})
 
 
 def _window(inference: InferenceParams, train_crop_size: int | None) -> tuple[int, int]:

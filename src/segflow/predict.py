@@ -12,19 +12,26 @@ import contextlib
 import csv
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from segflow.card import registered_inference
-from segflow.config import Params
+from segflow.config import InferenceParams, Params
 from segflow.data import stack_padded, to_tensor
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_open, owned_dir, refuse_overlap
-from segflow.imageio import read_image, write_image, write_mask
-from segflow.inference import load_model, predict_classes, resolve_device, resolve_model_dir
+from segflow.imageio import header_size, read_image, write_image, write_mask
+from segflow.inference import (
+    check_encoded_size,
+    check_image_size,
+    load_model,
+    predict_classes,
+    resolve_device,
+    resolve_model_dir,
+)
 from segflow.visualize import legend_figure, overlay, palette, save_figure
 
 log = logging.getLogger("segflow.predict")
@@ -38,6 +45,20 @@ class PredictResult:
     images: int
     out_dir: Path
     csv_file: Path | None
+    refused: dict[str, str] = field(default_factory=dict)  # image path -> why it was not predicted (too large)
+
+
+def within_limits(paths: list[Path], inference: InferenceParams, train_crop_size: int) -> dict[Path, str]:
+    """The images ``inference``'s limits refuse (``max_image_mb``, ``max_pixels``), each with the reason, found
+    from the file size and header alone, before anything is decoded."""
+    refused = {}
+    for path in paths:
+        try:
+            check_encoded_size(path.stat().st_size, inference, str(path))
+            check_image_size(*header_size(path), inference, train_crop_size, str(path))
+        except SegflowError as exc:
+            refused[path] = str(exc)
+    return refused
 
 
 def list_images(images_dir: Path) -> list[Path]:
@@ -99,6 +120,10 @@ def predict(
         log.info("%s predicts with the inference settings it was registered with (%s), not evaluate.inference",
                  model, inference.model_dump(mode="json"))
     cfg = params.predict
+    refused = within_limits(paths, inference, params.train.crop_size)
+    for reason in refused.values():
+        log.error("%s", reason)
+    paths = [path for path in paths if path not in refused]  # the others are predicted all the same
     csv_output = atomic_open(csv_file, "w", newline="") if csv_file is not None else contextlib.nullcontext()
     with csv_output as csv_handle, owned_dir(out_dir, "segflow predict", [images_dir]) as staging:
         (staging / "masks").mkdir()
@@ -120,4 +145,4 @@ def predict(
                 write_image(staging / "overlays" / f"{path.stem}.png", overlay(image, mask_array, card.num_classes))
                 if rows is not None:
                     rows.writerow([path.stem, csv_mask(mask, cfg.csv_size)])
-    return PredictResult(len(paths), out_dir, csv_file)
+    return PredictResult(len(paths), out_dir, csv_file, {str(path): reason for path, reason in refused.items()})

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import logging
 import tempfile
 from pathlib import Path
@@ -50,8 +51,15 @@ from segflow import CARD_FILE, WEIGHTS_FILE
 from segflow.card import registered_inference
 from segflow.config import InferenceParams
 from segflow.errors import SegflowError
-from segflow.imageio import read_image
-from segflow.inference import load_model, predict_mask, predict_probabilities, resolve_device
+from segflow.imageio import header_size, read_image
+from segflow.inference import (
+    check_encoded_size,
+    check_image_size,
+    load_model,
+    predict_mask,
+    predict_probabilities,
+    resolve_device,
+)
 from segflow.registry import FILES_METADATA_KEY, MLMODEL_FILE, check_sha256
 
 log = logging.getLogger("segflow.pyfunc_model")
@@ -60,9 +68,11 @@ OUTPUT_PARAM = "output"
 OUTPUTS = {"mask": predict_mask, "probabilities": predict_probabilities}
 
 
-def read_encoded_image(data: bytes) -> np.ndarray:
+def read_encoded_image(data: bytes, inference: InferenceParams) -> np.ndarray:
     """An encoded image file's bytes -> HxWx3 uint8, read by :func:`segflow.imageio.read_image` (which reads
-    files: the bytes go through a temporary one)."""
+    files: the bytes go through a temporary one), once its header shows a size ``inference`` allows."""
+    check_encoded_size(len(data), inference, "the image sent")
+    check_image_size(*header_size(io.BytesIO(data)), inference, None, "the image sent")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "image"
         path.write_bytes(data)
@@ -72,18 +82,20 @@ def read_encoded_image(data: bytes) -> np.ndarray:
             raise SegflowError(str(exc).replace(str(path), "the image sent")) from None
 
 
-def decode_image(model_input: Any) -> np.ndarray:
-    """One image as ``predict`` gets it (see the module docstring) -> HxWx3 uint8."""
+def decode_image(model_input: Any, inference: InferenceParams) -> np.ndarray:
+    """One image as ``predict`` gets it (see the module docstring) -> HxWx3 uint8, refused past ``inference``'s
+    limits (``max_image_mb``, ``max_pixels``) before it is decoded."""
     if isinstance(model_input, np.ndarray) and model_input.dtype.kind in "US" and model_input.ndim == 0:
         model_input = model_input.item()  # the scoring server wraps a JSON string in a 0-d array
     if isinstance(model_input, str):
+        check_encoded_size(len(model_input) * 3 // 4, inference, "the image sent")  # what the base64 decodes to
         try:
             model_input = base64.b64decode("".join(model_input.split()), validate=True)  # line breaks allowed
         except (binascii.Error, ValueError) as exc:
             raise SegflowError(f"the image sent as text is not base64 ({exc}); send the file's bytes "
                                "base64-encoded, e.g. `base64 -w0 image.png`.") from None
     if isinstance(model_input, (bytes, bytearray)):
-        return read_encoded_image(bytes(model_input))
+        return read_encoded_image(bytes(model_input), inference)
     if isinstance(model_input, list):
         model_input = np.asarray(model_input)
     if not isinstance(model_input, np.ndarray) or model_input.dtype.kind not in "ui":
@@ -92,6 +104,7 @@ def decode_image(model_input: Any) -> np.ndarray:
                            f"base64 text; got {kind}.")
     if model_input.ndim != 3 or model_input.shape[2] != 3 or not model_input.size:
         raise SegflowError(f"expected one HxWx3 image, got an array of shape {model_input.shape}.")
+    check_image_size(model_input.shape[1], model_input.shape[0], inference, None, "the image sent")
     if model_input.min() < 0 or model_input.max() > 255:
         raise SegflowError(f"pixel values must be 0-255, got {model_input.min()} to {model_input.max()}.")
     return model_input.astype(np.uint8)
@@ -104,6 +117,8 @@ class SegmentationModel:
     def __init__(self, model: torch.nn.Module, inference: InferenceParams | None) -> None:
         self.model = model
         self.inference = inference
+        # An older registration carries no limits: the defaults' (4 megapixels, 16 MB).
+        self.limits = inference or InferenceParams()
 
     def predict(self, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         output = (params or {}).get(OUTPUT_PARAM, "mask")
@@ -111,7 +126,7 @@ class SegmentationModel:
             raise MlflowException.invalid_parameter_value(
                 f"params.{OUTPUT_PARAM} is {output!r}; it must be one of {', '.join(map(repr, OUTPUTS))}.")
         try:
-            return OUTPUTS[output](self.model, decode_image(model_input), self.inference)
+            return OUTPUTS[output](self.model, decode_image(model_input, self.limits), self.inference)
         except SegflowError as exc:  # the caller's input: a 400 with the reason, not a server error
             raise MlflowException.invalid_parameter_value(str(exc)) from None
 
