@@ -29,6 +29,7 @@ from segflow import stage_runner
 def segflow_architecture(arch: str, files: dict[str, str], env: dict[str, str]) -> None:
     """Reproduce ``arch``'s chain from the parent's pipeline ``files`` and push it; ``env``: the stages'
     tracking server and parent run (``MLFLOW_TRACKING_URI``, ``SEGFLOW_PARENT_RUN_ID``)."""
+    stage_runner.check_sent_env(env)  # and the files, in prepare_workspace: a worker trusts nothing it is sent
     stages = stage_runner.chain_stages(arch)
     workspace = Path(tempfile.mkdtemp(prefix=f"segflow-{arch}-"))
     try:

