@@ -9,7 +9,9 @@ teacher stage does with ``teacher.warm_start``:
 
 - ``labeled-only``: the labeled images alone (the control);
 - ``offline``: the labeled images plus the teacher's pseudo-labels of the unlabeled images (the ``pseudo_label``
-  stage: class-balanced thresholds, the class prior undone), in the batches labeled-only training takes;
+  stage: class-balanced thresholds, the class prior undone), in the batches labeled-only training takes, the
+  smaller set repeated until pseudo-labeled images are half of each epoch (``train.pseudo_share: 0.5``);
+  ``offline-once`` (target protocol): the same with every image once (the 75 target frames 17% of an epoch);
 - ``online``: the labeled images plus weak-to-strong consistency on the unlabeled ones (``train.consistency``:
   Mean Teacher targets, prior-corrected, the labeled loss's class weights);
 - ``oracle`` (target protocol): the labeled images plus the unlabeled images' real masks: what perfect
@@ -58,8 +60,9 @@ from segflow.split import make_splits
 from segflow.train import train
 from segflow.validate import validate
 
-ARMS = {"target": ("labeled-only", "offline", "online", "oracle"), "fraction": ("labeled-only", "offline", "online")}
-SEMI_SUPERVISED = ("offline", "online")
+ARMS = {"target": ("labeled-only", "offline-once", "offline", "online", "oracle"),
+        "fraction": ("labeled-only", "offline", "online")}
+SEMI_SUPERVISED = ("offline-once", "offline", "online")
 VALIDATIONS = 10  # per training: enough to see where val peaks
 TARGET_SEQUENCE, SOURCE_SEQUENCE, TARGET_SPLIT_FRAME = "Seq05VD", "0001TP", 2520
 TARGET_VAL_FRAMES = 10
@@ -105,7 +108,7 @@ def arm_params(args: argparse.Namespace, arm: str, seed: int, steps: int, images
         "optimizer": "adamw", "lr": args.lr, "weight_decay": 1e-4, "lr_schedule": "poly",
         "class_weighting": args.class_weighting, "seed": seed,
         "device": "auto", "decoded_cache": False, "val_interval": max(1, epochs // VALIDATIONS),
-        "use_pseudo_labels": False,
+        "use_pseudo_labels": False, "pseudo_share": None if arm == "offline-once" else 0.5,
         "ema": {"decay": args.ema_decay, "evaluate": True},
         "consistency": {"weight": args.consistency if arm == "online" else 0.0, "threshold": args.threshold,
                         "cutmix": 0.5, "rampup": 0.0},
@@ -149,7 +152,7 @@ def run_training(args, protocol: str, fraction: float | None, seed: int, arm: st
     params = arm_params(args, arm, seed, steps, labeled)
     started = time.perf_counter()
     pseudo_dir, target_stats = None, {}
-    if arm == "offline":
+    if arm.startswith("offline"):
         pseudo_dir = run_dir / "pseudo"
         summary = pseudo_label(PseudoLabelParams(), params.train, params.evaluate.inference, params.mlflow,
                                teacher_dir=teacher_dir, data_dir=data_dir, splits_csv=splits_csv, out_dir=pseudo_dir)
@@ -367,7 +370,8 @@ def main() -> None:
         "Mean Teacher": f"EMA decay {args.ema_decay:g}, its weights evaluated (every arm)",
         "online": f"consistency weight {args.consistency:g}, threshold {args.threshold:g}, CutMix 0.5, targets "
                   "prior-corrected, the labeled loss's class weights",
-        "offline": "pseudo_label stage defaults (threshold 0.7, class-balanced keep 0.5, prior correction auto on val)",
+        "offline": "pseudo_label stage defaults (threshold 0.7, class-balanced keep 0.5, prior correction auto on val), "
+                   "pseudo-labeled images half of each epoch (offline-once: each image once)",
         "inference": "whole image, no TTA", "device": _device(),
         "minutes": "wall clock of each training (offline: pseudo-labeling included), on 2 cores shared by two seeds' "
                    "processes and other jobs",

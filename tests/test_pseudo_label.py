@@ -79,12 +79,15 @@ def test_reliable_fraction_keeps_the_most_stable_images(tmp_path):
     assert all(s.pseudo for s in load_pseudo_samples(tmp_path))
 
 
-def test_labeled_images_are_repeated_to_match_the_pseudo_labeled_ones():
+def test_the_smaller_set_is_repeated_until_pseudo_labels_are_their_share():
     labeled = [Sample(f"l{i}", Path("x"), Path("y")) for i in range(3)]
     pseudo = [Sample(f"p{i}", Path("x"), Path("y"), pseudo=True) for i in range(10)]
-    assert len(mix_labeled_and_pseudo(labeled, pseudo, True)) == 9 + 10
-    assert len(mix_labeled_and_pseudo(labeled, pseudo, False)) == 3 + 10
-    assert mix_labeled_and_pseudo(labeled, [], True) == labeled
+    assert len(mix_labeled_and_pseudo(labeled, pseudo, 0.5)) == 9 + 10      # few labeled images (ST++)
+    many = [Sample(f"m{i}", Path("x"), Path("y")) for i in range(10)]
+    assert len(mix_labeled_and_pseudo(many, pseudo[:2], 0.5)) == 10 + 2 * 5   # few unlabeled target frames
+    assert len(mix_labeled_and_pseudo(labeled, pseudo, 0.75)) == 3 + 10   # already 10 / 13: once each
+    assert len(mix_labeled_and_pseudo(labeled, pseudo, None)) == 3 + 10
+    assert mix_labeled_and_pseudo(labeled, [], 0.5) == labeled
 
 
 def test_cutout_blanks_a_box_whose_pixels_the_loss_ignores():

@@ -263,7 +263,10 @@ class TrainParams(RecipeParams):
     # class_weighting's weights on pseudo-labeled and unlabeled pixels: full (as on labeled pixels: the targets
     # are prior-corrected, so both losses teach the same weighted probabilities), sqrt (softened) or none.
     unlabeled_class_weighting: Literal["none", "sqrt", "full"] = "full"
-    oversample_labeled: bool = True   # repeat labeled images to match the pseudo-labeled ones
+    # Share of pseudo-labeled images among an epoch's samples, the smaller set repeated to reach it: 0.5 repeats
+    # few labeled images to match many pseudo-labeled ones (ST++), or a few unlabeled frames of the deployment
+    # domain to match many labeled ones; null: every image once.
+    pseudo_share: float | None = Field(0.5, gt=0, lt=1)
     # Warm start: a model folder (models/unet) or a registered model (models:/segflow@champion) of the same
     # architecture and options gives the initial weights; a head for other classes starts afresh.
     init_from: str | None = None

@@ -90,11 +90,16 @@ def batches_per_rank(images: int, batch_size: int, world_size: int) -> int:
     return per_rank // batch_size if per_rank > batch_size else 1
 
 
-def mix_labeled_and_pseudo(labeled: list[Sample], pseudo: list[Sample], oversample_labeled: bool) -> list[Sample]:
-    """The student's training set: with ``oversample_labeled`` the labeled images are repeated until they are as
-    many as the pseudo-labeled ones (ST++), so the few true labels are not drowned out."""
-    repeats = max(1, round(len(pseudo) / len(labeled))) if oversample_labeled and labeled and pseudo else 1
-    return labeled * repeats + pseudo
+def mix_labeled_and_pseudo(labeled: list[Sample], pseudo: list[Sample], pseudo_share: float | None) -> list[Sample]:
+    """The student's training set: the smaller of the two sets repeated (a whole number of times, at least once)
+    until pseudo-labeled images are about ``pseudo_share`` of it, so neither the few true labels (ST++) nor a few
+    unlabeled frames of the deployment domain are drowned out; None: every image once."""
+    if pseudo_share is None or not labeled or not pseudo:
+        return labeled + pseudo
+    wanted = pseudo_share / (1 - pseudo_share)  # pseudo-labeled samples per labeled one
+    if len(pseudo) < wanted * len(labeled):
+        return labeled + pseudo * max(1, round(wanted * len(labeled) / len(pseudo)))
+    return labeled * max(1, round(len(pseudo) / (wanted * len(labeled)))) + pseudo
 
 
 def class_pixels(samples: list[Sample], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -639,7 +644,7 @@ def load_initial_weights(network: nn.Module, arch: str, classes: list[str], mode
 class TrainingData:
     labeled_samples: list[Sample]
     pseudo_count: int
-    train_count: int        # labeled (repeated to match the pseudo-labeled ones) + pseudo-labeled
+    train_count: int        # labeled + pseudo-labeled, the smaller set repeated (train.pseudo_share)
     val_count: int
     sampler: EpochSampler
     train_loader: DataLoader
@@ -659,7 +664,7 @@ def _training_data(
     pseudo_samples = []
     if pseudo_dir is not None:  # the caller decided (train.use_pseudo_labels, segflow.unlabeled)
         pseudo_samples = load_pseudo_samples(pseudo_dir, reliable_fraction)
-    train_samples = mix_labeled_and_pseudo(labeled_samples, pseudo_samples, cfg.oversample_labeled)
+    train_samples = mix_labeled_and_pseudo(labeled_samples, pseudo_samples, cfg.pseudo_share)
     val_samples = load_samples(data_dir, splits_csv, "val")
     if not labeled_samples or not val_samples:
         raise SegflowError(f"{splits_csv}: the train and val splits must both hold labeled images.")
