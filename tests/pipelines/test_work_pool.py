@@ -29,7 +29,7 @@ POOL = "segflow-test-pool"
 ARCHS = ["pspnet", "unet_original"]
 EXPERIMENT = "segflow-work-pool"  # its own, on the session's MLflow server
 PARAMS = merge(copy.deepcopy(TINY), {
-    "train": {"archs": ARCHS, "epochs": 1}, "teacher": {"epochs": 1},
+    "train": {"archs": ARCHS, "epochs": 1}, "teacher": {"epochs": 1, "warm_start": False},
     "models": {"unet_original": {"width": 0.125}},
     "mlflow": {"experiment": EXPERIMENT},
     "orchestrate": {"work_pool": POOL, "work_pool_retries": 1, "heartbeat_seconds": 30},
