@@ -105,6 +105,7 @@ def main() -> None:
                   for _ in range(args.requests)]
     plan = [(kind, rng.randrange(len(bodies[kind]))) for kind in kinds_sent]
 
+    load = os.getloadavg()[0]
     port = _free_port()
     server = serve(args.model, port, args.out.with_suffix(".log"))
     url = f"http://127.0.0.1:{port}/invocations"
@@ -142,12 +143,13 @@ def main() -> None:
     summary = {"model": args.model, "image": str(image.relative_to(REPO) if image.is_relative_to(REPO) else image),
                "requests": args.requests, "concurrency": args.concurrency, "wall_seconds": wall,
                "server_rss_mb_before": memory_before / 1e6, "server_rss_mb_after": memory_after / 1e6,
-               "ping_after": ping, "kinds": kinds, "cpu": f"{os.cpu_count()} cores",
+               "ping_after": ping, "kinds": kinds, "cpu": f"{os.cpu_count()} cores", "load_average_at_start": load,
                "all_as_expected": all(r["ok"] for r in results)}
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["# Serving under load: good requests mixed with oversized and malformed ones", "",
              f"`python benchmarks/serving_load.py`: `mlflow models serve` of {args.model} on loopback, {args.requests} "
-             f"requests from {args.concurrency} threads ({os.cpu_count()} CPU cores, nothing else running), good: a "
+             f"requests from {args.concurrency} threads ({os.cpu_count()} CPU cores, load average {load:.1f} when it "
+             "started: other jobs share the cores at that), good: a "
              f"{Image.open(image).width}x{Image.open(image).height} PNG of the default data; oversized: a 9000x9000 "
              "black PNG (310 kB); malformed: text that is not base64, bytes that are no image, an array of the wrong "
              "shape.", "",
