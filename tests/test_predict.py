@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from register_testing import register_stage, write_scores
@@ -24,9 +25,9 @@ from segflow.cli import main
 from segflow.config import InferenceParams, parse_params
 from segflow.errors import SegflowError
 from segflow.imageio import read_image, read_mask, write_image
-from segflow.inference import resolve_model_dir, resolved_inference, save_model
+from segflow.inference import load_model, resolve_model_dir, resolved_inference, save_model
 from segflow.predict import predict, within_limits
-from segflow.pyfunc_model import decode_image
+from segflow.pyfunc_model import SegmentationModel, decode_image
 from segflow.visualize import palette
 
 ARCH, NUM_CLASSES = "fcn32s", 4
@@ -209,3 +210,10 @@ def test_the_served_model_refuses_an_array_or_base64_text_past_its_limits():
     assert decode_image(np.zeros((10, 10, 3), dtype=np.uint8), limits).shape == (10, 10, 3)
     with pytest.raises(SegflowError, match="the image sent is 0.0 MB encoded, more than the 0.001 MB"):
         decode_image("A" * 2000, limits)  # refused by its length, before it is base64-decoded
+
+
+def test_the_served_model_stops_a_request_whose_time_is_up(model_dir):
+    model = SegmentationModel(load_model(model_dir)[0], InferenceParams(mode="slide", crop_size=16, max_seconds=1e-9))
+    with pytest.raises(MlflowException, match=r"took more than 1e-09 s \(evaluate.inference.max_seconds\); stopped"):
+        model.predict(np.zeros((40, 40, 3), dtype=np.uint8))
+    assert SegmentationModel(load_model(model_dir)[0], None).predict(np.zeros((40, 40, 3), dtype=np.uint8)).shape == (40, 40)

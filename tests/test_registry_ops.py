@@ -310,7 +310,7 @@ def test_mlflow_models_serve_predicts_a_posted_png_as_evaluation_does(workspace,
     card = json.loads((local / flavor["data"] / "model.json").read_text())
     assert card["extra"]["inference"] == {"mode": "slide", "crop_size": 24, "stride": 16, "windows_per_batch": 8,
                                           "flip": True, "scales": [0.75, 1.25], "max_pixels": 4_000_000,
-                                          "max_image_mb": 16.0}  # the window and the pixel limit made concrete
+                                          "max_image_mb": 16.0, "max_seconds": 30.0}  # the window and the pixel limit concrete
 
     port, log = _free_port(), tmp_path / "serve.log"
     # The scoring server is started as `uvicorn`, found on PATH.

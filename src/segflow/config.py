@@ -336,6 +336,7 @@ class InferenceParams(_Section):
     # pixels (null: 16 windows' worth, at least 4 megapixels; made concrete when registered) and its encoded size.
     max_pixels: int | None = Field(None, ge=1)
     max_image_mb: float = Field(16.0, gt=0)
+    max_seconds: float = Field(30.0, gt=0)  # served model: a request's inference stops after this (a 400)
 
     @field_validator("scales")
     @classmethod

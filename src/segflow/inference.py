@@ -4,8 +4,10 @@ consumer."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -115,6 +117,26 @@ def logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return output.float()
 
 
+DEADLINE: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("segflow_deadline", default=None)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Inference in this context stops after ``seconds`` (checked between forward passes: one pass is never cut),
+    raising a SegflowError that names the limit: a request's work ends when its time is up, not just its answer."""
+    token = DEADLINE.set((time.monotonic() + seconds, seconds))
+    try:
+        yield
+    finally:
+        DEADLINE.reset(token)
+
+
+def _check_deadline() -> None:
+    if (deadline := DEADLINE.get()) is not None and time.monotonic() > deadline[0]:
+        raise SegflowError(f"predicting the image took more than {deadline[1]:g} s (evaluate.inference.max_seconds); "
+                           "stopped. Send a smaller image, or raise that limit and register the model again.")
+
+
 @torch.inference_mode()
 def probabilities(
     model: torch.nn.Module, images: torch.Tensor, inference: InferenceParams, train_crop_size: int | None = None,
@@ -132,6 +154,7 @@ def probabilities(
         scaled = images if size == (height, width) else F.interpolate(
             images, size=size, mode="bilinear", align_corners=False)
         for flip in flips:
+            _check_deadline()
             batch = scaled.flip(-1) if flip else scaled
             if inference.mode == "slide":
                 out = _sliding_window_logits(model, batch, *_window(inference, train_crop_size),
@@ -221,6 +244,7 @@ def _sliding_window_logits(
     tiles = [(n, top, left) for n in range(images.shape[0]) for top, left in offsets]
     summed: torch.Tensor | None = None
     for first in range(0, len(tiles), windows_per_batch):
+        _check_deadline()
         chunk = tiles[first : first + windows_per_batch]
         crops = torch.stack([padded[n, :, top : top + window, left : left + window] for n, top, left in chunk])
         out = logits(model, crops)

@@ -59,6 +59,7 @@ from segflow.inference import (
     predict_mask,
     predict_probabilities,
     resolve_device,
+    time_limit,
 )
 from segflow.registry import FILES_METADATA_KEY, MLMODEL_FILE, check_sha256
 
@@ -126,7 +127,9 @@ class SegmentationModel:
             raise MlflowException.invalid_parameter_value(
                 f"params.{OUTPUT_PARAM} is {output!r}; it must be one of {', '.join(map(repr, OUTPUTS))}.")
         try:
-            return OUTPUTS[output](self.model, decode_image(model_input, self.limits), self.inference)
+            image = decode_image(model_input, self.limits)
+            with time_limit(self.limits.max_seconds):
+                return OUTPUTS[output](self.model, image, self.inference)
         except SegflowError as exc:  # the caller's input: a 400 with the reason, not a server error
             raise MlflowException.invalid_parameter_value(str(exc)) from None
 
