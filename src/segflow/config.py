@@ -498,12 +498,15 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Par
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        text = path.read_text()
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None and _expanded_values(node) > MAX_YAML_VALUES:
-            raise SegflowError(f"{path}: its YAML aliases expand to more than {MAX_YAML_VALUES} values (an alias bomb?); "
-                               "write the values out, or use fewer nested aliases.")
-        raw = yaml.safe_load(text)
+        loader = yaml.SafeLoader(path.read_text())
+        try:  # composed once: counted before anything is expanded, then built from the same nodes
+            node = loader.get_single_node()
+            if node is not None and _expanded_values(node) > MAX_YAML_VALUES:
+                raise SegflowError(f"{path}: its YAML aliases expand to more than {MAX_YAML_VALUES} values (an alias "
+                                   "bomb?); write the values out, or use fewer nested aliases.")
+            raw = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
     except FileNotFoundError:
         raise SegflowError(f"{path}: parameters file not found (run from the project folder).") from None
     except yaml.YAMLError as exc:

@@ -52,15 +52,14 @@ class UnlabeledViews(SegmentationDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
         pixels = self._read_image(sample)
-        if sample.mask_path is None:
-            truth = torch.zeros(pixels.shape[:2], dtype=torch.long)
+        if sample.mask_path is None:  # nothing known: every pixel void
+            truth = torch.full(pixels.shape[:2], VOID_TRUTH, dtype=torch.long)
         else:
             truth = torch.from_numpy(self._read_mask(sample)).long()
             truth[truth == IGNORE_INDEX] = VOID_TRUTH
         image, truth = self._augment(to_unit_float(pixels), truth)
-        valid = truth != IGNORE_INDEX
-        truth = truth.where(valid & (truth != VOID_TRUTH), IGNORE_INDEX) if sample.mask_path is not None \
-            else torch.full_like(truth, IGNORE_INDEX)
+        valid = truth != IGNORE_INDEX  # the crop's padding is IGNORE_INDEX
+        truth = truth.where(valid & (truth != VOID_TRUTH), IGNORE_INDEX)
         strong, _ = strong_augment(image, truth, self.strong_augment)
         box = torch.zeros(image.shape[1:], dtype=torch.bool)
         if chance(self.cutmix):
@@ -134,9 +133,11 @@ def consistency_targets(
         output = teacher(weak)
         logits = output["out"] if isinstance(output, dict) else output
         confidence, target = corrected(logits.float().softmax(1), class_weight, 1.0).max(1)
-    thresholds = class_thresholds(confidence_histograms(target[valid], confidence[valid], logits.shape[1]),
-                                  cfg.threshold, cfg.class_keep_fraction if cfg.class_balanced else None)
-    confident = (confidence >= thresholds[target]) & valid
+    threshold = cfg.threshold
+    if cfg.class_balanced:  # the histograms only then: this runs every training step
+        histograms = confidence_histograms(target[valid], confidence[valid], logits.shape[1])
+        threshold = class_thresholds(histograms, cfg.threshold, cfg.class_keep_fraction)[target]
+    confident = (confidence >= threshold) & valid
 
     def mixed(tensor: torch.Tensor) -> torch.Tensor:
         other = tensor.roll(-1, dims=0)

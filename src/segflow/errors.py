@@ -7,6 +7,7 @@ none of these: only a stage killed from outside or a tracking server that cannot
 
 import errno
 import reprlib
+from collections.abc import Callable
 from typing import Any
 
 VALIDATION_FAILED = 1
@@ -41,6 +42,15 @@ def shown(value: Any, characters: int = 200) -> str:
     return text if len(text) <= characters else text[: characters - 3] + "..."
 
 
+def in_chain(exc: BaseException, wanted: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception in ``exc``'s chain (itself, then its cause or context, and so on) that is ``wanted``:
+    libraries wrap the error that says what happened (MLflow keeps a ``requests`` error as the context)."""
+    cause: BaseException | None = exc
+    while cause is not None and not wanted(cause):
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
 # What the user or the machine can do about an OSError: the environment's problems, not segflow's bugs.
 _ENVIRONMENT_CAUSES = {
     errno.ENOSPC: "the disk is full; free some space and run it again",
@@ -57,9 +67,7 @@ _ENVIRONMENT_CAUSES = {
 def environment_error(exc: BaseException) -> SegflowError | None:
     """The user's paths or the machine (a full disk, a folder given for a file, no permission) as one paragraph
     naming the path and the cause, for an OSError anywhere in ``exc``'s chain; None for any other failure."""
-    cause: BaseException | None = exc
-    while cause is not None and not (isinstance(cause, OSError) and cause.errno in _ENVIRONMENT_CAUSES):
-        cause = cause.__cause__ or cause.__context__
+    cause = in_chain(exc, lambda e: isinstance(e, OSError) and e.errno in _ENVIRONMENT_CAUSES)
     if cause is None:
         return None
     where = " -> ".join(str(name) for name in (cause.filename, cause.filename2) if name is not None) or "a file"

@@ -31,7 +31,7 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from segflow.config import MlflowParams
-from segflow.errors import SegflowError
+from segflow.errors import SegflowError, in_chain
 from segflow.fingerprint import file_sha256
 
 log = logging.getLogger("segflow.tracking")
@@ -265,9 +265,7 @@ def unreachable_server_error(exc: BaseException) -> SegflowError | None:
     MLflow wraps the ``requests`` error in an ``MlflowException`` (as its context, not its cause), so the
     whole chain is searched.
     """
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, _UNREACHABLE_CAUSES):
-        cause = cause.__cause__ or cause.__context__
+    cause = in_chain(exc, lambda e: isinstance(e, _UNREACHABLE_CAUSES))
     if cause is None:
         return None
     return SegflowError(
