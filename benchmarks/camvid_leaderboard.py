@@ -7,7 +7,7 @@ bilinear, masks nearest) once; ``segflow ingest``, ``validate``, ``split`` and `
 architecture goes through ``segflow train`` and ``evaluate`` exactly as ``dvc repro`` runs them, 10 epochs, batch 8,
 class-weighted cross-entropy, for each seed and each of two recipes:
 
-- ``architecture``: each architecture's own recipe (segflow.models.recipe, ``segflow models`` shows it), its
+- ``architecture``: each architecture's own recipe (segflow.models.recipes, ``segflow models`` shows it), its
   default options (batch norm in the VGG-based networks) and the square roots of SegNet's median frequency weights
   (``train.class_weight_power: 0.5``; the full weights drove Building's IoU to 0.30 with rare classes painted over
   it: chosen on val, see the report);

@@ -52,15 +52,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from camvid_leaderboard import CLASSES, REPO, SPLITS, VOID, resize_camvid
 
-from segflow.card import read_card
 from segflow.config import DataParams, Params, PseudoLabelParams, parse_params
-from segflow.ingest import ingest_from_params
-from segflow.manifest import read_manifest
-from segflow.metrics import score_split
-from segflow.pseudo_label import pseudo_label
-from segflow.split import make_splits
-from segflow.train import train
-from segflow.validate import validate
+from segflow.data.manifest import read_manifest
+from segflow.inference.card import read_card
+from segflow.inference.metrics import score_split
+from segflow.stages.ingest import ingest_from_params
+from segflow.stages.pseudo_label import pseudo_label
+from segflow.stages.split import make_splits
+from segflow.stages.train import train
+from segflow.stages.validate import validate
 
 ARMS = {"target": ("labeled-only", "offline-once", "offline", "offline-unweighted", "offline-keep0.2", "online",
                    "oracle"),

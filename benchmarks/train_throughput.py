@@ -1,10 +1,10 @@
 """Training throughput: segflow's training step against a plain fp32 reference loop, same model and data.
 
-segflow: the code path of ``segflow train`` (segflow.train.TrainStep: bf16/fp16 autocast, channels-last, cuDNN
+segflow: the code path of ``segflow train`` (segflow.stages.train.TrainStep: bf16/fp16 autocast, channels-last, cuDNN
 autotuning, fused optimizer, no host sync per step; the loader with pinned memory, EpochSampler and SeededDataset;
-images from the decoded-image cache, segflow.cache, as ``train.decoded_cache: true`` in params.yaml; with
+images from the decoded-image cache, segflow.stages.cache, as ``train.decoded_cache: true`` in params.yaml; with
 ``--batch-augment`` on, default on CUDA as ``train.batch_augment: auto``, the loader yields whole uint8 images and
-the random scale, crop and flip run per batch on the device, segflow.data.BatchAugment).
+the random scale, crop and flip run per batch on the device, segflow.data.datasets.BatchAugment).
 reference: torchvision's references/segmentation style: ``model.train()``, fp32, ``loss.item()`` every step, a
 shuffling DataLoader of per-image CPU transforms decoding each image each time. Both take the same images
 (written once to a temporary folder) through segflow's SegmentationDataset (random scale, crop, flip), with the
@@ -28,7 +28,7 @@ over the models of segflow / reference images per second.
 
 On the CPU segflow runs the same fp32 work as the reference (autocast and channels-last are CUDA-only; channels-
 last was no faster on a 2-core AVX-512 CPU), so the ratio there shows only that segflow adds no cost: about 1.
-Segflow's training on the CPU makes glibc's malloc keep the memory a step frees (segflow.train.keep_freed_memory,
+Segflow's training on the CPU makes glibc's malloc keep the memory a step frees (segflow.stages.train.keep_freed_memory,
 from tune_process_for_training): without it, whenever the gradients segflow frees at the end of its step lay at the top of the
 heap (as they did here, beside the reference's model), glibc gave them back to the OS and every backward page-
 faulted ~100 MB in again (ratio 0.6-0.9). The setting is process-wide: the reference runs with it too.
@@ -64,13 +64,12 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from segflow import IGNORE_INDEX, models
-from segflow.cache import build_cache
 from segflow.config import parse_params
-from segflow.data import BatchAugment, Sample, SegmentationDataset, batch_augment_on, pad_collate
-from segflow.decoded_cache import DecodedCache, open_cache
-from segflow.distributed import EpochSampler, SeededDataset
-from segflow.imageio import read_image, read_mask, write_image, write_mask
-from segflow.train import (
+from segflow.data.datasets import BatchAugment, Sample, SegmentationDataset, batch_augment_on, pad_collate
+from segflow.data.decoded_cache import DecodedCache, open_cache
+from segflow.data.imageio import read_image, read_mask, write_image, write_mask
+from segflow.stages.cache import build_cache
+from segflow.stages.train import (
     TrainStep,
     amp_dtype,
     build_optimizer,
@@ -78,6 +77,7 @@ from segflow.train import (
     prepare_model,
     tune_process_for_training,
 )
+from segflow.training.distributed import EpochSampler, SeededDataset
 
 # benchmark name -> (segflow registry name, builder options)
 MODELS = {
@@ -192,7 +192,7 @@ def segflow_loop(arch: str, options: dict, dataset: SegmentationDataset, args, d
                  batch_augment: BatchAugment | None) -> Loop:
     train = {"batch_size": args.batch, "crop_size": args.size, "num_workers": args.workers, "optimizer": "sgd", **SGD}
     cfg = parse_params({"train": train, "models": {arch: options}}).train
-    tune_process_for_training(device)  # as segflow.train.train does before it builds the model
+    tune_process_for_training(device)  # as segflow.stages.train.train does before it builds the model
     model = prepare_model(models.build(arch, NUM_CLASSES, **options), device)
     model.train()
     recipe = models.recipe(arch, cfg.overrides())  # SGD as the reference loop's, with the recipe's groups

@@ -22,7 +22,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from training_pipeline import run_dvc, run_logged  # the sibling flow file (Prefect puts its folder on sys.path)
 
-from segflow import stage_runner
+from segflow.orchestration import stage_runner
 
 
 @flow(name="segflow-architecture", flow_run_name="{arch}")

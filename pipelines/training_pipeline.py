@@ -6,7 +6,7 @@ stage that rejects its input, refuses a promotion or crashes is not retried: the
 
 With ``orchestrate.slots`` above 1, stages that do not depend on each other (the ``train@ARCH`` ->
 ``evaluate@ARCH`` chains) run at the same time, each with its own GPU or share of the CPU threads; DVC's lock
-allows one ``dvc repro`` per workspace, so :mod:`segflow.stage_runner` runs the stages' commands and records
+allows one ``dvc repro`` per workspace, so :mod:`segflow.orchestration.stage_runner` runs the stages' commands and records
 them with ``dvc commit`` (dvc.lock as a sequential run writes it).
 
 With ``orchestrate.work_pool`` set, each architecture's chain is a flow run of pipelines/architecture.py on that
@@ -33,9 +33,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.futures import wait
 
-from segflow import schedule, stage_runner, tracking
 from segflow.config import PARAMS_FILE, Layout, Params, load_params
 from segflow.errors import SegflowError
+from segflow.orchestration import schedule, stage_runner
+from segflow.registry import tracking
 
 # What a failed segflow command prints first (segflow.cli.main): "segflow: error: ..." or "segflow: internal error: ...".
 ERROR_MARKER = re.compile(r"segflow: (?:internal )?error: (.*)")

@@ -11,13 +11,13 @@ import torch
 from mlflow import MlflowClient
 
 from segflow import models
-from segflow.card import ModelCard
 from segflow.config import InferenceParams, Params, parse_params
-from segflow.imageio import write_image, write_mask
-from segflow.inference import save_model
-from segflow.promotion import TestSplit, promote_version
-from segflow.register import register
-from segflow.scores import SCORES_FILE
+from segflow.data.imageio import write_image, write_mask
+from segflow.inference.card import ModelCard
+from segflow.inference.predictor import save_model
+from segflow.inference.scores import SCORES_FILE
+from segflow.registry.promotion import TestSplit, promote_version
+from segflow.stages.register import register
 
 
 def write_scores(
@@ -74,12 +74,12 @@ def test_split(params: Params, data_dir: Path, splits_csv: Path) -> TestSplit:
 
 
 def register_stage(params: Params, *, data_dir: Path, splits_csv: Path, **dirs_and_force):
-    """segflow.register.register with its params sections taken from ``params``, as the CLI passes them."""
+    """segflow.stages.register.register with its params sections taken from ``params``, as the CLI passes them."""
     return register(params.register_, params.mlflow, test_split(params, data_dir, splits_csv), **dirs_and_force)
 
 
 def promote(params: Params, name: str, version: str, *, data_dir: Path, splits_csv: Path, **force_and_reason):
-    """segflow.promotion.promote_version with its params sections taken from ``params``, as the CLI passes them."""
+    """segflow.registry.promotion.promote_version with its params sections taken from ``params``, as the CLI passes them."""
     return promote_version(name, version, register=params.register_, mlflow=params.mlflow,
                            test=test_split(params, data_dir, splits_csv), **force_and_reason)
 

@@ -7,11 +7,11 @@ import numpy as np
 import torch
 
 from segflow import IGNORE_INDEX
-from segflow.augment import LabeledAugment
 from segflow.config import AugmentParams
-from segflow.data import Sample, SegmentationDataset
-from segflow.distributed import SeededDataset, seeded
-from segflow.imageio import write_image, write_mask
+from segflow.data.augment import LabeledAugment
+from segflow.data.datasets import Sample, SegmentationDataset
+from segflow.data.imageio import write_image, write_mask
+from segflow.training.distributed import SeededDataset, seeded
 
 GEOMETRIC = AugmentParams(rotate=1.0, rotate_limit=30, shift_scale_rotate=1.0, elastic=1.0)
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from segflow import data
-from segflow.cache import build_cache
 from segflow.config import Layout, parse_params
-from segflow.data import Sample, SegmentationDataset
-from segflow.decoded_cache import INDEX_FILE, open_cache
+from segflow.data import datasets
+from segflow.data.datasets import Sample, SegmentationDataset
+from segflow.data.decoded_cache import INDEX_FILE, open_cache
+from segflow.data.imageio import read_image, read_mask, write_image, write_mask
 from segflow.errors import SegflowError
-from segflow.imageio import read_image, read_mask, write_image, write_mask
+from segflow.stages.cache import build_cache
 from train_testing import PLAIN_UNET, SIZE, make_project, train_from_params, weights
 
 # (image id, height, width, labeled): sizes differ, and an unlabeled image sits between labeled ones.
@@ -107,7 +107,7 @@ def test_training_from_the_cache_gives_the_same_weights(tmp_path, monkeypatch):
     for name, cached in [("decoded", False), ("cached", True)]:
         if cached:  # so the run can only read the cache (the files stay: the cache is checked against them)
             for reader in ("read_image", "read_mask"):
-                monkeypatch.setattr(data, reader, lambda path: pytest.fail(f"decoded {path}"))
+                monkeypatch.setattr(datasets, reader, lambda path: pytest.fail(f"decoded {path}"))
         params = parse_params({
             "train": {"epochs": 1, "batch_size": 2, "crop_size": SIZE, "device": "cpu", "use_pseudo_labels": False,
                       "decoded_cache": cached},

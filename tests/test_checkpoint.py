@@ -19,12 +19,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from segflow import checkpoint
-from segflow.checkpoint import Progress
 from segflow.cli import app
 from segflow.config import Layout, parse_params
+from segflow.data.imageio import read_mask
 from segflow.errors import SegflowError
-from segflow.imageio import read_mask
+from segflow.training import checkpoint
+from segflow.training.checkpoint import Progress
 from train_testing import make_project, segflow_command, subprocess_env, train_from_params, weights, write_params
 
 ARCH = "unet_original"

@@ -79,7 +79,8 @@ def test_ingest_masks_needs_one_mask_folder_per_image_folder(tmp_path):
 def test_a_crash_exits_3_in_one_line_with_the_traceback_in_a_log(tmp_path, monkeypatch, capsys):
     import pytest
 
-    from segflow import cli, split
+    from segflow import cli
+    from segflow.stages import split
 
     def crash(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
@@ -106,7 +107,8 @@ def test_a_full_disk_exits_2_naming_the_path_and_the_cause(tmp_path, monkeypatch
 
     import pytest
 
-    from segflow import cli, split
+    from segflow import cli
+    from segflow.stages import split
 
     def disk_full(*args, **kwargs):  # fault injection: the machine, not segflow, fails
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "data/splits.csv"))
@@ -129,7 +131,7 @@ def test_killing_dvc_ends_the_stage_it_started_instead_of_leaving_an_orphan(tmp_
 
     import psutil
 
-    from segflow.checkpoint import lock_path_for
+    from segflow.training.checkpoint import lock_path_for
     from train_testing import PLAIN_UNET, make_project, subprocess_env, write_params
 
     project = make_project(tmp_path, train=8)

@@ -8,7 +8,10 @@ from torch.utils.data import DataLoader
 
 from segflow import IGNORE_INDEX
 from segflow.config import AugmentParams, ConsistencyParams, StrongAugmentParams, parse_params
-from segflow.consistency import (
+from segflow.data.datasets import Sample
+from segflow.data.imageio import write_image, write_mask
+from segflow.stages.train import TrainStep, unlabeled_class_weight
+from segflow.training.consistency import (
     ConsistencyTargets,
     TargetStatistics,
     UnlabeledViews,
@@ -18,10 +21,7 @@ from segflow.consistency import (
     sigmoid_rampup,
     unlabeled_batches,
 )
-from segflow.data import Sample
-from segflow.distributed import EpochSampler, SeededDataset
-from segflow.imageio import write_image, write_mask
-from segflow.train import TrainStep, unlabeled_class_weight
+from segflow.training.distributed import EpochSampler, SeededDataset
 
 NO_STRONG = StrongAugmentParams(color_jitter=0, grayscale=0, blur=0, cutout=0)
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from segflow.config import CrfParams
-from segflow.crf import dense_crf
 from segflow.errors import SegflowError
+from segflow.inference.crf import dense_crf
 
 
 def _two_regions(height: int = 48, width: int = 64) -> tuple[np.ndarray, torch.Tensor]:

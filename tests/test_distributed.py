@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from segflow.config import Layout, parse_params
-from segflow.distributed import EpochSampler
+from segflow.training.distributed import EpochSampler
 from train_testing import (
     NO_AUGMENT,
     PLAIN_UNET,

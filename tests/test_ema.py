@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from segflow.ema import mean_teacher
+from segflow.training.ema import mean_teacher
 
 
 def _net():

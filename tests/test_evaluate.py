@@ -13,13 +13,13 @@ import torch
 from mlflow import MlflowClient
 
 from segflow import models
-from segflow.card import ModelCard
 from segflow.config import parse_params
+from segflow.data.imageio import write_image, write_mask
 from segflow.errors import SegflowError
-from segflow.evaluate import evaluate
 from segflow.fsutil import atomic_write_json
-from segflow.imageio import write_image, write_mask
-from segflow.inference import save_model
+from segflow.inference.card import ModelCard
+from segflow.inference.predictor import save_model
+from segflow.stages.evaluate import evaluate
 
 ARCH = "fcn32s"
 OPTIONS = {"width": 0.0625}

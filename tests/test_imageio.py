@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segflow.data.imageio import image_size, read_image, read_mask
 from segflow.errors import SegflowError
-from segflow.imageio import image_size, read_image, read_mask
 
 ROTATED = 6  # EXIF Orientation "rotate 90 degrees clockwise to display", as phones write it
 

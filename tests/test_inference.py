@@ -1,4 +1,4 @@
-"""Whole-image vs sliding-window inference and test-time augmentation (segflow.inference.probabilities)."""
+"""Whole-image vs sliding-window inference and test-time augmentation (segflow.inference.predictor.probabilities)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from torch import nn
 
 from segflow.config import InferenceParams
 from segflow.errors import SegflowError
-from segflow.inference import logits, predict_mask, probabilities
-from segflow.metrics import confusion_over
+from segflow.inference.metrics import confusion_over
+from segflow.inference.predictor import logits, predict_mask, probabilities
 
 NUM_CLASSES = 4
 
@@ -109,8 +109,8 @@ def test_confusion_over_uses_the_inference_params():
 
 def test_truncated_or_foreign_weights_are_named_not_a_crash(tmp_path):
     from segflow import models
-    from segflow.card import ModelCard
-    from segflow.inference import load_model, save_model
+    from segflow.inference.card import ModelCard
+    from segflow.inference.predictor import load_model, save_model
 
     card = ModelCard(arch="fcn32s", num_classes=2, classes=["background", "thing"], options={"width": 0.0625})
     save_model(models.build("fcn32s", num_classes=2, width=0.0625), card, tmp_path / "model")

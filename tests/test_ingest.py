@@ -15,9 +15,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from segflow.config import DataParams
+from segflow.data.imageio import read_image
 from segflow.errors import SegflowError
-from segflow.imageio import read_image
-from segflow.ingest import MaskSource, ingest_coco, ingest_from_params, ingest_masks, parse_value_map
+from segflow.stages.ingest import MaskSource, ingest_coco, ingest_from_params, ingest_masks, parse_value_map
 
 MANIFEST_COLUMNS = ["image_id", "image_path", "mask_path", "width", "height", "split"]
 SQUARE = [2, 2, 6, 2, 6, 5, 2, 5]  # pycocotools fills rows 2..4, columns 2..5 of this square
@@ -259,7 +259,7 @@ def coco_with_strays(tmp_path):
 
 def test_missing_and_unlisted_images_are_warned_about_and_left_out(coco_with_strays, caplog):
     images, ann_path, out = coco_with_strays
-    with caplog.at_level(logging.WARNING, logger="segflow.ingest"):
+    with caplog.at_level(logging.WARNING, logger="segflow.stages.ingest"):
         report = ingest_coco(images, ann_path, out)
     assert [row["image_id"] for row in read_manifest(out)] == ["a"]
     assert not (out / "masks" / "gone.png").exists()
@@ -650,7 +650,7 @@ def test_masks_pair_with_images_by_stem_and_strays_are_warned_about(tmp_path, ca
         save_image(tmp_path / "img" / name, 8, 6)
     for name in ("a.png", "b.png", "d.png"):
         save_mask(tmp_path / "ann" / name, pattern())
-    with caplog.at_level(logging.WARNING, logger="segflow.ingest"):
+    with caplog.at_level(logging.WARNING, logger="segflow.stages.ingest"):
         report = ingest_masks([MaskSource(tmp_path / "img", tmp_path / "ann")], tmp_path / "out")
     rows = read_manifest(tmp_path / "out")
     assert [(r["image_id"], Path(r["image_path"]).name, r["mask_path"], r["split"]) for r in rows] == [

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from segflow import IGNORE_INDEX
 from segflow.config import LossParams
-from segflow.losses import ohem_pixels, pixel_weighted_cross_entropy, segmentation_loss
+from segflow.training.losses import ohem_pixels, pixel_weighted_cross_entropy, segmentation_loss
 
 
 def _batch():

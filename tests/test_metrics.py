@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from segflow import IGNORE_INDEX
-from segflow.metrics import ConfusionMatrix, scores
+from segflow.inference.metrics import ConfusionMatrix, scores
 
 
 def test_confusion_matrix_counts_rows_as_truth_and_skips_ignore():

@@ -21,13 +21,14 @@ from PIL import Image
 
 from register_testing import ARCH, artifact_dir, register_version
 from segflow import models
-from segflow.card import ModelCard
 from segflow.config import InferenceParams
+from segflow.data.fingerprint import file_sha256
+from segflow.data.imageio import read_image
 from segflow.errors import SegflowError
-from segflow.fingerprint import file_sha256
-from segflow.imageio import read_image
-from segflow.inference import load_model, predict_mask, resolve_model_dir, save_model
-from segflow.registry import LOADER_MODULE, MLMODEL_TAG, WEIGHTS_TAG, segflow_flavor
+from segflow.inference.card import ModelCard
+from segflow.inference.predictor import load_model, predict_mask, save_model
+from segflow.registry.mlflow_registry import LOADER_MODULE, MLMODEL_TAG, WEIGHTS_TAG, segflow_flavor
+from segflow.registry.model_source import resolve_model_dir
 from test_registry_ops import promote
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
@@ -43,7 +44,7 @@ def test_the_registered_artifact_holds_data_only_and_loads_with_segflows_module(
     stored = artifact_dir("load-layout")
     assert not [p for p in stored.rglob("*") if p.suffix in (".py", ".pyc", ".pkl")]
     flavor = yaml.safe_load((stored / "MLmodel").read_text())["flavors"]["python_function"]
-    assert flavor["loader_module"] == LOADER_MODULE == "segflow.pyfunc_model" and not flavor.get("code")
+    assert flavor["loader_module"] == LOADER_MODULE == "segflow.registry.pyfunc_model" and not flavor.get("code")
     # What the served model needs, nothing else: the weights, and the card with the settings it was evaluated with.
     assert sorted(p.name for p in (stored / flavor["data"]).iterdir()) == ["model.json", "model.safetensors"]
     card = json.loads((stored / flavor["data"] / "model.json").read_text())
@@ -140,7 +141,7 @@ def test_an_edited_mlmodel_is_refused(workspace):
     with pytest.raises(SegflowError, match=rf"load-mlmodel v2: MLmodel has SHA-256 {file_sha256(mlmodel)}, "
                                            rf"not the {recorded}"):
         segflow_mask("models:/load-mlmodel@challenger")
-    with pytest.raises(SegflowError, match="loads with 'mlflow.sklearn', not with segflow's 'segflow.pyfunc_model'"):
+    with pytest.raises(SegflowError, match="loads with 'mlflow.sklearn', not with segflow's 'segflow.registry.pyfunc_model'"):
         promote(workspace, "load-mlmodel", "2", force=True, reason="try anyway")
     assert str(MlflowClient().get_model_version_by_alias("load-mlmodel", "champion").version) == "1"
 

@@ -79,12 +79,29 @@ def test_no_import_cycle_among_segflow_modules():
     assert not cycles, f"modules on an import cycle (imports inside functions count): {sorted(cycles)}"
 
 
+# The layers, top to bottom: a module imports its own layer's modules and lower layers', never a higher one.
+LAYERS = ["segflow.cli", "segflow.stages", "segflow.orchestration", "segflow.training", "segflow.registry",
+          "segflow.inference", "segflow.data", "segflow.config", "segflow.models", "segflow.fsutil", "segflow.errors",
+          "segflow"]
+
+
+def layer(module: str) -> int:
+    return next(i for i, top in enumerate(LAYERS) if module == top or module.startswith(top + "."))
+
+
+def test_no_import_runs_up_the_layers():
+    upward = sorted((name, dep) for name, deps in import_graph().items() for dep in deps if layer(dep) < layer(name))
+    assert not upward, f"imports from a lower layer up to a higher one: {upward}"
+
+
 def test_stage_modules_are_not_libraries_of_each_other():
-    # Each DVC stage is named after its module (evaluate_teacher: evaluate's); what two stages share lives in a shared
-    # module (manifest, metrics, decoded_cache, promotion...). The teacher stage is two trainings: it calls train's.
-    stage_modules = {f"segflow.{name.split('@')[0].removesuffix('_teacher')}" for name in dvc_stages()}
-    assert stage_modules <= set(module_files()), stage_modules - set(module_files())
-    allowed = {("segflow.teacher", "segflow.train")}
+    # Each DVC stage is named after its module in segflow.stages (evaluate_teacher: evaluate's), and that folder
+    # holds nothing else but `predict`; what two stages share lives in a lower layer (data, inference, training...).
+    # The teacher stage is two trainings: it calls train's.
+    stage_modules = {f"segflow.stages.{name.split('@')[0].removesuffix('_teacher')}" for name in dvc_stages()}
+    in_stages = {name for name in module_files() if name.startswith("segflow.stages.")}
+    assert in_stages == stage_modules | {"segflow.stages.predict"}, in_stages ^ (stage_modules | {"segflow.stages.predict"})
+    allowed = {("segflow.stages.teacher", "segflow.stages.train")}
     offending = sorted((name, dep) for name, deps in import_graph().items() for dep in deps
                        if dep in stage_modules and name != "segflow.cli" and (name, dep) not in allowed)
     assert not offending, f"modules importing a stage's module: {offending}"
@@ -207,7 +224,7 @@ def test_stage_deps_cover_every_module_its_command_can_import(stage):
     top_level = [node for node in cli_tree().body if isinstance(node, ast.Import | ast.ImportFrom)]
     used = closure(imported_modules([*top_level, *with_helpers(function)], "segflow"))
     files = {module_files()[name].relative_to(PROJECT_ROOT) for name in used} | {CLI.relative_to(PROJECT_ROOT)}
-    if "segflow.models.registry" in used:  # it imports the architecture families by name: all of them
+    if "segflow.models.zoo" in used:  # it imports the architecture families by name: all of them
         files.add(Path("src/segflow/models"))
     missing = sorted(str(f) for f in files if not covered(f, spec["deps"]))
     assert not missing, f"dvc.yaml stage {stage} runs code it does not depend on: add {missing} to its deps"
@@ -229,7 +246,7 @@ def test_the_checks_see_a_missing_dependency_and_a_hidden_read():
     read through a chain."""
     function = command_function(["train"])
     modules = closure(imported_modules(with_helpers(function), "segflow"))
-    assert {"segflow.train", "segflow.metrics", "segflow.checkpoint"} <= modules
+    assert {"segflow.stages.train", "segflow.inference.metrics", "segflow.training.checkpoint"} <= modules
     reads, whole = params_reads(with_helpers(command_function(["evaluate"])))
     assert ("train", "crop_size") in reads and ("evaluate",) in reads and not whole
     assert section_key(["validate_", "min_train"]) == ("validate", "min_train")
@@ -329,8 +346,8 @@ def run_dvc(project: Path, *args: str) -> dict:
 
 
 def test_a_fix_in_a_module_a_stage_imports_reruns_it(locked_project):
-    # segflow.metrics decides the best epoch: every training, and everything after it, is stale when it changes.
-    metrics = locked_project / "src" / "segflow" / "metrics.py"
+    # segflow.inference.metrics decides the best epoch: every training, and everything after it, is stale when it changes.
+    metrics = locked_project / "src" / "segflow" / "inference" / "metrics.py"
     metrics.write_text(metrics.read_text() + "\n# a fix\n")
     stale = run_dvc(locked_project, "status", "--json")
     trainings = {f"train@{arch}" for arch in Params.model_validate(

@@ -19,16 +19,18 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from register_testing import register_stage, write_scores
-from segflow import models, tracking
-from segflow.card import ModelCard
+from segflow import models
 from segflow.cli import main
 from segflow.config import InferenceParams, parse_params
+from segflow.data.imageio import read_image, read_mask, write_image
 from segflow.errors import SegflowError
-from segflow.imageio import read_image, read_mask, write_image
-from segflow.inference import load_model, resolve_model_dir, resolved_inference, save_model
-from segflow.predict import predict, within_limits
-from segflow.pyfunc_model import SegmentationModel, decode_image
-from segflow.visualize import palette
+from segflow.inference.card import ModelCard
+from segflow.inference.predictor import load_model, resolved_inference, save_model
+from segflow.inference.visualize import palette
+from segflow.registry import tracking
+from segflow.registry.model_source import resolve_model_dir
+from segflow.registry.pyfunc_model import SegmentationModel, decode_image
+from segflow.stages.predict import predict, within_limits
 
 ARCH, NUM_CLASSES = "fcn32s", 4
 SIZES = {"a.png": (20, 24), "b.jpg": (17, 31), "c.bmp": (32, 32)}  # (height, width)

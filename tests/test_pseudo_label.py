@@ -15,23 +15,30 @@ import torch
 from safetensors.torch import load_file
 
 from segflow import IGNORE_INDEX, WEIGHTS_FILE
-from segflow import teacher as teacher_stage
 from segflow.config import StrongAugmentParams, parse_params
-from segflow.data import Sample, SegmentationDataset, load_pseudo_samples, load_samples, pad_collate, strong_augment
-from segflow.evaluate import evaluate
-from segflow.imageio import read_mask
-from segflow.inference import load_model, probabilities
-from segflow.ingest import ingest_coco
-from segflow.pseudo_label import (
+from segflow.data.datasets import (
+    Sample,
+    SegmentationDataset,
+    load_pseudo_samples,
+    load_samples,
+    pad_collate,
+    strong_augment,
+)
+from segflow.data.imageio import read_mask
+from segflow.inference.predictor import load_model, probabilities
+from segflow.stages import teacher as teacher_stage
+from segflow.stages.evaluate import evaluate
+from segflow.stages.ingest import ingest_coco
+from segflow.stages.pseudo_label import (
     choose_prior_correction,
     label_priority,
     prediction_agreement,
     pseudo_label,
 )
-from segflow.synth import generate
-from segflow.targets import HISTOGRAM_BINS, class_thresholds, corrected
-from segflow.teacher import train_teacher
-from segflow.train import mix_labeled_and_pseudo, train
+from segflow.stages.synth import generate
+from segflow.stages.teacher import train_teacher
+from segflow.stages.train import mix_labeled_and_pseudo, train
+from segflow.training.targets import HISTOGRAM_BINS, class_thresholds, corrected
 from train_testing import train_from_params
 
 SIZE = 48

@@ -124,7 +124,7 @@ def test_candidates_are_ranked_on_val_and_the_teacher_is_one_of_them(workspace):
 ])
 def test_a_model_below_the_floor_never_becomes_champion_not_even_the_first(workspace, scores, reason):
     from segflow.errors import SegflowError
-    from segflow.registry import PromotionRefused
+    from segflow.registry.mlflow_registry import PromotionRefused
 
     name = f"floor-{abs(hash(reason)) % 10**6}"
     write_scores(workspace / "evaluation", ARCH, arch=ARCH, **scores)
@@ -147,7 +147,7 @@ def test_a_model_below_the_floor_never_becomes_champion_not_even_the_first(works
 def test_the_version_comes_from_the_training_run_and_the_pipeline_run_shows_why(workspace):
     import mlflow
 
-    from segflow import tracking
+    from segflow.registry import tracking
 
     params = parse_params({"train": {"archs": [ARCH]}, "register": {"model_name": "why"}})
     write_scores(workspace / "evaluation", ARCH, arch=ARCH, test=0.5)

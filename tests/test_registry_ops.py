@@ -24,19 +24,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from PIL import Image
 
-import segflow.promotion
-import segflow.registry
+import segflow.registry.mlflow_registry
+import segflow.registry.promotion
 from register_testing import ARCH, artifact_dir, register_stage, register_version, write_scores
 from register_testing import promote as promote_with
 from segflow.config import parse_params
-from segflow.data import load_samples
+from segflow.data.datasets import load_samples
+from segflow.data.fingerprint import file_sha256
+from segflow.data.imageio import read_image, write_image
 from segflow.errors import SegflowError
-from segflow.fingerprint import file_sha256
-from segflow.imageio import read_image, write_image
-from segflow.inference import load_model, predict_mask, predict_probabilities, resolved_inference
-from segflow.metrics import split_fingerprint
-from segflow.promotion import score_on
-from segflow.registry import (
+from segflow.inference.metrics import split_fingerprint
+from segflow.inference.predictor import load_model, predict_mask, predict_probabilities, resolved_inference
+from segflow.registry.mlflow_registry import (
     FORCED_REASON_TAG,
     Decision,
     PromotionRefused,
@@ -45,7 +44,8 @@ from segflow.registry import (
     list_versions,
     rollback,
 )
-from segflow.tracking import SERVER_UNREACHABLE
+from segflow.registry.promotion import score_on
+from segflow.registry.tracking import SERVER_UNREACHABLE
 
 PARAMS = parse_params({"register": {"margin": 0.01}})
 BIN = Path(sys.executable).parent
@@ -78,8 +78,8 @@ def promote(workspace: Path, name: str, version: str, **force_and_reason) -> Dec
 
 def test_listing_forcing_and_rolling_back_do_not_load_torch():
     # Importing torch and the models costs seconds on every `segflow models list` / `rollback`; only gating scores.
-    code = ("import sys, segflow.registry, segflow.promotion; "
-            "print(sorted({'torch', 'segflow.register'} & set(sys.modules)))")
+    code = ("import sys, segflow.registry.mlflow_registry, segflow.registry.promotion; "
+            "print(sorted({'torch', 'segflow.stages.register'} & set(sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
 
@@ -167,9 +167,9 @@ def test_an_unreachable_artifact_store_is_not_a_broken_version(workspace, monkey
         except requests.exceptions.ConnectionError:
             raise MlflowException("API request failed") from None  # MLflow keeps the cause as the context
 
-    monkeypatch.setattr(segflow.registry, "get_artifact_repository", store_down)
+    monkeypatch.setattr(segflow.registry.mlflow_registry, "get_artifact_repository", store_down)
     with pytest.raises(SegflowError, match=SERVER_UNREACHABLE) as refused:
-        segflow.registry.missing_artifacts("reg-store-down", "1")
+        segflow.registry.mlflow_registry.missing_artifacts("reg-store-down", "1")
     assert not isinstance(refused.value, PromotionRefused)
 
 
@@ -183,7 +183,7 @@ def test_a_champion_change_while_gating_is_gated_again(workspace, monkeypatch):
             promote(workspace, "reg-regate", rival, force=True, reason="concurrent")
         return score_on(version, *args)
 
-    monkeypatch.setattr(segflow.promotion, "score_on", score_while_a_rival_is_promoted)
+    monkeypatch.setattr(segflow.registry.promotion, "score_on", score_while_a_rival_is_promoted)
     decision = promote(workspace, "reg-regate", candidate)
     # 0.7 beats the old champion's 0.5 but must not replace the rival's 0.9 that won meanwhile.
     assert not decision.promoted and decision.champion_version == rival and champion("reg-regate") == rival
@@ -194,7 +194,7 @@ PROMOTE_ON_GO = """
 import sys
 from pathlib import Path
 from segflow.config import parse_params
-from segflow.promotion import TestSplit, promote_version
+from segflow.registry.promotion import TestSplit, promote_version
 print("ready", flush=True)
 sys.stdin.readline()
 params = parse_params({})
@@ -306,7 +306,7 @@ def test_mlflow_models_serve_predicts_a_posted_png_as_evaluation_does(workspace,
     local = Path(MlflowClient().get_model_version_download_uri("reg-serve", "1").removeprefix("file://"))
     assert not list(local.rglob("*.pkl")) and list(local.rglob("*.safetensors"))
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-    assert flavor["loader_module"] == "segflow.pyfunc_model"  # the installed package's code, none from the store
+    assert flavor["loader_module"] == "segflow.registry.pyfunc_model"  # the installed package's code, none from the store
     card = json.loads((local / flavor["data"] / "model.json").read_text())
     assert card["extra"]["inference"] == {"mode": "slide", "crop_size": 24, "stride": 16, "windows_per_batch": 8,
                                           "flip": True, "scales": [0.75, 1.25], "max_pixels": 4_000_000,

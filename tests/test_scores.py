@@ -6,7 +6,7 @@ import pytest
 
 from segflow.config import RegisterParams
 from segflow.errors import SegflowError
-from segflow.scores import floor_failures, rank_candidates
+from segflow.inference.scores import floor_failures, rank_candidates
 
 
 def _scores(val: float | None, test: float = 0.5) -> dict:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from segflow.errors import SegflowError
-from segflow.split import expected_split_sizes, make_splits
+from segflow.stages.split import expected_split_sizes, make_splits
 
 N_CLASSES = 4
 

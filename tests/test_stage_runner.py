@@ -1,4 +1,4 @@
-"""segflow.stage_runner on a two-stage DVC project of shell commands: stale stages only, outputs removed before
+"""segflow.orchestration.stage_runner on a two-stage DVC project of shell commands: stale stages only, outputs removed before
 the command, dvc.lock in the order a sequential `dvc repro` leaves it; and the slots' environments."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segflow import stage_runner
 from segflow.errors import SegflowError
+from segflow.orchestration import stage_runner
 
 DVC_YAML = {"stages": {
     "second": {"cmd": "cat first.txt > second.txt", "deps": ["first.txt"], "outs": ["second.txt"]},

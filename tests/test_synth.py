@@ -11,9 +11,9 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from segflow import synth
+from segflow.data.imageio import read_image
 from segflow.errors import SegflowError
-from segflow.imageio import read_image
+from segflow.stages import synth
 
 SIZE = 64
 

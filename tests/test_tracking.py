@@ -12,14 +12,14 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from segflow import tracking
 from segflow.config import MlflowParams
-from segflow.fingerprint import file_sha256
+from segflow.data.fingerprint import file_sha256
+from segflow.registry import tracking
 
 # A stage that opens a segflow stage run (and fails when asked to), as every segflow stage does.
 STAGE_SCRIPT = """\
 import os, sys
-from segflow import tracking
+from segflow.registry import tracking
 from segflow.config import MlflowParams
 
 stage = sys.argv[1]

@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from segflow import IGNORE_INDEX, checkpoint
-from segflow.card import MEAN, STD
-from segflow.checkpoint import Progress
+from segflow import IGNORE_INDEX
 from segflow.config import AugmentParams, Layout, parse_params
-from segflow.data import BatchAugment, Sample, load_samples, stack_padded
-from segflow.distributed import ProcessGroup
+from segflow.data.datasets import BatchAugment, Sample, load_samples, stack_padded
+from segflow.data.imageio import write_mask
 from segflow.errors import SegflowError
-from segflow.imageio import write_mask
-from segflow.train import (
+from segflow.inference.card import MEAN, STD
+from segflow.stages.train import (
     Checkpointer,
     CompiledOrEager,
     EpochPlan,
@@ -27,6 +25,9 @@ from segflow.train import (
     prior_bias,
     tune_process_for_training,
 )
+from segflow.training import checkpoint
+from segflow.training.checkpoint import Progress
+from segflow.training.distributed import ProcessGroup
 from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, train_from_params, weights
 
 
@@ -235,7 +236,7 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(monkeypatc
     module = torch.nn.Conv2d(3, 2, 1)
     forward = CompiledOrEager(module)
     x = torch.randn(1, 3, 4, 4)
-    with caplog.at_level(logging.WARNING, logger="segflow.train"):
+    with caplog.at_level(logging.WARNING, logger="segflow.stages.train"):
         outputs = [forward(x), forward(x)]
     assert all(torch.equal(out, module(x)) for out in outputs)
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == len(caplog.records) == 1
@@ -245,7 +246,7 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(monkeypatc
 @pytest.mark.skipif(sys.platform != "linux", reason="a glibc malloc setting")
 def test_cpu_training_reuses_freed_memory_without_page_faults():
     """What a CPU step frees (here 64 MiB of 256 KiB tensors, like a model's gradients) comes back without the OS
-    paging it in anew; glibc's defaults would give the heap's top back (segflow.train.keep_freed_memory)."""
+    paging it in anew; glibc's defaults would give the heap's top back (segflow.stages.train.keep_freed_memory)."""
     tune_process_for_training(torch.device("cpu"))
 
     def step() -> None:

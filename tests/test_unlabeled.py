@@ -7,7 +7,7 @@ import pytest
 
 from segflow.config import parse_params
 from segflow.errors import SegflowError
-from segflow.unlabeled import (
+from segflow.training.semi_supervised import (
     architecture_params,
     labeled_only,
     unlabeled_images_won,

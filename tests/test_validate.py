@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from segflow.data.imageio import write_image, write_mask
 from segflow.errors import SegflowError, ValidationFailed
-from segflow.imageio import write_image, write_mask
-from segflow.ingest import ingest_coco
-from segflow.split import make_splits
-from segflow.validate import validate
+from segflow.stages.ingest import ingest_coco
+from segflow.stages.split import make_splits
+from segflow.stages.validate import validate
 
 CLASSES = ["background", "cat", "dog"]
 LIMITS = dict(min_train=2, min_val=2, min_test=2, val_fraction=0.2, test_fraction=0.2,

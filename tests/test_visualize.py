@@ -7,8 +7,8 @@ import numpy as np
 from PIL import Image
 
 from segflow import IGNORE_INDEX
-from segflow.imageio import read_mask, write_mask
-from segflow.visualize import (
+from segflow.data.imageio import read_mask, write_mask
+from segflow.inference.visualize import (
     Example,
     error_map,
     learning_curves_figure,

@@ -14,10 +14,10 @@ import yaml
 from safetensors.torch import load_file
 
 from segflow.config import Layout, parse_params
-from segflow.evaluate import majority_baseline
-from segflow.imageio import read_mask
-from segflow.ingest import ingest_coco
-from segflow.synth import generate
+from segflow.data.imageio import read_mask
+from segflow.stages.evaluate import majority_baseline
+from segflow.stages.ingest import ingest_coco
+from segflow.stages.synth import generate
 
 SIZE = 32
 # U-Net without batch norm or dropout: one batch of 8 and two of 4 give the same gradient up to float order.
@@ -64,8 +64,8 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def train_from_params(params, arch: str, **kwargs):
-    """segflow.train.train with the params sections `segflow train --arch` passes it."""
-    from segflow.train import train
+    """segflow.stages.train.train with the params sections `segflow train --arch` passes it."""
+    from segflow.stages.train import train
 
     return train(params.train, arch, model_options=params.models.get(arch, {}), mlflow_cfg=params.mlflow,
                  val_batch_size=params.evaluate.batch_size, reliable_fraction=params.pseudo_label.reliable_fraction,

@@ -41,7 +41,7 @@ def synth(
     size: Annotated[int, typer.Option(help="Image height and width in pixels.")] = 96,
 ) -> None:
     """Write the synthetic default dataset: COCO polygons (annotations.json, images/) plus unlabeled/."""
-    from segflow.synth import generate
+    from segflow.stages.synth import generate
 
     summary = generate(out, seed=seed, num_labeled=labeled, num_unlabeled=unlabeled, image_size=size)
     typer.echo(f"wrote {out}: {summary}")
@@ -56,7 +56,7 @@ def ingest_coco_command(
     strict: Annotated[bool, typer.Option(help="Treat missing or unlisted images as errors.")] = False,
 ) -> None:
     """Rasterize a COCO file into index masks (categories -> 1..K in ascending id, 0 = background)."""
-    from segflow.ingest import ingest_coco
+    from segflow.stages.ingest import ingest_coco
 
     report = ingest_coco(images, annotations, out, unlabeled=unlabeled, strict=strict)
     typer.echo(f"ingested {out}: {report.labeled} labeled, {report.unlabeled} unlabeled, {len(report.warnings)} warnings")
@@ -75,7 +75,7 @@ def ingest_masks_command(
     strict: Annotated[bool, typer.Option(help="Treat unpaired images or masks as errors.")] = False,
 ) -> None:
     """Ingest image + index-mask folders (CamVid style: --images train --masks trainannot --split train ...)."""
-    from segflow.ingest import MaskSource, ingest_masks, parse_value_map
+    from segflow.stages.ingest import MaskSource, ingest_masks, parse_value_map
 
     splits = split or [None] * len(images)
     if not (len(images) == len(masks) == len(splits)):
@@ -92,7 +92,7 @@ def ingest_masks_command(
 @ingest_app.command("from-params")
 def ingest_from_params(params_file: ParamsOption = Path("params.yaml")) -> None:
     """Ingest what params.yaml's `data` section points at (the DVC stage)."""
-    from segflow.ingest import ingest_from_params as run
+    from segflow.stages.ingest import ingest_from_params as run
 
     report = run(load_params(params_file).data, Layout.ingested)
     typer.echo(f"ingested {Layout.ingested}: {report.labeled} labeled, {report.unlabeled} unlabeled")
@@ -105,7 +105,7 @@ def validate(
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Run the Great Expectations suite; exit 1 naming the failing files when a check fails."""
-    from segflow.validate import validate as run
+    from segflow.stages.validate import validate as run
 
     params = load_params(params_file)
     cfg = params.validate_
@@ -122,7 +122,7 @@ def validate(
 def _log_data_docs(params, out: Path) -> None:
     import mlflow
 
-    from segflow import tracking
+    from segflow.registry import tracking
 
     with tracking.stage_run(params.mlflow, "validate"):
         mlflow.log_artifacts(str(out / "data_docs"), artifact_path="data_docs")
@@ -132,7 +132,7 @@ def _log_data_docs(params, out: Path) -> None:
 @app.command()
 def split(params_file: ParamsOption = Path("params.yaml")) -> None:
     """Deterministic train/val/test split (stratified on class presence) unless the source defines one."""
-    from segflow.split import make_splits
+    from segflow.stages.split import make_splits
 
     params = load_params(params_file)
     frame = make_splits(
@@ -149,8 +149,8 @@ def cache(
     out: Annotated[Path | None, typer.Option(help="Cache folder (default data/cache; replaced whole).")] = None,
 ) -> None:
     """Decode every ingested image and mask once into .npy shards (train.decoded_cache reads them)."""
-    from segflow.cache import build_cache
-    from segflow.decoded_cache import CACHE_DIR
+    from segflow.data.decoded_cache import CACHE_DIR
+    from segflow.stages.cache import build_cache
 
     out = out or CACHE_DIR
     summary = build_cache(data_dir, out)
@@ -162,7 +162,7 @@ def cache(
 def teacher(params_file: ParamsOption = Path("params.yaml")) -> None:
     """Train the teacher (params: teacher) labeled-only and with the unlabeled images at the same budget; keep the one
     val picks and write the decision to metrics/semi_supervised.json."""
-    from segflow.teacher import train_teacher  # torch and MLflow: seconds to import
+    from segflow.stages.teacher import train_teacher  # torch and MLflow: seconds to import
 
     params = load_params(params_file)
     summary = train_teacher(params.teacher, params.train, model_options=params.models.get(params.teacher.arch, {}),
@@ -189,8 +189,8 @@ def train(
 
     Under `torchrun --nproc_per_node N --no-python segflow train ...` it trains on N processes (one GPU each).
     """
-    from segflow.train import train as run  # torch and MLflow: seconds to import
-    from segflow.unlabeled import architecture_params
+    from segflow.stages.train import train as run  # torch and MLflow: seconds to import
+    from segflow.training.semi_supervised import architecture_params
 
     params = load_params(params_file)
     train_cfg, use_pseudo_labels = architecture_params(params.train, Layout.semi_supervised)
@@ -205,7 +205,7 @@ def train(
 @app.command("pseudo-label")
 def pseudo_label(params_file: ParamsOption = Path("params.yaml")) -> None:
     """Predict the unlabeled images with the teacher; confident pixels become labels, the rest ignore."""
-    from segflow.pseudo_label import pseudo_label as run
+    from segflow.stages.pseudo_label import pseudo_label as run
 
     params = load_params(params_file)
     summary = run(params.pseudo_label, params.train, params.evaluate.inference, params.mlflow,
@@ -224,7 +224,7 @@ def evaluate(
     """Score on val (to choose) and test (to report): mIoU, per-class IoU, accuracy, Dice, baseline, pictures."""
     if teacher == (arch is not None):
         raise SegflowError("segflow evaluate: give exactly one of --arch NAME or --teacher.")
-    from segflow.evaluate import evaluate as run
+    from segflow.stages.evaluate import evaluate as run
 
     name = Layout.teacher if teacher else arch
     params = load_params(params_file)
@@ -245,7 +245,7 @@ def register(
 ) -> None:
     """Register the run's best model on val, the teacher included (alias challenger); promote it to champion if it
     clears the floor and wins the gate on test (exit 0 either way; the line says which)."""
-    from segflow.register import register as run
+    from segflow.stages.register import register as run
 
     params = load_params(params_file)
     decision = run(params.register_, params.mlflow, _test_split(params), candidates=_candidates(params, without),
@@ -265,7 +265,7 @@ def _candidates(params: Params, without: list[str] | None) -> list[str]:
 
 def _test_split(params: Params):
     """The current test split, and how register and promote re-score a version on it (as evaluation predicts)."""
-    from segflow.promotion import TestSplit
+    from segflow.registry.promotion import TestSplit
 
     return TestSplit(Layout.ingested, Layout.splits, params.evaluate.batch_size, params.evaluate.inference,
                      params.train.crop_size)
@@ -280,8 +280,8 @@ def promote(
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Make a version champion through the register gate on the current test split (exit 1 if refused)."""
-    from segflow.promotion import promote_version
-    from segflow.registry import PromotionRefused
+    from segflow.registry.mlflow_registry import PromotionRefused
+    from segflow.registry.promotion import promote_version
 
     params = load_params(params_file)
     decision = promote_version(name, version, register=params.register_, mlflow=params.mlflow,
@@ -297,7 +297,7 @@ def rollback(
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Point champion back at the previous champion in the model's champion history."""
-    from segflow.registry import rollback as run
+    from segflow.registry.mlflow_registry import rollback as run
 
     replaced, restored = run(load_params(params_file).mlflow, name)
     typer.echo(f"{name}: champion rolled back from v{replaced} to v{restored}")
@@ -312,7 +312,7 @@ def predict(
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Predict every image in a folder: index masks, colour overlays and optionally a submission CSV."""
-    from segflow.predict import predict as run
+    from segflow.stages.predict import predict as run
 
     result = run(load_params(params_file), model=model, images_dir=images, out_dir=out, csv_file=csv)
     typer.echo(f"predicted {result.images} images into {result.out_dir}" + (f" and {result.csv_file}" if csv else ""))
@@ -323,7 +323,7 @@ def predict(
 @app.command()
 def leaderboard(without: WithoutOption = None, params_file: ParamsOption = Path("params.yaml")) -> None:
     """Rank the evaluated models (the teacher included) on val as register chooses: Markdown and JSON, also in MLflow."""
-    from segflow.leaderboard import leaderboard as run
+    from segflow.stages.leaderboard import leaderboard as run
 
     params = load_params(params_file)
     run(params.register_, params.mlflow, teacher_arch=params.teacher.arch, evaluation_dir=Layout.evaluation,
@@ -340,7 +340,7 @@ def schedule(
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Create or update the Prefect deployment that retrains on params.yaml's schedule (needs PREFECT_API_URL)."""
-    from segflow.schedule import schedule as run
+    from segflow.orchestration.schedule import schedule as run
 
     params = load_params(params_file)
     cfg = params.schedule
@@ -403,7 +403,7 @@ def list_registered_versions(
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """List a registered model's versions: aliases, architecture, test score, test data, commit, time."""
-    from segflow.registry import connect, format_versions, list_versions
+    from segflow.registry.mlflow_registry import connect, format_versions, list_versions
 
     params = load_params(params_file)
     rows = list_versions(connect(params.mlflow), name, params.register_.metric)
@@ -452,7 +452,7 @@ def _end_with_parent() -> None:
 def _unreachable_server_error(exc: Exception) -> SegflowError | None:
     if "mlflow" not in sys.modules:  # nothing talked to a tracking server
         return None
-    from segflow.tracking import unreachable_server_error
+    from segflow.registry.tracking import unreachable_server_error
 
     return unreachable_server_error(exc)
 

@@ -17,8 +17,8 @@ from pydantic import (
     model_validator,
 )
 
-from segflow.architectures import unknown_architecture
 from segflow.errors import SegflowError, shown
+from segflow.models.names import unknown_architecture
 
 PARAMS_FILE = Path("params.yaml")
 GROUP_COLUMN_PREFIX = "column:"  # split.group_by names a manifest column
@@ -136,7 +136,7 @@ class AugmentParams(_Section):
     hflip: bool = True
     scale_min: float = Field(0.75, gt=0)
     scale_max: float = Field(1.25, gt=0)
-    # Probabilities of albumentations' transforms on labeled images (segflow.augment); 0: off.
+    # Probabilities of albumentations' transforms on labeled images (segflow.data.augment); 0: off.
     rotate: float = Field(0.0, ge=0, le=1)
     rotate_limit: float = Field(10.0, ge=0, le=180)   # degrees either way
     shift_scale_rotate: float = Field(0.0, ge=0, le=1)
@@ -209,7 +209,7 @@ class LossParams(_Section):
 
 
 class RecipeParams(_Section):
-    """Overrides of an architecture's training recipe (segflow.models.recipe; `segflow models` shows each
+    """Overrides of an architecture's training recipe (segflow.models.recipes; `segflow models` shows each
     architecture's). null keeps the recipe's value."""
 
     optimizer: Literal["adamw", "sgd"] | None = None

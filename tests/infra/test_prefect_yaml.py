@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from segflow.config import load_params
-from segflow.schedule import ENTRYPOINT, cron_schedule
+from segflow.orchestration.schedule import ENTRYPOINT, cron_schedule
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,12 +13,12 @@ import pytest
 from zoo_testing import TINY
 
 from segflow import models
-from segflow.architectures import FAMILY_MODULES
 from segflow.config import parse_params
-from segflow.evaluate import evaluate
-from segflow.inference import load_model
-from segflow.ingest import ingest_coco
-from segflow.synth import generate
+from segflow.inference.predictor import load_model
+from segflow.models.names import FAMILY_MODULES
+from segflow.stages.evaluate import evaluate
+from segflow.stages.ingest import ingest_coco
+from segflow.stages.synth import generate
 from train_testing import train_from_params
 
 SIZE = 48
@@ -36,7 +36,7 @@ def dataset(tmp_path_factory) -> tuple[Path, Path]:
     return root / "ingested", root / "splits.csv"
 
 
-# The cheapest architecture of each family module (segflow.architectures).
+# The cheapest architecture of each family module (segflow.models.names).
 REPRESENTATIVES = ["deconvnet", "deeplabv1_largefov", "deeplabv2", "dilatednet", "fcdensenet56", "fcn8s", "pspnet",
                    "segnet_basic", "unet", "unet_original"]
 

@@ -11,8 +11,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from segflow.config import ScheduleParams
 from segflow.errors import SegflowError
-from segflow.schedule import cron_schedule, prefect_api_url
-from segflow.tracking import SERVER_UNREACHABLE
+from segflow.orchestration.schedule import cron_schedule, prefect_api_url
+from segflow.registry.tracking import SERVER_UNREACHABLE
 from stack_testing import free_port
 
 

@@ -20,8 +20,8 @@ from pipeline_testing import MODEL_NAME, SEGFLOW, candidate_arch, stack_env
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, StateType
 
 from segflow.config import Layout, load_params
-from segflow.schedule import schedule
-from segflow.tracking import SERVER_UNREACHABLE
+from segflow.orchestration.schedule import schedule
+from segflow.registry.tracking import SERVER_UNREACHABLE
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pipeline_testing import TINY, dvc, load_flow_module, make_project, merge, mlflow_at
 
-from segflow import stage_runner
+from segflow.orchestration import stage_runner
 from train_testing import weights
 
 pytestmark = pytest.mark.slow

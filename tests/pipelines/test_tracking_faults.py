@@ -29,9 +29,9 @@ from pipeline_testing import mlflow_at
 from register_testing import register_version
 from segflow.config import Layout
 from segflow.errors import SegflowError
-from segflow.register import WEIGHTS_TAG
-from segflow.registry import CHALLENGER, CHAMPION, champion_history
-from segflow.tracking import SERVER_UNREACHABLE
+from segflow.registry.mlflow_registry import CHALLENGER, CHAMPION, champion_history
+from segflow.registry.tracking import SERVER_UNREACHABLE
+from segflow.stages.register import WEIGHTS_TAG
 from test_registry_ops import check_concurrent_promotions, check_deleted_model_files_are_refused
 from train_testing import make_project, segflow_command, subprocess_env, weights, write_params
 

@@ -20,8 +20,8 @@ from mlflow import MlflowClient
 from pipeline_testing import PIPELINE, mlflow_at
 
 from segflow.config import parse_params
-from segflow.imageio import read_image
-from segflow.scores import floor_failures
+from segflow.data.imageio import read_image
+from segflow.inference.scores import floor_failures
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,9 @@ from pipeline_testing import TINY, dvc, load_flow_module, make_project, merge, m
 from prefect.automations import Automation
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
-from segflow import schedule
 from segflow.config import Layout, load_params
 from segflow.errors import SegflowError
+from segflow.orchestration import schedule
 from stack_testing import VENV_BIN, ServerProcess
 
 pytestmark = pytest.mark.slow

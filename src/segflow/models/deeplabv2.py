@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from segflow.errors import SegflowError
 from segflow.models._resnet import dilated_resnet
 from segflow.models.base import SegmentationModel, check_choice, init_encoder
-from segflow.models.recipe import SCRATCH_ADAMW, Recipe
-from segflow.models.registry import register
+from segflow.models.recipes import SCRATCH_ADAMW, Recipe
+from segflow.models.zoo import register
 
 PAPER = (
     "Chen et al., DeepLab: Semantic Image Segmentation with Deep Convolutional Nets, Atrous Convolution, and "

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from segflow.models._vgg import VGG16_STAGES, VGG16Encoder
 from segflow.models.base import SegmentationModel, check_choice, check_flag, check_width, init_encoder
-from segflow.models.recipe import SCRATCH_ADAMW, Recipe
-from segflow.models.registry import register
+from segflow.models.recipes import SCRATCH_ADAMW, Recipe
+from segflow.models.zoo import register
 
 PAPER = "Yu & Koltun, Multi-Scale Context Aggregation by Dilated Convolutions, ICLR 2016"
 RECIPE = Recipe(

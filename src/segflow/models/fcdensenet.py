@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from segflow.errors import SegflowError
 from segflow.models.base import SegmentationModel, check_probability, init_encoder
-from segflow.models.recipe import Recipe
-from segflow.models.registry import register
+from segflow.models.recipes import Recipe
+from segflow.models.zoo import register
 
 PAPER = (
     "Jégou et al., The One Hundred Layers Tiramisu: Fully Convolutional DenseNets for Semantic Segmentation, "

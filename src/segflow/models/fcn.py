@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from segflow.errors import SegflowError
 from segflow.models._vgg import VGG16Encoder
 from segflow.models.base import SegmentationModel, check_flag, check_width, init_encoder, torchvision_state_dict
-from segflow.models.recipe import SCRATCH_ADAMW, Recipe
-from segflow.models.registry import register
+from segflow.models.recipes import SCRATCH_ADAMW, Recipe
+from segflow.models.zoo import register
 
 PAPER = "Long, Shelhamer & Darrell, Fully Convolutional Networks for Semantic Segmentation, CVPR 2015"
 RECIPE = Recipe(

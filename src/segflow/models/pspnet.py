@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from segflow.errors import SegflowError
 from segflow.models._resnet import dilated_resnet
 from segflow.models.base import SegmentationModel, check_choice, check_probability, init_encoder
-from segflow.models.recipe import SCRATCH_ADAMW, Recipe
-from segflow.models.registry import register
+from segflow.models.recipes import SCRATCH_ADAMW, Recipe
+from segflow.models.zoo import register
 
 PAPER = "Zhao et al., Pyramid Scene Parsing Network, CVPR 2017"
 RECIPE = Recipe(

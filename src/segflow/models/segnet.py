@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from segflow.models._vgg import VGG16_STAGES, VGG16Encoder
 from segflow.models.base import SegmentationModel, channels, check_width, init_encoder
-from segflow.models.recipe import SCRATCH_ADAMW, Recipe
-from segflow.models.registry import register
+from segflow.models.recipes import SCRATCH_ADAMW, Recipe
+from segflow.models.zoo import register
 
 PAPER = (
     "Badrinarayanan, Kendall & Cipolla, SegNet: A Deep Convolutional Encoder-Decoder Architecture for "

@@ -32,8 +32,8 @@ from segflow.models.base import (
     init_encoder,
     pretrained_unavailable,
 )
-from segflow.models.recipe import SCRATCH_ADAMW, Recipe
-from segflow.models.registry import register
+from segflow.models.recipes import SCRATCH_ADAMW, Recipe
+from segflow.models.zoo import register
 
 DEFAULT_ENCODER = "resnet18"
 

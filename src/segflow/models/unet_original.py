@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from segflow.models.base import SegmentationModel, channels, check_flag, check_probability, check_width, init_encoder
-from segflow.models.recipe import SCRATCH_ADAMW, Recipe
-from segflow.models.registry import register
+from segflow.models.recipes import SCRATCH_ADAMW, Recipe
+from segflow.models.zoo import register
 
 PAPER = "Ronneberger, Fischer & Brox, U-Net: Convolutional Networks for Biomedical Image Segmentation, MICCAI 2015"
 RECIPE = Recipe(

@@ -1,0 +1,1 @@
+"""Datasets, readers and the ingest contract's files: the layer every other one stands on."""

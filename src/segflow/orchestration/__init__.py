@@ -1,0 +1,1 @@
+"""Running the DVC stages from Prefect: the stage runner and the retraining schedule."""

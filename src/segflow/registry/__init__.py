@@ -1,0 +1,1 @@
+"""MLflow: tracking runs, the model card, the pyfunc flavour, the registry and promotion."""
