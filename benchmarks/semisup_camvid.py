@@ -59,7 +59,7 @@ from segflow.inference.metrics import score_split
 from segflow.stages.ingest import ingest_from_params
 from segflow.stages.pseudo_label import pseudo_label
 from segflow.stages.split import make_splits
-from segflow.stages.train import train
+from segflow.stages.train import TrainRun, train
 from segflow.stages.validate import validate
 
 ARMS = {"target": ("labeled-only", "offline-once", "offline", "offline-unweighted", "offline-keep0.2", "online",
@@ -126,7 +126,7 @@ def arm_params(args: argparse.Namespace, arm: str, seed: int, steps: int, images
 
 def _scores(model_dir: Path, data_dir: Path, splits_csv: Path, params: Params, splits: list[str]) -> dict:
     scoring = {"device": params.train.device, "batch_size": params.evaluate.batch_size,
-               "inference": params.evaluate.inference, "train_crop_size": params.train.crop_size}
+               "inference": params.evaluate.inference}
     return {split: score_split(model_dir, data_dir, splits_csv, split, **scoring) for split in splits}
 
 
@@ -166,10 +166,10 @@ def run_training(args, protocol: str, fraction: float | None, seed: int, arm: st
                         "class_share": summary["class_share"], "class_precision": summary.get("pseudo_class_accuracy")}
     labeling_minutes = (time.perf_counter() - started) / 60
     model_dir = run_dir / "model"
-    result = train(params.train, args.arch, model_options=params.models.get(args.arch, {}), mlflow_cfg=params.mlflow,
-                   val_batch_size=params.evaluate.batch_size, data_dir=data_dir, splits_csv=splits_csv,
-                   out_dir=model_dir, run_name=f"{tag} {arm} seed {seed}", pseudo_dir=pseudo_dir,
-                   init_from=teacher_dir)
+    result = train(params.train, args.arch, TrainRun(data_dir, splits_csv, model_dir, pseudo_dir=pseudo_dir,
+                                                     name=f"{tag} {arm} seed {seed}", init_from=teacher_dir),
+                   model_options=params.models.get(args.arch, {}), mlflow_cfg=params.mlflow,
+                   val_batch_size=params.evaluate.batch_size)
     if arm == "online":
         target_stats = online_target_stats(result.history)
     test = _scores(model_dir, data_dir, splits_csv, params, scored)

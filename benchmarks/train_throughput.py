@@ -69,15 +69,11 @@ from segflow.data.datasets import BatchAugment, Sample, SegmentationDataset, bat
 from segflow.data.decoded_cache import DecodedCache, open_cache
 from segflow.data.imageio import read_image, read_mask, write_image, write_mask
 from segflow.stages.cache import build_cache
-from segflow.stages.train import (
-    TrainStep,
-    amp_dtype,
-    build_optimizer,
-    build_scheduler,
-    prepare_model,
-    tune_process_for_training,
-)
 from segflow.training.distributed import EpochSampler, SeededDataset
+from segflow.training.loop import TrainStep
+from segflow.training.losses import LossWeighting
+from segflow.training.optim import build_optimization
+from segflow.training.runtime import prepare_model, tune_process_for_training
 
 # benchmark name -> (segflow registry name, builder options)
 MODELS = {
@@ -196,11 +192,9 @@ def segflow_loop(arch: str, options: dict, dataset: SegmentationDataset, args, d
     model = prepare_model(models.build(arch, NUM_CLASSES, **options), device)
     model.train()
     recipe = models.recipe(arch, cfg.overrides())  # SGD as the reference loop's, with the recipe's groups
-    optimizer = build_optimizer(recipe, model, device, encoder_loaded=False)
-    scheduler = build_scheduler(recipe, optimizer, args.total_steps)
-    amp = amp_dtype(device, cfg.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    step = TrainStep(model, optimizer, scheduler, scaler, device=device, amp=amp, aux_weight=AUX_WEIGHT,
+    optimization = build_optimization(recipe, model, device, total_steps=args.total_steps, amp=cfg.amp,
+                                      encoder_loaded=False)
+    step = TrainStep(model, optimization, LossWeighting(aux_weight=AUX_WEIGHT), device=device,
                      batch_augment=batch_augment)
     sampler = EpochSampler(len(dataset), seed=0)
     loader = DataLoader(SeededDataset(dataset), batch_size=args.batch, sampler=sampler, drop_last=True,

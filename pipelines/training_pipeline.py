@@ -34,7 +34,7 @@ from prefect.cache_policies import NONE
 from prefect.futures import wait
 
 from segflow.config import PARAMS_FILE, Layout, Params, load_params
-from segflow.errors import SegflowError
+from segflow.errors import UNAVAILABLE, SegflowError
 from segflow.orchestration import schedule, stage_runner
 from segflow.registry import tracking
 
@@ -59,12 +59,13 @@ def _retry_if_transient(task, task_run, state) -> bool:
 
 
 def dvc_failure(what: str, returncode: int, errors: list[str], stage_exit: int | None = None) -> StageFailed:
-    """The error for a failed DVC command, from the ``segflow: error:`` lines it printed and the exit status
-    of the stage's command (``stage_exit``; None when DVC failed before running one)."""
+    """The error for a failed DVC command: its kind from the exit status of the stage's command (``stage_exit``;
+    None when DVC failed before running one; segflow.errors' codes), its message from the ``segflow: error:``
+    lines it printed."""
     detail = f": {' '.join(errors)}" if errors else "; see the log above"
     status = returncode if stage_exit is None else stage_exit
-    if any(tracking.SERVER_UNREACHABLE in error for error in errors):
-        return TransientFailure(f"{what} could not reach the tracking server{detail}")
+    if status == UNAVAILABLE:
+        return TransientFailure(f"{what} could not reach a service it needs (exit {status}){detail}")
     if status < 0 or status in KILLED_BY_SIGNAL:
         return TransientFailure(f"{what} was killed (exit {status}){detail}")
     return StageFailed(f"{what} failed (exit {status}){detail}")

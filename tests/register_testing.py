@@ -46,8 +46,8 @@ def make_workspace(tmp_path: Path) -> Path:
     """A trained-looking model folder, one tiny labeled test image, and its splits file."""
     torch.manual_seed(0)
     model = models.build(ARCH, num_classes=2, width=0.0625)
-    save_model(model, ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"], options={"width": 0.0625}),
-               tmp_path / "models" / ARCH)
+    save_model(model, ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"], options={"width": 0.0625},
+                                crop_size=24), tmp_path / "models" / ARCH)
     (tmp_path / "models" / ARCH / "history.json").write_text("[]")
     data = tmp_path / "data"
     (data / "masks").mkdir(parents=True)
@@ -70,7 +70,7 @@ def register_version(workspace: Path, name: str, miou: float, data_hash: str = "
 
 def test_split(params: Params, data_dir: Path, splits_csv: Path) -> TestSplit:
     """The test split as `segflow register` and `segflow promote` build it from params.yaml."""
-    return TestSplit(data_dir, splits_csv, params.evaluate.batch_size, params.evaluate.inference, params.train.crop_size)
+    return TestSplit(data_dir, splits_csv, params.evaluate.batch_size, params.evaluate.inference)
 
 
 def register_stage(params: Params, *, data_dir: Path, splits_csv: Path, **dirs_and_force):
@@ -80,7 +80,7 @@ def register_stage(params: Params, *, data_dir: Path, splits_csv: Path, **dirs_a
 
 def promote(params: Params, name: str, version: str, *, data_dir: Path, splits_csv: Path, **force_and_reason):
     """segflow.registry.promotion.promote_version with its params sections taken from ``params``, as the CLI passes them."""
-    return promote_version(name, version, register=params.register_, mlflow=params.mlflow,
+    return promote_version(name, version, register=params.register_, mlflow_cfg=params.mlflow,
                            test=test_split(params, data_dir, splits_csv), **force_and_reason)
 
 

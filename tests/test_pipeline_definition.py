@@ -248,7 +248,7 @@ def test_the_checks_see_a_missing_dependency_and_a_hidden_read():
     modules = closure(imported_modules(with_helpers(function), "segflow"))
     assert {"segflow.stages.train", "segflow.inference.metrics", "segflow.training.checkpoint"} <= modules
     reads, whole = params_reads(with_helpers(command_function(["evaluate"])))
-    assert ("train", "crop_size") in reads and ("evaluate",) in reads and not whole
+    assert ("train", "device") in reads and ("evaluate",) in reads and not whole
     assert section_key(["validate_", "min_train"]) == ("validate", "min_train")
     assert section_key(["train", "model_copy"]) == ("train",)
 

@@ -64,9 +64,10 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def train_from_params(params, arch: str, **kwargs):
-    """segflow.stages.train.train with the params sections `segflow train --arch` passes it."""
-    from segflow.stages.train import train
+    """segflow.stages.train.train with the params sections `segflow train --arch` passes it; ``kwargs`` are the
+    fields of its TrainRun."""
+    from segflow.stages.train import TrainRun, train
 
-    return train(params.train, arch, model_options=params.models.get(arch, {}), mlflow_cfg=params.mlflow,
-                 val_batch_size=params.evaluate.batch_size, reliable_fraction=params.pseudo_label.reliable_fraction,
-                 **kwargs)
+    return train(params.train, arch, TrainRun(**kwargs), model_options=params.models.get(arch, {}),
+                 mlflow_cfg=params.mlflow, val_batch_size=params.evaluate.batch_size,
+                 reliable_fraction=params.pseudo_label.reliable_fraction)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from segflow.config import Layout, Params, load_params
+from segflow.config import PARAMS_FILE, Layout, Params, load_params
 from segflow.errors import INTERNAL_ERROR, SegflowError, environment_error
 
 app = typer.Typer(
@@ -26,6 +26,8 @@ app.add_typer(ingest_app, name="ingest")
 models_app = typer.Typer(help="Architectures (`segflow models`) and registered versions (`segflow models list NAME`).")
 app.add_typer(models_app, name="models")
 
+# The parameter counts `segflow models` shows are for PASCAL VOC's 20 classes and background, as the papers report.
+PAPER_CLASSES = 21
 ParamsOption = Annotated[Path, typer.Option("--params", help="Parameters file.")]
 WithoutOption = Annotated[list[str] | None, typer.Option(
     help="Leave out this architecture (repeatable): the pipeline flow's work-pool path registers from the "
@@ -75,7 +77,8 @@ def ingest_masks_command(
     strict: Annotated[bool, typer.Option(help="Treat unpaired images or masks as errors.")] = False,
 ) -> None:
     """Ingest image + index-mask folders (CamVid style: --images train --masks trainannot --split train ...)."""
-    from segflow.stages.ingest import MaskSource, ingest_masks, parse_value_map
+    from segflow.data.mask_folders import MaskSource, parse_value_map
+    from segflow.stages.ingest import ingest_masks
 
     splits = split or [None] * len(images)
     if not (len(images) == len(masks) == len(splits)):
@@ -90,7 +93,7 @@ def ingest_masks_command(
 
 
 @ingest_app.command("from-params")
-def ingest_from_params(params_file: ParamsOption = Path("params.yaml")) -> None:
+def ingest_from_params(params_file: ParamsOption = PARAMS_FILE) -> None:
     """Ingest what params.yaml's `data` section points at (the DVC stage)."""
     from segflow.stages.ingest import ingest_from_params as run
 
@@ -102,7 +105,7 @@ def ingest_from_params(params_file: ParamsOption = Path("params.yaml")) -> None:
 def validate(
     data_dir: Annotated[Path, typer.Argument(help="Ingested folder.")] = Layout.ingested,
     out: Annotated[Path, typer.Option(help="Report folder: stats.csv, summary.json, data_docs/.")] = Layout.validation,
-    params_file: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
     """Run the Great Expectations suite; exit 1 naming the failing files when a check fails."""
     from segflow.stages.validate import validate as run
@@ -130,7 +133,7 @@ def _log_data_docs(params, out: Path) -> None:
 
 
 @app.command()
-def split(params_file: ParamsOption = Path("params.yaml")) -> None:
+def split(params_file: ParamsOption = PARAMS_FILE) -> None:
     """Deterministic train/val/test split (stratified on class presence) unless the source defines one."""
     from segflow.stages.split import make_splits
 
@@ -159,7 +162,7 @@ def cache(
 
 
 @app.command()
-def teacher(params_file: ParamsOption = Path("params.yaml")) -> None:
+def teacher(params_file: ParamsOption = PARAMS_FILE) -> None:
     """Train the teacher (params: teacher) labeled-only and with the unlabeled images at the same budget; keep the one
     val picks and write the decision to metrics/semi_supervised.json."""
     from segflow.stages.teacher import train_teacher  # torch and MLflow: seconds to import
@@ -183,27 +186,28 @@ def train(
     arch: Annotated[str, typer.Option(help="Architecture name (see `segflow models`).")],
     resume: Annotated[bool, typer.Option(
         help="Continue a killed run from its last checkpoint (models/.NAME.resume), exactly as if uninterrupted.")] = False,
-    params_file: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
     """Train one architecture; the best checkpoint by val mIoU goes to models/NAME as safetensors.
 
     Under `torchrun --nproc_per_node N --no-python segflow train ...` it trains on N processes (one GPU each).
     """
+    from segflow.stages.train import TrainRun
     from segflow.stages.train import train as run  # torch and MLflow: seconds to import
     from segflow.training.semi_supervised import architecture_params
 
     params = load_params(params_file)
     train_cfg, use_pseudo_labels = architecture_params(params.train, Layout.semi_supervised)
-    result = run(train_cfg, arch, model_options=params.models.get(arch, {}), mlflow_cfg=params.mlflow,
-                 val_batch_size=params.evaluate.batch_size, reliable_fraction=params.pseudo_label.reliable_fraction,
-                 data_dir=Layout.ingested, splits_csv=Layout.splits, out_dir=Layout.models / arch,
-                 pseudo_dir=Layout.pseudo if use_pseudo_labels else None, resume=resume)
+    result = run(train_cfg, arch, TrainRun(Layout.ingested, Layout.splits, Layout.models / arch,
+                                           pseudo_dir=Layout.pseudo if use_pseudo_labels else None, resume=resume),
+                 model_options=params.models.get(arch, {}), mlflow_cfg=params.mlflow,
+                 val_batch_size=params.evaluate.batch_size, reliable_fraction=params.pseudo_label.reliable_fraction)
     typer.echo(f"best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} ({result.seconds:.0f} s), "
                f"{'with' if use_pseudo_labels else 'without'} the pseudo-labels")
 
 
 @app.command("pseudo-label")
-def pseudo_label(params_file: ParamsOption = Path("params.yaml")) -> None:
+def pseudo_label(params_file: ParamsOption = PARAMS_FILE) -> None:
     """Predict the unlabeled images with the teacher; confident pixels become labels, the rest ignore."""
     from segflow.stages.pseudo_label import pseudo_label as run
 
@@ -219,7 +223,7 @@ def pseudo_label(params_file: ParamsOption = Path("params.yaml")) -> None:
 def evaluate(
     arch: Annotated[str | None, typer.Option(help="Architecture to evaluate (models/NAME).")] = None,
     teacher: Annotated[bool, typer.Option(help="Evaluate the teacher instead.")] = False,
-    params_file: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
     """Score on val (to choose) and test (to report): mIoU, per-class IoU, accuracy, Dice, baseline, pictures."""
     if teacher == (arch is not None):
@@ -228,9 +232,9 @@ def evaluate(
 
     name = Layout.teacher if teacher else arch
     params = load_params(params_file)
-    scores = run(params.evaluate, params.mlflow, name, device=params.train.device, train_crop_size=params.train.crop_size,
-                 model_dir=Layout.models / name, data_dir=Layout.ingested, splits_csv=Layout.splits,
-                 metrics_file=Layout.metrics / f"{name}.json", out_dir=Layout.evaluation / name, plots_dir=Layout.plots)
+    scores = run(params.evaluate, params.mlflow, name, device=params.train.device, model_dir=Layout.models / name,
+                 data_dir=Layout.ingested, splits_csv=Layout.splits, metrics_file=Layout.metrics / f"{name}.json",
+                 out_dir=Layout.evaluation / name, plots_dir=Layout.plots)
     typer.echo(f"{name}: val mIoU {scores['val']['miou']:.4f}, test mIoU {scores['test']['miou']:.4f}, "
                f"pixel accuracy {scores['test']['pixel_accuracy']:.4f}")
 
@@ -241,7 +245,7 @@ def register(
         help="Register even though the registry lacks versions this project registered before (registry/"
              "registrations.jsonl): starts a new history there.")] = False,
     without: WithoutOption = None,
-    params_file: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
     """Register the run's best model on val, the teacher included (alias challenger); promote it to champion if it
     clears the floor and wins the gate on test (exit 0 either way; the line says which)."""
@@ -267,8 +271,7 @@ def _test_split(params: Params):
     """The current test split, and how register and promote re-score a version on it (as evaluation predicts)."""
     from segflow.registry.promotion import TestSplit
 
-    return TestSplit(Layout.ingested, Layout.splits, params.evaluate.batch_size, params.evaluate.inference,
-                     params.train.crop_size)
+    return TestSplit(Layout.ingested, Layout.splits, params.evaluate.batch_size, params.evaluate.inference)
 
 
 @app.command()
@@ -277,14 +280,14 @@ def promote(
     version: Annotated[str, typer.Option(help="Version to make champion (see `segflow models list NAME`).")],
     force: Annotated[bool, typer.Option(help="Skip the gate; needs --reason.")] = False,
     reason: Annotated[str | None, typer.Option(help="Why the gate is skipped (recorded in the history).")] = None,
-    params_file: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
     """Make a version champion through the register gate on the current test split (exit 1 if refused)."""
     from segflow.registry.mlflow_registry import PromotionRefused
     from segflow.registry.promotion import promote_version
 
     params = load_params(params_file)
-    decision = promote_version(name, version, register=params.register_, mlflow=params.mlflow,
+    decision = promote_version(name, version, register=params.register_, mlflow_cfg=params.mlflow,
                                test=_test_split(params), force=force, reason=reason)
     if not decision.promoted:
         raise PromotionRefused(f"{name} v{version} not promoted: {decision.reason}.")
@@ -294,7 +297,7 @@ def promote(
 @app.command()
 def rollback(
     name: Annotated[str, typer.Argument(help="Registered model name (register.model_name).")],
-    params_file: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
     """Point champion back at the previous champion in the model's champion history."""
     from segflow.registry.mlflow_registry import rollback as run
@@ -309,7 +312,7 @@ def predict(
     images: Annotated[Path, typer.Option(help="Folder of images (png, jpg, jpeg, bmp, tif).")],
     out: Annotated[Path, typer.Option(help="Output folder: masks/ and overlays/ (replaced whole on success).")],
     csv: Annotated[Path | None, typer.Option(help="Also write image_id,mask rows at predict.csv_size.")] = None,
-    params_file: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
     """Predict every image in a folder: index masks, colour overlays and optionally a submission CSV."""
     from segflow.stages.predict import predict as run
@@ -321,7 +324,7 @@ def predict(
 
 
 @app.command()
-def leaderboard(without: WithoutOption = None, params_file: ParamsOption = Path("params.yaml")) -> None:
+def leaderboard(without: WithoutOption = None, params_file: ParamsOption = PARAMS_FILE) -> None:
     """Rank the evaluated models (the teacher included) on val as register chooses: Markdown and JSON, also in MLflow."""
     from segflow.stages.leaderboard import leaderboard as run
 
@@ -337,7 +340,7 @@ def leaderboard(without: WithoutOption = None, params_file: ParamsOption = Path(
 def schedule(
     serve: Annotated[bool, typer.Option(help="Also run the scheduled runs from this process (blocks until stopped; "
                                              "no worker needed).")] = False,
-    params_file: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
     """Create or update the Prefect deployment that retrains on params.yaml's schedule (needs PREFECT_API_URL)."""
     from segflow.orchestration.schedule import schedule as run
@@ -352,24 +355,25 @@ def schedule(
 
 
 @models_app.callback(invoke_without_command=True)
-def list_models(ctx: typer.Context, params_file: ParamsOption = Path("params.yaml")) -> None:
+def list_models(ctx: typer.Context, params_file: ParamsOption = PARAMS_FILE) -> None:
     """List the architectures: name, family, parameters with the paper's options and as params.yaml's `models`
-    section configures them (21 classes), each option with its default, the paper, and the training recipe (as
+    section configures them (for PAPER_CLASSES classes), each option with its default, the paper, and the training recipe (as
     params.yaml's train and models.NAME.recipe leave it) with its source."""
     if ctx.invoked_subcommand is not None:
         return
     from segflow import models
+    from segflow.models.recipes import split_model_options
 
     params = load_params(params_file) if params_file.is_file() else None
     configured = params.models if params is not None else {}
     shared_recipe = params.train.overrides() if params is not None else {}
-    typer.echo(f"Parameters for 21 classes, with each paper's options and as configured by "
+    typer.echo(f"Parameters for {PAPER_CLASSES} classes, with each paper's options and as configured by "
                f"{params_file if params_file.is_file() else '(no params.yaml here)'} (=: not configured there).")
     typer.echo(f"{'name':22s} {'family':14s} {'params: paper':>13s} {'configured':>10s}  paper")
     for name in models.available():
         info = models.describe(name)
-        options = dict(configured.get(name, {}))
-        recipe = models.recipe(name, shared_recipe, options.pop("recipe", {}))
+        options, recipe_overrides = split_model_options(configured.get(name, {}))
+        recipe = models.recipe(name, shared_recipe, recipe_overrides)
         counts = [_parameter_count(name, {}), _parameter_count(name, options) if options else None]
         shown = [f"{c / 1e6:.2f}M" if c is not None else "=" for c in counts]
         typer.echo(f"{name:22s} {info.family:14s} {shown[0]:>13s} {shown[1]:>10s}  {info.paper}")
@@ -391,16 +395,16 @@ def _parameter_count(name: str, options: dict) -> int:
     options = {key: value for key, value in options.items() if key != "encoder_weights"}  # counting, not loading
     try:
         with torch.device("meta"):  # counts parameters without allocating them
-            model = models.build(name, num_classes=21, **options)
+            model = models.build(name, num_classes=PAPER_CLASSES, **options)
     except SegflowError:  # a few builders compute on tensors while building
-        model = models.build(name, num_classes=21, **options)
+        model = models.build(name, num_classes=PAPER_CLASSES, **options)
     return sum(p.numel() for p in model.parameters())
 
 
 @models_app.command("list")
 def list_registered_versions(
     name: Annotated[str, typer.Argument(help="Registered model name (register.model_name).")],
-    params_file: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = PARAMS_FILE,
 ) -> None:
     """List a registered model's versions: aliases, architecture, test score, test data, commit, time."""
     from segflow.registry.mlflow_registry import connect, format_versions, list_versions
@@ -411,8 +415,8 @@ def list_registered_versions(
 
 
 def main() -> None:
-    """Entry point: user mistakes become one paragraph on stderr and exit 1 or 2; a crash of segflow itself one
-    line and exit 3, its traceback in a log file (segflow.errors has the codes)."""
+    """Entry point: user mistakes become one paragraph on stderr and exit 1 or 2, a server that does not answer
+    exit 4; a crash of segflow itself one line and exit 3, its traceback in a log file (segflow.errors: the codes)."""
     # Libraries stay at WARNING: Great Expectations and MLflow are chatty at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("segflow").setLevel(os.environ.get("SEGFLOW_LOG_LEVEL", "INFO"))

@@ -327,7 +327,7 @@ class InferenceParams(_Section):
     a model writes them, window made concrete, into its card: the served model predicts as it was evaluated."""
 
     mode: Literal["whole", "slide"] = "whole"
-    crop_size: int | None = Field(None, ge=16)   # slide window; null: train.crop_size
+    crop_size: int | None = Field(None, ge=16)   # slide window; null: the model's training crop (its card's)
     stride: int | None = Field(None, ge=1)       # null: two thirds of the window
     windows_per_batch: int = Field(8, ge=1)      # slide windows per forward pass: memory against speed
     flip: bool = False                           # average with the horizontally flipped prediction

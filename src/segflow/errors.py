@@ -1,8 +1,9 @@
 """Errors and the exit codes they end a command with.
 
 0 success; 1 the data failed validation or a promotion was refused; 2 the user's input (data, parameters,
-files, or the machine: a full disk, no permission) is wrong; 3 segflow itself failed (a bug: the traceback goes to a log file). The Prefect flow retries
-none of these: only a stage killed from outside or a tracking server that cannot be reached is transient.
+files, or the machine: a full disk, no permission) is wrong; 3 segflow itself failed (a bug: the traceback goes
+to a log file); 4 a service segflow needs (the MLflow tracking server) could not be reached. The Prefect flow
+tells them apart by the code alone and retries only 4 and a stage killed from outside.
 """
 
 import errno
@@ -13,6 +14,7 @@ from typing import Any
 VALIDATION_FAILED = 1
 USER_ERROR = 2
 INTERNAL_ERROR = 3
+UNAVAILABLE = 4
 
 
 class SegflowError(Exception):
@@ -29,6 +31,12 @@ class ValidationFailed(SegflowError):
     """The data did not pass the Great Expectations suite."""
 
     exit_code = VALIDATION_FAILED
+
+
+class ServiceUnavailable(SegflowError):
+    """A server segflow needs did not answer: running again later may succeed."""
+
+    exit_code = UNAVAILABLE
 
 
 _REPR = reprlib.Repr()  # bounded work and text for any value, however large or alias-shared its nesting

@@ -9,7 +9,7 @@ from zoo_testing import check_training_step, count_params, tiny
 
 from segflow import models
 from segflow.models.dilatednet import ContextModule
-from segflow.stages.train import build_optimizer
+from segflow.training.optim import build_optimizer
 
 
 def test_front_end() -> None:

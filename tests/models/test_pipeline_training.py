@@ -60,7 +60,7 @@ def test_architecture_trains_one_epoch_and_evaluates(arch, dataset, tmp_path):
     model, card = load_model(tmp_path / "models" / arch)
     assert card.arch == arch and card.options == TINY[arch]
     metrics = evaluate(params.evaluate, params.mlflow, arch, device=params.train.device,
-                       train_crop_size=params.train.crop_size, model_dir=tmp_path / "models" / arch,
+                       model_dir=tmp_path / "models" / arch,
                        data_dir=data_dir, splits_csv=splits_csv,
                        metrics_file=tmp_path / "metrics.json", out_dir=tmp_path / "evaluation",
                        plots_dir=tmp_path / "plots")

@@ -10,7 +10,7 @@ from segflow import models
 from segflow.config import RecipeParams, parse_params
 from segflow.errors import SegflowError
 from segflow.models.recipes import FIELDS, Recipe
-from segflow.stages.train import build_optimizer, build_scheduler
+from segflow.training.optim import build_optimizer, build_scheduler
 
 CPU = torch.device("cpu")
 

@@ -22,8 +22,11 @@ def test_only_killed_stages_and_unreachable_servers_are_retried(project_root):
     assert type(bad) is training.StageFailed and "annotations.json" in str(bad) and "exit 2" in str(bad)
     crash = training.dvc_failure("stage train@unet", 1, ["internal error: ZeroDivisionError: ..."], stage_exit=3)
     assert type(crash) is training.StageFailed
-    down = training.dvc_failure("stage register", 1, [f"{SERVER_UNREACHABLE} at http://mlflow:5000 (...)."], 2)
+    down = training.dvc_failure("stage register", 1, [f"{SERVER_UNREACHABLE} at http://mlflow:5000 (...)."], 4)
     assert type(down) is training.TransientFailure and SERVER_UNREACHABLE in str(down)
+    # The kind comes from the exit code, never the wording: the same words under exit 2 are the user's to fix.
+    quoted = training.dvc_failure("stage ingest", 1, [f"names.txt: line 3 says '{SERVER_UNREACHABLE}'."], 2)
+    assert type(quoted) is training.StageFailed
     assert type(training.dvc_failure("stage train", 1, [], stage_exit=-9)) is training.TransientFailure
     assert type(training.dvc_failure("stage train", 1, [], stage_exit=137)) is training.TransientFailure
     assert type(training.dvc_failure("stage train", -15, [])) is training.TransientFailure  # dvc itself killed

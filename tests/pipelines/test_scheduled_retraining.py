@@ -88,7 +88,7 @@ def test_register_fails_clearly_while_the_mlflow_server_is_down(scheduled_run, p
                                 timeout=300)
     finally:
         mlflow.start()
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 4, result.stderr
     assert f"segflow: error: {SERVER_UNREACHABLE} at {mlflow.url}" in result.stderr
     assert "Traceback" not in result.stderr
     assert (project / Layout.registry).read_text() == decision_before

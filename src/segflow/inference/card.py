@@ -32,6 +32,9 @@ class ModelCard:
     mean: tuple[float, ...] = MEAN
     std: tuple[float, ...] = STD
     extra: dict[str, Any] = field(default_factory=dict)
+    # The training crop: the sliding window where evaluate.inference leaves crop_size null. None in cards
+    # written before segflow recorded it.
+    crop_size: int | None = None
 
 
 def registered_inference(card: ModelCard, model_dir: Path) -> InferenceParams | None:

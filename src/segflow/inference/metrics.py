@@ -19,7 +19,7 @@ from segflow import IGNORE_INDEX
 from segflow.config import InferenceParams
 from segflow.data.datasets import Sample, SegmentationDataset, load_samples, pad_collate
 from segflow.errors import SegflowError
-from segflow.inference.predictor import load_model, predict_classes, resolve_device
+from segflow.inference.predictor import load_model, predict_classes, resolve_device, resolved_inference
 
 
 class ConfusionMatrix:
@@ -69,24 +69,25 @@ def _nanmean(values: np.ndarray) -> float:
 
 def confusion_over(
     model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
-    inference: InferenceParams | None = None, train_crop_size: int | None = None,
+    inference: InferenceParams | None = None,
 ) -> ConfusionMatrix:
     """Confusion matrix of ``model`` over every batch of ``loader`` (accumulated on the device).
 
-    Plain whole-image logits unless ``inference`` (sliding window, test-time augmentation) is given.
+    Plain whole-image logits unless ``inference`` (sliding window, test-time augmentation; resolved, see
+    :func:`segflow.inference.predictor.resolved_inference`) is given.
     """
     model.eval()
     confusion = ConfusionMatrix(num_classes, device)
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
-        prediction = predict_classes(model, images, inference, train_crop_size)
+        prediction = predict_classes(model, images, inference)
         confusion.update(batch["mask"].to(device, non_blocking=True), prediction)
     return confusion
 
 
 def score_split(
     model_dir: Path, data_dir: Path, splits_csv: Path, split: str, *, device: str, batch_size: int,
-    inference: InferenceParams, train_crop_size: int,
+    inference: InferenceParams,
 ) -> dict | None:
     """A model folder's scores on one split, predicted as evaluation predicts (None when the split is empty;
     refused when it has no labeled pixel)."""
@@ -95,8 +96,9 @@ def score_split(
         return None
     resolved = resolve_device(device)
     model, card = load_model(model_dir, resolved)
+    settings = resolved_inference(inference, card, model_dir)
     loader = DataLoader(SegmentationDataset(samples), batch_size=batch_size, collate_fn=pad_collate)
-    confusion = confusion_over(model, loader, card.num_classes, resolved, inference, train_crop_size)
+    confusion = confusion_over(model, loader, card.num_classes, resolved, settings)
     return labeled_scores(confusion, splits_csv, split)
 
 

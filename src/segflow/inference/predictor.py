@@ -100,14 +100,10 @@ def _check_deadline() -> None:
 
 
 @torch.inference_mode()
-def probabilities(
-    model: torch.nn.Module, images: torch.Tensor, inference: InferenceParams, train_crop_size: int | None = None,
-) -> torch.Tensor:
-    """Normalised images N×3×H×W -> class probabilities N×K×H×W, as ``inference`` says: per scale (bilinear
-    resize) whole-image or sliding-window logits, optionally also on the mirrored image, softmax, averaged.
-
-    ``train_crop_size`` is the sliding window when ``inference.crop_size`` is null.
-    """
+def probabilities(model: torch.nn.Module, images: torch.Tensor, inference: InferenceParams) -> torch.Tensor:
+    """Normalised images N×3×H×W -> class probabilities N×K×H×W, as ``inference`` says (its window made
+    concrete: :func:`resolved_inference`): per scale (bilinear resize) whole-image or sliding-window logits,
+    optionally also on the mirrored image, softmax, averaged."""
     height, width = images.shape[-2:]
     total: torch.Tensor | None = None
     flips = (False, True) if inference.flip else (False,)
@@ -119,8 +115,7 @@ def probabilities(
             _check_deadline()
             batch = scaled.flip(-1) if flip else scaled
             if inference.mode == "slide":
-                out = _sliding_window_logits(model, batch, *_window(inference, train_crop_size),
-                                              inference.windows_per_batch)
+                out = _sliding_window_logits(model, batch, *_window(inference), inference.windows_per_batch)
             else:
                 out = logits(model, batch)
             out = (out.flip(-1) if flip else out).softmax(dim=1)
@@ -133,20 +128,19 @@ def probabilities(
 DEFAULT_MAX_PIXELS = 4_000_000  # at least a 2000x2000 photo, whatever the training window
 
 
-def max_pixels(inference: InferenceParams, train_crop_size: int | None) -> int:
-    """``inference.max_pixels``, or what null stands for: 16 windows (the slide window, else the training crop)
-    worth of pixels, at least :data:`DEFAULT_MAX_PIXELS`."""
+def max_pixels(inference: InferenceParams) -> int:
+    """``inference.max_pixels``, or what null stands for: 16 windows (``inference.crop_size``) worth of pixels,
+    at least :data:`DEFAULT_MAX_PIXELS`."""
     if inference.max_pixels is not None:
         return inference.max_pixels
-    window = inference.crop_size or train_crop_size or 0
+    window = inference.crop_size or 0
     return max(DEFAULT_MAX_PIXELS, 16 * window * window)
 
 
-def check_image_size(width: int, height: int, inference: InferenceParams, train_crop_size: int | None,
-                     what: str) -> None:
+def check_image_size(width: int, height: int, inference: InferenceParams, what: str) -> None:
     """Refuse an image larger than ``inference`` allows (:func:`max_pixels`), before it is decoded: a 310 kB PNG
     can hold 9000x9000 black pixels, gigabytes once decoded and minutes of inference."""
-    limit = max_pixels(inference, train_crop_size)
+    limit = max_pixels(inference)
     if width * height > limit:
         raise SegflowError(
             f"{what} is {width}x{height} = {width * height:,} pixels, more than the {limit:,} this model takes "
@@ -161,20 +155,27 @@ def check_encoded_size(size: int, inference: InferenceParams, what: str) -> None
                            "model takes (evaluate.inference.max_image_mb); send it compressed or downscaled.")
 
 
-def resolved_inference(inference: InferenceParams, train_crop_size: int | None) -> InferenceParams:
-    """``inference`` with its sliding window, stride and pixel limit made concrete (what null ``crop_size`` /
-    ``stride`` / ``max_pixels`` stand for), so the settings predict and refuse the same wherever they travel
-    without ``train.crop_size``."""
-    limits = {"max_pixels": max_pixels(inference, train_crop_size)}
+def resolved_inference(inference: InferenceParams, card: ModelCard, model_dir: Path) -> InferenceParams:
+    """``inference`` for the model in ``model_dir`` (whose card is ``card``) with its sliding window, stride and
+    pixel limit made concrete: a null ``crop_size`` is the crop the model was trained at (``card.crop_size``), a
+    null ``stride`` / ``max_pixels`` what follows from the window. Resolved where the model is loaded, the
+    settings predict and refuse the same wherever they travel."""
+    window = inference.crop_size or card.crop_size
+    if inference.mode == "slide" and window is None:
+        raise SegflowError(f"{Path(model_dir) / CARD_FILE}: evaluate.inference.mode is 'slide' but no window size is "
+                           "set (evaluate.inference.crop_size, or the card's crop_size: the training crop, which "
+                           "cards written before segflow recorded it lack).")
+    windowed = inference.model_copy(update={"crop_size": window})
+    limits = {"max_pixels": max_pixels(windowed)}
     if inference.mode != "slide":
         return inference.model_copy(update=limits)
-    window, stride = _window(inference, train_crop_size)
+    window, stride = _window(windowed)
     return inference.model_copy(update={"crop_size": window, "stride": stride, **limits})
 
 
-def _window(inference: InferenceParams, train_crop_size: int | None) -> tuple[int, int]:
+def _window(inference: InferenceParams) -> tuple[int, int]:
     """(window, stride) of the sliding window."""
-    window = inference.crop_size or train_crop_size
+    window = inference.crop_size
     if window is None:
         raise SegflowError("evaluate.inference.mode is 'slide' but no window size is set (crop_size).")
     stride = inference.stride or max(1, window * 2 // 3)
@@ -222,12 +223,11 @@ def _sliding_window_logits(
 
 def predict_classes(
     model: torch.nn.Module, images: torch.Tensor, inference: InferenceParams | None = None,
-    train_crop_size: int | None = None,
 ) -> torch.Tensor:
     """Normalised images N×3×H×W -> class indices N×H×W: plain whole-image logits unless ``inference`` is given."""
     if inference is None:
         return logits(model, images).argmax(1)
-    return probabilities(model, images, inference, train_crop_size).argmax(1)
+    return probabilities(model, images, inference).argmax(1)
 
 
 def _image_batch(model: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
@@ -238,20 +238,16 @@ def _image_batch(model: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
     return to_tensor(image.astype(np.uint8))[None].to(device)
 
 
-def predict_mask(
-    model: torch.nn.Module, image: np.ndarray, inference: InferenceParams | None = None,
-    train_crop_size: int | None = None,
-) -> np.ndarray:
+def predict_mask(model: torch.nn.Module, image: np.ndarray, inference: InferenceParams | None = None) -> np.ndarray:
     """HxWx3 uint8 image -> HxW uint8 class-index mask (see :func:`predict_classes`)."""
     batch = _image_batch(model, image)
-    return predict_classes(model, batch, inference, train_crop_size)[0].to(torch.uint8).cpu().numpy()
+    return predict_classes(model, batch, inference)[0].to(torch.uint8).cpu().numpy()
 
 
 def predict_probabilities(
     model: torch.nn.Module, image: np.ndarray, inference: InferenceParams | None = None,
-    train_crop_size: int | None = None,
 ) -> np.ndarray:
     """HxWx3 uint8 image -> K×H×W float32 class probabilities (channels first, as the network outputs them);
     without ``inference``, the softmax of plain whole-image logits."""
     batch = _image_batch(model, image)
-    return probabilities(model, batch, inference or InferenceParams(), train_crop_size)[0].cpu().numpy()
+    return probabilities(model, batch, inference or InferenceParams())[0].cpu().numpy()

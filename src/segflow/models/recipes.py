@@ -78,3 +78,9 @@ SCRATCH_ADAMW = (
 
 FIELDS = tuple(f.name for f in fields(Recipe) if f.name not in ("source", "from_scratch"))
 """The fields params.yaml can set (``train.FIELD`` for every architecture, ``models.ARCH.recipe.FIELD``)."""
+
+
+def split_model_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """params.yaml's ``models.ARCH``: the builder's options (what the model card records) and the overrides of
+    its training recipe (the ``recipe`` key)."""
+    return {k: v for k, v in options.items() if k != "recipe"}, dict(options.get("recipe", {}))

@@ -47,12 +47,13 @@ class PlannedStage:
 
 def plan(project: Path) -> list[PlannedStage]:
     """Every stage in dependency order (ties broken by name, the order a sequential run takes) with the
-    stages it depends on."""
+    stages it depends on; a stage that is no other's input and has none (``synth`` when params.yaml's ``data``
+    points at the user's own data: nothing reads its output) is left out."""
     with Repo(str(project)) as repo:
         graph = repo.index.graph  # DVC's edges point from a stage to what it depends on
         order = nx.lexicographical_topological_sort(graph.reverse(), key=lambda s: s.addressing)
         return [PlannedStage(stage.addressing, tuple(sorted(s.addressing for s in graph.successors(stage))))
-                for stage in order]
+                for stage in order if graph.degree(stage) > 0 or len(graph) == 1]
 
 
 def slot_environment(slot: int, slots: int, gpus: int, cpus: int | None = None) -> dict[str, str]:

@@ -252,9 +252,9 @@ def missing_artifacts(name: str, version: str) -> list[str]:
     return [path for path in needed if path not in present]
 
 
-def connect(cfg: MlflowParams) -> MlflowClient:
+def connect(mlflow_cfg: MlflowParams) -> MlflowClient:
     """A client on the store ``segflow register`` writes to (also for the ``models:/`` downloads)."""
-    uri = tracking.tracking_uri(cfg)
+    uri = tracking.tracking_uri(mlflow_cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -329,9 +329,9 @@ def require_intact(name: str, version: str) -> None:
             raise PromotionRefused(f"{name} v{version} cannot become champion: {exc}") from None
 
 
-def rollback(cfg: MlflowParams, name: str) -> tuple[str | None, str]:
+def rollback(mlflow_cfg: MlflowParams, name: str) -> tuple[str | None, str]:
     """Point ``champion`` back at the champion before the current one (per the history); returns (from, to)."""
-    client = connect(cfg)
+    client = connect(mlflow_cfg)
     registered_model(client, name)
     with promotion_lock(client, name):
         lineage = champion_lineage(champion_history(client, name))

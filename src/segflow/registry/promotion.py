@@ -44,7 +44,6 @@ class TestSplit:
     splits_csv: Path
     batch_size: int               # evaluate.batch_size
     inference: InferenceParams    # evaluate.inference: for versions registered without their own settings
-    train_crop_size: int          # train.crop_size: the sliding window when inference leaves it unset
 
 
 def score_registered_version(name: str, version: str, metric: str, test: TestSplit) -> float:
@@ -56,15 +55,16 @@ def score_registered_version(name: str, version: str, metric: str, test: TestSpl
     from segflow.data.datasets import SegmentationDataset, load_samples, pad_collate
     from segflow.inference.card import registered_inference
     from segflow.inference.metrics import confusion_over, labeled_scores
-    from segflow.inference.predictor import load_model
+    from segflow.inference.predictor import load_model, resolved_inference
     from segflow.registry.model_source import resolve_model_dir
 
     samples = load_samples(test.data_dir, test.splits_csv, "test")
     with resolve_model_dir(f"models:/{name}/{version}") as model_dir:
         model, card = load_model(model_dir)
-        inference = registered_inference(card, model_dir) or test.inference  # older versions: params
+        # Older versions: params, the window from the card.
+        inference = registered_inference(card, model_dir) or resolved_inference(test.inference, card, model_dir)
     loader = DataLoader(SegmentationDataset(samples), batch_size=test.batch_size, collate_fn=pad_collate)
-    confusion = confusion_over(model, loader, card.num_classes, torch.device("cpu"), inference, test.train_crop_size)
+    confusion = confusion_over(model, loader, card.num_classes, torch.device("cpu"), inference)
     return float(labeled_scores(confusion, test.splits_csv, "test")[metric])
 
 
@@ -118,14 +118,14 @@ def gate_and_promote(
 
 
 def promote_version(
-    name: str, version: str, *, register: RegisterParams, mlflow: MlflowParams, test: TestSplit,
+    name: str, version: str, *, register: RegisterParams, mlflow_cfg: MlflowParams, test: TestSplit,
     force: bool = False, reason: str | None = None,
 ) -> Decision:
     """Make ``version`` the champion if it wins the gate on the current test split, or unconditionally with
     ``force`` (``reason`` is then required and recorded on the version and in the history)."""
     if force and not (reason and reason.strip()):
         raise SegflowError("segflow promote: --force needs --reason TEXT (recorded in the champion history).")
-    client = connect(mlflow)
+    client = connect(mlflow_cfg)
     candidate = model_version(client, name, version)
     require_intact(name, version)
     if force:

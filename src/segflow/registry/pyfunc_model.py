@@ -73,7 +73,7 @@ def read_encoded_image(data: bytes, inference: InferenceParams) -> np.ndarray:
     """An encoded image file's bytes -> HxWx3 uint8, read by :func:`segflow.data.imageio.read_image` (which reads
     files: the bytes go through a temporary one), once its header shows a size ``inference`` allows."""
     check_encoded_size(len(data), inference, "the image sent")
-    check_image_size(*header_size(io.BytesIO(data)), inference, None, "the image sent")
+    check_image_size(*header_size(io.BytesIO(data)), inference, "the image sent")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "image"
         path.write_bytes(data)
@@ -105,7 +105,7 @@ def decode_image(model_input: Any, inference: InferenceParams) -> np.ndarray:
                            f"base64 text; got {kind}.")
     if model_input.ndim != 3 or model_input.shape[2] != 3 or not model_input.size:
         raise SegflowError(f"expected one HxWx3 image, got an array of shape {model_input.shape}.")
-    check_image_size(model_input.shape[1], model_input.shape[0], inference, None, "the image sent")
+    check_image_size(model_input.shape[1], model_input.shape[0], inference, "the image sent")
     if model_input.min() < 0 or model_input.max() > 255:
         raise SegflowError(f"pixel values must be 0-255, got {model_input.min()} to {model_input.max()}.")
     return model_input.astype(np.uint8)

@@ -32,7 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from segflow.config import MlflowParams
 from segflow.data.fingerprint import file_sha256
-from segflow.errors import SegflowError, in_chain
+from segflow.errors import ServiceUnavailable, in_chain
 
 log = logging.getLogger("segflow.registry.tracking")
 
@@ -47,20 +47,20 @@ REPRO_TAG = "segflow.dvc_repro"  # on the parent run of a plain `dvc repro`: whi
 TRAINING_RUN_KEY = "mlflow_run_id"
 
 
-def tracking_uri(params: MlflowParams) -> str:
+def tracking_uri(mlflow_cfg: MlflowParams) -> str:
     """``MLFLOW_TRACKING_URI`` wins; then params; then a SQLite file in the project folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow_cfg.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def setup(params: MlflowParams) -> str:
+def setup(mlflow_cfg: MlflowParams) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     # Synchronous logging: a call returns once the server holds the data, waiting through a server restart
     # (see stage_run). MLflow's async queue only logs a batch it failed to send, and the metric is lost.
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    uri = tracking_uri(params)
+    uri = tracking_uri(mlflow_cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    experiment = mlflow.get_experiment_by_name(params.experiment)
+    experiment = mlflow.get_experiment_by_name(mlflow_cfg.experiment)
     if experiment is not None:
         experiment_id = experiment.experiment_id
     else:
@@ -68,8 +68,8 @@ def setup(params: MlflowParams) -> str:
         artifact_location = None
         if uri.startswith("sqlite:///"):
             database = Path(uri.removeprefix("sqlite:///"))
-            artifact_location = (database.parent / params.artifact_root).resolve().as_uri()
-        experiment_id = mlflow.create_experiment(params.experiment, artifact_location=artifact_location,
+            artifact_location = (database.parent / mlflow_cfg.artifact_root).resolve().as_uri()
+        experiment_id = mlflow.create_experiment(mlflow_cfg.experiment, artifact_location=artifact_location,
                                                  tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     if experiment is not None and EXPERIMENT_KIND_TAG not in experiment.tags:  # created by MLflow or an older segflow
         MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
@@ -94,7 +94,7 @@ def _run_tags(stage: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def stage_run(
-    params: MlflowParams, stage: str, name: str | None = None, run_id: str | None = None
+    mlflow_cfg: MlflowParams, stage: str, name: str | None = None, run_id: str | None = None
 ) -> Iterator[mlflow.ActiveRun]:
     """A run for one stage (or one architecture), nested under the pipeline's parent run when there is one;
     with ``run_id``, that earlier run continues (a resumed training).
@@ -104,7 +104,7 @@ def stage_run(
     logging call made during a restart returns, nothing lost, once the server is back. A longer outage fails
     the stage with :func:`unreachable_server_error`.
     """
-    experiment_id = setup(params)
+    experiment_id = setup(mlflow_cfg)
     nested = mlflow.active_run() is not None
     repro_parent = None
     if run_id is not None:
@@ -232,9 +232,9 @@ def _single_request_attempt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def pipeline_run(params: MlflowParams, name: str = "pipeline") -> Iterator[mlflow.ActiveRun]:
+def pipeline_run(mlflow_cfg: MlflowParams, name: str = "pipeline") -> Iterator[mlflow.ActiveRun]:
     """The parent run of one pipeline execution; exported to child processes through the environment."""
-    setup(params)
+    setup(mlflow_cfg)
     with mlflow.start_run(run_name=name, tags=_run_tags("pipeline")) as run, runs_nested_under(run.info.run_id):
         yield run
 
@@ -253,14 +253,14 @@ def runs_nested_under(run_id: str) -> Iterator[None]:
             os.environ[PARENT_RUN_ENV] = previous
 
 
-# The Prefect flow retries a stage whose error says this (a server outage passes), unlike other errors.
 SERVER_UNREACHABLE = "the MLflow tracking server cannot be reached"
 _UNREACHABLE_CAUSES = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                        requests.exceptions.RetryError)
 
 
-def unreachable_server_error(exc: BaseException) -> SegflowError | None:
-    """A one-paragraph error when ``exc`` comes from an MLflow server that is down, hung or failing, else None.
+def unreachable_server_error(exc: BaseException) -> ServiceUnavailable | None:
+    """A one-paragraph error when ``exc`` comes from an MLflow server that is down, hung or failing, else None:
+    its exit code (4) is the one the Prefect flow retries, a server outage passes.
 
     MLflow wraps the ``requests`` error in an ``MlflowException`` (as its context, not its cause), so the
     whole chain is searched.
@@ -268,7 +268,7 @@ def unreachable_server_error(exc: BaseException) -> SegflowError | None:
     cause = in_chain(exc, lambda e: isinstance(e, _UNREACHABLE_CAUSES))
     if cause is None:
         return None
-    return SegflowError(
+    return ServiceUnavailable(
         f"{SERVER_UNREACHABLE} at {mlflow.get_tracking_uri()} ({type(cause).__name__}: {cause}). Start it, or "
         "point MLFLOW_TRACKING_URI at a running one, and run the stage again (a stage writes its outputs, and "
         "register moves the champion alias, only when it completes); `segflow train --arch NAME --resume` "

@@ -22,6 +22,7 @@ from segflow.data.datasets import Sample, SegmentationDataset, load_samples, pad
 from segflow.data.imageio import read_image, read_mask
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_dir, atomic_write_json, atomic_write_text, csv_text
+from segflow.inference.card import ModelCard
 from segflow.inference.crf import dense_crf
 from segflow.inference.metrics import ConfusionMatrix, confusion_over, labeled_scores, split_fingerprint
 from segflow.inference.metrics import scores as metric_scores
@@ -47,7 +48,7 @@ from segflow.registry import tracking
 
 def confusion_with_crf(
     model: torch.nn.Module, samples: list[Sample], num_classes: int, device: torch.device,
-    inference: InferenceParams, train_crop_size: int, crf: CrfParams,
+    inference: InferenceParams, crf: CrfParams,
 ) -> tuple[ConfusionMatrix, ConfusionMatrix]:
     """Confusion matrices of the network alone and after the dense CRF, one image at a time (the CRF needs the
     image's own pixels at its own size)."""
@@ -56,7 +57,7 @@ def confusion_with_crf(
     for sample in samples:
         image = read_image(sample.image_path)
         target = torch.from_numpy(read_mask(sample.mask_path)).long().to(device)[None]
-        probs = probabilities(model, to_tensor(image)[None].to(device), inference, train_crop_size)[0]
+        probs = probabilities(model, to_tensor(image)[None].to(device), inference)[0]
         plain.update(target, probs.argmax(0)[None])
         refined.update(target, dense_crf(image, probs, crf).argmax(0)[None])
     return plain, refined
@@ -90,18 +91,8 @@ def _throughput(model: torch.nn.Module, sample: torch.Tensor, device: torch.devi
 
 
 def evaluate(
-    cfg: EvaluateParams,
-    mlflow_cfg: MlflowParams,
-    name: str,
-    *,
-    device: str,
-    train_crop_size: int,
-    model_dir: Path,
-    data_dir: Path,
-    splits_csv: Path,
-    metrics_file: Path,
-    out_dir: Path,
-    plots_dir: Path,
+    cfg: EvaluateParams, mlflow_cfg: MlflowParams, name: str, *, device: str, model_dir: Path, data_dir: Path,
+    splits_csv: Path, metrics_file: Path, out_dir: Path, plots_dir: Path,
 ) -> dict[str, Any]:
     """Score ``model_dir`` on the val and test splits with the inference settings it is served with.
 
@@ -111,23 +102,18 @@ def evaluate(
     ``plots_dir/{history,per_class_iou}/NAME.csv``. Returns the scores."""
     device = resolve_device(device)
     model, card = load_model(model_dir, device)
+    # What the model is scored with, the window made concrete: register serves it with exactly these.
+    inference = resolved_inference(cfg.inference, card, model_dir)
     samples = load_samples(data_dir, splits_csv, "test")
     val_samples = load_samples(data_dir, splits_csv, "val")
     if not samples or not val_samples:
         raise SegflowError(f"{splits_csv}: the {'test' if not samples else 'val'} split is empty; models are chosen "
                            "on val and reported on test, so both need images.")
     loader = DataLoader(SegmentationDataset(samples), batch_size=cfg.batch_size, collate_fn=pad_collate)
-    val_loader = DataLoader(SegmentationDataset(val_samples), batch_size=cfg.batch_size,
-                            collate_fn=pad_collate)
-    inference = cfg.inference
-    crf = cfg.crf
+    val_loader = DataLoader(SegmentationDataset(val_samples), batch_size=cfg.batch_size, collate_fn=pad_collate)
     # One pass over test: the split's confusion and its worst images (the overlays) from the same predictions.
-    confusion, worst = _test_pass(model, loader, card.num_classes, inference, train_crop_size,
-                                  cfg.num_overlays)
-    if crf.enabled:
-        _, crf_confusion = confusion_with_crf(
-            model, samples, card.num_classes, device, inference, train_crop_size, crf)
-    val_confusion = confusion_over(model, val_loader, card.num_classes, device, inference, train_crop_size)
+    confusion, worst = _test_pass(model, loader, card.num_classes, inference, cfg.num_overlays)
+    val_confusion = confusion_over(model, val_loader, card.num_classes, device, inference)
     names = card.classes
     test = _split_scores(labeled_scores(confusion, splits_csv, "test"), names, len(samples))
     predicted = confusion.matrix.sum(dim=0).cpu().numpy()
@@ -139,53 +125,74 @@ def evaluate(
         "test": {**test, "data_hash": split_fingerprint(samples),
                  "predicted_classes": [n for n, count in zip(names, predicted) if count > 0]},
         "majority_baseline": majority_baseline(confusion.matrix.cpu().numpy(), names),
-        # What the model was scored with, the window made concrete: register serves it with exactly these.
-        "inference": resolved_inference(inference, train_crop_size).model_dump(mode="json"),
+        "inference": inference.model_dump(mode="json"),
         "parameters": sum(p.numel() for p in model.parameters()),
         "best_epoch": card.extra.get("best_epoch"),
         "training_val_miou": _finite_or_none(card.extra.get("val_miou")),  # as training validated: plain, maybe EMA
         "train_seconds": card.extra.get("train_seconds"),
-        "gflops": gflops(model, train_crop_size),
+        "gflops": None if card.crop_size is None else gflops(model, card.crop_size),  # unknown for a card without it
         "images_per_second": _throughput(model, next(iter(loader))["image"], device),
     }
-    if crf.enabled:  # the headline score stays the network's own: the registered model serves without the CRF
+    if cfg.crf.enabled:  # the headline score stays the network's own: the registered model serves without the CRF
+        _, crf_confusion = confusion_with_crf(model, samples, card.num_classes, device, inference, cfg.crf)
         scores["test_crf"] = _split_scores(crf_confusion.compute(), names, len(samples))
     headline = {"val_miou": scores["val"]["miou"], "test_miou": test["miou"],
                 "test_pixel_accuracy": test["pixel_accuracy"], "test_mean_class_accuracy": test["mean_class_accuracy"]}
-    metrics = scores["test"]  # the pictures and plot tables below show the test split
-
     with tracking.stage_run(mlflow_cfg, "evaluate", f"evaluate-{name}") as run, atomic_dir(out_dir) as staging:
-        save_figure(confusion_matrix_figure(confusion.matrix.cpu().numpy(), names), staging / "confusion_matrix.png")
-        save_figure(per_class_iou_figure(metrics["per_class_iou"], metrics["miou"]), staging / "per_class_iou.png")
-        save_figure(learning_curves_figure(history), staging / "learning_curves.png")
-        save_overlays([Example(samples[index].image_id, read_image(samples[index].image_path),
-                               read_mask(samples[index].mask_path), prediction, iou) for iou, index, prediction in worst],
-                      names, staging / "overlays", len(samples))
-        atomic_write_text(Path(plots_dir) / "per_class_iou" / f"{name}.csv",
-                          csv_text(["class", "iou"], [[n, metrics["per_class_iou"][n]] for n in names]))
-        atomic_write_text(Path(plots_dir) / "history" / f"{name}.csv",
-                          csv_text(["epoch", "train_loss", "val_miou"],
-                                    [[h["epoch"], h["train_loss"], h.get("val_miou")] for h in history]))
+        _save_pictures(staging, confusion, scores["test"], history, worst, samples, names)
+        tables = _write_plot_tables(Path(plots_dir), name, scores["test"], history, names)
         atomic_write_json(staging / SCORES_FILE, scores)
         atomic_write_json(metrics_file, headline)
-        # "evaluated_val_*": the training run's "val_*" are its per-epoch validation, plain (maybe EMA) weights.
-        logged = {f"{prefix}_{key}": scores[split][key] for split, prefix in (("val", "evaluated_val"), ("test", "test"))
-                  for key in HEADLINE if scores[split][key] is not None}
-        logged |= {f"majority_baseline_{key}": scores["majority_baseline"][key] for key in HEADLINE}
-        logged |= {f"test_iou_{n}": v for n, v in metrics["per_class_iou"].items() if v is not None}
-        training_run = tracking.training_run(card.extra)
-        mlflow.set_tags({"segflow.arch": card.arch, "segflow.training_run_id": training_run or "unknown"})
-        # This stage's run, and the model's training run: the run its registered version links to shows the
-        # scores and pictures it was chosen by (a later evaluation of the model logs over them).
-        for run_id in filter(None, (run.info.run_id, training_run)):
-            MlflowClient().set_tag(run_id, "segflow.test_data_hash", metrics["data_hash"])
-            mlflow.log_metrics(logged, run_id=run_id)
-            mlflow.log_artifacts(str(staging), artifact_path="evaluation", run_id=run_id)
-            mlflow.log_artifact(str(metrics_file), artifact_path="evaluation", run_id=run_id)
-            for table in ("per_class_iou", "history"):
-                mlflow.log_artifact(str(Path(plots_dir) / table / f"{name}.csv"), artifact_path=f"evaluation/{table}",
-                                    run_id=run_id)
+        _log_to_mlflow(run.info.run_id, card, scores, staging, Path(metrics_file), tables)
     return scores
+
+
+def _save_pictures(
+    pictures_dir: Path, confusion: ConfusionMatrix, test: dict[str, Any], history: list[dict],
+    worst: list[tuple[float, int, np.ndarray]], samples: list[Sample], names: list[str],
+) -> None:
+    """The test split's confusion matrix, per-class IoU and ``worst`` images (overlays), and the learning curves,
+    as pictures in ``pictures_dir``."""
+    save_figure(confusion_matrix_figure(confusion.matrix.cpu().numpy(), names), pictures_dir / "confusion_matrix.png")
+    save_figure(per_class_iou_figure(test["per_class_iou"], test["miou"]), pictures_dir / "per_class_iou.png")
+    save_figure(learning_curves_figure(history), pictures_dir / "learning_curves.png")
+    save_overlays([Example(samples[index].image_id, read_image(samples[index].image_path),
+                           read_mask(samples[index].mask_path), prediction, iou) for iou, index, prediction in worst],
+                  names, pictures_dir / "overlays", len(samples))
+
+
+def _write_plot_tables(
+    plots_dir: Path, name: str, test: dict[str, Any], history: list[dict], names: list[str],
+) -> dict[str, Path]:
+    """The DVC plot tables: the test split's per-class IoU and the training history; returns each by its folder."""
+    tables = {table: plots_dir / table / f"{name}.csv" for table in ("per_class_iou", "history")}
+    atomic_write_text(tables["per_class_iou"], csv_text(["class", "iou"], [[n, test["per_class_iou"][n]] for n in names]))
+    atomic_write_text(tables["history"], csv_text(["epoch", "train_loss", "val_miou"],
+                                                  [[h["epoch"], h["train_loss"], h.get("val_miou")] for h in history]))
+    return tables
+
+
+def _log_to_mlflow(
+    stage_run_id: str, card: ModelCard, scores: dict[str, Any], pictures_dir: Path, metrics_file: Path,
+    tables: dict[str, Path],
+) -> None:
+    """The scores as metrics, ``pictures_dir`` and ``metrics_file`` in ``evaluation`` and ``tables`` in
+    ``evaluation/TABLE``, on this stage's run and on the model's training run: the run its registered version links
+    to shows the scores and pictures it was chosen by (a later evaluation of the model logs over them)."""
+    # "evaluated_val_*": the training run's "val_*" are its per-epoch validation, plain (maybe EMA) weights.
+    logged = {f"{prefix}_{key}": scores[split][key] for split, prefix in (("val", "evaluated_val"), ("test", "test"))
+              for key in HEADLINE if scores[split][key] is not None}
+    logged |= {f"majority_baseline_{key}": scores["majority_baseline"][key] for key in HEADLINE}
+    logged |= {f"test_iou_{n}": v for n, v in scores["test"]["per_class_iou"].items() if v is not None}
+    training_run = tracking.training_run(card.extra)
+    mlflow.set_tags({"segflow.arch": card.arch, "segflow.training_run_id": training_run or "unknown"})
+    for run_id in filter(None, (stage_run_id, training_run)):
+        MlflowClient().set_tag(run_id, "segflow.test_data_hash", scores["test"]["data_hash"])
+        mlflow.log_metrics(logged, run_id=run_id)
+        mlflow.log_artifacts(str(pictures_dir), artifact_path="evaluation", run_id=run_id)
+        mlflow.log_artifact(str(metrics_file), artifact_path="evaluation", run_id=run_id)
+        for table, path in tables.items():
+            mlflow.log_artifact(str(path), artifact_path=f"evaluation/{table}", run_id=run_id)
 
 
 HEADLINE = ("miou", "pixel_accuracy", "mean_class_accuracy", "mean_dice")
@@ -213,8 +220,7 @@ def majority_baseline(confusion: np.ndarray, names: list[str]) -> dict[str, Any]
 
 
 def _test_pass(
-    model: torch.nn.Module, loader: DataLoader, num_classes: int, inference: InferenceParams, train_crop_size: int,
-    worst: int,
+    model: torch.nn.Module, loader: DataLoader, num_classes: int, inference: InferenceParams, worst: int,
 ) -> tuple[ConfusionMatrix, list[tuple[float, int, np.ndarray]]]:
     """The split's confusion matrix (``model`` predicting as served) and its ``worst`` images by per-image IoU,
     worst first, as (IoU, index in the split, predicted mask): where the model fails, not the first images. The
@@ -225,7 +231,7 @@ def _test_pass(
     confusion = ConfusionMatrix(num_classes)
     per_image: list[tuple[float, int, np.ndarray]] = []
     for batch in loader:
-        predictions = predict_classes(model, batch["image"].to(device), inference, train_crop_size).cpu()
+        predictions = predict_classes(model, batch["image"].to(device), inference).cpu()
         for index, (height, width), truth, predicted in zip(
             batch["index"].tolist(), batch["size"].tolist(), batch["mask"], predictions,
         ):

@@ -30,6 +30,7 @@ from segflow.inference.predictor import (
     load_model,
     predict_classes,
     resolve_device,
+    resolved_inference,
 )
 from segflow.inference.visualize import legend_figure, overlay, palette, save_figure
 from segflow.registry.model_source import resolve_model_dir
@@ -48,14 +49,14 @@ class PredictResult:
     refused: dict[str, str] = field(default_factory=dict)  # image path -> why it was not predicted (too large)
 
 
-def within_limits(paths: list[Path], inference: InferenceParams, train_crop_size: int) -> dict[Path, str]:
+def within_limits(paths: list[Path], inference: InferenceParams) -> dict[Path, str]:
     """The images ``inference``'s limits refuse (``max_image_mb``, ``max_pixels``), each with the reason, found
     from the file size and header alone, before anything is decoded."""
     refused = {}
     for path in paths:
         try:
             check_encoded_size(path.stat().st_size, inference, str(path))
-            check_image_size(*header_size(path), inference, train_crop_size, str(path))
+            check_image_size(*header_size(path), inference, str(path))
         except SegflowError as exc:
             refused[path] = str(exc)
     return refused
@@ -113,14 +114,13 @@ def predict(
     device = resolve_device(params.train.device)
     with resolve_model_dir(model) as model_dir:
         network, card = load_model(model_dir, device)
-        inference = registered_inference(card, model_dir)
-    if inference is None:
-        inference = params.evaluate.inference
-    else:
+        registered = registered_inference(card, model_dir)
+        inference = registered or resolved_inference(params.evaluate.inference, card, model_dir)
+    if registered is not None:
         log.info("%s predicts with the inference settings it was registered with (%s), not evaluate.inference",
                  model, inference.model_dump(mode="json"))
     cfg = params.predict
-    refused = within_limits(paths, inference, params.train.crop_size)
+    refused = within_limits(paths, inference)
     for reason in refused.values():
         log.error("%s", reason)
     paths = [path for path in paths if path not in refused]  # the others are predicted all the same
@@ -137,7 +137,7 @@ def predict(
             chunk = paths[start : start + cfg.batch_size]
             images = [read_image(path) for path in chunk]
             batch = stack_padded([to_tensor(image) for image in images]).to(device)
-            classes = predict_classes(network, batch, inference, params.train.crop_size)
+            classes = predict_classes(network, batch, inference)
             for path, image, predicted in zip(chunk, images, classes):
                 mask = predicted[: image.shape[0], : image.shape[1]]  # drop the batch padding
                 mask_array = mask.to(torch.uint8).cpu().numpy()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -27,9 +28,9 @@ from segflow.config import InferenceParams, MlflowParams, PseudoLabelParams, Tra
 from segflow.data.datasets import Sample, SegmentationDataset, load_samples, pad_collate
 from segflow.data.imageio import read_image, read_mask, write_mask
 from segflow.fsutil import atomic_dir, atomic_open, atomic_write_json
-from segflow.inference.card import EMA_DIR, SNAPSHOTS_DIR
+from segflow.inference.card import EMA_DIR, SNAPSHOTS_DIR, ModelCard
 from segflow.inference.metrics import ConfusionMatrix
-from segflow.inference.predictor import load_model, probabilities, resolve_device
+from segflow.inference.predictor import load_model, probabilities, resolve_device, resolved_inference
 from segflow.inference.visualize import colorize, save_grid
 from segflow.registry import tracking
 from segflow.training.targets import HISTOGRAM_BINS, class_thresholds, confidence_histograms, corrected
@@ -38,26 +39,50 @@ GRID_EXAMPLES = 4
 PRIOR_CORRECTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)  # tried by prior_correction: auto
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """The network that labels, as it labels: with ``inference`` (its window made concrete), undoing the bias of
+    the ``class_weight`` it was trained with (None: trained without), checked against its earlier ``snapshots``."""
+
+    model: torch.nn.Module
+    card: ModelCard
+    inference: InferenceParams
+    class_weight: torch.Tensor | None
+    device: torch.device
+    snapshots: list[torch.nn.Module] = field(default_factory=list)
+
+
+def load_teacher(teacher_dir: Path, inference: InferenceParams, device: torch.device) -> Teacher:
+    """The teacher in ``teacher_dir`` with its snapshots, predicting as ``inference`` says."""
+    # A Mean Teacher kept beside trained weights that were evaluated instead (train.ema.evaluate: false) labels.
+    model_dir = teacher_dir / EMA_DIR if (teacher_dir / EMA_DIR).is_dir() else teacher_dir
+    model, card = load_model(model_dir, device)
+    snapshots = [load_model(path, device)[0] for path in sorted((teacher_dir / SNAPSHOTS_DIR).glob("epoch_*"))]
+    class_weight = card.extra.get("class_weight")
+    return Teacher(model, card, resolved_inference(inference, card, model_dir),
+                   None if class_weight is None else torch.tensor(class_weight, device=device), device, snapshots)
+
+
 def choose_prior_correction(
-    cfg: PseudoLabelParams, train: TrainParams, inference: InferenceParams, model: torch.nn.Module,
-    class_weight: torch.Tensor | None, val_samples: list[Sample], device: torch.device, num_classes: int,
+    cfg: PseudoLabelParams, teacher: Teacher, val_samples: list[Sample], num_workers: int,
 ) -> tuple[float, dict[str, float]]:
     """The correction strength, and the teacher's val mIoU for each strength tried: ``auto`` picks the one with
     the best val mIoU (labeled images the teacher did not train on); a number is used as it is."""
-    if class_weight is None:  # the teacher was trained without class weighting: nothing to undo
+    if teacher.class_weight is None:  # the teacher was trained without class weighting: nothing to undo
         return 0.0, {}
     if cfg.prior_correction != "auto":
         return float(cfg.prior_correction), {}
     if not val_samples:
         return 0.0, {}
-    confusions = {strength: ConfusionMatrix(num_classes, device) for strength in PRIOR_CORRECTIONS}
+    device = teacher.device
+    confusions = {strength: ConfusionMatrix(teacher.card.num_classes, device) for strength in PRIOR_CORRECTIONS}
     loader = DataLoader(SegmentationDataset(val_samples), batch_size=cfg.batch_size, collate_fn=pad_collate,
-                        num_workers=train.num_workers)
+                        num_workers=num_workers)
     for batch in loader:
         images, masks = batch["image"].to(device), batch["mask"].to(device)
-        probs = probabilities(model, images, inference, train.crop_size)
+        probs = probabilities(teacher.model, images, teacher.inference)
         for strength, confusion in confusions.items():
-            confusion.update(masks, corrected(probs, class_weight, strength).argmax(dim=1))
+            confusion.update(masks, corrected(probs, teacher.class_weight, strength).argmax(dim=1))
     val_miou = {f"{strength:g}": confusion.compute()["miou"] for strength, confusion in confusions.items()}
     best = max(PRIOR_CORRECTIONS, key=lambda strength: val_miou[f"{strength:g}"])
     return best, val_miou
@@ -74,26 +99,25 @@ def prediction_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> 
 
 
 def _predict_and_stream(
-    cfg: PseudoLabelParams, train: TrainParams, inference: InferenceParams, model, snapshots: list, samples: list[Sample],
-    raw_dir: Path, device: torch.device, num_classes: int,
-    class_weight: torch.Tensor | None, strength: float,
+    cfg: PseudoLabelParams, teacher: Teacher, strength: float, samples: list[Sample], raw_dir: Path, num_workers: int,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Pass 1: write each image's labels and confidence to ``raw_dir``; returns class histograms and the
     images' reliability (mean agreement of the snapshots with the final teacher; 1 without snapshots)."""
+    device, num_classes = teacher.device, teacher.card.num_classes
     loader = DataLoader(
         SegmentationDataset(samples), batch_size=cfg.batch_size, collate_fn=pad_collate,
-        num_workers=train.num_workers, pin_memory=device.type == "cuda",
+        num_workers=num_workers, pin_memory=device.type == "cuda",
     )
     histograms = torch.zeros(num_classes, HISTOGRAM_BINS, dtype=torch.int64, device=device)
     reliability: dict[str, float] = {}
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         # The teacher predicts as evaluation does (sliding window, test-time augmentation).
-        probs = probabilities(model, images, inference, train.crop_size)
-        confidence, labels = corrected(probs, class_weight, strength).max(dim=1)
+        probs = probabilities(teacher.model, images, teacher.inference)
+        confidence, labels = corrected(probs, teacher.class_weight, strength).max(dim=1)
         # Snapshots predict as the teacher does (TTA included): agreement then measures stability, not TTA.
-        snapshot_labels = [probabilities(snapshot, images, inference, train.crop_size)
-                           .argmax(dim=1) for snapshot in snapshots]
+        snapshot_labels = [probabilities(snapshot, images, teacher.inference).argmax(dim=1)
+                           for snapshot in teacher.snapshots]
         for row, index in enumerate(batch["index"].tolist()):
             sample = samples[index]
             height, width = batch["size"][row].tolist()
@@ -165,6 +189,85 @@ def write_label_next(rows: list[dict], path: Path) -> None:
                             else values[c] for c in LABEL_NEXT_COLUMNS])
 
 
+def rare_classes(histograms: torch.Tensor) -> np.ndarray:
+    """Which classes the teacher gives fewer pixels than an even share (``histograms``: its confidence histogram
+    per class): the ones a label would show it most."""
+    predicted_share = histograms.sum(dim=1).double()
+    predicted_share = (predicted_share / predicted_share.sum().clamp_min(1)).numpy()
+    return predicted_share < 1.0 / len(predicted_share)
+
+
+class PseudoMasks:
+    """Pass 2, the thresholds known: each image's mask (the teacher's label where its confidence clears the class
+    threshold, ignore elsewhere), its manifest row, and what the summary, ``label_next.csv`` and ``examples.png``
+    keep of it."""
+
+    def __init__(self, thresholds: np.ndarray, rare: np.ndarray, reliability: dict[str, float], num_classes: int):
+        self.thresholds, self.rare, self.reliability, self.num_classes = thresholds, rare, reliability, num_classes
+        self.class_pixels = np.zeros(num_classes, dtype=np.int64)
+        self.kept_pixels = self.total_pixels = 0
+        self.score = PseudoLabelScore(num_classes)
+        self.label_rows: list[dict] = []
+        self.examples: list[list[np.ndarray]] = []
+
+    def write(self, samples: list[Sample], raw_dir: Path, staging: Path, out_dir: Path) -> None:
+        """``staging/masks/*.png`` and ``staging/pseudo_manifest.csv`` (image paths relative to ``out_dir``) from
+        the predictions pass 1 left in ``raw_dir``."""
+        (staging / "masks").mkdir()
+        with open(staging / "pseudo_manifest.csv", "w", newline="") as manifest_file:
+            manifest = csv.writer(manifest_file)
+            manifest.writerow(["image_id", "image_path", "mask_path", "reliability", "coverage"])
+            for sample in samples:
+                kept = self._write_mask(sample, raw_dir, staging / "masks")
+                manifest.writerow([
+                    sample.image_id, os.path.relpath(sample.image_path, out_dir), f"masks/{sample.image_id}.png",
+                    f"{self.reliability[sample.image_id]:.6f}", f"{kept.mean():.6f}",
+                ])
+
+    def _write_mask(self, sample: Sample, raw_dir: Path, masks_dir: Path) -> np.ndarray:
+        """Threshold, write and count one image's mask; returns which of its pixels were kept."""
+        predicted = np.load(raw_dir / f"{sample.image_id}.labels.npy")
+        confidence = np.load(raw_dir / f"{sample.image_id}.confidence.npy").astype(np.float32)
+        pseudo = np.where(confidence >= self.thresholds[predicted], predicted, IGNORE_INDEX).astype(np.uint8)
+        write_mask(masks_dir / f"{sample.image_id}.png", pseudo)
+        kept = pseudo != IGNORE_INDEX
+        self.class_pixels += np.bincount(pseudo[kept], minlength=self.num_classes)[: self.num_classes]
+        self.kept_pixels += int(kept.sum())
+        self.total_pixels += pseudo.size
+        teacher_error = self._score_hidden_mask(sample, predicted, pseudo)
+        mean_confidence = float(confidence.mean())
+        rare_class_share = float(self.rare[predicted].mean())
+        self.label_rows.append({
+            "image_id": sample.image_id, "image_path": str(sample.image_path),
+            "priority": label_priority(mean_confidence, self.reliability[sample.image_id], rare_class_share),
+            "mean_confidence": mean_confidence, "reliability": self.reliability[sample.image_id],
+            "coverage": float(kept.mean()), "rare_class_share": rare_class_share, "teacher_error": teacher_error,
+        })
+        if len(self.examples) < GRID_EXAMPLES:
+            self.examples.append([read_image(sample.image_path), colorize(pseudo, self.num_classes), confidence])
+        return kept
+
+    def _score_hidden_mask(self, sample: Sample, predicted: np.ndarray, pseudo: np.ndarray) -> float | None:
+        """Score the image's pseudo-labels against its mask when the semi-supervised protocol hid one; returns the
+        teacher's error on its labeled pixels (None: no mask, or none labeled)."""
+        if sample.mask_path is None:
+            return None
+        truth = read_mask(sample.mask_path)
+        self.score.update(predicted, pseudo, truth)
+        known = truth != IGNORE_INDEX
+        return float((predicted != truth)[known].mean()) if known.any() else None
+
+    @property
+    def coverage(self) -> float:
+        """The fraction of the pixels written that were kept."""
+        return self.kept_pixels / self.total_pixels if self.total_pixels else 0.0
+
+    def class_share(self, classes: list[str]) -> dict[str, float]:
+        """Each class's share of the kept pixels."""
+        total = self.class_pixels.sum()
+        return {name: float(self.class_pixels[i] / total) if total else 0.0 for i, name in enumerate(classes)}
+
+
 def pseudo_label(
     cfg: PseudoLabelParams,
     train: TrainParams,
@@ -176,91 +279,42 @@ def pseudo_label(
     splits_csv: Path,
     out_dir: Path,
     metrics_file: Path | None = None,
-    run_name: str | None = None,
     label_next_file: Path | None = None,
 ) -> dict:
     """Write ``out_dir/masks/*.png``, ``pseudo_manifest.csv`` (with each image's reliability and coverage) and
     ``examples.png``; returns the summary (coverage, thresholds, quality), also written to ``metrics_file``.
     ``label_next_file`` gets the unlabeled images ranked by how much a label would help (:func:`label_priority`;
     with masks hidden by the semi-supervised protocol, the teacher's error on each is a column too)."""
-    device = resolve_device(train.device)
-    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
-    # A Mean Teacher kept beside trained weights that were evaluated instead (train.ema.evaluate: false) labels.
-    model, card = load_model(teacher_dir / EMA_DIR if (teacher_dir / EMA_DIR).is_dir() else teacher_dir, device)
-    snapshots = [load_model(path, device)[0] for path in sorted((teacher_dir / SNAPSHOTS_DIR).glob("epoch_*"))]
+    out_dir = Path(out_dir)
+    teacher = load_teacher(Path(teacher_dir), inference, resolve_device(train.device))
+    card = teacher.card
     samples = load_samples(data_dir, splits_csv, "unlabeled")
-    class_weight = card.extra.get("class_weight")
-    class_weight = None if class_weight is None else torch.tensor(class_weight, device=device)
-    class_pixels = np.zeros(card.num_classes, dtype=np.int64)
-    kept_pixels = total_pixels = 0
-    score = PseudoLabelScore(card.num_classes)
-    examples: list[list[np.ndarray]] = []
-    with tracking.stage_run(mlflow_cfg, "pseudo_label", run_name), atomic_dir(out_dir) as staging:
+    with tracking.stage_run(mlflow_cfg, "pseudo_label"), atomic_dir(out_dir) as staging:
         raw_dir = staging / ".raw"
         raw_dir.mkdir()
         strength, correction_val_miou = choose_prior_correction(
-            cfg, train, inference, model, class_weight, load_samples(data_dir, splits_csv, "val"), device, card.num_classes)
-        histograms, reliability = _predict_and_stream(cfg, train, inference, model, snapshots, samples, raw_dir, device,
-                                                      card.num_classes, class_weight, strength)
+            cfg, teacher, load_samples(data_dir, splits_csv, "val"), train.num_workers)
+        histograms, reliability = _predict_and_stream(cfg, teacher, strength, samples, raw_dir, train.num_workers)
         thresholds = class_thresholds(histograms, cfg.threshold,
                                       cfg.class_keep_fraction if cfg.class_balanced else None).numpy()
-        predicted_share = histograms.sum(dim=1).double()
-        predicted_share = (predicted_share / predicted_share.sum().clamp_min(1)).numpy()
-        # Classes the teacher gives fewer pixels than an even share: the ones a label would show it most.
-        rare = predicted_share < 1.0 / card.num_classes
-        label_rows = []
-        (staging / "masks").mkdir()
-        with open(staging / "pseudo_manifest.csv", "w", newline="") as manifest_file:
-            manifest = csv.writer(manifest_file)
-            manifest.writerow(["image_id", "image_path", "mask_path", "reliability", "coverage"])
-            for sample in samples:  # pass 2: thresholds known, masks written
-                predicted = np.load(raw_dir / f"{sample.image_id}.labels.npy")
-                confidence = np.load(raw_dir / f"{sample.image_id}.confidence.npy").astype(np.float32)
-                pseudo = np.where(confidence >= thresholds[predicted], predicted, IGNORE_INDEX).astype(np.uint8)
-                write_mask(staging / "masks" / f"{sample.image_id}.png", pseudo)
-                kept = pseudo != IGNORE_INDEX
-                class_pixels += np.bincount(pseudo[kept], minlength=card.num_classes)[: card.num_classes]
-                kept_pixels += int(kept.sum())
-                total_pixels += pseudo.size
-                teacher_error = None
-                if sample.mask_path is not None:  # masks hidden by the semi-supervised protocol
-                    truth = read_mask(sample.mask_path)
-                    score.update(predicted, pseudo, truth)
-                    known = truth != IGNORE_INDEX
-                    teacher_error = float((predicted != truth)[known].mean()) if known.any() else None
-                mean_confidence = float(confidence.mean())
-                rare_class_share = float(rare[predicted].mean())
-                label_rows.append({
-                    "image_id": sample.image_id, "image_path": str(sample.image_path),
-                    "priority": label_priority(mean_confidence, reliability[sample.image_id], rare_class_share),
-                    "mean_confidence": mean_confidence, "reliability": reliability[sample.image_id],
-                    "coverage": float(kept.mean()), "rare_class_share": rare_class_share, "teacher_error": teacher_error,
-                })
-                manifest.writerow([
-                    sample.image_id, os.path.relpath(sample.image_path, out_dir), f"masks/{sample.image_id}.png",
-                    f"{reliability[sample.image_id]:.6f}", f"{kept.mean():.6f}",
-                ])
-                if len(examples) < GRID_EXAMPLES:
-                    examples.append([read_image(sample.image_path), colorize(pseudo, card.num_classes), confidence])
+        masks = PseudoMasks(thresholds, rare_classes(histograms), reliability, card.num_classes)
+        masks.write(samples, raw_dir, staging, out_dir)
         shutil.rmtree(raw_dir)
         summary = {
             "images": len(samples),
-            "coverage": kept_pixels / total_pixels if total_pixels else 0.0,
+            "coverage": masks.coverage,
             "class_balanced": cfg.class_balanced,
             "prior_correction": strength,
             "prior_correction_val_miou": correction_val_miou,
             "thresholds": {name: float(thresholds[i]) for i, name in enumerate(card.classes)},
-            "class_share": {
-                name: float(class_pixels[i] / class_pixels.sum()) if class_pixels.sum() else 0.0
-                for i, name in enumerate(card.classes)
-            },
+            "class_share": masks.class_share(card.classes),
             "mean_reliability": float(np.mean(list(reliability.values()))) if reliability else None,
-            **score.summary(card.classes),
+            **masks.score.summary(card.classes),
         }
-        save_grid(examples, ["image", "pseudo mask", "confidence"], staging / "examples.png")
+        save_grid(masks.examples, ["image", "pseudo mask", "confidence"], staging / "examples.png")
         _log_to_mlflow(summary, card.arch, cfg, staging / "examples.png")
         if label_next_file is not None:
-            write_label_next(label_rows, Path(label_next_file))
+            write_label_next(masks.label_rows, Path(label_next_file))
             mlflow.log_artifact(str(label_next_file))
     if metrics_file is not None:
         atomic_write_json(metrics_file, summary)

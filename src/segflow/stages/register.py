@@ -174,6 +174,41 @@ def earlier_registration(client: MlflowClient, name: str, identity: dict[str, st
     return None
 
 
+def register_version(
+    cfg: RegisterParams, register_run_id: str, model_dir: Path, identity: dict[str, str], inference: InferenceParams,
+    tags: dict[str, str],
+) -> ModelVersion:
+    """A new version of ``cfg.model_name`` from ``model_dir``, served with ``inference``, its source run the model's
+    training run, tagged with its ``identity`` and ``tags``."""
+    # A model folder from before segflow recorded its training run, or from another store: this run.
+    source_run = tracking.training_run(read_card(model_dir).extra) or register_run_id
+    model_info = log_served_model(model_dir, identity[WEIGHTS_TAG], inference, source_run)
+    # Every tag the gate reads is created with the version, in one transaction of the store: no version is ever
+    # seen without them. The MLmodel's and weights' hashes live in the registry, which the artifact store cannot
+    # change: loads check the downloaded files against them.
+    tags = {**identity, MLMODEL_TAG: stored_mlmodel_sha256(model_info), **tags,
+            "git_commit": tracking.git_commit() or "unknown", "source_run_id": source_run,
+            "register_run_id": register_run_id}
+    return mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags)
+
+
+def _decide(
+    cfg: RegisterParams, client: MlflowClient, candidate: ModelVersion, chosen: str, best: dict, best_score: float,
+    below_floor: list[str], test: TestSplit,
+) -> Decision:
+    """What becomes of ``candidate`` (the model ``chosen``, its scores ``best``): challenger below the floor,
+    already the champion, or what the gate decides."""
+    if below_floor:
+        return Decision(cfg.model_name, str(candidate.version), best["arch"], best_score,
+                        version_number(champion_version(client, cfg.model_name)), None, False,
+                        f"{chosen} is below the floor: {'; '.join(below_floor)}", chosen)
+    if version_number(champion_version(client, cfg.model_name)) == str(candidate.version):
+        return Decision(cfg.model_name, str(candidate.version), best["arch"], best_score,
+                        str(candidate.version), best_score, True,
+                        "already the champion (an earlier register promoted it)", chosen)
+    return gate_and_promote(cfg, client, candidate, best_score, str(best["test"]["data_hash"]), test)
+
+
 def register(
     cfg: RegisterParams, mlflow_cfg: MlflowParams, test: TestSplit, *, candidates: list[str], evaluation_dir: Path,
     models_dir: Path, out_file: Path, force: bool = False,
@@ -207,29 +242,11 @@ def register(
             check_history(client, cfg.model_name, record_file)
         candidate = earlier_registration(client, cfg.model_name, identity)
         if candidate is None:
-            # A model folder from before segflow recorded its training run, or from another store: this run.
-            source_run = tracking.training_run(read_card(Path(models_dir) / chosen).extra) or run.info.run_id
-            model_info = log_served_model(Path(models_dir) / chosen, identity[WEIGHTS_TAG], inference, source_run)
-            # Every tag the gate reads is created with the version, in one transaction of the store: no version
-            # is ever seen without them. The MLmodel's and weights' hashes live in the registry, which the
-            # artifact store cannot change: loads check the downloaded files against them.
-            tags = {**identity, MLMODEL_TAG: stored_mlmodel_sha256(model_info), "candidate": chosen,
-                    f"val_{cfg.metric}": str(val_score), "git_commit": tracking.git_commit() or "unknown",
-                    "source_run_id": source_run, "register_run_id": run.info.run_id,
+            tags = {"candidate": chosen, f"val_{cfg.metric}": str(val_score),
                     **({FLOOR_TAG: "; ".join(below_floor)} if below_floor else {})}
-            candidate = mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags)
+            candidate = register_version(cfg, run.info.run_id, Path(models_dir) / chosen, identity, inference, tags)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, candidate.version)
-        if below_floor:
-            decision = Decision(cfg.model_name, str(candidate.version), best["arch"], best_score,
-                                version_number(champion_version(client, cfg.model_name)), None, False,
-                                f"{chosen} is below the floor: {'; '.join(below_floor)}", chosen)
-        elif version_number(champion_version(client, cfg.model_name)) == str(candidate.version):
-            decision = Decision(cfg.model_name, str(candidate.version), best["arch"], best_score,
-                                str(candidate.version), best_score, True,
-                                "already the champion (an earlier register promoted it)", chosen)
-        else:
-            decision = gate_and_promote(cfg, client, candidate, best_score, str(best["test"]["data_hash"]),
-                                        test)
+        decision = _decide(cfg, client, candidate, chosen, best, best_score, below_floor, test)
         atomic_write_json(out_file, asdict(decision))
         # Why, wherever a person looks: the version, this run, the pipeline run, the model's training run.
         description = decision_text(decision, candidates, cfg.metric, val_score)

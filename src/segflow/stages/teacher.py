@@ -25,7 +25,7 @@ from segflow.fsutil import atomic_dir, atomic_write_json
 from segflow.inference.card import read_card
 from segflow.inference.metrics import score_split
 from segflow.registry import tracking
-from segflow.stages.train import train
+from segflow.stages.train import TrainRun, train
 from segflow.training.semi_supervised import labeled_only, unlabeled_images_won, with_unlabeled
 
 LABELED_ONLY, WITH_UNLABELED, START = "labeled_only", "with_unlabeled", "start"
@@ -55,12 +55,13 @@ def train_teacher(
             tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-arms-") as work_dir:
 
         def train_and_score(name: str, arm_cfg: TrainParams, arm_epochs: int, init_from: Path | None) -> None:
-            result = train(arm_cfg, cfg.arch, model_options=model_options, mlflow_cfg=mlflow_cfg,
-                           val_batch_size=val_batch_size, data_dir=data_dir, splits_csv=splits_csv,
-                           out_dir=Path(work_dir) / name, epochs=arm_epochs, run_name=f"teacher {name.replace('_', '-')}",
-                           snapshots=0 if name == START else cfg.snapshots, init_from=init_from)
+            run = TrainRun(data_dir, splits_csv, Path(work_dir) / name, epochs=arm_epochs,
+                           name=f"teacher {name.replace('_', '-')}", snapshots=0 if name == START else cfg.snapshots,
+                           init_from=init_from)
+            result = train(arm_cfg, cfg.arch, run, model_options=model_options, mlflow_cfg=mlflow_cfg,
+                           val_batch_size=val_batch_size)
             test = score_split(result.model_dir, data_dir, splits_csv, "test", device=arm_cfg.device,
-                               batch_size=val_batch_size, inference=inference, train_crop_size=arm_cfg.crop_size)
+                               batch_size=val_batch_size, inference=inference)
             scores[name] = {"val_miou": result.best_miou,
                             "test_miou": None if test is None else test["miou"],
                             "steps": result.steps, "seconds": result.seconds}
@@ -71,12 +72,7 @@ def train_teacher(
             start = Path(work_dir) / START
         for name, arm_cfg in arms.items():
             train_and_score(name, arm_cfg, arm_epochs, start)
-        if WITH_UNLABELED not in scores:
-            use, reason = False, f"no unlabeled images in {splits_csv}"
-        else:
-            use = unlabeled_images_won(scores[LABELED_ONLY]["val_miou"], scores[WITH_UNLABELED]["val_miou"], cfg.margin)
-            reason = (f"val mIoU {scores[WITH_UNLABELED]['val_miou']:.4f} with the unlabeled images against "
-                      f"{scores[LABELED_ONLY]['val_miou']:.4f} without (margin {cfg.margin:g})")
+        use, reason = _decide(scores, cfg.margin, splits_csv)
         kept = WITH_UNLABELED if use else LABELED_ONLY
         with atomic_dir(out_dir) as staging:
             shutil.copytree(Path(work_dir) / kept, staging, dirs_exist_ok=True)
@@ -85,12 +81,27 @@ def train_teacher(
         mlflow.log_params({"teacher_arch": cfg.arch, "epochs": epochs, "arm_epochs": arm_epochs,
                            "warm_start": cfg.warm_start, "margin": cfg.margin,
                            "consistency_weight": cfg.consistency_weight, "unlabeled_images": len(unlabeled)})
-        mlflow.log_metrics({f"{arm}.{key}": value for arm, arm_scores in scores.items()
-                            for key, value in arm_scores.items() if value is not None})
-        mlflow.log_metric("use_unlabeled", float(use))
-        mlflow.set_tags({"segflow.use_unlabeled": str(use).lower(), "segflow.decision": reason,
-                         # the kept arm's run: where the teacher model's evaluation and registration go
-                         "segflow.kept_run_id": read_card(out_dir).extra[tracking.TRAINING_RUN_KEY]})
-        mlflow.log_dict(summary, "semi_supervised.json")
+        _log_decision(summary, kept_run_id=read_card(out_dir).extra[tracking.TRAINING_RUN_KEY])
     atomic_write_json(metrics_file, summary)
     return summary
+
+
+def _decide(scores: dict[str, dict], margin: float, splits_csv: Path) -> tuple[bool, str]:
+    """Whether the unlabeled images are used, and why (``teacher.margin``: what with them must win by on val)."""
+    if WITH_UNLABELED not in scores:
+        return False, f"no unlabeled images in {splits_csv}"
+    with_them, without = scores[WITH_UNLABELED]["val_miou"], scores[LABELED_ONLY]["val_miou"]
+    return (unlabeled_images_won(without, with_them, margin),
+            f"val mIoU {with_them:.4f} with the unlabeled images against {without:.4f} without (margin {margin:g})")
+
+
+def _log_decision(summary: dict, *, kept_run_id: str) -> None:
+    """The arms' scores and the decision in the teacher stage's MLflow run; ``kept_run_id`` is the kept arm's
+    training run, where the teacher model's evaluation and registration go."""
+    scores = {arm: arm_scores for arm, arm_scores in summary.items() if isinstance(arm_scores, dict)}
+    mlflow.log_metrics({f"{arm}.{key}": value for arm, arm_scores in scores.items()
+                        for key, value in arm_scores.items() if value is not None})
+    mlflow.log_metric("use_unlabeled", float(summary["use_unlabeled"]))
+    mlflow.set_tags({"segflow.use_unlabeled": str(summary["use_unlabeled"]).lower(),
+                     "segflow.decision": summary["reason"], "segflow.kept_run_id": kept_run_id})
+    mlflow.log_dict(summary, "semi_supervised.json")

@@ -2,11 +2,11 @@
 
 Every image and mask of ``manifest.csv`` is decoded once; the facts about it (does it decode, sizes,
 out-of-range mask values, a hash of the decoded pixels, pixel counts per class) become one row of a
-DataFrame. A GX Checkpoint validates that DataFrame and renders the result as HTML Data Docs; besides
-each file, it checks that there is something to learn (masks not mostly ignore, enough images showing a
-class other than class 0). The stage writes ``stats.csv`` (read by the split stage), ``summary.json`` and
-``data_docs/`` whether or not the data passes, then raises :class:`ValidationFailed` naming the failing
-files if it did not.
+DataFrame (segflow.data.image_statistics). A GX Checkpoint validates that DataFrame and renders the result
+as HTML Data Docs; besides each file, it checks that there is something to learn (masks not mostly ignore,
+enough images showing a class other than class 0). The stage writes ``stats.csv`` (read by the split stage),
+``summary.json`` and ``data_docs/`` whether or not the data passes, then raises :class:`ValidationFailed` naming
+the failing files if it did not.
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-# GX reads this at import time; usage statistics must not leave the machine.
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 import great_expectations as gx
 import numpy as np
@@ -36,7 +33,7 @@ from great_expectations.data_context.types.base import (
 from great_expectations.expectations.row_conditions import Column
 
 from segflow import IGNORE_INDEX
-from segflow.data.imageio import content_hash, read_image, read_mask
+from segflow.data.image_statistics import image_statistics
 from segflow.data.manifest import (
     SPLITS,
     check_fractions,
@@ -99,15 +96,9 @@ def validate(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     refuse_overlap(out_dir, [data_dir], "segflow validate")
     check_fractions(val_fraction, test_fraction)
-    minimums = {"train": min_train, "val": min_val, "test": min_test}
-    for split, minimum in minimums.items():
-        if not isinstance(minimum, int) or minimum < 0:
-            raise SegflowError(f"validate.min_{split} must be a whole number >= 0, got {minimum!r}.")
-    shares = {"min_labeled_pixel_fraction": min_labeled_pixel_fraction,
-              "min_foreground_image_fraction": min_foreground_image_fraction}
-    for key, share in shares.items():
-        if not isinstance(share, (int, float)) or not 0 <= share <= 1:
-            raise SegflowError(f"validate.{key} must be a number from 0 to 1, got {share!r}.")
+    minimums = _checked_minimums({"train": min_train, "val": min_val, "test": min_test})
+    shares = _checked_shares({"min_labeled_pixel_fraction": min_labeled_pixel_fraction,
+                              "min_foreground_image_fraction": min_foreground_image_fraction})
     manifest = read_manifest(data_dir)
     class_names, ignore_index = _read_classes(data_dir)
     stats = image_statistics(data_dir, manifest, len(class_names), ignore_index)
@@ -146,20 +137,20 @@ def validate(
     return ValidationResult(success=True, summary=summary, out_dir=out_dir)
 
 
-def image_statistics(data_dir: Path, manifest: pd.DataFrame, n_classes: int, ignore_index: int) -> pd.DataFrame:
-    """One row per manifest row; files that fail to decode give a row with the reason, not an exception."""
-    records = [
-        _row_statistics(Path(data_dir), position, row, n_classes, ignore_index)
-        for position, row in enumerate(manifest.itertuples(index=False))
-    ]
-    columns = _statistics_dtypes(n_classes)
-    stats = pd.DataFrame.from_records(records, columns=list(columns)).astype(columns)
-    # The leak check needs, per picture, how many predefined splits its labeled copies are in.
-    labeled_copies = stats["labeled"] & stats["content_hash"].notna()
-    stats["n_splits_with_same_content"] = (
-        stats[labeled_copies].groupby("content_hash")["split"].transform("nunique").astype("Int64")
-    )
-    return stats
+def _checked_minimums(minimums: dict[str, int]) -> dict[str, int]:
+    """The least labeled images per split (params ``validate.min_<split>``), refused unless whole numbers >= 0."""
+    for split, minimum in minimums.items():
+        if not isinstance(minimum, int) or minimum < 0:
+            raise SegflowError(f"validate.min_{split} must be a whole number >= 0, got {minimum!r}.")
+    return minimums
+
+
+def _checked_shares(shares: dict[str, float]) -> dict[str, float]:
+    """The least shares of labeled data (params ``validate.<key>``), refused unless numbers from 0 to 1."""
+    for key, share in shares.items():
+        if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise SegflowError(f"validate.{key} must be a number from 0 to 1, got {share!r}.")
+    return shares
 
 
 def _split_groups(stats: pd.DataFrame, manifest: pd.DataFrame, group_by: str | None, manifest_csv: Path) -> pd.Series:
@@ -183,102 +174,6 @@ def _groups_across_splits(stats: pd.DataFrame, manifest: pd.DataFrame, shown: in
     return [f"{len(shared)} split.group_by group(s) span more than one predefined split, so near-copies sit in "
             f"train and in val or test and inflate their scores: {'; '.join(examples)}"
             f"{' and more' if len(shared) > shown else ''}."]
-
-
-def _statistics_dtypes(n_classes: int) -> dict[str, str]:
-    # Nullable dtypes: a fact that does not apply (no mask, undecodable file) is missing, not False or 0,
-    # so GX skips it instead of reporting the same file twice.
-    return {
-        "manifest_row": "int64",
-        "image_id": "str",
-        "image_path": "str",
-        "mask_path": "str",
-        "labeled": "bool",
-        "split": "str",
-        "manifest_width": "Int64",
-        "manifest_height": "Int64",
-        "image_decodes": "bool",
-        "image_error": "str",
-        "image_width": "Int64",
-        "image_height": "Int64",
-        "image_size_matches_manifest": "boolean",
-        "content_hash": "str",
-        "mask_decodes": "boolean",
-        "mask_error": "str",
-        "mask_width": "Int64",
-        "mask_height": "Int64",
-        "mask_size_matches_image": "boolean",
-        "n_bad_values": "Int64",
-        "bad_values": "str",
-        **{f"px_{k}": "Int64" for k in range(n_classes)},
-        "px_ignore": "Int64",
-        "labeled_pixel_fraction": "Float64",
-        "has_foreground": "boolean",
-    }
-
-
-def _row_statistics(data_dir: Path, position: int, row: Any, n_classes: int, ignore_index: int) -> dict[str, Any]:
-    stats: dict[str, Any] = {
-        "manifest_row": position,
-        "image_id": row.image_id,
-        "image_path": row.image_path,
-        "mask_path": row.mask_path,
-        "labeled": row.mask_path != "",
-        "split": row.split,
-        "manifest_width": _whole_number(row.width),
-        "manifest_height": _whole_number(row.height),
-        "image_decodes": False,
-        "image_error": "",
-        "mask_error": "",
-        "bad_values": "",
-    }
-    image = None
-    image_path = data_dir / row.image_path
-    try:
-        image = read_image(image_path)
-    except SegflowError as exc:
-        stats["image_error"] = str(exc).removeprefix(f"{image_path}: ")
-    else:
-        height, width = image.shape[:2]
-        stats.update(
-            image_decodes=True,
-            image_width=width,
-            image_height=height,
-            image_size_matches_manifest=(width, height) == (stats["manifest_width"], stats["manifest_height"]),
-            content_hash=content_hash(image),
-        )
-    if not stats["labeled"]:
-        return stats
-    mask_path = data_dir / row.mask_path
-    try:
-        mask = read_mask(mask_path)
-    except SegflowError as exc:
-        stats.update(mask_decodes=False, mask_error=str(exc).removeprefix(f"{mask_path}: "))
-        return stats
-    counts = np.bincount(mask.ravel(), minlength=256)
-    bad = np.flatnonzero(counts[n_classes:]) + n_classes
-    bad = bad[bad != ignore_index]
-    stats.update(
-        mask_decodes=True,
-        mask_width=mask.shape[1],
-        mask_height=mask.shape[0],
-        n_bad_values=int(counts[bad].sum()),
-        bad_values=" ".join(str(v) for v in bad),
-        px_ignore=int(counts[ignore_index]),
-        **{f"px_{k}": int(counts[k]) for k in range(n_classes)},
-        labeled_pixel_fraction=1 - counts[ignore_index] / mask.size,
-        has_foreground=bool(counts[1:n_classes].any()),
-    )
-    if image is not None:
-        stats["mask_size_matches_image"] = mask.shape == image.shape[:2]
-    return stats
-
-
-def _whole_number(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
 
 
 def _read_classes(data_dir: Path) -> tuple[list[str], int]:
@@ -498,6 +393,9 @@ def _run_checkpoint(stats: pd.DataFrame, checks: dict[str, _Check], docs_dir: Pa
 
     Returns each check's ExpectationValidationResult by check name.
     """
+    # Usage statistics must not leave the machine: the config below turns them off, and the environment
+    # variable for any GX code that reads it instead.
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     # Ephemeral context: stores stay in memory, only the filesystem Data Docs site is written.
     config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(),

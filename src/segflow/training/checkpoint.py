@@ -17,6 +17,7 @@ import hashlib
 import json
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from safetensors.torch import load_file, save_file
 from segflow.data.fingerprint import differences
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_write_json
+from segflow.training import distributed
+from segflow.training.distributed import ProcessGroup
+from segflow.training.plan import EpochPlan
 
 CHECKPOINT_FILE = "checkpoint.json"
 
@@ -236,3 +240,58 @@ def restore(
 
 def remove(resume_dir: Path) -> None:
     shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+BEST_DIR = "best"  # inside the resume folder: the best weights so far survive a kill
+
+
+class Checkpointer:
+    """Exact resume: restores a training's state and writes it when due (rank 0; every rank hands over its RNG
+    states and running loss)."""
+
+    def __init__(self, resume_dir: Path, group: ProcessGroup, settings: dict[str, Any], plan: EpochPlan,
+                 every_steps: int | None, **state: Any):
+        self.resume_dir, self.group, self.settings = resume_dir, group, settings
+        self.plan, self.every_steps = plan, every_steps or 0
+        self.state = state  # model, optimizer, scheduler, scaler, ema
+        self.started = time.perf_counter()
+
+    def begin(self, resume: bool) -> tuple[Progress, torch.Tensor]:
+        """The progress and this rank's running loss to go on from: the checkpoint's with ``resume`` (refused
+        under other settings), else fresh ones, any old checkpoint removed."""
+        device = self.group.device
+        if resume:
+            saved = load(self.resume_dir)
+            check_settings(saved, self.settings, self.resume_dir)
+            restore(saved, rank=self.group.rank, **self.state)
+            progress = saved.progress
+            loss_sum = of_rank(saved.tensors, self.group.rank)["loss_sum"].to(device)
+        else:
+            progress, loss_sum = Progress(), torch.zeros((), device=device)
+            if self.group.is_main:
+                remove(self.resume_dir)
+        self.started = time.perf_counter() - progress.seconds
+        return progress, loss_sum
+
+    def elapsed(self) -> float:
+        """Seconds of training, those before a resume included."""
+        return time.perf_counter() - self.started
+
+    def due(self, progress: Progress) -> bool:
+        """Whether to checkpoint where ``progress`` stands: at the start of the epoch after a validated one (a
+        resumed run replays the epochs since, exactly: the checkpoint holds the RNG states), and inside an
+        epoch after every ``train.checkpoint_every_steps``-th optimizer step."""
+        if progress.batches_done == 0:
+            return progress.epoch > 1 and self.plan.validates(progress.epoch - 1)
+        return (self.every_steps > 0 and progress.batches_done < self.plan.batches(progress.epoch)
+                and self.plan.steps(progress.epoch, progress.batches_done) % self.every_steps == 0)
+
+    def maybe_save(self, progress: Progress, loss_sum: torch.Tensor) -> None:
+        if self.due(progress):
+            self.save(progress, loss_sum)
+
+    def save(self, progress: Progress, loss_sum: torch.Tensor) -> None:
+        per_rank = distributed.gather_tensors({**rng_state(), "loss_sum": loss_sum}, self.group)
+        if self.group.is_main:
+            progress.seconds = self.elapsed()
+            save(self.resume_dir, progress=progress, settings=self.settings, tensors=per_rank, **self.state)

@@ -5,6 +5,7 @@ segmentation_models_pytorch, in the weighted sum ``train.loss`` describes."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,18 @@ from segflow import IGNORE_INDEX
 from segflow.config import LossParams
 
 DEFAULT_LOSS = LossParams()
+
+
+@dataclass(frozen=True)
+class LossWeighting:
+    """How the training loss weighs its parts: the auxiliary head, pseudo-labeled images, the classes on labeled
+    pixels and on pseudo-labeled and unlabeled ones, and the loss's own terms (``train.loss``)."""
+
+    aux_weight: float = 0.0
+    pseudo_weight: float = 1.0
+    class_weight: torch.Tensor | None = None
+    unlabeled_class_weight: torch.Tensor | None = None
+    loss: LossParams = field(default_factory=LossParams)
 
 
 def class_weight_of_pixels(target: torch.Tensor, class_weight: torch.Tensor | None) -> torch.Tensor | float:

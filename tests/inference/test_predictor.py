@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from segflow import CARD_FILE
 from segflow.config import InferenceParams
 from segflow.errors import SegflowError
+from segflow.inference.card import ModelCard
 from segflow.inference.metrics import confusion_over
-from segflow.inference.predictor import logits, predict_mask, probabilities
+from segflow.inference.predictor import (
+    DEFAULT_MAX_PIXELS,
+    logits,
+    predict_mask,
+    probabilities,
+    resolved_inference,
+)
 
 NUM_CLASSES = 4
 
@@ -49,7 +59,7 @@ def test_sliding_window_equals_whole_image_for_a_translation_equivariant_model()
 
 def test_image_smaller_than_the_window_is_padded():
     model, images = _pointwise_model(), _images(10, 13)
-    slide = probabilities(model, images, InferenceParams(mode="slide"), train_crop_size=16)
+    slide = probabilities(model, images, InferenceParams(mode="slide", crop_size=16))
     torch.testing.assert_close(slide, probabilities(model, images, InferenceParams()))
 
 
@@ -79,8 +89,7 @@ def test_flip_changes_nothing_for_a_mirror_equivariant_model_and_something_other
 def test_multi_scale_returns_probabilities_at_the_input_size():
     model, images = _pointwise_model(), _images(23, 31)
     for mode in ("whole", "slide"):
-        out = probabilities(model, images, InferenceParams(mode=mode, scales=[0.5, 1.0, 1.5], flip=True),
-                            train_crop_size=16)
+        out = probabilities(model, images, InferenceParams(mode=mode, crop_size=16, scales=[0.5, 1.0, 1.5], flip=True))
         assert out.shape == (2, NUM_CLASSES, 23, 31)
         torch.testing.assert_close(out.sum(1), torch.ones(2, 23, 31))
 
@@ -90,10 +99,22 @@ def test_stride_wider_than_the_window_is_an_error():
         probabilities(_pointwise_model(), _images(20, 20), InferenceParams(mode="slide", crop_size=16, stride=17))
 
 
+def test_the_window_left_null_is_the_training_crop_on_the_card(tmp_path):
+    card = ModelCard(arch="unet", num_classes=NUM_CLASSES, classes=list("abcd"), crop_size=32)
+    resolved = resolved_inference(InferenceParams(mode="slide"), card, tmp_path)
+    assert (resolved.crop_size, resolved.stride, resolved.max_pixels) == (32, 21, DEFAULT_MAX_PIXELS)
+    own = resolved_inference(InferenceParams(mode="slide", crop_size=16, stride=16), card, tmp_path)
+    assert (own.crop_size, own.stride) == (16, 16)
+    whole = resolved_inference(InferenceParams(), replace(card, crop_size=1000), tmp_path)
+    assert (whole.crop_size, whole.max_pixels) == (None, 16 * 1000 * 1000)  # 16 training windows
+    with pytest.raises(SegflowError, match=f"{tmp_path / CARD_FILE}: .*no window size"):
+        resolved_inference(InferenceParams(mode="slide"), replace(card, crop_size=None), tmp_path)
+
+
 def test_predict_mask_with_inference_params():
     image = np.random.default_rng(0).integers(0, 256, (19, 25, 3), dtype=np.uint8)
     model = _pointwise_model()
-    mask = predict_mask(model, image, InferenceParams(mode="slide", flip=True), train_crop_size=16)
+    mask = predict_mask(model, image, InferenceParams(mode="slide", crop_size=16, flip=True))
     assert mask.shape == (19, 25) and mask.dtype == np.uint8 and mask.max() < NUM_CLASSES
     np.testing.assert_array_equal(mask, predict_mask(model, image))
 
@@ -102,7 +123,8 @@ def test_confusion_over_uses_the_inference_params():
     model, images = _pointwise_model(), _images(21, 30)
     batches = [{"image": images, "mask": torch.randint(0, NUM_CLASSES, (2, 21, 30))}]
     plain = confusion_over(model, batches, NUM_CLASSES, torch.device("cpu")).matrix
-    slide = confusion_over(model, batches, NUM_CLASSES, torch.device("cpu"), InferenceParams(mode="slide"), 16).matrix
+    sliding = InferenceParams(mode="slide", crop_size=16)
+    slide = confusion_over(model, batches, NUM_CLASSES, torch.device("cpu"), sliding).matrix
     torch.testing.assert_close(slide, plain)
     assert int(plain.sum()) == 2 * 21 * 30
 

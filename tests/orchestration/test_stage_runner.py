@@ -41,6 +41,18 @@ def _run(runner: stage_runner.StageRunner, name: str) -> bool:
     return True
 
 
+def test_a_stage_nothing_reads_and_that_reads_nothing_is_not_planned(tmp_path, monkeypatch):
+    # As synth when params.yaml's data points at the user's own data.
+    project = _project(tmp_path)
+    stages = {**DVC_YAML["stages"], "synth": {"cmd": "echo x > synthetic.txt", "outs": ["synthetic.txt"]}}
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    monkeypatch.chdir(project)
+    assert [s.name for s in stage_runner.plan(project)] == ["first", "second"]
+    stages["first"] = {**stages["first"], "deps": ["synthetic.txt"]}  # the data points at it again
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    assert [s.name for s in stage_runner.plan(project)] == ["synth", "first", "second"]
+
+
 def test_stale_stages_run_and_are_recorded_as_dvc_repro_records_them(tmp_path, monkeypatch):
     project = _project(tmp_path)
     monkeypatch.chdir(project)  # as the flow does: DVC names stages relative to the working directory

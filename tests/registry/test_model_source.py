@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from PIL import Image
+from test_registry_ops import promote
 
 from register_testing import ARCH, artifact_dir, register_version
 from segflow import models
@@ -29,7 +30,6 @@ from segflow.inference.card import ModelCard
 from segflow.inference.predictor import load_model, predict_mask, save_model
 from segflow.registry.mlflow_registry import LOADER_MODULE, MLMODEL_TAG, WEIGHTS_TAG, segflow_flavor
 from segflow.registry.model_source import resolve_model_dir
-from test_registry_ops import promote
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
 

@@ -10,7 +10,7 @@ from segflow import IGNORE_INDEX
 from segflow.config import AugmentParams, ConsistencyParams, StrongAugmentParams, parse_params
 from segflow.data.datasets import Sample
 from segflow.data.imageio import write_image, write_mask
-from segflow.stages.train import TrainStep, unlabeled_class_weight
+from segflow.training.class_balance import unlabeled_class_weight
 from segflow.training.consistency import (
     ConsistencyTargets,
     TargetStatistics,
@@ -22,6 +22,9 @@ from segflow.training.consistency import (
     unlabeled_batches,
 )
 from segflow.training.distributed import EpochSampler, SeededDataset
+from segflow.training.loop import TrainStep
+from segflow.training.losses import LossWeighting
+from segflow.training.optim import Optimization
 
 NO_STRONG = StrongAugmentParams(color_jitter=0, grayscale=0, blur=0, cutout=0)
 
@@ -254,10 +257,10 @@ def test_training_step_corrects_the_targets_with_its_class_weights_and_counts_th
     class_weight = torch.tensor([1.0, 4.0])
     model = _ConstantTrainable(_logits_of([[0.4, 0.6]] * 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    step = TrainStep(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-                     torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"), amp=None, aux_weight=0.0,
-                     class_weight=class_weight, consistency=ConsistencyParams(weight=1.0, threshold=0.7),
-                     unlabeled_class_weight=class_weight)
+    optimization = Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                                torch.amp.GradScaler("cpu", enabled=False))
+    step = TrainStep(model, optimization, LossWeighting(class_weight=class_weight, unlabeled_class_weight=class_weight),
+                     device=torch.device("cpu"), consistency=ConsistencyParams(weight=1.0, threshold=0.7))
     labeled = {"image": torch.zeros(1, 3, 1, 3), "mask": torch.zeros(1, 1, 3, dtype=torch.long),
                "pseudo": torch.zeros(1, dtype=torch.bool)}
     step.forward_backward(labeled, unlabeled=_one_image_batch(3, truth=[0, 1, IGNORE_INDEX]))

@@ -19,12 +19,12 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from register_testing import register_stage, write_scores
-from segflow import models
+from segflow import CARD_FILE, models
 from segflow.cli import main
 from segflow.config import InferenceParams, parse_params
 from segflow.data.imageio import read_image, read_mask, write_image
 from segflow.errors import SegflowError
-from segflow.inference.card import ModelCard
+from segflow.inference.card import ModelCard, read_card
 from segflow.inference.predictor import load_model, resolved_inference, save_model
 from segflow.inference.visualize import palette
 from segflow.registry import tracking
@@ -108,7 +108,7 @@ def test_a_registered_model_predicts_with_the_settings_it_was_registered_with(tm
     params = parse_params({**PARAMS, "train": {"device": "cpu", "archs": [ARCH]},
                            "register": {"model_name": "predict-test"}})
     write_scores(tmp_path / "evaluation", ARCH, arch=ARCH, test=0.5,  # scored as evaluate writes its settings
-                 inference=resolved_inference(params.evaluate.inference, params.train.crop_size))
+                 inference=resolved_inference(params.evaluate.inference, read_card(model_dir), model_dir))
     register_stage(params, candidates=[ARCH], evaluation_dir=tmp_path / "evaluation", models_dir=tmp_path / "models",
              data_dir=tmp_path / "-", splits_csv=tmp_path / "-",
              out_file=tmp_path / "decision.json")  # the first version: promoted unscored
@@ -121,6 +121,18 @@ def test_a_registered_model_predicts_with_the_settings_it_was_registered_with(tm
     for registered, evaluated in zip(masks(tmp_path / "registered"), masks(tmp_path / "as-evaluated")):
         np.testing.assert_array_equal(registered, evaluated)
     assert any(not np.array_equal(a, b) for a, b in zip(masks(tmp_path / "whole"), masks(tmp_path / "as-evaluated")))
+
+
+def test_a_model_folder_slides_the_window_it_was_trained_at(tmp_path, model_dir, images_dir):
+    training_crop = parse_params({**PARAMS, "evaluate": {"inference": {"mode": "slide", "flip": True}}})
+    with pytest.raises(SegflowError, match=f"{re.escape(str(model_dir / CARD_FILE))}: .*no window size"):
+        predict(training_crop, model=model_dir, images_dir=images_dir, out_dir=tmp_path / "older")  # no crop_size
+    card = json.loads((model_dir / CARD_FILE).read_text())
+    (model_dir / CARD_FILE).write_text(json.dumps({**card, "crop_size": 16}))
+    predict(training_crop, model=model_dir, images_dir=images_dir, out_dir=tmp_path / "training-crop")
+    predict(parse_params(PARAMS), model=model_dir, images_dir=images_dir, out_dir=tmp_path / "window-16")
+    for a, b in zip(masks(tmp_path / "training-crop"), masks(tmp_path / "window-16")):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_card_whose_inference_settings_this_segflow_cannot_read_is_refused(tmp_path, model_dir, images_dir):
@@ -200,7 +212,7 @@ def test_an_image_past_the_limits_is_refused_from_its_header_and_the_others_are_
     assert sorted(p.name for p in (tmp_path / "out/masks").iterdir()) == ["a.png", "b.png", "c.png"]
 
     small = parse_params({**PARAMS, "evaluate": {"inference": {"max_image_mb": 0.0001, "max_pixels": 500}}})
-    refused = within_limits(sorted(images_dir.glob("*.*")), small.evaluate.inference, 16)
+    refused = within_limits(sorted(images_dir.glob("*.*")), small.evaluate.inference)
     assert {path.name for path in refused} == {"a.png", "b.jpg", "c.bmp", "huge.png"}  # notes.txt: 12 bytes
     assert "MB encoded, more than the 0.0001 MB" in refused[images_dir / "a.png"]
 

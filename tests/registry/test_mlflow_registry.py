@@ -198,8 +198,8 @@ from segflow.registry.promotion import TestSplit, promote_version
 print("ready", flush=True)
 sys.stdin.readline()
 params = parse_params({})
-promote_version(sys.argv[1], sys.argv[2], register=params.register_, mlflow=params.mlflow, force=True,
-                test=TestSplit(Path("-"), Path("-"), 1, params.evaluate.inference, 16), reason="concurrent " + sys.argv[2])
+promote_version(sys.argv[1], sys.argv[2], register=params.register_, mlflow_cfg=params.mlflow, force=True,
+                test=TestSplit(Path("-"), Path("-"), 1, params.evaluate.inference), reason="concurrent " + sys.argv[2])
 """
 
 
@@ -291,16 +291,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-# Evaluated with a sliding window (train.crop_size: no window of its own), flip and two scales: served the same.
-SERVED_PARAMS = {"train": {"archs": [ARCH], "crop_size": 24},
+# Evaluated with a sliding window (the training crop on the card: no window of its own), flip and two scales: served
+# the same.
+SERVED_PARAMS = {"train": {"archs": [ARCH]},
                  "evaluate": {"inference": {"mode": "slide", "flip": True, "scales": [0.75, 1.25]}},
                  "register": {"model_name": "reg-serve"}}
 
 
 def test_mlflow_models_serve_predicts_a_posted_png_as_evaluation_does(workspace, tmp_path):
     params = parse_params(SERVED_PARAMS)
+    network, trained_card = load_model(workspace / "models" / ARCH)
+    inference = resolved_inference(params.evaluate.inference, trained_card, workspace / "models" / ARCH)
     write_scores(workspace / "evaluation", ARCH, arch=ARCH, test=0.5,  # scored as evaluate writes its settings
-                 inference=resolved_inference(params.evaluate.inference, params.train.crop_size))
+                 inference=inference)
     register_stage(params, candidates=[ARCH], evaluation_dir=workspace / "evaluation", models_dir=workspace / "models",
              data_dir=workspace / "data", splits_csv=workspace / "splits.csv", out_file=workspace / "decision.json")
     local = Path(MlflowClient().get_model_version_download_uri("reg-serve", "1").removeprefix("file://"))
@@ -337,9 +340,8 @@ def test_mlflow_models_serve_predicts_a_posted_png_as_evaluation_does(workspace,
 
         png = tmp_path / "image.png"
         write_image(png, np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
-        image, network = read_image(png), load_model(workspace / "models" / ARCH)[0]
-        inference, window = params.evaluate.inference, params.train.crop_size
-        expected = predict_mask(network, image, inference, window)  # segflow's evaluation path
+        image = read_image(png)
+        expected = predict_mask(network, image, inference)  # segflow's evaluation path
         assert not np.array_equal(expected, predict_mask(network, image))  # the settings matter for this image
 
         encoded = base64.b64encode(png.read_bytes()).decode()
@@ -351,7 +353,7 @@ def test_mlflow_models_serve_predicts_a_posted_png_as_evaluation_does(workspace,
         probabilities = np.asarray(answer.json()["predictions"])
         assert probabilities.shape == (2, 37, 53)
         np.testing.assert_allclose(probabilities.sum(axis=0), 1, atol=1e-5)
-        np.testing.assert_allclose(probabilities, predict_probabilities(network, image, inference, window), atol=1e-5)
+        np.testing.assert_allclose(probabilities, predict_probabilities(network, image, inference), atol=1e-5)
 
         refused = invoke({"inputs": base64.b64encode(b"not an image").decode()})
         assert refused.status_code == 400 and "the image sent: cannot decode image" in refused.json()["message"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -12,7 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from segflow import models
+from segflow import CARD_FILE, models
 from segflow.config import parse_params
 from segflow.data.imageio import write_image, write_mask
 from segflow.errors import SegflowError
@@ -23,6 +24,7 @@ from segflow.stages.evaluate import evaluate
 
 ARCH = "fcn32s"
 OPTIONS = {"width": 0.0625}
+CARD = ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"], options=OPTIONS, crop_size=16)
 
 
 @pytest.fixture
@@ -30,8 +32,7 @@ def workspace(tmp_path) -> Path:
     """A random tiny model with a one-epoch history, two labeled test images and one val image, and the splits."""
     torch.manual_seed(0)
     model = models.build(ARCH, num_classes=2, **OPTIONS)
-    save_model(model, ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"], options=OPTIONS),
-               tmp_path / "model")
+    save_model(model, CARD, tmp_path / "model")
     (tmp_path / "model" / "history.json").write_text(json.dumps([{"epoch": 1, "train_loss": 0.7, "val_miou": 0.4}]))
     data = tmp_path / "data"
     (data / "masks").mkdir(parents=True)
@@ -60,11 +61,10 @@ def _constant_model(index: int) -> torch.nn.Module:
 
 
 def _evaluate(workspace: Path, evaluate_params: dict) -> dict:
-    params = parse_params({"train": {"crop_size": 16, "device": "cpu"}, "evaluate": evaluate_params})
-    return evaluate(params.evaluate, params.mlflow, ARCH, device=params.train.device,
-                    train_crop_size=params.train.crop_size, model_dir=workspace / "model",
-                    data_dir=workspace / "data",
-                    splits_csv=workspace / "splits.csv", metrics_file=workspace / "metrics" / f"{ARCH}.json",
+    params = parse_params({"train": {"device": "cpu"}, "evaluate": evaluate_params})
+    return evaluate(params.evaluate, params.mlflow, ARCH, device=params.train.device, model_dir=workspace / "model",
+                    data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
+                    metrics_file=workspace / "metrics" / f"{ARCH}.json",
                     out_dir=workspace / "evaluation", plots_dir=workspace / "plots")
 
 
@@ -81,9 +81,18 @@ def test_evaluation_writes_scores_the_headline_metrics_and_the_dvc_plot_tables(w
     assert per_class[0] == "class,iou" and [line.split(",")[0] for line in per_class[1:]] == ["background", "thing"]
 
 
+def test_the_sliding_window_is_the_training_crop_the_card_records(workspace):
+    scores = _evaluate(workspace, {"inference": {"mode": "slide"}, "num_overlays": 0})
+    assert (scores["inference"]["crop_size"], scores["inference"]["stride"]) == (16, 10)  # what register serves
+    assert scores["gflops"] > 0  # at the training crop
+    save_model(_constant_model(0), replace(CARD, crop_size=None), workspace / "model")  # an older card
+    with pytest.raises(SegflowError, match=f"{workspace / 'model' / CARD_FILE}: .*no window size"):
+        _evaluate(workspace, {"inference": {"mode": "slide"}})
+    assert _evaluate(workspace, {"num_overlays": 0})["gflops"] is None
+
+
 def test_the_majority_baseline_and_the_classes_predicted_are_what_a_collapsed_model_shows(workspace):
-    save_model(_constant_model(0), ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"],
-                                             options=OPTIONS), workspace / "model")
+    save_model(_constant_model(0), CARD, workspace / "model")
     scores = _evaluate(workspace, {"num_overlays": 0})
     background = 1 - 120 / 560  # the "thing" box is 10x12 of 20x28 pixels in every image
     assert scores["majority_baseline"] == pytest.approx({
@@ -133,8 +142,7 @@ def test_the_json_writer_refuses_nan_and_infinity_naming_the_key(tmp_path):
 
 
 def test_overlays_show_the_worst_test_images_by_their_own_iou_and_every_picture_is_logged(workspace):
-    save_model(_constant_model(1), ModelCard(arch=ARCH, num_classes=2, classes=["background", "thing"],
-                                             options=OPTIONS), workspace / "model")  # "thing" everywhere
+    save_model(_constant_model(1), CARD, workspace / "model")  # "thing" everywhere
     thing_share = {"good": 1.0, "mid": 0.5, "bad": 0.0, "mostly": 0.75}  # IoU 1, 0.25, 0, 0.375
     data, rows = workspace / "data", []
     for name in [*thing_share, "unlabeled"]:

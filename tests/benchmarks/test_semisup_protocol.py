@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from semisup_camvid import target_frames, write_target_splits
 
 # CamVid's test split: Seq05VD every 30th frame from f00000 to f05100, and 62 frames of 0001TP.

@@ -1,6 +1,4 @@
 import json
-import logging
-import resource
 import shutil
 import subprocess
 import sys
@@ -10,52 +8,15 @@ import pytest
 import torch
 
 from segflow import IGNORE_INDEX
-from segflow.config import AugmentParams, Layout, parse_params
-from segflow.data.datasets import BatchAugment, Sample, load_samples, stack_padded
+from segflow.config import Layout, parse_params
+from segflow.data.datasets import load_samples
 from segflow.data.imageio import write_mask
 from segflow.errors import SegflowError
-from segflow.inference.card import MEAN, STD
-from segflow.stages.train import (
-    Checkpointer,
-    CompiledOrEager,
-    EpochPlan,
-    batches_per_rank,
-    class_pixels,
-    median_frequency_weights,
-    prior_bias,
-    tune_process_for_training,
-)
 from segflow.training import checkpoint
-from segflow.training.checkpoint import Progress
-from segflow.training.distributed import ProcessGroup
+from segflow.training.checkpoint import Checkpointer
+from segflow.training.class_balance import class_pixels, median_frequency_weights, prior_bias
+from segflow.training.plan import batches_per_rank
 from train_testing import NO_AUGMENT, PLAIN_UNET, SIZE, make_project, train_from_params, weights
-
-
-def test_median_frequency_weights_follow_the_segnet_formula(tmp_path):
-    # image a: 12 px of class 0, 4 px of class 1; image b: 8 px of class 0, 8 px of class 2 (+ ignored pixels).
-    a = np.array([0] * 12 + [1] * 4, dtype=np.uint8).reshape(4, 4)
-    b = np.array([0] * 8 + [2] * 8 + [IGNORE_INDEX] * 4, dtype=np.uint8).reshape(4, 5)
-    samples = []
-    for name, mask in [("a", a), ("b", b)]:
-        write_mask(tmp_path / f"{name}.png", mask)
-        samples.append(Sample(name, tmp_path / f"{name}.png", tmp_path / f"{name}.png"))
-    pixels, image_pixels = class_pixels(samples, num_classes=4)
-    assert pixels.tolist() == [20, 4, 8, 0]
-    weights = median_frequency_weights(pixels, image_pixels)
-    frequency = np.array([20 / 32, 4 / 16, 8 / 16])  # pixels of c / pixels of the images containing c
-    expected = np.median(frequency) / frequency
-    assert weights[:3].numpy() == pytest.approx(expected, rel=1e-6)
-    assert weights[3].item() == 1.0  # never seen: left alone
-
-
-def test_prior_bias_is_the_loss_minimising_constant_prediction():
-    pixels = np.array([59.0, 29.0, 9.0, 0.0])
-    # Softmax of the offsets: each class's share of the pixels, one pixel added to each (101 in all).
-    expected = np.array([60, 30, 10, 1]) / 101
-    assert torch.softmax(prior_bias(pixels, None), 0).numpy() == pytest.approx(expected, rel=1e-5)
-    # With class weights the weighted shares: here weights that equalise them give equal offsets.
-    equalising = torch.tensor([1 / 60, 1 / 30, 1 / 10, 1.0])
-    assert prior_bias(pixels, equalising).numpy() == pytest.approx([0.0] * 4, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -156,107 +117,20 @@ def test_val_interval_validates_and_checkpoints_every_nth_epoch_and_the_last(pla
     assert saved_after == [2, 4, 5]
 
 
-def test_checkpoints_fall_every_n_optimizer_steps_inside_epochs_and_after_validated_ones(tmp_path):
-    # 3 epochs of 5 batches (3 in the last), 2 batches a step: steps end after batches 2, 4, 5 (2, 3 in the last).
-    plan = EpochPlan(epochs=3, batches_per_epoch=5, last_epoch_batches=3, accumulate=2, val_interval=2)
-    group = ProcessGroup(0, 1, torch.device("cpu"))
-    after_steps = [(1, 2), (1, 4), (1, 5), (2, 2), (2, 4), (2, 5), (3, 2), (3, 3)]  # (epoch, batches done)
-    every_2 = Checkpointer(tmp_path, group, {}, plan, every_steps=2)
-    # Steps 2 and 4; 6 and 8 end an epoch, checkpointed (or not) with it.
-    assert [at for at in after_steps if every_2.due(Progress(*at))] == [(1, 4), (2, 2)]
-    assert not any(Checkpointer(tmp_path, group, {}, plan, every_steps=None).due(Progress(*at)) for at in after_steps)
-    # An epoch ends at (next epoch, 0 batches done): checkpointed after the validated ones, 2 and the last.
-    assert [epoch - 1 for epoch in (2, 3, 4) if every_2.due(Progress(epoch, 0))] == [2, 3]
 
 
-def _coordinate_batch(sizes, axis):
-    """uint8 images whose channel 0 holds each pixel's column and channel 1 its row; masks hold the column
-    (``axis`` -1) or the row (-2). Padded to the largest, as the loader collates them."""
-    images, masks = [], []
-    for height, width in sizes:
-        rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-        images.append(torch.stack([cols, rows, torch.zeros_like(rows)]).to(torch.uint8))
-        masks.append((cols if axis == -1 else rows).to(torch.uint8))
-    return stack_padded(images), stack_padded(masks, IGNORE_INDEX), torch.tensor(sizes)
 
 
-def _pixel_values(images):
-    """Undo the normalisation: values on the uint8 scale."""
-    return (images * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)) * 255
 
 
-SIZES = [(40, 30), (20, 36), (32, 32), (50, 45)] * 4
 
 
-def test_batch_augmentation_keeps_masks_on_their_pixels_and_ignores_what_lies_outside():
-    augment = BatchAugment(AugmentParams(hflip=True, scale_min=0.6, scale_max=1.6), crop_size=32)
-    draws = torch.rand(len(SIZES), 4, generator=torch.Generator().manual_seed(0))
-    for axis, channel in [(-1, 0), (-2, 1)]:
-        images, masks = augment(*_coordinate_batch(SIZES, axis), draws)
-        assert images.shape == (len(SIZES), 3, 32, 32) and masks.shape == (len(SIZES), 32, 32)
-        assert masks.dtype == torch.long
-        labeled = masks != IGNORE_INDEX
-        coordinate = _pixel_values(images)[:, channel]
-        # bilinear image and nearest-centre mask sample the same point: at most half a pixel apart
-        assert (coordinate - masks)[labeled].abs().max() <= 0.5 + 1e-3
-        assert torch.all(images.permute(1, 0, 2, 3)[:, ~labeled] == 0)  # outside: the mean colour
-        assert labeled.any(dim=(1, 2)).all() and not labeled.all()
-
-    # At scale 1 the 20x36 image fills the crop's first 20 rows; below them, padding.
-    unscaled = BatchAugment(AugmentParams(hflip=False, scale_min=1.0, scale_max=1.0), crop_size=32)
-    _, masks = unscaled(*_coordinate_batch([(20, 36)], -1), torch.rand(1, 4))
-    assert torch.all(masks[0, 20:] == IGNORE_INDEX) and torch.all(masks[0, :20] != IGNORE_INDEX)
 
 
-@pytest.mark.parametrize("hflip", [True, False])
-def test_batch_augmentation_scales_and_flips_within_the_configured_ranges(hflip):
-    params = AugmentParams(hflip=hflip, scale_min=0.6, scale_max=1.6)
-    augment = BatchAugment(params, crop_size=24)
-    batch = _coordinate_batch(SIZES, -1)
-    outputs = [augment(*batch, torch.rand(len(SIZES), 4, generator=torch.Generator().manual_seed(1)))
-               for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*outputs))  # the draws decide everything
-    images, masks = outputs[0]
-    columns = _pixel_values(images)[:, 0]
-    # Source columns per output column, from the middle row's interior (the edges are clamped).
-    steps = [(columns[b, 12, 1:] - columns[b, 12, :-1])[masks[b, 12, 1:] != IGNORE_INDEX][2:-2].median().item()
-             for b in range(len(SIZES))]
-    scales = [1 / abs(step) for step in steps]
-    assert all(params.scale_min * 0.95 <= scale <= params.scale_max * 1.05 for scale in scales)
-    assert max(scales) - min(scales) > 0.3  # drawn, not fixed
-    flipped = [step < 0 for step in steps]
-    assert any(flipped) and not all(flipped) if hflip else not any(flipped)
 
 
-def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
-    def broken(*_):
-        raise RuntimeError("inductor: no C++ compiler")
-
-    monkeypatch.setattr(torch, "compile", lambda module: broken)
-    module = torch.nn.Conv2d(3, 2, 1)
-    forward = CompiledOrEager(module)
-    x = torch.randn(1, 3, 4, 4)
-    with caplog.at_level(logging.WARNING, logger="segflow.stages.train"):
-        outputs = [forward(x), forward(x)]
-    assert all(torch.equal(out, module(x)) for out in outputs)
-    assert [r.message for r in caplog.records].count(caplog.records[0].message) == len(caplog.records) == 1
-    assert "no C++ compiler" in caplog.records[0].message
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="a glibc malloc setting")
-def test_cpu_training_reuses_freed_memory_without_page_faults():
-    """What a CPU step frees (here 64 MiB of 256 KiB tensors, like a model's gradients) comes back without the OS
-    paging it in anew; glibc's defaults would give the heap's top back (segflow.stages.train.keep_freed_memory)."""
-    tune_process_for_training(torch.device("cpu"))
-
-    def step() -> None:
-        tensors = [torch.ones(64 * 1024) for _ in range(256)]
-        del tensors
-
-    step()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step()
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 1000  # 16384 pages when given back
 
 
 def test_a_student_can_start_from_its_teachers_weights(plain_project, tmp_path):
