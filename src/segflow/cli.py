@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from segflow.config import PARAMS_FILE, Layout, Params, load_params
+from segflow.config import PARAMS_FILE, Layout, Params, SynthParams, load_params
 from segflow.errors import INTERNAL_ERROR, SegflowError, environment_error
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app.add_typer(ingest_app, name="ingest")
 models_app = typer.Typer(help="Architectures (`segflow models`) and registered versions (`segflow models list NAME`).")
 app.add_typer(models_app, name="models")
 
+SYNTH = SynthParams()  # `segflow synth`'s defaults: params.yaml's synth section's
 # The parameter counts `segflow models` shows are for PASCAL VOC's 20 classes and background, as the papers report.
 PAPER_CLASSES = 21
 ParamsOption = Annotated[Path, typer.Option("--params", help="Parameters file.")]
@@ -37,10 +38,10 @@ WithoutOption = Annotated[list[str] | None, typer.Option(
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write (replaced whole).")],
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes identical files.")] = 0,
-    labeled: Annotated[int, typer.Option(help="Number of annotated images.")] = 128,
-    unlabeled: Annotated[int, typer.Option(help="Number of unlabeled images.")] = 96,
-    size: Annotated[int, typer.Option(help="Image height and width in pixels.")] = 96,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes identical files.")] = SYNTH.seed,
+    labeled: Annotated[int, typer.Option(help="Number of annotated images.")] = SYNTH.num_labeled,
+    unlabeled: Annotated[int, typer.Option(help="Number of unlabeled images.")] = SYNTH.num_unlabeled,
+    size: Annotated[int, typer.Option(help="Image height and width in pixels.")] = SYNTH.image_size,
 ) -> None:
     """Write the synthetic default dataset: COCO polygons (annotations.json, images/) plus unlabeled/."""
     from segflow.stages.synth import generate

@@ -26,13 +26,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pipeline_testing import mlflow_at
 
+from promotion_testing import check_concurrent_promotions, check_deleted_model_files_are_refused
 from register_testing import register_version
 from segflow.config import Layout
 from segflow.errors import SegflowError
 from segflow.registry.mlflow_registry import CHALLENGER, CHAMPION, champion_history
 from segflow.registry.tracking import SERVER_UNREACHABLE
 from segflow.stages.register import WEIGHTS_TAG
-from test_registry_ops import check_concurrent_promotions, check_deleted_model_files_are_refused
 from train_testing import make_project, segflow_command, subprocess_env, weights, write_params
 
 pytestmark = pytest.mark.slow

@@ -21,23 +21,28 @@ import requests
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from PIL import Image
 
 import segflow.registry.mlflow_registry
 import segflow.registry.promotion
+from promotion_testing import (
+    BIN,
+    PARAMS,
+    add_version,
+    champion,
+    check_concurrent_promotions,
+    check_deleted_model_files_are_refused,
+    current_hash,
+    promote,
+)
 from register_testing import ARCH, artifact_dir, register_stage, register_version, write_scores
-from register_testing import promote as promote_with
 from segflow.config import parse_params
-from segflow.data.datasets import load_samples
 from segflow.data.fingerprint import file_sha256
 from segflow.data.imageio import read_image, write_image
 from segflow.errors import SegflowError
-from segflow.inference.metrics import split_fingerprint
 from segflow.inference.predictor import load_model, predict_mask, predict_probabilities, resolved_inference
 from segflow.registry.mlflow_registry import (
     FORCED_REASON_TAG,
-    Decision,
     PromotionRefused,
     champion_history,
     format_versions,
@@ -46,34 +51,6 @@ from segflow.registry.mlflow_registry import (
 )
 from segflow.registry.promotion import score_on
 from segflow.registry.tracking import SERVER_UNREACHABLE
-
-PARAMS = parse_params({"register": {"margin": 0.01}})
-BIN = Path(sys.executable).parent
-
-
-def current_hash(workspace: Path) -> str:
-    return split_fingerprint(load_samples(workspace / "data", workspace / "splits.csv", "test"))
-
-
-def add_version(name: str, miou: float, data_hash: str) -> str:
-    """Another version of ``name`` sharing version 1's model files (cheaper than logging a model again)."""
-    client = MlflowClient()
-    first = client.get_model_version(name, "1")
-    tags = {**first.tags, "test_miou": str(miou), "test_data_hash": data_hash}
-    # The source is the logged model, `models:/<model_id>`; a server wants its id as well (and leaves the
-    # version's model_id out of its answers).
-    model_id = first.source.removeprefix("models:/")
-    return str(client.create_model_version(name, first.source, run_id=first.run_id, tags=tags,
-                                           model_id=model_id).version)
-
-
-def champion(name: str) -> str:
-    return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
-
-
-def promote(workspace: Path, name: str, version: str, **force_and_reason) -> Decision:
-    return promote_with(PARAMS, name, version, data_dir=workspace / "data", splits_csv=workspace / "splits.csv",
-                           **force_and_reason)
 
 
 def test_listing_forcing_and_rolling_back_do_not_load_torch():
@@ -190,52 +167,14 @@ def test_a_champion_change_while_gating_is_gated_again(workspace, monkeypatch):
 
 
 # Force-promotes NAME VERSION once stdin says go, so that both processes reach the registry together.
-PROMOTE_ON_GO = """
-import sys
-from pathlib import Path
-from segflow.config import parse_params
-from segflow.registry.promotion import TestSplit, promote_version
-print("ready", flush=True)
-sys.stdin.readline()
-params = parse_params({})
-promote_version(sys.argv[1], sys.argv[2], register=params.register_, mlflow_cfg=params.mlflow, force=True,
-                test=TestSplit(Path("-"), Path("-"), 1, params.evaluate.inference), reason="concurrent " + sys.argv[2])
-"""
 
 
-def check_concurrent_promotions(workspace: Path, name: str) -> None:
-    """Two processes force-promote two versions of ``name`` at once (in the store of MLFLOW_TRACKING_URI)."""
-    register_version(workspace, name, 0.5)
-    versions = [add_version(name, 0.5, "hash-1") for _ in range(2)]
-    workers = [subprocess.Popen([sys.executable, "-c", PROMOTE_ON_GO, name, v], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True) for v in versions]
-    for worker in workers:
-        assert worker.stdout.readline() == "ready\n"
-    for worker in workers:
-        worker.stdin.write("go\n")
-        worker.stdin.flush()
-    assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
-    history = champion_history(MlflowClient(), name)
-    # Neither promotion is lost, and the alias is the one written last.
-    assert sorted(h["version"] for h in history[1:]) == sorted(versions)
-    assert champion(name) == history[-1]["version"]
-    assert history[-1]["previous"] == history[-2]["version"]
-    assert f"{name}.promotion-lock" not in {m.name for m in MlflowClient().search_registered_models()}
 
 
 def test_concurrent_promotions_leave_alias_and_history_in_agreement(workspace):
     check_concurrent_promotions(workspace, "reg-race")
 
 
-def check_deleted_model_files_are_refused(workspace: Path, name: str) -> None:
-    """A version whose weights were deleted from the artifact store (of MLFLOW_TRACKING_URI) is not promoted."""
-    register_version(workspace, name, 0.5)
-    broken = register_version(workspace, name, 0.4).version  # its own model files, kept as challenger
-    files = get_artifact_repository(MlflowClient().get_model_version_download_uri(name, broken))
-    files.delete_artifacts("data/fcn32s/model.safetensors")
-    with pytest.raises(PromotionRefused, match=rf"{name} v{broken} .*missing data/fcn32s/model.safetensors"):
-        promote(workspace, name, broken, force=True, reason="try anyway")
-    assert champion(name) == "1"
 
 
 def test_a_version_whose_model_files_were_deleted_is_never_promoted(workspace):

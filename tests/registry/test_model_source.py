@@ -18,8 +18,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from PIL import Image
-from test_registry_ops import promote
 
+from promotion_testing import promote
 from register_testing import ARCH, artifact_dir, register_version
 from segflow import models
 from segflow.config import InferenceParams

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from segflow import cli
+from segflow.config import SynthParams
 from segflow.data.imageio import read_image
 from segflow.errors import SegflowError
 from segflow.stages import synth
@@ -215,3 +218,12 @@ def test_synth_never_replaces_a_folder_it_did_not_write(tmp_path: Path) -> None:
     synth.generate(tmp_path / "data", num_labeled=1, num_unlabeled=0, image_size=32)
     synth.generate(tmp_path / "data", num_labeled=2, num_unlabeled=0, image_size=32)  # its own: replaced
     assert len(list((tmp_path / "data/images").iterdir())) == 2
+
+
+def test_the_generator_the_command_and_params_yaml_share_one_set_of_defaults():
+    schema = SynthParams()
+    generator = inspect.signature(synth.generate).parameters
+    command = inspect.signature(cli.synth).parameters
+    assert [generator[k].default for k in ("seed", "num_labeled", "num_unlabeled", "image_size")] == \
+        [command[k].default for k in ("seed", "labeled", "unlabeled", "size")] == \
+        [schema.seed, schema.num_labeled, schema.num_unlabeled, schema.image_size]

@@ -30,6 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from segflow.config import SynthParams
 from segflow.data.imageio import write_image
 from segflow.errors import SegflowError
 from segflow.fsutil import owned_dir
@@ -427,13 +428,16 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise SegflowError(f"{name} must be at least {minimum}, got {value}.")
 
 
+_DEFAULT = SynthParams()  # params.yaml's synth section: one set of defaults for the schema, this and the CLI
+
+
 def generate(
     out: Path | str,
     *,
-    seed: int = 0,
-    num_labeled: int = 160,
-    num_unlabeled: int = 320,
-    image_size: int = 128,
+    seed: int = _DEFAULT.seed,
+    num_labeled: int = _DEFAULT.num_labeled,
+    num_unlabeled: int = _DEFAULT.num_unlabeled,
+    image_size: int = _DEFAULT.image_size,
 ) -> dict:
     """Write the dataset to ``out`` atomically and return a summary.
 
