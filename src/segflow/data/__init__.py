@@ -1,1 +1,2 @@
-"""Datasets, readers and the ingest contract's files: the layer every other one stands on."""
+"""Reading data: COCO and mask folders, images, the manifest, datasets and augmentation, the decoded-image cache,
+fingerprints: the layer every other one stands on."""

@@ -1,1 +1,1 @@
-"""A trained model's predictions and their scores: sliding windows, metrics, CRF, overlays."""
+"""A trained model's card, predictions and their scores: sliding windows, metrics, CRF, overlays."""

@@ -1,1 +1,1 @@
-"""MLflow: tracking runs, the model card, the pyfunc flavour, the registry and promotion."""
+"""MLflow: tracking runs, the registry and promotion, the pyfunc flavour, where a model comes from."""

@@ -30,7 +30,7 @@ from segflow.registry.mlflow_registry import (
     version_number,
 )
 
-log = logging.getLogger("segflow.registry.promotion")
+log = logging.getLogger(__name__)
 
 # A promotion whose champion changed while it was being gated is gated again against the new one.
 GATE_ATTEMPTS = 3

@@ -63,7 +63,7 @@ from segflow.inference.predictor import (
 )
 from segflow.registry.mlflow_registry import FILES_METADATA_KEY, MLMODEL_FILE, check_sha256
 
-log = logging.getLogger("segflow.registry.pyfunc_model")
+log = logging.getLogger(__name__)
 
 OUTPUT_PARAM = "output"
 OUTPUTS = {"mask": predict_mask, "probabilities": predict_probabilities}

@@ -34,7 +34,7 @@ from segflow.config import MlflowParams
 from segflow.data.fingerprint import file_sha256
 from segflow.errors import ServiceUnavailable, in_chain
 
-log = logging.getLogger("segflow.registry.tracking")
+log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "SEGFLOW_PARENT_RUN_ID"
 # A classic ML experiment, not a GenAI one, for MLflow's UI and tools (3.17's UI still starts on its GenAI view

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = ["IngestReport", "ingest_coco", "ingest_from_params", "ingest_masks"]
 
-log = logging.getLogger("segflow.stages.ingest")
+log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("image_id", "image_path", "mask_path", "width", "height", "split")
 # Decoding PNG/JPEG and zlib release the GIL, so a few threads speed up the per-image work.

@@ -35,7 +35,7 @@ from segflow.inference.predictor import (
 from segflow.inference.visualize import legend_figure, overlay, palette, save_figure
 from segflow.registry.model_source import resolve_model_dir
 
-log = logging.getLogger("segflow.stages.predict")
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 CSV_HEADER = ["image_id", "mask"]

@@ -58,7 +58,7 @@ from segflow.registry.mlflow_registry import (
 )
 from segflow.registry.promotion import TestSplit, gate_and_promote
 
-log = logging.getLogger("segflow.stages.register")
+log = logging.getLogger(__name__)
 
 # No input schema: the input is one image, an HxWx3 array or an encoded file (bytes, or base64 text in JSON), which
 # no single MLflow schema describes; segflow.registry.pyfunc_model.decode_image checks it. The output is the HxW mask, or

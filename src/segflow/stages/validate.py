@@ -46,7 +46,7 @@ from segflow.data.manifest import (
 from segflow.errors import SegflowError, ValidationFailed
 from segflow.fsutil import atomic_dir, atomic_write_json, refuse_overlap
 
-log = logging.getLogger("segflow.stages.validate")
+log = logging.getLogger(__name__)
 
 DOCS_SITE = "segflow"
 SUITE_NAME = "segflow_data"

@@ -1,1 +1,2 @@
-"""The training loop's parts: optimizer, class balance, runtime, checkpoints, EMA, consistency, losses."""
+"""The training loop and its parts: plan, loaders, step, optimizer, class balance, runtime, checkpoints, EMA,
+consistency, targets, losses, distributed, and the semi-supervised decision."""

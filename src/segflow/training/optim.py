@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from segflow.models.recipes import Recipe
-
-log = logging.getLogger(__name__)
 
 
 def build_optimizer(recipe: Recipe, model: nn.Module, device: torch.device, *,
