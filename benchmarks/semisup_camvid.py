@@ -52,7 +52,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from camvid_leaderboard import CLASSES, REPO, SPLITS, VOID, resize_camvid
 
-from segflow.config import DataParams, Params, PseudoLabelParams, parse_params
+from segflow.config import DataParams, Params, PseudoLabelParams, SplitParams, ValidateParams, parse_params
 from segflow.data.manifest import read_manifest
 from segflow.inference.card import read_card
 from segflow.inference.metrics import score_split
@@ -385,8 +385,8 @@ def main() -> None:
             masks={"folders": [{"images": i, "masks": m, "split": i} for i, m in SPLITS.items()],
                    "classes": CLASSES, "ignore_value": VOID},
         ), data_dir)
-        validate(data_dir, stats_csv.parent, min_train=8, min_val=2, min_test=2, val_fraction=0.15,
-                 test_fraction=0.2, min_labeled_pixel_fraction=0.1, min_foreground_image_fraction=0.1)
+        validate(ValidateParams(), SplitParams(val_fraction=0.15, test_fraction=0.2), data_dir=data_dir,
+                 out_dir=stats_csv.parent)
 
     setup = {
         "model": f"{args.arch} {args.model_options}, from scratch", "resolution": size, "crop": args.crop,

@@ -42,12 +42,17 @@ def synth(
     labeled: Annotated[int, typer.Option(help="Number of annotated images.")] = SYNTH.num_labeled,
     unlabeled: Annotated[int, typer.Option(help="Number of unlabeled images.")] = SYNTH.num_unlabeled,
     size: Annotated[int, typer.Option(help="Image height and width in pixels.")] = SYNTH.image_size,
+    for_data_root: Annotated[Path | None, typer.Option(
+        help="params.yaml's data.root (the DVC stage passes it): another folder leaves OUT empty, since nothing "
+             "would read the synthetic images.")] = None,
 ) -> None:
     """Write the synthetic default dataset: COCO polygons (annotations.json, images/) plus unlabeled/."""
-    from segflow.stages.synth import generate
+    from segflow.stages.synth import synth_stage
 
-    summary = generate(out, seed=seed, num_labeled=labeled, num_unlabeled=unlabeled, image_size=size)
-    typer.echo(f"wrote {out}: {summary}")
+    summary = synth_stage(out, out if for_data_root is None else for_data_root, seed=seed, num_labeled=labeled,
+                          num_unlabeled=unlabeled, image_size=size)
+    typer.echo(f"wrote {out}: {summary}" if summary is not None else
+               f"data.root is {for_data_root}: nothing reads {out}, left empty (no synthetic images written)")
 
 
 @ingest_app.command("coco")
@@ -112,13 +117,7 @@ def validate(
     from segflow.stages.validate import validate as run
 
     params = load_params(params_file)
-    cfg = params.validate_
-    result = run(
-        data_dir, out, min_train=cfg.min_train, min_val=cfg.min_val, min_test=cfg.min_test,
-        val_fraction=params.split.val_fraction, test_fraction=params.split.test_fraction,
-        min_labeled_pixel_fraction=cfg.min_labeled_pixel_fraction,
-        min_foreground_image_fraction=cfg.min_foreground_image_fraction, group_by=params.split.group_by,
-    )
+    result = run(params.validate_, params.split, data_dir=data_dir, out_dir=out)
     _log_data_docs(params, out)
     typer.echo(f"validation passed: {result.summary.get('counts')}; Data Docs in {out / 'data_docs'}")
 
@@ -143,6 +142,7 @@ def split(params_file: ParamsOption = PARAMS_FILE) -> None:
         Layout.ingested, Layout.validation / "stats.csv", Layout.splits, seed=params.split.seed,
         val_fraction=params.split.val_fraction, test_fraction=params.split.test_fraction,
         labeled_fraction=params.split.labeled_fraction, group_by=params.split.group_by,
+        near_copy_distance=params.split.near_copy_distance,
     )
     typer.echo(f"wrote {Layout.splits}: {frame['split'].value_counts().to_dict()}")
 

@@ -94,6 +94,9 @@ class DataParams(_Section):
 
 
 class ValidateParams(_Section):
+    # A predefined split (data.folders[].split) whose pictures have copies in two splits is refused: the copies
+    # inflate val and test. true: a warning instead.
+    allow_shared_pictures: bool = False
     min_train: int = Field(8, ge=1)
     min_val: int = Field(2, ge=1)
     min_test: int = Field(2, ge=1)
@@ -114,6 +117,10 @@ class SplitParams(_Section):
     # whole match) names its group, e.g. "^(.+)_jpg\\.rf\\." for a labeling tool's augmented exports; or
     # "column:NAME" for a manifest column. null: only identical pixels are grouped.
     group_by: str | None = None
+    # Near-copies share a split too (segflow.data.near_copies): identical pixels, a labeling tool's export names
+    # (Roboflow's NAME_jpg.rf.HASH.jpg), and perceptual hashes (pHash, 64 bits, of the image or its mirror) at
+    # most this many bits apart. null: no perceptual grouping.
+    near_copy_distance: int | None = Field(6, ge=0, le=32)
 
     @field_validator("group_by")
     @classmethod
@@ -250,6 +257,9 @@ class TrainParams(RecipeParams):
     # Exact-resume checkpoint (models/.NAME.resume) each validated epoch and also every this many optimizer steps.
     checkpoint_every_steps: int = Field(0, ge=0)   # 0: each validated epoch only
     val_interval: int = Field(1, ge=1)        # validate (and checkpoint) every N epochs and after the last
+    # Early stopping: training ends after this many validations without a better val mIoU (train.epochs is
+    # then the most it trains; the learning-rate schedule stays the one over train.epochs). null: never.
+    patience: int | None = Field(None, ge=1)
     accumulate_steps: int = Field(1, ge=1)   # optimizer step every N batches: batch_size x N x processes
     sync_batchnorm: bool = True               # batch-norm statistics over all processes under torchrun
     compile: bool = False                     # torch.compile the model (falls back to eager if it fails)

@@ -37,6 +37,7 @@ def write_inputs(root: Path, images: list[dict]) -> tuple[Path, Path]:
             "image_id": manifest["image_id"],
             "labeled": manifest["mask_path"] != "",
             "content_hash": [i.get("hash", f"hash-{i['image_id']}") for i in images],
+            "picture_hash": [i.get("picture", "") for i in images],
             **{
                 f"px_{k}": [None if i["classes"] is None else (10 if k in i["classes"] else 0) for i in images]
                 for k in range(N_CLASSES)
@@ -112,6 +113,21 @@ def test_exact_duplicates_share_a_split(tmp_path):
         assert (splits.groupby(groups).nunique() == 1).all()
         # 10 groups -> 6/2/2 groups of three images.
         assert splits.value_counts().to_dict() == {"train": 18, "val": 6, "test": 6}
+
+
+def test_near_copies_share_a_split_within_the_distance_and_not_beyond(tmp_path):
+    images = rare_class_images()
+    for i in range(30):  # ten pictures, three copies each at most 2 bits apart; two pictures 3 or more
+        images[i]["picture"] = f"{int('f' * (i // 3 + 1), 16) << 4 | (i % 3):016x}{0:016x}"
+    data, stats = write_inputs(tmp_path, images)
+    pictures = pd.Series([i // 3 for i in range(30)])
+    grouped = split_of(make_splits(data, stats, tmp_path / "g.csv", seed=0, val_fraction=0.2, test_fraction=0.2,
+                                   near_copy_distance=2))
+    assert (grouped.groupby(pictures.to_numpy()).nunique() == 1).all()
+    assert grouped.value_counts().to_dict() == {"train": 18, "val": 6, "test": 6}
+    ungrouped = split_of(make_splits(data, stats, tmp_path / "u.csv", seed=0, val_fraction=0.2, test_fraction=0.2,
+                                     near_copy_distance=None))
+    assert (ungrouped.groupby(pictures.to_numpy()).nunique() > 1).any()
 
 
 def test_predefined_splits_are_kept_and_unlabeled_rows_marked(tmp_path):
@@ -194,17 +210,23 @@ def test_labeled_fraction_hides_the_rest_of_train_and_leaves_val_and_test_alone(
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_group_by_keeps_every_near_copy_group_in_one_split(tmp_path, seed):
-    # A labeling tool's export: 12 photos x 3 augmented copies (NAME_jpg.rf.HASH), a rare class in 4 photos.
-    images = [{"image_id": f"photo{p:02d}_jpg.rf.{c}{p}", "classes": [0, 1 + p % 2] + ([3] if p % 3 == 0 else [])}
+    # 12 photos x 3 copies (NAME_copyC), a rare class in 4 photos.
+    images = [{"image_id": f"photo{p:02d}_copy{c}", "classes": [0, 1 + p % 2] + ([3] if p % 3 == 0 else [])}
               for p in range(12) for c in "abc"]
     data, stats = write_inputs(tmp_path / "regex", images)
     splits = split_of(make_splits(data, stats, tmp_path / "s.csv", seed=seed, val_fraction=0.2, test_fraction=0.2,
-                                  group_by=r"^(.+)_jpg\.rf\."))
+                                  group_by=r"^(.+)_copy"))
     by_photo = splits.groupby(splits.index.str.slice(0, 7)).nunique()
     assert (by_photo == 1).all() and len(by_photo) == 12
     assert set(splits) == {"train", "val", "test"}
     ungrouped = split_of(make_splits(data, stats, tmp_path / "u.csv", seed=seed, val_fraction=0.2, test_fraction=0.2))
     assert (ungrouped.groupby(ungrouped.index.str.slice(0, 7)).nunique() > 1).any()  # what group_by prevents
+
+    # A labeling tool's export (Roboflow: NAME_jpg.rf.HASH.jpg) needs no group_by: its names group it.
+    exported = [{**image, "image_id": image["image_id"].replace("_copy", "_jpg.rf.")} for image in images]
+    data, stats = write_inputs(tmp_path / "export", exported)
+    splits = split_of(make_splits(data, stats, tmp_path / "e.csv", seed=seed, val_fraction=0.2, test_fraction=0.2))
+    assert (splits.groupby(splits.index.str.slice(0, 7)).nunique() == 1).all()
 
     # The same groups from a manifest column (a video's sequence, say).
     data, stats = write_inputs(tmp_path / "column", images)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from typer.testing import CliRunner
 
 from segflow import cli
 from segflow.config import SynthParams
@@ -227,3 +228,14 @@ def test_the_generator_the_command_and_params_yaml_share_one_set_of_defaults():
     assert [generator[k].default for k in ("seed", "num_labeled", "num_unlabeled", "image_size")] == \
         [command[k].default for k in ("seed", "labeled", "unlabeled", "size")] == \
         [schema.seed, schema.num_labeled, schema.num_unlabeled, schema.image_size]
+
+
+def test_the_stage_writes_no_image_when_the_data_root_is_elsewhere(tmp_path):
+    result = CliRunner().invoke(cli.app, ["synth", str(tmp_path / "synthetic"), "--labeled", "2", "--unlabeled", "0",
+                                          "--size", "32", "--for-data-root", str(tmp_path / "own-data")])
+    assert result.exit_code == 0, result.output
+    assert "left empty" in result.output and not any(p.is_file() and not p.name.startswith(".")
+                                                     for p in (tmp_path / "synthetic").rglob("*"))
+    result = CliRunner().invoke(cli.app, ["synth", str(tmp_path / "synthetic"), "--labeled", "2", "--unlabeled", "0",
+                                          "--size", "32", "--for-data-root", str(tmp_path / "synthetic")])
+    assert result.exit_code == 0 and len(list((tmp_path / "synthetic/images").glob("*.png"))) == 2

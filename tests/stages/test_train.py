@@ -100,6 +100,16 @@ def test_training_with_batch_augmentation_pseudo_labels_and_every_loss_term_runs
     assert result.steps == 3 * batches_per_rank(len(labeled), 8, 1)
 
 
+def test_patience_stops_after_that_many_validations_without_a_better_val_miou(plain_project, tmp_path):
+    # A learning rate too small to change a prediction: epoch 1 stays the best, epochs 2 and 3 use the patience.
+    result = train_from_params(_plain_params(epochs=6, patience=2, lr=1e-12, batch_size=8), "unet_original",
+                               data_dir=plain_project / Layout.ingested, splits_csv=plain_project / Layout.splits,
+                               out_dir=tmp_path / "model")
+    assert [record["epoch"] for record in result.history] == [1, 2, 3] and result.best_epoch == 1
+    end = json.loads((tmp_path / "model/model.json").read_text())["extra"]["training_end"]
+    assert end == {"epoch": 3, "max_epochs": 6, "reason": "patience", "patience": 2, "still_improving": False}
+
+
 def test_val_interval_validates_and_checkpoints_every_nth_epoch_and_the_last(plain_project, tmp_path, monkeypatch):
     saved_after, save = [], Checkpointer.save
 

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from segflow.config import SplitParams, ValidateParams, parse_params
 from segflow.data.imageio import write_image, write_mask
 from segflow.errors import SegflowError, ValidationFailed
 from segflow.stages.ingest import ingest_coco
@@ -22,6 +23,15 @@ from segflow.stages.validate import validate
 CLASSES = ["background", "cat", "dog"]
 LIMITS = dict(min_train=2, min_val=2, min_test=2, val_fraction=0.2, test_fraction=0.2,
               min_labeled_pixel_fraction=0.1, min_foreground_image_fraction=0.1)
+SPLIT_KEYS = {"seed", "val_fraction", "test_fraction", "labeled_fraction", "group_by", "near_copy_distance"}
+
+
+def sections(**overrides) -> tuple[ValidateParams, SplitParams]:
+    """The validate and split sections of LIMITS with ``overrides``, as params.yaml would give them."""
+    values = {**LIMITS, **overrides}
+    params = parse_params({"validate": {k: v for k, v in values.items() if k not in SPLIT_KEYS},
+                           "split": {k: v for k, v in values.items() if k in SPLIT_KEYS}})
+    return params.validate_, params.split
 
 
 def picture(seed: int, height: int = 12, width: int = 16) -> np.ndarray:
@@ -80,7 +90,7 @@ def test_clean_dataset_passes_and_writes_stats_summary_and_docs(tmp_path):
     data = write_dataset(tmp_path / "data", clean_rows())
     out = tmp_path / "validated"
 
-    result = validate(data, out, **LIMITS)
+    result = validate(*sections(), data_dir=data, out_dir=out)
 
     assert result.success and result.out_dir == out
     stats = pd.read_csv(out / "stats.csv", dtype={"image_id": str})
@@ -140,7 +150,7 @@ def test_broken_file_fails_its_check_and_is_named(tmp_path, break_data, check, n
     out = tmp_path / "validated"
 
     with pytest.raises(ValidationFailed) as raised:
-        validate(data, out, **LIMITS)
+        validate(*sections(), data_dir=data, out_dir=out)
 
     message = str(raised.value)
     assert f"- {check}: 1 " in message and named_file in message and detail in message
@@ -159,7 +169,7 @@ def test_image_size_differing_from_manifest_is_caught(tmp_path):
     manifest.to_csv(data / "manifest.csv", index=False)
 
     with pytest.raises(ValidationFailed, match=r"images/img_2\.png \(16x12, manifest says 99x12\)"):
-        validate(data, tmp_path / "out", **LIMITS)
+        validate(*sections(), data_dir=data, out_dir=tmp_path / "out")
     assert set(failed_checks(tmp_path / "out")) == {"image_size_matches_manifest"}
 
 
@@ -172,7 +182,7 @@ def test_same_picture_in_two_predefined_splits_is_a_leak(tmp_path):
     out = tmp_path / "out"
 
     with pytest.raises(ValidationFailed) as raised:
-        validate(data, out, **LIMITS)
+        validate(*sections(), data_dir=data, out_dir=out)
 
     assert "images/img_1.png (train" in str(raised.value) and "images/img_7.png (val" in str(raised.value)
     failures = failed_checks(out)
@@ -180,28 +190,54 @@ def test_same_picture_in_two_predefined_splits_is_a_leak(tmp_path):
     assert sorted(failures["no_split_leak"]["image_ids"]) == ["img_1", "img_7"]
 
 
+def test_a_near_copy_in_test_of_a_training_picture_is_refused_unless_allowed(tmp_path):
+    rows = clean_rows(splits=PREDEFINED)
+    # img_10 (test) is img_1 (train) mirrored and brighter: other pixels, the same picture.
+    rows[10]["image"] = np.clip(np.fliplr(rows[1]["image"]).astype(int) + 12, 0, 255).astype(np.uint8)
+    data = write_dataset(tmp_path / "data", rows)
+    with pytest.raises(ValidationFailed, match="validate.allow_shared_pictures"):
+        validate(*sections(), data_dir=data, out_dir=tmp_path / "refused")
+    assert sorted(failed_checks(tmp_path / "refused")["no_near_copy_of_test"]["image_ids"]) == ["img_1", "img_10"]
+
+    result = validate(*sections(allow_shared_pictures=True), data_dir=data, out_dir=tmp_path / "allowed")
+    (warning,) = result.summary["warnings"]
+    assert warning.startswith("1 picture(s) have copies in more than one predefined split")
+    assert "img_1 (train)" in warning and "img_10 (test)" in warning
+    assert result.summary["counts"]["distinct_labeled_pictures"] == 11
+
+
+def test_a_near_copy_in_val_of_a_training_picture_is_only_warned_about(tmp_path):
+    # Val chooses and test reports: a validation clip cut from a training sequence (CamVid's) is common.
+    rows = clean_rows(splits=PREDEFINED)
+    rows[7]["image"] = np.clip(rows[1]["image"].astype(int) - 10, 0, 255).astype(np.uint8)  # img_7 (val) ~ img_1
+    result = validate(*sections(), data_dir=write_dataset(tmp_path / "data", rows), out_dir=tmp_path / "out")
+    (warning,) = result.summary["warnings"]
+    assert warning.startswith("1 picture(s) have copies in more than one predefined split")
+    assert "img_1 (train)" in warning and "img_7 (val)" in warning
+
+
 def test_duplicates_inside_one_predefined_split_are_allowed(tmp_path):
     rows = clean_rows(splits=PREDEFINED)
     rows[2]["image"] = rows[1]["image"].copy()  # both train
-    result = validate(write_dataset(tmp_path / "data", rows), tmp_path / "out", **LIMITS)
+    result = validate(*sections(), data_dir=write_dataset(tmp_path / "data", rows), out_dir=tmp_path / "out")
     assert result.summary["counts"]["labeled_per_split"] == {"train": 6, "val": 3, "test": 3}
 
 
 def test_a_group_by_group_across_predefined_splits_is_warned_about_not_refused(tmp_path):
     data = write_dataset(tmp_path / "data", clean_rows(splits=PREDEFINED))
     # img_1 (train) with img_10 and img_11 (test): one near-copy group in two splits.
-    result = validate(data, tmp_path / "out", **LIMITS, group_by=r"^(img_1)")
+    result = validate(*sections(group_by=r"^(img_1)"), data_dir=data, out_dir=tmp_path / "out")
     (warning,) = result.summary["warnings"]
-    assert warning.startswith("1 split.group_by group(s) span more than one predefined split")
+    assert warning.startswith("1 split.group_by group(s) have images in more than one predefined split")
     assert "img_1 (train)" in warning and "img_11 (test)" in warning
     assert result.summary["counts"]["split_groups"] == 10  # 12 pictures, three of them one group
 
 
 def test_without_predefined_splits_the_minimums_count_groups_not_pictures(tmp_path):
     data = write_dataset(tmp_path / "data", clean_rows())
-    validate(data, tmp_path / "ok", **LIMITS)
+    validate(*sections(), data_dir=data, out_dir=tmp_path / "ok")
     with pytest.raises(ValidationFailed, match=r"only 1 split group\(s\) of labeled pictures"):
-        validate(data, tmp_path / "out", **LIMITS, group_by=r"^(img)_")  # every picture one group
+        validate(*sections(group_by=r"^(img)_"), data_dir=data, out_dir=tmp_path / "out")  # every picture one group
 
 
 def test_too_few_images_in_a_predefined_split(tmp_path):
@@ -209,7 +245,7 @@ def test_too_few_images_in_a_predefined_split(tmp_path):
     data = write_dataset(tmp_path / "data", clean_rows(splits=splits))
 
     with pytest.raises(ValidationFailed, match="split test has 1 labeled image"):
-        validate(data, tmp_path / "out", **LIMITS)
+        validate(*sections(), data_dir=data, out_dir=tmp_path / "out")
     failures = failed_checks(tmp_path / "out")
     assert set(failures) == {"min_test"} and failures["min_test"]["observed"] == 1
 
@@ -218,7 +254,7 @@ def test_unknown_predefined_split_name(tmp_path):
     splits = PREDEFINED[:-1] + ["holdout"]
     data = write_dataset(tmp_path / "data", clean_rows(splits=splits))
     with pytest.raises(ValidationFailed, match=r"images/img_11\.png \(split 'holdout'\)"):
-        validate(data, tmp_path / "out", **LIMITS)
+        validate(*sections(), data_dir=data, out_dir=tmp_path / "out")
     assert set(failed_checks(tmp_path / "out")) == {"split_names"}
 
 
@@ -229,14 +265,14 @@ def test_without_predefined_splits_the_fractions_must_meet_the_minimums(tmp_path
 
     # 7 pictures at 0.2/0.2 give 5/1/1, short of min_val=min_test=2; 8 would give 4/2/2.
     with pytest.raises(ValidationFailed, match=r"only 7 split group\(s\) of labeled pictures .*8 are needed"):
-        validate(data, tmp_path / "out", **LIMITS)
+        validate(*sections(), data_dir=data, out_dir=tmp_path / "out")
     assert set(failed_checks(tmp_path / "out")) == {"enough_labeled"}
 
 
 def test_no_labeled_image(tmp_path):
     data = write_dataset(tmp_path / "data", clean_rows(n_labeled=0, n_unlabeled=3))
     with pytest.raises(ValidationFailed, match="no image has a mask"):
-        validate(data, tmp_path / "out", **LIMITS)
+        validate(*sections(), data_dir=data, out_dir=tmp_path / "out")
     assert set(failed_checks(tmp_path / "out")) == {"any_labeled", "enough_labeled"}
 
 
@@ -246,7 +282,7 @@ def test_duplicate_image_id(tmp_path):
     with open(data / "manifest.csv", "a", newline="") as f:
         csv.writer(f).writerow(["img_0", "images/unl_0.png", "", 16, 12, ""])
     with pytest.raises(ValidationFailed, match="2 row\\(s\\) share an image_id"):
-        validate(data, tmp_path / "out", **LIMITS)
+        validate(*sections(), data_dir=data, out_dir=tmp_path / "out")
     assert set(failed_checks(tmp_path / "out")) == {"image_id_unique"}
 
 
@@ -255,7 +291,7 @@ def test_many_failures_are_summarised_with_a_count(tmp_path):
     for i in range(25):
         (data / "masks" / f"img_{i}.png").write_bytes(b"not a png")
     with pytest.raises(ValidationFailed) as raised:
-        validate(data, tmp_path / "out", **LIMITS)
+        validate(*sections(), data_dir=data, out_dir=tmp_path / "out")
     line = next(row for row in str(raised.value).splitlines() if row.startswith("- mask_decodes"))
     assert line.startswith("- mask_decodes: 25 mask file(s)") and line.endswith("and 20 more.")
     assert len(failed_checks(tmp_path / "out")["mask_decodes"]["image_ids"]) == 20
@@ -264,10 +300,10 @@ def test_many_failures_are_summarised_with_a_count(tmp_path):
 def test_a_failed_run_replaces_the_previous_output_whole(tmp_path):
     data = write_dataset(tmp_path / "data", clean_rows())
     out = tmp_path / "out"
-    validate(data, out, **LIMITS)
+    validate(*sections(), data_dir=data, out_dir=out)
     truncate_image(data)
     with pytest.raises(ValidationFailed):
-        validate(data, out, **LIMITS)
+        validate(*sections(), data_dir=data, out_dir=out)
     assert json.loads((out / "summary.json").read_text())["success"] is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
 
@@ -277,7 +313,7 @@ def test_a_report_folder_that_is_inside_or_holds_the_data_is_refused_and_the_dat
     data = write_dataset(tmp_path / "data", clean_rows())
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(SegflowError, match="segflow validate: the output folder .* the input"):
-        validate(data, tmp_path / out, **LIMITS)
+        validate(*sections(), data_dir=data, out_dir=tmp_path / out)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
@@ -288,7 +324,7 @@ def test_a_report_folder_that_is_inside_or_holds_the_data_is_refused_and_the_dat
 def test_bad_parameters_are_named(tmp_path, override, named):
     data = write_dataset(tmp_path / "data", clean_rows(n_labeled=1, n_unlabeled=0))
     with pytest.raises(SegflowError, match=named):
-        validate(data, tmp_path / "out", **{**LIMITS, **override})
+        validate(*sections(**override), data_dir=data, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -297,7 +333,7 @@ def test_split_stage_reads_the_stats_written_here(tmp_path, monkeypatch):
     rows = clean_rows(n_labeled=15)
     rows[9]["image"] = rows[8]["image"].copy()
     data = write_dataset(Path("data"), rows)
-    validate(data, Path("out"), **LIMITS)
+    validate(*sections(), data_dir=data, out_dir=Path("out"))
     assert Path("out/data_docs/index.html").exists()
 
     splits = make_splits(
@@ -334,9 +370,9 @@ def test_labeled_pixel_fraction_is_the_mean_over_labeled_masks(tmp_path):
     data = write_dataset(tmp_path / "data", rows)
     figure = 0.5
 
-    validate(data, tmp_path / "out", **{**LIMITS, "min_labeled_pixel_fraction": figure})
+    validate(*sections(min_labeled_pixel_fraction=figure), data_dir=data, out_dir=tmp_path / "out")
     with pytest.raises(ValidationFailed, match=f"on average {figure:.1%} labeled pixels"):
-        validate(data, tmp_path / "out", **{**LIMITS, "min_labeled_pixel_fraction": figure + 0.001})
+        validate(*sections(min_labeled_pixel_fraction=figure + 0.001), data_dir=data, out_dir=tmp_path / "out")
     stats = pd.read_csv(tmp_path / "out" / "stats.csv")
     assert stats.loc[stats["labeled"], "labeled_pixel_fraction"].to_numpy() == pytest.approx(figure)
     assert stats.loc[~stats["labeled"], "labeled_pixel_fraction"].isna().all()  # unlabeled rows do not count
@@ -353,7 +389,7 @@ def test_an_empty_coco_annotation_list_leaves_nothing_to_learn(tmp_path):
     ingest_coco(tmp_path / "images", tmp_path / "annotations.json", tmp_path / "ingested")
 
     with pytest.raises(ValidationFailed) as raised:
-        validate(tmp_path / "ingested", tmp_path / "out", **LIMITS)
+        validate(*sections(), data_dir=tmp_path / "ingested", out_dir=tmp_path / "out")
 
     assert ("0.0% of the labeled images show a class other than class 0 'background', below "
             "validate.min_foreground_image_fraction=0.1") in str(raised.value)
@@ -365,6 +401,6 @@ def test_a_few_images_with_foreground_are_enough(tmp_path):
     for row in rows[2:12]:
         row["mask"] = np.zeros_like(row["mask"])  # background only: 2 of 12 images show a class
     data = write_dataset(tmp_path / "data", rows)
-    validate(data, tmp_path / "out", **{**LIMITS, "min_foreground_image_fraction": 2 / 12})
+    validate(*sections(min_foreground_image_fraction=2 / 12), data_dir=data, out_dir=tmp_path / "out")
     with pytest.raises(ValidationFailed, match=r"16\.7% of the labeled images"):
-        validate(data, tmp_path / "out", **{**LIMITS, "min_foreground_image_fraction": 0.2})
+        validate(*sections(min_foreground_image_fraction=0.2), data_dir=data, out_dir=tmp_path / "out")

@@ -24,9 +24,9 @@ from segflow.config import Layout, parse_params
 from segflow.data.imageio import read_mask
 from segflow.errors import SegflowError
 from segflow.training import checkpoint
-from segflow.training.checkpoint import Checkpointer, Progress
+from segflow.training.checkpoint import Checkpointer
 from segflow.training.distributed import ProcessGroup
-from segflow.training.plan import EpochPlan
+from segflow.training.plan import EpochPlan, Progress
 from train_testing import make_project, segflow_command, subprocess_env, train_from_params, weights, write_params
 
 ARCH = "unet_original"

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from segflow.data.imageio import content_hash, read_image, read_mask
+from segflow.data.near_copies import picture_hash
 from segflow.errors import SegflowError
 
 
@@ -22,13 +23,7 @@ def image_statistics(data_dir: Path, manifest: pd.DataFrame, n_classes: int, ign
         for position, row in enumerate(manifest.itertuples(index=False))
     ]
     columns = _statistics_dtypes(n_classes)
-    stats = pd.DataFrame.from_records(records, columns=list(columns)).astype(columns)
-    # The leak check needs, per picture, how many predefined splits its labeled copies are in.
-    labeled_copies = stats["labeled"] & stats["content_hash"].notna()
-    stats["n_splits_with_same_content"] = (
-        stats[labeled_copies].groupby("content_hash")["split"].transform("nunique").astype("Int64")
-    )
-    return stats
+    return pd.DataFrame.from_records(records, columns=list(columns)).astype(columns)
 
 
 def _statistics_dtypes(n_classes: int) -> dict[str, str]:
@@ -49,6 +44,7 @@ def _statistics_dtypes(n_classes: int) -> dict[str, str]:
         "image_height": "Int64",
         "image_size_matches_manifest": "boolean",
         "content_hash": "str",
+        "picture_hash": "str",  # perceptual (segflow.data.near_copies): near-copies share a split
         "mask_decodes": "boolean",
         "mask_error": "str",
         "mask_width": "Int64",
@@ -92,6 +88,7 @@ def _row_statistics(data_dir: Path, position: int, row: Any, n_classes: int, ign
             image_height=height,
             image_size_matches_manifest=(width, height) == (stats["manifest_width"], stats["manifest_height"]),
             content_hash=content_hash(image),
+            picture_hash=picture_hash(image),
         )
     if not stats["labeled"]:
         return stats

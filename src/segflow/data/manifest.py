@@ -83,24 +83,3 @@ def group_keys(rows: pd.DataFrame, group_by: str | None, manifest_csv: Path) -> 
         match = pattern.search(Path(image_path).name)
         keys.append(None if match is None else match.group(1) if match.re.groups else match.group(0))
     return keys
-
-
-def group_numbers(content_hashes: list[str | None], keys: list[str | None]) -> list[int]:
-    """A group number per image, numbered in order of first appearance: images with equal content hash or equal
-    ``keys`` (:func:`group_keys`) share one, transitively (a duplicate of one frame joins that frame's whole
-    sequence). An image without either is a group of its own."""
-    parent = list(range(len(keys)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for links in (content_hashes, keys):
-        first: dict[str, int] = {}
-        for i, key in enumerate(links):
-            if key is not None:
-                parent[root(i)] = root(first.setdefault(key, i))
-    numbers, _ = pd.factorize(pd.Series([root(i) for i in range(len(keys))], dtype="int64"), sort=False)
-    return numbers.tolist()

@@ -145,8 +145,9 @@ def legend_figure(class_names: Sequence[str]) -> Figure:
     return fig
 
 
-def learning_curves_figure(history: Sequence[dict]) -> Figure:
-    """Train loss and val mIoU per epoch (epochs not validated have no val point), the best epoch starred."""
+def learning_curves_figure(history: Sequence[dict], end: dict | None = None) -> Figure:
+    """Train loss and val mIoU per epoch (epochs not validated have no val point), the best epoch starred, and
+    with ``end`` (the card's ``training_end``) where training stopped and why."""
     fig = Figure(figsize=(7, 6), layout="constrained")
     loss_ax, miou_ax = fig.subplots(2, 1, sharex=True)
     loss_ax.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], marker=".")
@@ -160,6 +161,14 @@ def learning_curves_figure(history: Sequence[dict]) -> Figure:
         miou_ax.plot(epochs[best], mious[best], marker="*", markersize=16, color="tab:orange", linestyle="none",
                      label=f"best: {mious[best]:.3f} at epoch {epochs[best]}")
         miou_ax.legend(loc="lower right")
+    if end is not None:
+        for ax in (loss_ax, miou_ax):
+            ax.axvline(end["epoch"], color="0.4", linestyle="--")
+        why = (f"stopped at epoch {end['epoch']} of {end['max_epochs']}: no better val mIoU in {end['patience']} "
+               "validations (train.patience)" if end["reason"] == "patience" else
+               f"still improving at its last epoch ({end['epoch']}): raise train.epochs" if end["still_improving"]
+               else f"trained train.epochs ({end['epoch']})")
+        miou_ax.set_title(why, fontsize=9)
     miou_ax.set_ylabel("val mIoU")
     miou_ax.set_xlabel("epoch")
     miou_ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -130,6 +130,7 @@ def evaluate(
         "best_epoch": card.extra.get("best_epoch"),
         "training_val_miou": _finite_or_none(card.extra.get("val_miou")),  # as training validated: plain, maybe EMA
         "train_seconds": card.extra.get("train_seconds"),
+        "training_end": card.extra.get("training_end"),  # where training stopped and why (train.patience)
         "gflops": None if card.crop_size is None else gflops(model, card.crop_size),  # unknown for a card without it
         "images_per_second": _throughput(model, next(iter(loader))["image"], device),
     }
@@ -139,7 +140,7 @@ def evaluate(
     headline = {"val_miou": scores["val"]["miou"], "test_miou": test["miou"],
                 "test_pixel_accuracy": test["pixel_accuracy"], "test_mean_class_accuracy": test["mean_class_accuracy"]}
     with tracking.stage_run(mlflow_cfg, "evaluate", f"evaluate-{name}") as run, atomic_dir(out_dir) as staging:
-        _save_pictures(staging, confusion, scores["test"], history, worst, samples, names)
+        _save_pictures(staging, confusion, scores, history, worst, samples, names)
         tables = _write_plot_tables(Path(plots_dir), name, scores["test"], history, names)
         atomic_write_json(staging / SCORES_FILE, scores)
         atomic_write_json(metrics_file, headline)
@@ -148,14 +149,15 @@ def evaluate(
 
 
 def _save_pictures(
-    pictures_dir: Path, confusion: ConfusionMatrix, test: dict[str, Any], history: list[dict],
+    pictures_dir: Path, confusion: ConfusionMatrix, scores: dict[str, Any], history: list[dict],
     worst: list[tuple[float, int, np.ndarray]], samples: list[Sample], names: list[str],
 ) -> None:
-    """The test split's confusion matrix, per-class IoU and ``worst`` images (overlays), and the learning curves,
-    as pictures in ``pictures_dir``."""
+    """The test split's confusion matrix, per-class IoU and ``worst`` images (overlays), and the learning curves
+    with where training stopped, as pictures in ``pictures_dir``."""
+    test = scores["test"]
     save_figure(confusion_matrix_figure(confusion.matrix.cpu().numpy(), names), pictures_dir / "confusion_matrix.png")
     save_figure(per_class_iou_figure(test["per_class_iou"], test["miou"]), pictures_dir / "per_class_iou.png")
-    save_figure(learning_curves_figure(history), pictures_dir / "learning_curves.png")
+    save_figure(learning_curves_figure(history, scores["training_end"]), pictures_dir / "learning_curves.png")
     save_overlays([Example(samples[index].image_id, read_image(samples[index].image_path),
                            read_mask(samples[index].mask_path), prediction, iou) for iou, index, prediction in worst],
                   names, pictures_dir / "overlays", len(samples))

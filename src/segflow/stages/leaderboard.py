@@ -72,6 +72,19 @@ def learning_curves(history_dir: Path, names: list[str]) -> str:
     return csv_text(["model", "epoch", "train_loss", "val_miou"], rows)
 
 
+def training_end_lines(scores: dict[str, dict]) -> list[str]:
+    """Which candidates stopped early (train.patience) and which were still improving at their last validation
+    (more epochs would likely help)."""
+    ends = {name: score.get("training_end") for name, score in scores.items() if score.get("training_end")}
+    stopped = [f"{name} at epoch {end['epoch']} of {end['max_epochs']}" for name, end in ends.items()
+               if end["reason"] == "patience"]
+    improving = [name for name, end in ends.items() if end["reason"] == "epochs" and end["still_improving"]]
+    return ([f"Stopped early (no better val mIoU in train.patience validations): {', '.join(stopped)}."]
+            if stopped else []) + ([f"Still improving at their last validation: {', '.join(improving)}; raise "
+                                    "train.epochs (teacher.epochs for the teacher) to train them longer."]
+                                   if improving else [])
+
+
 def leaderboard(
     cfg: RegisterParams, mlflow_cfg: MlflowParams, *, teacher_arch: str, evaluation_dir: Path, metrics_dir: Path,
     history_dir: Path, names: list[str], out_json: Path, out_markdown: Path, out_curves: Path,
@@ -97,6 +110,7 @@ def leaderboard(
     lines += ["", f"Baseline: predicting '{baseline['class']}' everywhere scores test {cfg.metric} "
                   f"{baseline[cfg.metric]:.4f}.",
               f"Floor: {chosen} {'is below it: ' + '; '.join(floor) + ' (it cannot become champion)' if floor else 'clears it'}."]
+    lines += training_end_lines(scores)
     semi_supervised_file = Path(metrics_dir) / SEMI_SUPERVISED_FILE
     if semi_supervised_file.exists():
         summary = json.loads(semi_supervised_file.read_text())

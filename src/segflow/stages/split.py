@@ -27,11 +27,10 @@ from segflow.data.manifest import (
     UNLABELED,
     check_fractions,
     expected_split_sizes,
-    group_keys,
-    group_numbers,
     has_predefined_splits,
     read_manifest,
 )
+from segflow.data.near_copies import split_groups
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_write_text
 
@@ -40,11 +39,12 @@ PIXEL_COUNT_PREFIX = "px_"
 
 def make_splits(
     data_dir: Path, stats_csv: Path, out_csv: Path, *, seed: int, val_fraction: float, test_fraction: float,
-    labeled_fraction: float | None = None, group_by: str | None = None,
+    labeled_fraction: float | None = None, group_by: str | None = None, near_copy_distance: int | None = None,
 ) -> pd.DataFrame:
     """Write ``out_csv`` (``image_id,split`` for every manifest row, in manifest order) and return it.
 
-    ``group_by`` (params ``split.group_by``): see :func:`group_keys`; images sharing a key share a split."""
+    Near-copies of a picture share a split, and so do images with the same ``group_by`` key (params
+    ``split.group_by``, ``split.near_copy_distance``: segflow.data.near_copies.split_groups)."""
     check_fractions(val_fraction, test_fraction)
     manifest = read_manifest(Path(data_dir))
     labeled = manifest["mask_path"] != ""
@@ -60,8 +60,8 @@ def make_splits(
         split[labeled] = manifest.loc[labeled, "split"]
     else:
         stats = _read_stats(Path(stats_csv), manifest.loc[labeled, "image_id"])
-        keys = group_keys(manifest.loc[labeled], group_by, Path(data_dir) / "manifest.csv")
-        group_of_image, presence = _image_groups(stats, keys)
+        groups = split_groups(stats, manifest.loc[labeled], group_by, near_copy_distance, Path(data_dir) / "manifest.csv")
+        group_of_image, presence = _image_groups(stats, groups)
         sizes = expected_split_sizes(len(presence), val_fraction, test_fraction)
         group_split = _iterative_stratification(presence, sizes, np.random.default_rng(seed))
         split[labeled] = [group_split[group_of_image[i]] for i in manifest.loc[labeled, "image_id"]]
@@ -83,12 +83,13 @@ def _hide_labels(split: pd.Series, labeled_fraction: float, rng: np.random.Gener
 def _read_stats(stats_csv: Path, labeled_ids: pd.Series) -> pd.DataFrame:
     """Rows of ``stats.csv`` for the labeled images, in manifest order."""
     try:
-        stats = pd.read_csv(stats_csv, dtype={"image_id": str, "content_hash": str}, keep_default_na=False)
+        stats = pd.read_csv(stats_csv, dtype={"image_id": str, "content_hash": str, "picture_hash": str},
+                            keep_default_na=False)
     except FileNotFoundError:
         raise SegflowError(f"{stats_csv}: not found; run the validate stage first.") from None
     pixel_columns = [c for c in stats.columns if re.fullmatch(rf"{PIXEL_COUNT_PREFIX}\d+", c)]
-    if "content_hash" not in stats.columns or not pixel_columns:
-        raise SegflowError(f"{stats_csv}: no content_hash/px_<class> columns; re-run the validate stage.")
+    if not {"content_hash", "picture_hash"} <= set(stats.columns) or not pixel_columns:
+        raise SegflowError(f"{stats_csv}: no content_hash/picture_hash/px_<class> columns; re-run the validate stage.")
     stats = stats.drop_duplicates("image_id").set_index("image_id")
     missing = labeled_ids[~labeled_ids.isin(stats.index)]
     if len(missing):
@@ -96,16 +97,13 @@ def _read_stats(stats_csv: Path, labeled_ids: pd.Series) -> pd.DataFrame:
             f"{stats_csv}: no statistics for {len(missing)} labeled image(s) of the manifest "
             f"(e.g. {', '.join(missing.head(3))}); the file is stale, re-run the validate stage."
         )
-    return stats.loc[labeled_ids.to_list(), ["content_hash", *pixel_columns]]
+    return stats.loc[labeled_ids.to_list(), ["content_hash", "picture_hash", *pixel_columns]]
 
 
-def _image_groups(stats: pd.DataFrame, keys: list[str | None]) -> tuple[dict[str, int], np.ndarray]:
-    """Map image_id -> group number (:func:`group_numbers`) and the groups' class-presence matrix (groups x
-    classes, bool)."""
-    # An image without a hash (it did not decode; validate reports it) is grouped by its key alone.
-    numbers = np.array(group_numbers([content_hash or None for content_hash in stats["content_hash"]], keys),
-                       dtype=np.int64)
-    counts = stats.drop(columns="content_hash").apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy()
+def _image_groups(stats: pd.DataFrame, groups: list[int]) -> tuple[dict[str, int], np.ndarray]:
+    """Map image_id -> group number and the groups' class-presence matrix (groups x classes, bool)."""
+    numbers = np.array(groups, dtype=np.int64)
+    counts = stats.drop(columns=["content_hash", "picture_hash"]).apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy()
     presence = np.zeros((numbers.max(initial=-1) + 1, counts.shape[1]), dtype=bool)
     np.logical_or.at(presence, numbers, counts > 0)
     return dict(zip(stats.index, numbers.tolist())), presence

@@ -491,3 +491,13 @@ def generate(
         "category_ids": [c.id for c in sorted(CATEGORIES, key=lambda c: c.id)],
         "instances_per_class": instances_per_class,
     }
+
+
+def synth_stage(out: Path | str, data_root: Path | str, **sizes: int) -> dict | None:
+    """The synth stage: :func:`generate` into ``out`` when params.yaml's ``data.root`` is that folder; else
+    ``out`` becomes an empty folder (DVC wants the stage's output, and nothing reads it) and None is returned."""
+    if Path(data_root).resolve() == Path(out).resolve():
+        return generate(out, **sizes)
+    with owned_dir(out, "segflow synth"):
+        pass
+    return None

@@ -36,7 +36,7 @@ from segflow.models.recipes import Recipe, split_model_options
 from segflow.registry import tracking
 from segflow.registry.model_source import resolve_model_dir
 from segflow.training import checkpoint, distributed
-from segflow.training.checkpoint import BEST_DIR, Checkpointer, Progress
+from segflow.training.checkpoint import BEST_DIR, Checkpointer
 from segflow.training.class_balance import class_balance, unlabeled_class_weight
 from segflow.training.consistency import unlabeled_batches
 from segflow.training.distributed import ProcessGroup
@@ -45,7 +45,7 @@ from segflow.training.loaders import TrainingData, training_data
 from segflow.training.loop import TrainStep, end_of_epoch, train_epoch
 from segflow.training.losses import LossWeighting
 from segflow.training.optim import build_optimization
-from segflow.training.plan import EpochPlan, plan_epochs
+from segflow.training.plan import EpochPlan, Progress, patience_ran_out, plan_epochs, training_end
 from segflow.training.runtime import build_network, tune_process_for_training
 
 log = logging.getLogger(__name__)
@@ -187,15 +187,18 @@ def _train(cfg: TrainParams, arch: str, group: ProcessGroup, run: TrainRun, trai
         unlabeled = None if data.unlabeled_loader is None else unlabeled_batches(
             data.unlabeled_loader, (progress.epoch - 1) * plan.batches_per_epoch + progress.batches_done)
 
-        while progress.epoch <= plan.epochs:  # end_of_epoch moves progress on
+        # end_of_epoch moves progress on; train.patience may end it before train.epochs.
+        while progress.epoch <= plan.epochs and not patience_ran_out(cfg.patience, progress):
             train_epoch(step, data, plan, progress, loss_sum, checkpointer, unlabeled=unlabeled, title=run.name,
                         show=group.is_main)
             end_of_epoch(step, data, plan, progress, loss_sum, checkpointer, arch=arch, evaluated=training.evaluated,
                          card=card, splits_csv=run.splits_csv)
 
         seconds = checkpointer.elapsed()
+        end = training_end(progress, plan, cfg.patience)
         if group.is_main:
-            _keep_model_folder(run, training, resume_dir, progress, seconds)
+            _report_end(arch, end, progress)
+            _keep_model_folder(run, training, resume_dir, progress, seconds, end)
             mlflow.log_metrics({"best_val_miou": progress.best_miou, "train_seconds": seconds})
             mlflow.log_artifacts(str(run.out_dir), artifact_path="checkpoint")
             checkpoint.remove(resume_dir)
@@ -204,15 +207,27 @@ def _train(cfg: TrainParams, arch: str, group: ProcessGroup, run: TrainRun, trai
                        step.scheduler.last_epoch)
 
 
-def _keep_model_folder(run: TrainRun, training: Training, resume_dir: Path, progress: Progress, seconds: float) -> None:
+def _report_end(arch: str, end: dict, progress: Progress) -> None:
+    if end["reason"] == "patience":
+        log.info("%s: stopped at epoch %d of %d: no better val mIoU in %d validations (train.patience); best %.4f at "
+                 "epoch %d", arch, end["epoch"], end["max_epochs"], end["patience"], progress.best_miou,
+                 progress.best_epoch)
+    elif end["still_improving"]:
+        log.warning("%s: the last validation (epoch %d) was the best: the model was still improving; raise "
+                    "train.epochs (or teacher.epochs for the teacher) to train it longer", arch, end["epoch"])
+
+
+def _keep_model_folder(run: TrainRun, training: Training, resume_dir: Path, progress: Progress, seconds: float,
+                       end: dict) -> None:
     """The Mean Teacher (it still makes the pseudo-labels) and the last weights beside the best (MMSeg's latest)
     when asked for, then the model folder, whole."""
     ema, evaluated, card = training.step.ema, training.evaluated, training.card
     if ema is not None and evaluated is not ema.module:
         save_model(ema.module, card, resume_dir / EMA_DIR)
-    if run.keep_last and progress.best_epoch != training.plan.epochs:
-        save_model(evaluated, replace(card, extra={"epoch": training.plan.epochs}), resume_dir / LAST_DIR)
-    _write_model_dir(run.out_dir, resume_dir, card, progress, seconds)
+    if run.keep_last and progress.best_epoch != end["epoch"]:
+        save_model(evaluated, replace(card, extra={"epoch": end["epoch"]}), resume_dir / LAST_DIR)
+    _write_model_dir(run.out_dir, resume_dir, replace(card, extra={**card.extra, "training_end": end}), progress,
+                     seconds)
 
 
 def _resume_settings(cfg: TrainParams, arch: str, run: TrainRun, training: Training, group: ProcessGroup, *,

@@ -33,16 +33,16 @@ from great_expectations.data_context.types.base import (
 from great_expectations.expectations.row_conditions import Column
 
 from segflow import IGNORE_INDEX
+from segflow.config import SplitParams, ValidateParams
 from segflow.data.image_statistics import image_statistics
 from segflow.data.manifest import (
     SPLITS,
     check_fractions,
     expected_split_sizes,
-    group_keys,
-    group_numbers,
     has_predefined_splits,
     read_manifest,
 )
+from segflow.data.near_copies import split_groups
 from segflow.errors import SegflowError, ValidationFailed
 from segflow.fsutil import atomic_dir, atomic_write_json, refuse_overlap
 
@@ -75,41 +75,36 @@ class _Check:
     detail: Callable[[pd.Series], str] | None = None
 
 
-def validate(
-    data_dir: Path,
-    out_dir: Path,
-    *,
-    min_train: int,
-    min_val: int,
-    min_test: int,
-    val_fraction: float,
-    test_fraction: float,
-    min_labeled_pixel_fraction: float,
-    min_foreground_image_fraction: float,
-    group_by: str | None = None,
-) -> ValidationResult:
+def validate(cfg: ValidateParams, split_cfg: SplitParams, *, data_dir: Path, out_dir: Path) -> ValidationResult:
     """Check the ingested dataset in ``data_dir``; write stats.csv, summary.json and data_docs/ to ``out_dir``.
 
-    Labeled images are counted in split groups (identical pictures, and ``group_by``'s groups: params
-    ``split.group_by``), as the split stage will keep them; predefined splits that share a group are warned
-    about (near-copies in train and test inflate the test score)."""
+    Labeled images are counted in picture groups, as the split stage keeps them together (segflow.data.near_copies:
+    identical pixels, export names, ``split.group_by`` keys and near perceptual hashes); a predefined split whose
+    test shares a picture with train is refused (near-copies in train and test inflate the test score) unless
+    ``validate.allow_shared_pictures``."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     refuse_overlap(out_dir, [data_dir], "segflow validate")
+    val_fraction, test_fraction = split_cfg.val_fraction, split_cfg.test_fraction
     check_fractions(val_fraction, test_fraction)
-    minimums = _checked_minimums({"train": min_train, "val": min_val, "test": min_test})
-    shares = _checked_shares({"min_labeled_pixel_fraction": min_labeled_pixel_fraction,
-                              "min_foreground_image_fraction": min_foreground_image_fraction})
+    minimums = {"train": cfg.min_train, "val": cfg.min_val, "test": cfg.min_test}
     manifest = read_manifest(data_dir)
     class_names, ignore_index = _read_classes(data_dir)
     stats = image_statistics(data_dir, manifest, len(class_names), ignore_index)
-    stats["split_group"] = _split_groups(stats, manifest, group_by, data_dir / "manifest.csv")
+    manifest_csv, distance = data_dir / "manifest.csv", split_cfg.near_copy_distance
+    stats["picture"] = _split_groups(stats, manifest, None, distance, manifest_csv)
+    stats["split_group"] = _split_groups(stats, manifest, split_cfg.group_by, distance, manifest_csv)
+    _mark_shared_pictures(stats)
     predefined = has_predefined_splits(manifest)
-    warnings = _groups_across_splits(stats, manifest) if predefined and group_by else []
+    warnings = [] if not predefined else [
+        *_across_splits(stats, "picture", "picture(s) have copies"),
+        *(_across_splits(stats, "split_group", "split.group_by group(s) have images") if split_cfg.group_by else [])]
     for warning in warnings:
         log.warning("%s", warning)
-    checks = _checks(class_names, ignore_index, predefined, minimums, val_fraction, test_fraction)
+    checks = _checks(class_names, ignore_index, predefined, minimums, val_fraction, test_fraction,
+                     refuse_shared_pictures=not cfg.allow_shared_pictures)
     if stats["mask_decodes"].any():  # with no mask to measure, any_labeled or mask_decodes already fails
-        checks |= _learnable_checks(class_names, ignore_index, shares)
+        checks |= _learnable_checks(class_names, ignore_index, cfg.min_labeled_pixel_fraction,
+                                    cfg.min_foreground_image_fraction)
 
     with atomic_dir(out_dir) as tmp:
         stats.to_csv(tmp / "stats.csv", index=False, lineterminator="\n")
@@ -137,43 +132,36 @@ def validate(
     return ValidationResult(success=True, summary=summary, out_dir=out_dir)
 
 
-def _checked_minimums(minimums: dict[str, int]) -> dict[str, int]:
-    """The least labeled images per split (params ``validate.min_<split>``), refused unless whole numbers >= 0."""
-    for split, minimum in minimums.items():
-        if not isinstance(minimum, int) or minimum < 0:
-            raise SegflowError(f"validate.min_{split} must be a whole number >= 0, got {minimum!r}.")
-    return minimums
-
-
-def _checked_shares(shares: dict[str, float]) -> dict[str, float]:
-    """The least shares of labeled data (params ``validate.<key>``), refused unless numbers from 0 to 1."""
-    for key, share in shares.items():
-        if not isinstance(share, (int, float)) or not 0 <= share <= 1:
-            raise SegflowError(f"validate.{key} must be a number from 0 to 1, got {share!r}.")
-    return shares
-
-
-def _split_groups(stats: pd.DataFrame, manifest: pd.DataFrame, group_by: str | None, manifest_csv: Path) -> pd.Series:
-    """The split group of each labeled image that decoded (identical pixels and ``group_by`` keys joined, as the
-    split stage joins them); missing for the others."""
+def _split_groups(stats: pd.DataFrame, manifest: pd.DataFrame, group_by: str | None, near_copy_distance: int | None,
+                  manifest_csv: Path) -> pd.Series:
+    """The group of each labeled image that decoded, as the split stage groups them; missing for the others."""
     rows = stats["labeled"] & stats["content_hash"].notna()
-    hashes = stats.loc[rows, "content_hash"].tolist()
-    numbers = group_numbers(hashes, group_keys(manifest.loc[rows.to_numpy()], group_by, manifest_csv))
+    numbers = split_groups(stats.loc[rows], manifest.loc[rows.to_numpy()], group_by, near_copy_distance, manifest_csv)
     return pd.Series(pd.array(numbers, dtype="Int64"), index=stats.index[rows]).reindex(stats.index)
 
 
-def _groups_across_splits(stats: pd.DataFrame, manifest: pd.DataFrame, shown: int = 3) -> list[str]:
-    """Warnings for split.group_by groups whose images sit in more than one predefined split."""
-    labeled = stats[stats["split_group"].notna()]
-    spread = labeled.groupby("split_group")["split"].nunique()
+def _mark_shared_pictures(stats: pd.DataFrame) -> None:
+    """The leak checks' columns, on labeled images: how many predefined splits hold the same pixels, and whether
+    the image's picture (its near-copies) is in test and in another split."""
+    labeled = stats["labeled"] & stats["content_hash"].notna()
+    stats["n_splits_with_same_content"] = (
+        stats[labeled].groupby("content_hash")["split"].transform("nunique").astype("Int64"))
+    splits = stats[labeled].groupby("picture")["split"]
+    in_test = splits.transform(lambda s: (s == "test").any()) & splits.transform(lambda s: (s != "test").any())
+    stats["test_picture_elsewhere"] = in_test.astype("boolean").reindex(stats.index)
+
+
+def _across_splits(stats: pd.DataFrame, column: str, what: str, shown: int = 3) -> list[str]:
+    """A warning for the groups of ``column`` whose labeled images sit in more than one predefined split."""
+    labeled = stats[stats[column].notna()]
+    spread = labeled.groupby(column)["split"].nunique()
     shared = spread[spread > 1].index
     if not len(shared):
         return []
-    examples = [", ".join(f"{row.image_id} ({row.split})" for row in labeled[labeled["split_group"] == group]
+    examples = [", ".join(f"{row.image_id} ({row.split})" for row in labeled[labeled[column] == group]
                           .itertuples()) for group in shared[:shown]]
-    return [f"{len(shared)} split.group_by group(s) span more than one predefined split, so near-copies sit in "
-            f"train and in val or test and inflate their scores: {'; '.join(examples)}"
-            f"{' and more' if len(shared) > shown else ''}."]
+    return [f"{len(shared)} {what} in more than one predefined split, so near-copies sit in train and in val or "
+            f"test and inflate their scores: {'; '.join(examples)}{' and more' if len(shared) > shown else ''}."]
 
 
 def _read_classes(data_dir: Path) -> tuple[list[str], int]:
@@ -198,6 +186,8 @@ def _checks(
     minimums: dict[str, int],
     val_fraction: float,
     test_fraction: float,
+    *,
+    refuse_shared_pictures: bool,
 ) -> dict[str, _Check]:
     """The suite, in the order it is reported."""
     expect = gx.expectations
@@ -286,19 +276,33 @@ def _checks(
                 detail=lambda r: f"split {r['split']!r}",
             )
         )
-        checks.append(
-            _Check(
-                "no_split_leak",
-                expect.ExpectColumnValuesToBeBetween(
-                    column="n_splits_with_same_content",
-                    min_value=1,
-                    max_value=1,
-                    description="No picture (same decoded pixels) is in more than one predefined split.",
+        if refuse_shared_pictures:
+            checks += [
+                _Check(
+                    "no_split_leak",
+                    expect.ExpectColumnValuesToBeBetween(
+                        column="n_splits_with_same_content",
+                        min_value=1,
+                        max_value=1,
+                        description="No picture (same decoded pixels) is in more than one predefined split.",
+                    ),
+                    "{count} labeled image(s) are the same picture as an image in another split: {examples}.",
+                    detail=lambda r: f"{r['split']}, content {r['content_hash'][:12]}",
                 ),
-                "{count} labeled image(s) are the same picture as an image in another split: {examples}.",
-                detail=lambda r: f"{r['split']}, content {r['content_hash'][:12]}",
-            )
-        )
+                _Check(
+                    "no_near_copy_of_test",
+                    expect.ExpectColumnValuesToBeInSet(
+                        column="test_picture_elsewhere",
+                        value_set=[False],
+                        description="No test picture has a near-copy in train or val (segflow.data.near_copies; "
+                                    "validate.allow_shared_pictures: false).",
+                    ),
+                    "{count} labeled image(s) are near-copies of one picture across test and another split (they "
+                    "inflate the test score): {examples}. Move the copies into one split, or set "
+                    "validate.allow_shared_pictures: true.",
+                    detail=lambda r: f"{r['split']}, picture {r['picture']}",
+                ),
+            ]
         for split in SPLITS:
             checks.append(
                 _Check(
@@ -338,11 +342,10 @@ def _checks(
     return {c.name: c for c in checks}
 
 
-def _learnable_checks(class_names: list[str], ignore_index: int, shares: dict[str, float]) -> dict[str, _Check]:
+def _learnable_checks(class_names: list[str], ignore_index: int, pixels: float, foreground: float) -> dict[str, _Check]:
     """Data with nothing to learn: masks all (or nearly all) ignore, or labeled images showing only class 0."""
     expect = gx.expectations
     labeled = Column("labeled") == True  # noqa: E712 (builds a GX condition, not a Python comparison)
-    pixels, foreground = shares["min_labeled_pixel_fraction"], shares["min_foreground_image_fraction"]
     checks = [
         _Check(
             "labeled_pixel_fraction",
@@ -504,7 +507,7 @@ def _counts(stats: pd.DataFrame, predefined: bool, val_fraction: float, test_fra
         "images": len(stats),
         "labeled": len(labeled),
         "unlabeled": len(stats) - len(labeled),
-        "distinct_labeled_pictures": int(labeled["content_hash"].nunique()),
+        "distinct_labeled_pictures": int(labeled["picture"].nunique()),  # near-copies count once
         "split_groups": groups,
         "predefined_splits": predefined,
     }

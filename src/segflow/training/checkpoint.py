@@ -18,7 +18,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from segflow.errors import SegflowError
 from segflow.fsutil import atomic_write_json
 from segflow.training import distributed
 from segflow.training.distributed import ProcessGroup
-from segflow.training.plan import EpochPlan
+from segflow.training.plan import EpochPlan, Progress
 
 CHECKPOINT_FILE = "checkpoint.json"
 
@@ -52,19 +52,6 @@ def resume_dir_for(out_dir: Path) -> Path:
     """Where the resume state of ``out_dir`` lives: a hidden sibling, outside the atomically replaced folder."""
     out_dir = Path(out_dir)
     return out_dir.parent / f".{out_dir.name}.resume"
-
-
-@dataclass
-class Progress:
-    """Where training stands: ``batches_done`` loader batches of ``epoch`` are behind it (0: epoch not begun)."""
-
-    epoch: int = 1
-    batches_done: int = 0
-    best_miou: float | None = None
-    best_epoch: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    run_id: str | None = None
-    seconds: float = 0.0   # training time of the earlier (killed) sessions
 
 
 @dataclass

@@ -28,7 +28,7 @@ from segflow.inference.card import SNAPSHOTS_DIR, ModelCard
 from segflow.inference.metrics import confusion_over
 from segflow.inference.predictor import save_model
 from segflow.training import distributed
-from segflow.training.checkpoint import BEST_DIR, Checkpointer, Progress
+from segflow.training.checkpoint import BEST_DIR, Checkpointer
 from segflow.training.consistency import (
     TargetStatistics,
     batchnorm_statistics_frozen,
@@ -40,7 +40,7 @@ from segflow.training.distributed import ProcessGroup
 from segflow.training.loaders import TrainingData
 from segflow.training.losses import LossWeighting, segmentation_loss
 from segflow.training.optim import Optimization
-from segflow.training.plan import EpochPlan
+from segflow.training.plan import EpochPlan, Progress
 from segflow.training.runtime import CompiledOrEager
 
 log = logging.getLogger(__name__)

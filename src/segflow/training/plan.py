@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from segflow.config import TrainParams
 from segflow.training.loaders import TrainingData
@@ -15,6 +15,19 @@ def batches_per_rank(images: int, batch_size: int, world_size: int) -> int:
     """Batches per epoch of one process: the last partial batch dropped unless it is the only one."""
     per_rank = -(-images // world_size)
     return per_rank // batch_size if per_rank > batch_size else 1
+
+
+@dataclass
+class Progress:
+    """Where training stands: ``batches_done`` loader batches of ``epoch`` are behind it (0: epoch not begun)."""
+
+    epoch: int = 1
+    batches_done: int = 0
+    best_miou: float | None = None
+    best_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_id: str | None = None
+    seconds: float = 0.0   # training time of the earlier (killed) sessions
 
 
 @dataclass(frozen=True)
@@ -59,3 +72,24 @@ def plan_epochs(cfg: TrainParams, arch: str, data: TrainingData, epochs: int, sn
     snapshot_epochs = {round(epochs * k / (snapshots + 1)) for k in range(1, snapshots + 1)} - {0, epochs}
     return EpochPlan(epochs, batches_per_epoch, last_epoch_batches, cfg.accumulate_steps, cfg.val_interval,
                      frozenset(snapshot_epochs))
+
+
+def validations_since_best(progress: Progress) -> int:
+    """Validated epochs after the best one so far."""
+    return sum(1 for record in progress.history if "val_miou" in record and record["epoch"] > progress.best_epoch)
+
+
+def patience_ran_out(patience: int | None, progress: Progress) -> bool:
+    """``train.patience`` validations have passed without a better val mIoU (a decision taken from the history
+    alone, so a resumed training takes it at the same epoch)."""
+    return patience is not None and validations_since_best(progress) >= patience
+
+
+def training_end(progress: Progress, plan: EpochPlan, patience: int | None) -> dict:
+    """How the training ended, for its card: its last epoch, the most it could train, why it stopped
+    (``patience``: early stopping; ``epochs``: train.epochs reached) and whether its last validation was its best
+    (then it was still improving: more epochs would likely help)."""
+    last = progress.history[-1]["epoch"] if progress.history else 0
+    return {"epoch": last, "max_epochs": plan.epochs,
+            "reason": "patience" if last < plan.epochs else "epochs", "patience": patience,
+            "still_improving": progress.best_epoch == last and last > 0}
