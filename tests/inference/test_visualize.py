@@ -82,6 +82,16 @@ def test_learning_curves_skip_epochs_not_validated_and_star_the_best():
     assert (list(best.get_xdata()), best.get_label()) == ([4], "best: 0.500 at epoch 4")
 
 
+def test_the_learning_curves_mark_where_training_stopped_and_why():
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_miou": v} for e, v in [(1, 0.3), (2, 0.5), (3, 0.4)]]
+    stopped = {"epoch": 3, "max_epochs": 10, "reason": "patience", "patience": 1, "still_improving": False}
+    loss_ax, miou_ax = learning_curves_figure(history, stopped).axes
+    assert [line.get_xdata()[0] for ax in (loss_ax, miou_ax) for line in ax.lines if line.get_linestyle() == "--"] == [3, 3]
+    assert miou_ax.get_title() == "stopped at epoch 3 of 10: no better val mIoU in 1 validations (train.patience)"
+    improving = {**stopped, "epoch": 10, "reason": "epochs", "still_improving": True}
+    assert "raise train.epochs" in learning_curves_figure(history, improving).axes[1].get_title()
+
+
 def test_the_per_class_bars_mark_a_class_absent_from_the_split_na_not_zero():
     fig = per_class_iou_figure({"sky": 0.8123, "building": None, "pole": 0.0}, miou=0.406)
     ax = fig.axes[0]
