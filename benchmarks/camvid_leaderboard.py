@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -138,9 +139,11 @@ def prepare(camvid: Path, work: Path) -> Path:
     return prepared
 
 
-def run(prepared: Path, work: Path, name: str, recipe: str, seed: int) -> dict:
-    """Train and evaluate one architecture with one recipe and seed (cached), and return its scores."""
-    folder = work / f"{recipe}-seed-{seed}"
+def train_and_evaluate(prepared: Path, folder: Path, name: str, recipe: str, seed: int,
+                       edit: Callable[[dict], None] | None = None) -> Path:
+    """``segflow train`` and ``evaluate`` of ``name`` in ``folder`` (the prepared data linked in, params.yaml
+    written for ``recipe`` and ``seed``, then changed by ``edit``), unless done before (a killed training resumes);
+    returns its scores file."""
     scores_file = folder / "evaluation" / name / "scores.json"
     if not scores_file.exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -148,12 +151,22 @@ def run(prepared: Path, work: Path, name: str, recipe: str, seed: int) -> dict:
             if not (folder / shared).exists():
                 (folder / shared).symlink_to(prepared / shared)
         write_params(folder, recipe, seed)
+        if edit is not None:
+            params = yaml.safe_load((folder / "params.yaml").read_text())
+            edit(params)
+            (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         started = time.perf_counter()
         resume = ["--resume"] if (folder / "models" / f".{name}.resume").exists() else []
         segflow(folder, "train", "--arch", name, *resume)
         segflow(folder, "evaluate", "--arch", name)
-        print(f"{name} ({recipe}, seed {seed}): {time.perf_counter() - started:.0f} s", flush=True)
-    scores = json.loads(scores_file.read_text())
+        print(f"{name} in {folder.name}: {time.perf_counter() - started:.0f} s", flush=True)
+    return scores_file
+
+
+def run(prepared: Path, work: Path, name: str, recipe: str, seed: int) -> dict:
+    """Train and evaluate one architecture with one recipe and seed (cached), and return its scores."""
+    folder = work / f"{recipe}-seed-{seed}"
+    scores = json.loads(train_and_evaluate(prepared, folder, name, recipe, seed).read_text())
     card = json.loads((folder / "models" / name / "model.json").read_text())
     return {"test": scores["test"], "val": scores["val"], "majority": scores["majority_baseline"],
             "parameters": scores["parameters"], "train_seconds": scores["train_seconds"],

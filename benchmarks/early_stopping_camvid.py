@@ -18,14 +18,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
-
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from camvid_leaderboard import prepare, segflow, write_params  # noqa: E402 - the leaderboard's data and recipe
+from camvid_leaderboard import prepare, train_and_evaluate  # noqa: E402 - the leaderboard's data and recipe
 
 ARCH = "unet_original"
 MAX_STEP_SHARE, MAX_LOSS = 0.6, 0.01
@@ -34,23 +31,13 @@ MAX_STEP_SHARE, MAX_LOSS = 0.6, 0.01
 def run(prepared: Path, work: Path, arm: str, seed: int, args: argparse.Namespace) -> dict:
     """One training and its evaluation (cached): test and val mIoU, the epochs and steps it trained."""
     folder = work / f"{arm}-seed-{seed}"
-    scores_file = folder / "evaluation" / ARCH / "scores.json"
-    if not scores_file.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        for shared in ("camvid", "data"):
-            if not (folder / shared).exists():
-                (folder / shared).symlink_to(prepared / shared)
-        write_params(folder, "architecture", seed)
-        params = yaml.safe_load((folder / "params.yaml").read_text())
+
+    def budget(params: dict) -> None:
         params["train"].update({"archs": [ARCH], "epochs": args.epochs,
                                 "patience": args.patience if arm == "early" else None})
         params["models"] = {ARCH: {"width": args.width}}
-        (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        started = time.perf_counter()
-        resume = ["--resume"] if (folder / "models" / f".{ARCH}.resume").exists() else []
-        segflow(folder, "train", "--arch", ARCH, *resume)
-        segflow(folder, "evaluate", "--arch", ARCH)
-        print(f"{arm} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+
+    scores_file = train_and_evaluate(prepared, folder, ARCH, "architecture", seed, budget)
     scores = json.loads(scores_file.read_text())
     history = json.loads((folder / "models" / ARCH / "history.json").read_text())
     end = scores.get("training_end") or {}
