@@ -79,12 +79,16 @@ def picture_groups(links: list[list[str | None]], picture_hashes: list[str | Non
     return numbers.tolist()
 
 
-def split_groups(stats: pd.DataFrame, manifest: pd.DataFrame, group_by: str | None, near_copy_distance: int | None,
-                 manifest_csv: Path) -> list[int]:
-    """The group of each image (rows of the validate stage's statistics and the manifest, aligned) that the split
-    keeps together: its picture's near-copies (identical pixels, an export name, a near perceptual hash within
-    ``split.near_copy_distance`` bits) and ``split.group_by``'s key."""
+def pictures(stats: pd.DataFrame, manifest: pd.DataFrame, near_copy_distance: int | None) -> list[int]:
+    """The picture of each image (rows of the validate stage's statistics and the manifest, aligned): its
+    near-copies share it (identical pixels, an export name, a perceptual hash within ``split.near_copy_distance``
+    bits)."""
     links = [[value or None for value in stats["content_hash"]],
-             [export_name_key(path) for path in manifest["image_path"]],
-             group_keys(manifest, group_by, manifest_csv)]
+             [export_name_key(path) for path in manifest["image_path"]]]
     return picture_groups(links, [value or None for value in stats["picture_hash"]], near_copy_distance)
+
+
+def split_groups(picture_of: list[int], manifest: pd.DataFrame, group_by: str | None, manifest_csv: Path) -> list[int]:
+    """What the split keeps together: the images' pictures (:func:`pictures`) joined by ``split.group_by``'s keys."""
+    keys = group_keys(manifest, group_by, manifest_csv)
+    return picture_groups([[str(number) for number in picture_of], keys], [None] * len(keys), None)

@@ -30,7 +30,7 @@ from segflow.data.manifest import (
     has_predefined_splits,
     read_manifest,
 )
-from segflow.data.near_copies import split_groups
+from segflow.data.near_copies import pictures, split_groups
 from segflow.errors import SegflowError
 from segflow.fsutil import atomic_write_text
 
@@ -60,7 +60,8 @@ def make_splits(
         split[labeled] = manifest.loc[labeled, "split"]
     else:
         stats = _read_stats(Path(stats_csv), manifest.loc[labeled, "image_id"])
-        groups = split_groups(stats, manifest.loc[labeled], group_by, near_copy_distance, Path(data_dir) / "manifest.csv")
+        rows = manifest.loc[labeled]
+        groups = split_groups(pictures(stats, rows, near_copy_distance), rows, group_by, Path(data_dir) / "manifest.csv")
         group_of_image, presence = _image_groups(stats, groups)
         sizes = expected_split_sizes(len(presence), val_fraction, test_fraction)
         group_split = _iterative_stratification(presence, sizes, np.random.default_rng(seed))

@@ -88,7 +88,6 @@ class Training:
     step: TrainStep
     evaluated: nn.Module  # validated, kept and registered: the Mean Teacher's weights or the trained ones
     card: ModelCard
-    batch_augment: bool   # what train.batch_augment: auto became on this device
 
 
 def train(cfg: TrainParams, arch: str, run: TrainRun, *, model_options: dict[str, Any], mlflow_cfg: MlflowParams,
@@ -162,7 +161,7 @@ def _set_up(cfg: TrainParams, arch: str, group: ProcessGroup, run: TrainRun, opt
                             **({} if balance.weight is None else {"class_weight": balance.weight.tolist()}),
                             **({} if balance.prior_layer is None else {"prior_init": f"{balance.prior_layer}.bias"})})
     evaluated = ema.module if ema is not None and cfg.ema.evaluate else model
-    return Training(recipe, data, plan, step, evaluated, card, batch_augment is not None)
+    return Training(recipe, data, plan, step, evaluated, card)
 
 
 def _train(cfg: TrainParams, arch: str, group: ProcessGroup, run: TrainRun, training: Training,
@@ -242,7 +241,8 @@ def _resume_settings(cfg: TrainParams, arch: str, run: TrainRun, training: Train
         # Settings that change neither the numbers nor the order may differ when resuming.
         **{f"train.{key}": value for key, value in cfg.model_dump(mode="json").items()
            if key not in ("num_workers", "device", "checkpoint_every_steps", "compile", "decoded_cache", "archs")},
-        "train.batch_augment": training.batch_augment,  # what auto became: it differs between devices
+        # What train.batch_augment: auto became: it differs between devices.
+        "train.batch_augment": training.step.batch_augment is not None,
         "pseudo_label.reliable_fraction": reliable_fraction,
         "evaluate.batch_size": val_batch_size,
         f"{splits_csv} (SHA-256)": file_sha256(splits_csv),

@@ -42,7 +42,7 @@ from segflow.data.manifest import (
     has_predefined_splits,
     read_manifest,
 )
-from segflow.data.near_copies import split_groups
+from segflow.data.near_copies import pictures, split_groups
 from segflow.errors import SegflowError, ValidationFailed
 from segflow.fsutil import atomic_dir, atomic_write_json, refuse_overlap
 
@@ -90,9 +90,7 @@ def validate(cfg: ValidateParams, split_cfg: SplitParams, *, data_dir: Path, out
     manifest = read_manifest(data_dir)
     class_names, ignore_index = _read_classes(data_dir)
     stats = image_statistics(data_dir, manifest, len(class_names), ignore_index)
-    manifest_csv, distance = data_dir / "manifest.csv", split_cfg.near_copy_distance
-    stats["picture"] = _split_groups(stats, manifest, None, distance, manifest_csv)
-    stats["split_group"] = _split_groups(stats, manifest, split_cfg.group_by, distance, manifest_csv)
+    _group_pictures(stats, manifest, split_cfg, data_dir / "manifest.csv")
     _mark_shared_pictures(stats)
     predefined = has_predefined_splits(manifest)
     warnings = [] if not predefined else [
@@ -132,12 +130,14 @@ def validate(cfg: ValidateParams, split_cfg: SplitParams, *, data_dir: Path, out
     return ValidationResult(success=True, summary=summary, out_dir=out_dir)
 
 
-def _split_groups(stats: pd.DataFrame, manifest: pd.DataFrame, group_by: str | None, near_copy_distance: int | None,
-                  manifest_csv: Path) -> pd.Series:
-    """The group of each labeled image that decoded, as the split stage groups them; missing for the others."""
+def _group_pictures(stats: pd.DataFrame, manifest: pd.DataFrame, split_cfg: SplitParams, manifest_csv: Path) -> None:
+    """Each labeled image's ``picture`` (its near-copies) and ``split_group`` (those joined by split.group_by), as
+    the split stage groups them; missing for the other images."""
     rows = stats["labeled"] & stats["content_hash"].notna()
-    numbers = split_groups(stats.loc[rows], manifest.loc[rows.to_numpy()], group_by, near_copy_distance, manifest_csv)
-    return pd.Series(pd.array(numbers, dtype="Int64"), index=stats.index[rows]).reindex(stats.index)
+    picture_of = pictures(stats.loc[rows], manifest.loc[rows.to_numpy()], split_cfg.near_copy_distance)
+    groups = split_groups(picture_of, manifest.loc[rows.to_numpy()], split_cfg.group_by, manifest_csv)
+    for column, numbers in (("picture", picture_of), ("split_group", groups)):
+        stats[column] = pd.Series(pd.array(numbers, dtype="Int64"), index=stats.index[rows]).reindex(stats.index)
 
 
 def _mark_shared_pictures(stats: pd.DataFrame) -> None:
