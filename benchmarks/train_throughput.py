@@ -1,6 +1,6 @@
 """Training throughput: segflow's training step against a plain fp32 reference loop, same model and data.
 
-segflow: the code path of ``segflow train`` (segflow.stages.train.TrainStep: bf16/fp16 autocast, channels-last, cuDNN
+segflow: the code path of ``segflow train`` (segflow.training.loop.TrainStep: bf16/fp16 autocast, channels-last, cuDNN
 autotuning, fused optimizer, no host sync per step; the loader with pinned memory, EpochSampler and SeededDataset;
 images from the decoded-image cache, segflow.stages.cache, as ``train.decoded_cache: true`` in params.yaml; with
 ``--batch-augment`` on, default on CUDA as ``train.batch_augment: auto``, the loader yields whole uint8 images and
@@ -28,7 +28,7 @@ over the models of segflow / reference images per second.
 
 On the CPU segflow runs the same fp32 work as the reference (autocast and channels-last are CUDA-only; channels-
 last was no faster on a 2-core AVX-512 CPU), so the ratio there shows only that segflow adds no cost: about 1.
-Segflow's training on the CPU makes glibc's malloc keep the memory a step frees (segflow.stages.train.keep_freed_memory,
+Segflow's training on the CPU makes glibc's malloc keep the memory a step frees (segflow.training.runtime.keep_freed_memory,
 from tune_process_for_training): without it, whenever the gradients segflow frees at the end of its step lay at the top of the
 heap (as they did here, beside the reference's model), glibc gave them back to the OS and every backward page-
 faulted ~100 MB in again (ratio 0.6-0.9). The setting is process-wide: the reference runs with it too.

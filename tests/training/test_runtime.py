@@ -28,7 +28,7 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(monkeypatc
 @pytest.mark.skipif(sys.platform != "linux", reason="a glibc malloc setting")
 def test_cpu_training_reuses_freed_memory_without_page_faults():
     """What a CPU step frees (here 64 MiB of 256 KiB tensors, like a model's gradients) comes back without the OS
-    paging it in anew; glibc's defaults would give the heap's top back (segflow.stages.train.keep_freed_memory)."""
+    paging it in anew; glibc's defaults would give the heap's top back (segflow.training.runtime.keep_freed_memory)."""
     tune_process_for_training(torch.device("cpu"))
 
     def step() -> None:
