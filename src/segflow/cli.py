@@ -142,7 +142,6 @@ def split(params_file: ParamsOption = PARAMS_FILE) -> None:
         Layout.ingested, Layout.validation / "stats.csv", Layout.splits, seed=params.split.seed,
         val_fraction=params.split.val_fraction, test_fraction=params.split.test_fraction,
         labeled_fraction=params.split.labeled_fraction, group_by=params.split.group_by,
-        near_copy_distance=params.split.near_copy_distance,
     )
     typer.echo(f"wrote {Layout.splits}: {frame['split'].value_counts().to_dict()}")
 

@@ -118,9 +118,9 @@ class SplitParams(_Section):
     # "column:NAME" for a manifest column. null: only identical pixels are grouped.
     group_by: str | None = None
     # Near-copies share a split too (segflow.data.near_copies): identical pixels, a labeling tool's export names
-    # (Roboflow's NAME_jpg.rf.HASH.jpg), and perceptual hashes (pHash, 64 bits, of the image or its mirror) at
-    # most this many bits apart. null: no perceptual grouping.
-    near_copy_distance: int | None = Field(6, ge=0, le=32)
+    # (Roboflow's NAME_jpg.rf.HASH.jpg), and images whose grayscale thumbnails, registered onto each other (a
+    # flip, a crop, a rotation undone), correlate at least this much. null: no registration.
+    near_copy_similarity: float | None = Field(0.97, gt=0, le=1)
 
     @field_validator("group_by")
     @classmethod

@@ -37,7 +37,7 @@ def write_inputs(root: Path, images: list[dict]) -> tuple[Path, Path]:
             "image_id": manifest["image_id"],
             "labeled": manifest["mask_path"] != "",
             "content_hash": [i.get("hash", f"hash-{i['image_id']}") for i in images],
-            "picture_hash": [i.get("picture", "") for i in images],
+            "near_copy_group": [i.get("near_copy_group", "") for i in images],
             **{
                 f"px_{k}": [None if i["classes"] is None else (10 if k in i["classes"] else 0) for i in images]
                 for k in range(N_CLASSES)
@@ -115,18 +115,16 @@ def test_exact_duplicates_share_a_split(tmp_path):
         assert splits.value_counts().to_dict() == {"train": 18, "val": 6, "test": 6}
 
 
-def test_near_copies_share_a_split_within_the_distance_and_not_beyond(tmp_path):
+def test_the_validate_stages_near_copy_groups_share_a_split(tmp_path):
     images = rare_class_images()
-    for i in range(30):  # ten pictures, three copies each at most 2 bits apart; two pictures 3 or more
-        images[i]["picture"] = f"{int('f' * (i // 3 + 1), 16) << 4 | (i % 3):016x}{0:016x}"
-    data, stats = write_inputs(tmp_path, images)
-    pictures = pd.Series([i // 3 for i in range(30)])
-    grouped = split_of(make_splits(data, stats, tmp_path / "g.csv", seed=0, val_fraction=0.2, test_fraction=0.2,
-                                   near_copy_distance=2))
+    pictures = pd.Series([i // 3 for i in range(30)])  # ten pictures, three copies each
+    grouped = split_of(make_splits(*write_inputs(tmp_path / "g", [{**image, "near_copy_group": picture}
+                                                                for image, picture in zip(images, pictures)]),
+                                   tmp_path / "g.csv", seed=0, val_fraction=0.2, test_fraction=0.2))
     assert (grouped.groupby(pictures.to_numpy()).nunique() == 1).all()
     assert grouped.value_counts().to_dict() == {"train": 18, "val": 6, "test": 6}
-    ungrouped = split_of(make_splits(data, stats, tmp_path / "u.csv", seed=0, val_fraction=0.2, test_fraction=0.2,
-                                     near_copy_distance=None))
+    ungrouped = split_of(make_splits(*write_inputs(tmp_path / "u", images), tmp_path / "u.csv", seed=0,
+                                     val_fraction=0.2, test_fraction=0.2))
     assert (ungrouped.groupby(pictures.to_numpy()).nunique() > 1).any()
 
 

@@ -23,7 +23,7 @@ from segflow.stages.validate import validate
 CLASSES = ["background", "cat", "dog"]
 LIMITS = dict(min_train=2, min_val=2, min_test=2, val_fraction=0.2, test_fraction=0.2,
               min_labeled_pixel_fraction=0.1, min_foreground_image_fraction=0.1)
-SPLIT_KEYS = {"seed", "val_fraction", "test_fraction", "labeled_fraction", "group_by", "near_copy_distance"}
+SPLIT_KEYS = {"seed", "val_fraction", "test_fraction", "labeled_fraction", "group_by", "near_copy_similarity"}
 
 
 def sections(**overrides) -> tuple[ValidateParams, SplitParams]:

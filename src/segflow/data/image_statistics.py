@@ -1,6 +1,7 @@
 """Per-image statistics of an ingested dataset: one row of facts per ``manifest.csv`` row (does the image decode,
 its size, a hash of its decoded pixels; for a labeled one, the same of its mask, its out-of-range values and its
-pixel counts per class), the table the validate stage checks and writes as ``stats.csv``.
+pixel counts per class), the table the validate stage checks and writes as ``stats.csv``; and each labeled
+image's thumbnail, which segflow.data.near_copies compares.
 """
 
 from __future__ import annotations
@@ -12,18 +13,21 @@ import numpy as np
 import pandas as pd
 
 from segflow.data.imageio import content_hash, read_image, read_mask
-from segflow.data.near_copies import picture_hash
+from segflow.data.near_copies import thumbnail
 from segflow.errors import SegflowError
 
 
-def image_statistics(data_dir: Path, manifest: pd.DataFrame, n_classes: int, ignore_index: int) -> pd.DataFrame:
-    """One row per manifest row; files that fail to decode give a row with the reason, not an exception."""
-    records = [
-        _row_statistics(Path(data_dir), position, row, n_classes, ignore_index)
-        for position, row in enumerate(manifest.itertuples(index=False))
-    ]
+def image_statistics(data_dir: Path, manifest: pd.DataFrame, n_classes: int,
+                     ignore_index: int) -> tuple[pd.DataFrame, list[np.ndarray | None]]:
+    """One row per manifest row, and each labeled image's thumbnail (None for the others and for a file that
+    does not decode); files that fail to decode give a row with the reason, not an exception."""
+    records, thumbnails = [], []
+    for position, row in enumerate(manifest.itertuples(index=False)):
+        record, image = _row_statistics(Path(data_dir), position, row, n_classes, ignore_index)
+        records.append(record)
+        thumbnails.append(thumbnail(image) if image is not None and record["labeled"] else None)
     columns = _statistics_dtypes(n_classes)
-    return pd.DataFrame.from_records(records, columns=list(columns)).astype(columns)
+    return pd.DataFrame.from_records(records, columns=list(columns)).astype(columns), thumbnails
 
 
 def _statistics_dtypes(n_classes: int) -> dict[str, str]:
@@ -44,7 +48,6 @@ def _statistics_dtypes(n_classes: int) -> dict[str, str]:
         "image_height": "Int64",
         "image_size_matches_manifest": "boolean",
         "content_hash": "str",
-        "picture_hash": "str",  # perceptual (segflow.data.near_copies): near-copies share a split
         "mask_decodes": "boolean",
         "mask_error": "str",
         "mask_width": "Int64",
@@ -59,7 +62,9 @@ def _statistics_dtypes(n_classes: int) -> dict[str, str]:
     }
 
 
-def _row_statistics(data_dir: Path, position: int, row: Any, n_classes: int, ignore_index: int) -> dict[str, Any]:
+def _row_statistics(data_dir: Path, position: int, row: Any, n_classes: int,
+                    ignore_index: int) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The row's facts, and its image (None when it does not decode)."""
     stats: dict[str, Any] = {
         "manifest_row": position,
         "image_id": row.image_id,
@@ -88,16 +93,15 @@ def _row_statistics(data_dir: Path, position: int, row: Any, n_classes: int, ign
             image_height=height,
             image_size_matches_manifest=(width, height) == (stats["manifest_width"], stats["manifest_height"]),
             content_hash=content_hash(image),
-            picture_hash=picture_hash(image),
         )
     if not stats["labeled"]:
-        return stats
+        return stats, image
     mask_path = data_dir / row.mask_path
     try:
         mask = read_mask(mask_path)
     except SegflowError as exc:
         stats.update(mask_decodes=False, mask_error=str(exc).removeprefix(f"{mask_path}: "))
-        return stats
+        return stats, image
     counts = np.bincount(mask.ravel(), minlength=256)
     bad = np.flatnonzero(counts[n_classes:]) + n_classes
     bad = bad[bad != ignore_index]
@@ -114,7 +118,7 @@ def _row_statistics(data_dir: Path, position: int, row: Any, n_classes: int, ign
     )
     if image is not None:
         stats["mask_size_matches_image"] = mask.shape == image.shape[:2]
-    return stats
+    return stats, image
 
 
 def _whole_number(text: str) -> int | None:

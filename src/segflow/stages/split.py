@@ -39,12 +39,13 @@ PIXEL_COUNT_PREFIX = "px_"
 
 def make_splits(
     data_dir: Path, stats_csv: Path, out_csv: Path, *, seed: int, val_fraction: float, test_fraction: float,
-    labeled_fraction: float | None = None, group_by: str | None = None, near_copy_distance: int | None = None,
+    labeled_fraction: float | None = None, group_by: str | None = None,
 ) -> pd.DataFrame:
     """Write ``out_csv`` (``image_id,split`` for every manifest row, in manifest order) and return it.
 
-    Near-copies of a picture share a split, and so do images with the same ``group_by`` key (params
-    ``split.group_by``, ``split.near_copy_distance``: segflow.data.near_copies.split_groups)."""
+    Near-copies of a picture share a split (the validate stage's ``stats.csv`` names the images whose pixels
+    register onto each other, ``split.near_copy_similarity``), and so do images with the same ``group_by`` key
+    (segflow.data.near_copies.split_groups)."""
     check_fractions(val_fraction, test_fraction)
     manifest = read_manifest(Path(data_dir))
     labeled = manifest["mask_path"] != ""
@@ -61,7 +62,7 @@ def make_splits(
     else:
         stats = _read_stats(Path(stats_csv), manifest.loc[labeled, "image_id"])
         rows = manifest.loc[labeled]
-        groups = split_groups(pictures(stats, rows, near_copy_distance), rows, group_by, Path(data_dir) / "manifest.csv")
+        groups = split_groups(pictures(stats, rows), rows, group_by, Path(data_dir) / "manifest.csv")
         group_of_image, presence = _image_groups(stats, groups)
         sizes = expected_split_sizes(len(presence), val_fraction, test_fraction)
         group_split = _iterative_stratification(presence, sizes, np.random.default_rng(seed))
@@ -84,13 +85,14 @@ def _hide_labels(split: pd.Series, labeled_fraction: float, rng: np.random.Gener
 def _read_stats(stats_csv: Path, labeled_ids: pd.Series) -> pd.DataFrame:
     """Rows of ``stats.csv`` for the labeled images, in manifest order."""
     try:
-        stats = pd.read_csv(stats_csv, dtype={"image_id": str, "content_hash": str, "picture_hash": str},
+        stats = pd.read_csv(stats_csv, dtype={"image_id": str, "content_hash": str, "near_copy_group": str},
                             keep_default_na=False)
     except FileNotFoundError:
         raise SegflowError(f"{stats_csv}: not found; run the validate stage first.") from None
     pixel_columns = [c for c in stats.columns if re.fullmatch(rf"{PIXEL_COUNT_PREFIX}\d+", c)]
-    if not {"content_hash", "picture_hash"} <= set(stats.columns) or not pixel_columns:
-        raise SegflowError(f"{stats_csv}: no content_hash/picture_hash/px_<class> columns; re-run the validate stage.")
+    if not {"content_hash", "near_copy_group"} <= set(stats.columns) or not pixel_columns:
+        raise SegflowError(f"{stats_csv}: no content_hash/near_copy_group/px_<class> columns; re-run the validate "
+                           "stage.")
     stats = stats.drop_duplicates("image_id").set_index("image_id")
     missing = labeled_ids[~labeled_ids.isin(stats.index)]
     if len(missing):
@@ -98,13 +100,13 @@ def _read_stats(stats_csv: Path, labeled_ids: pd.Series) -> pd.DataFrame:
             f"{stats_csv}: no statistics for {len(missing)} labeled image(s) of the manifest "
             f"(e.g. {', '.join(missing.head(3))}); the file is stale, re-run the validate stage."
         )
-    return stats.loc[labeled_ids.to_list(), ["content_hash", "picture_hash", *pixel_columns]]
+    return stats.loc[labeled_ids.to_list(), ["content_hash", "near_copy_group", *pixel_columns]]
 
 
 def _image_groups(stats: pd.DataFrame, groups: list[int]) -> tuple[dict[str, int], np.ndarray]:
     """Map image_id -> group number and the groups' class-presence matrix (groups x classes, bool)."""
     numbers = np.array(groups, dtype=np.int64)
-    counts = stats.drop(columns=["content_hash", "picture_hash"]).apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy()
+    counts = stats.drop(columns=["content_hash", "near_copy_group"]).apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy()
     presence = np.zeros((numbers.max(initial=-1) + 1, counts.shape[1]), dtype=bool)
     np.logical_or.at(presence, numbers, counts > 0)
     return dict(zip(stats.index, numbers.tolist())), presence

@@ -42,7 +42,7 @@ from segflow.data.manifest import (
     has_predefined_splits,
     read_manifest,
 )
-from segflow.data.near_copies import pictures, split_groups
+from segflow.data.near_copies import near_copy_groups, pictures, split_groups
 from segflow.errors import SegflowError, ValidationFailed
 from segflow.fsutil import atomic_dir, atomic_write_json, refuse_overlap
 
@@ -79,7 +79,8 @@ def validate(cfg: ValidateParams, split_cfg: SplitParams, *, data_dir: Path, out
     """Check the ingested dataset in ``data_dir``; write stats.csv, summary.json and data_docs/ to ``out_dir``.
 
     Labeled images are counted in picture groups, as the split stage keeps them together (segflow.data.near_copies:
-    identical pixels, export names, ``split.group_by`` keys and near perceptual hashes); a predefined split whose
+    identical pixels, export names, ``split.group_by`` keys and pixels that register onto each other); a predefined
+    split whose
     test shares a picture with train is refused (near-copies in train and test inflate the test score) unless
     ``validate.allow_shared_pictures``."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -89,8 +90,8 @@ def validate(cfg: ValidateParams, split_cfg: SplitParams, *, data_dir: Path, out
     minimums = {"train": cfg.min_train, "val": cfg.min_val, "test": cfg.min_test}
     manifest = read_manifest(data_dir)
     class_names, ignore_index = _read_classes(data_dir)
-    stats = image_statistics(data_dir, manifest, len(class_names), ignore_index)
-    _group_pictures(stats, manifest, split_cfg, data_dir / "manifest.csv")
+    stats, thumbnails = image_statistics(data_dir, manifest, len(class_names), ignore_index)
+    _group_pictures(stats, thumbnails, manifest, split_cfg, data_dir / "manifest.csv")
     _mark_shared_pictures(stats)
     predefined = has_predefined_splits(manifest)
     warnings = [] if not predefined else [
@@ -130,11 +131,15 @@ def validate(cfg: ValidateParams, split_cfg: SplitParams, *, data_dir: Path, out
     return ValidationResult(success=True, summary=summary, out_dir=out_dir)
 
 
-def _group_pictures(stats: pd.DataFrame, manifest: pd.DataFrame, split_cfg: SplitParams, manifest_csv: Path) -> None:
-    """Each labeled image's ``picture`` (its near-copies) and ``split_group`` (those joined by split.group_by), as
+def _group_pictures(stats: pd.DataFrame, thumbnails: list, manifest: pd.DataFrame, split_cfg: SplitParams,
+                    manifest_csv: Path) -> None:
+    """Each labeled image's ``near_copy_group`` (pixels that register onto each other: the split stage joins it
+    with the other links), ``picture`` (its near-copies) and ``split_group`` (those joined by split.group_by), as
     the split stage groups them; missing for the other images."""
     rows = stats["labeled"] & stats["content_hash"].notna()
-    picture_of = pictures(stats.loc[rows], manifest.loc[rows.to_numpy()], split_cfg.near_copy_distance)
+    near = near_copy_groups([thumbnails[i] for i in np.flatnonzero(rows)], split_cfg.near_copy_similarity)
+    stats["near_copy_group"] = pd.Series(pd.array(near, dtype="Int64"), index=stats.index[rows]).reindex(stats.index)
+    picture_of = pictures(stats.loc[rows], manifest.loc[rows.to_numpy()])
     groups = split_groups(picture_of, manifest.loc[rows.to_numpy()], split_cfg.group_by, manifest_csv)
     for column, numbers in (("picture", picture_of), ("split_group", groups)):
         stats[column] = pd.Series(pd.array(numbers, dtype="Int64"), index=stats.index[rows]).reindex(stats.index)
