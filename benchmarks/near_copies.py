@@ -83,7 +83,10 @@ def camvid(root: Path) -> dict:
                      "pairs_across_sequences": sum(sequence[i] != sequence[j] for i, j in pairs),
                      "groups_across_splits": sum(len({split[k] for k in np.flatnonzero(np.array(groups) == g)}) > 1
                                                  for g in range(len(sizes)))})
-    return {"frames": len(files), "proposed_pairs": len(scored), "seconds": round(seconds, 1), "thresholds": rows}
+    names = [f"{split[k]}/{path.name}" for k, (_, path) in enumerate(files)]
+    crossing = [f"{names[i]} ~ {names[j]} ({s:.3f})" for i, j, s in scored if s >= DEFAULT and split[i] != split[j]]
+    return {"frames": len(files), "proposed_pairs": len(scored), "seconds": round(seconds, 1), "thresholds": rows,
+            f"pairs_across_splits_at_{DEFAULT}": crossing}
 
 
 def markdown(result: dict) -> str:
@@ -100,6 +103,7 @@ def markdown(result: dict) -> str:
         lines += [f"| {r['threshold']} | {r['linked_pairs']} | {r['groups']} | {r['largest_group']} | "
                   f"{r['pairs_across_splits']} | {r['pairs_across_sequences']} | {r['groups_across_splits']} |"
                   for r in c["thresholds"]]
+        lines += ["", f"Pairs across splits at {DEFAULT}: " + ("; ".join(c[f"pairs_across_splits_at_{DEFAULT}"]) or "none")]
     return "\n".join(lines) + "\n"
 
 

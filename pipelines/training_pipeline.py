@@ -104,6 +104,18 @@ def run_stage(stage: str, project: Path) -> None:
     run_dvc(["repro", "--single-item", stage], project, f"stage {stage}")
 
 
+def run_in_order(stages: list[str], project: Path) -> None:
+    """``stages`` one after the other, each by ``dvc repro --single-item``; none when DVC finds them all up to
+    date (one status check instead of a DVC process per stage: a retraining on unchanged data)."""
+    if not stages:
+        return
+    if not stage_runner.stale(project, stages):
+        get_run_logger().info("Stages %s didn't change, skipping", ", ".join(stages))
+        return
+    for stage in stages:
+        run_stage(stage, project)
+
+
 # The runner and the slots are shared objects, not inputs to cache on.
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_if_transient, task_run_name="{stage}",
       cache_policy=NONE)
@@ -152,8 +164,7 @@ def run_on_work_pool(project: Path, params: Params) -> list[str]:
     here; returns the architectures whose chain did not finish (then ranked and registered without them)."""
     chains = {arch: stage_runner.chain_stages(arch) for arch in params.train.archs}
     before, after = stage_runner.split_plan(stage_runner.plan(project), {s for c in chains.values() for s in c})
-    for stage in before:
-        run_stage(stage, project)
+    run_in_order(before, project)
     stale = [arch for arch, stages in chains.items() if stage_runner.stale(project, stages)]
     unfinished = []
     if stale:
@@ -169,8 +180,7 @@ def run_on_work_pool(project: Path, params: Params) -> list[str]:
         unfinished = [arch for arch, future in futures.items() if not future.state.is_completed()]
         stage_runner.restore(project, [stage for arch in stale if arch not in unfinished for stage in chains[arch]])
     if not unfinished:
-        for stage in after:
-            run_stage(stage, project)
+        run_in_order(after, project)
         return []
     # Ranked and registered from the chains that finished, not recorded in dvc.lock: the next run redoes them.
     without = [arg for arch in unfinished for arg in ("--without", arch)]
@@ -208,8 +218,7 @@ def segflow_pipeline(project: str = ".") -> dict:
         if params.orchestrate.work_pool:
             unfinished = run_on_work_pool(project_dir, params)
         elif params.orchestrate.slots == 1:
-            for stage in stage_runner.plan(project_dir):
-                run_stage(stage.name, project_dir)
+            run_in_order([stage.name for stage in stage_runner.plan(project_dir)], project_dir)
         else:
             run_concurrently(project_dir, params.orchestrate.slots)
     # Its description and summary/ say which model was chosen and why; the stages are nested below it.

@@ -117,9 +117,10 @@ def validate(
     from segflow.stages.validate import validate as run
 
     params = load_params(params_file)
-    result = run(params.validate_, params.split, data_dir=data_dir, out_dir=out)
+    run(params.validate_, params.split, data_dir=data_dir, out_dir=out)
     _log_data_docs(params, out)
-    typer.echo(f"validation passed: {result.summary.get('counts')}; Data Docs in {out / 'data_docs'}")
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"validation passed; Data Docs in {out / 'data_docs'}, this report in {out / 'report.md'}")
 
 
 def _log_data_docs(params, out: Path) -> None:
@@ -130,6 +131,7 @@ def _log_data_docs(params, out: Path) -> None:
     with tracking.stage_run(params.mlflow, "validate"):
         mlflow.log_artifacts(str(out / "data_docs"), artifact_path="data_docs")
         mlflow.log_artifact(str(out / "summary.json"))
+        mlflow.log_artifact(str(out / "report.md"))
 
 
 @app.command()
@@ -142,6 +144,7 @@ def split(params_file: ParamsOption = PARAMS_FILE) -> None:
         Layout.ingested, Layout.validation / "stats.csv", Layout.splits, seed=params.split.seed,
         val_fraction=params.split.val_fraction, test_fraction=params.split.test_fraction,
         labeled_fraction=params.split.labeled_fraction, group_by=params.split.group_by,
+        summary_json=Layout.metrics / "split.json",
     )
     typer.echo(f"wrote {Layout.splits}: {frame['split'].value_counts().to_dict()}")
 

@@ -1,5 +1,6 @@
-"""``orchestrate.slots: 2``: the flow trains and evaluates two architectures at the same time, and DVC's record
-is the one a sequential run leaves (benchmarks/parallel_slots.py measures the wall time)."""
+"""``orchestrate.slots: 2``: the flow trains and evaluates two architectures at the same time, DVC's record is
+complete, and the trainings are the ones `dvc repro` runs one after the other (benchmarks/parallel_slots.py
+measures the wall time)."""
 
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ def _run_flow(project: Path, project_root: Path, monkeypatch, slots: int) -> Non
         load_flow_module(project_root, "training_pipeline").segflow_pipeline(str(project))
 
 
-def _lock_without_hashes(project: Path) -> list:
-    """dvc.lock's stages in order with their commands, params and the paths of their deps and outs (the
-    hashes of what a training writes differ between any two runs: run ids, durations)."""
+def _lock_without_hashes(project: Path) -> dict:
+    """dvc.lock's stages with their commands, params and the paths of their deps and outs (the hashes of what a
+    training writes differ between any two runs: run ids, durations)."""
     stages = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    return [(name, entry["cmd"], entry.get("params"), [d["path"] for d in entry.get("deps", [])],
-             [o["path"] for o in entry.get("outs", [])]) for name, entry in stages.items()]
+    return {name: (entry["cmd"], entry.get("params"), [d["path"] for d in entry.get("deps", [])],
+                   [o["path"] for o in entry.get("outs", [])]) for name, entry in stages.items()}
 
 
 def _record_slot_intervals(monkeypatch) -> list[tuple[float, float]]:
@@ -82,12 +83,16 @@ def test_two_slots_train_two_architectures_at_once_and_record_what_a_sequential_
     # The thread count of a slot, for the sequential run too: the same threads, the same floating-point sums.
     monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
 
-    _run_flow(sequential, project_root, monkeypatch, slots=1)
     in_slots = _record_slot_intervals(monkeypatch)
     _run_flow(parallel, project_root, monkeypatch, slots=2)
+    with mlflow_at(f"sqlite:///{sequential / 'mlflow.db'}"):  # the trainings as `dvc repro` runs them, in turn
+        dvc(sequential, "repro", *(f"train@{arch}" for arch in ARCHS))
 
     assert json.loads(dvc(parallel, "status", "--json").stdout) == {}  # `dvc repro` has nothing to do
-    assert _lock_without_hashes(parallel) == _lock_without_hashes(sequential)
+    recorded, alone = _lock_without_hashes(parallel), _lock_without_hashes(sequential)
+    assert set(recorded) == set(yaml.safe_load((parallel / "dvc.yaml").read_text())["stages"]) - {"train", "evaluate"} \
+        | {f"{stage}@{arch}" for stage in ("train", "evaluate") for arch in ARCHS}
+    assert {name: recorded[name] for name in alone} == alone
     for arch in ARCHS:
         parallel_weights, sequential_weights = weights(parallel / "models" / arch), weights(sequential / "models" / arch)
         assert parallel_weights.keys() == sequential_weights.keys()

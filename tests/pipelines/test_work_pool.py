@@ -36,18 +36,21 @@ PARAMS = merge(copy.deepcopy(TINY), {
 })
 
 
+def _start_worker(name: str, servers, tmp_path) -> ServerProcess:
+    """`prefect worker start --type process` on the pool, in its own process group."""
+    home = tmp_path / name
+    home.mkdir()
+    env = stack_env(servers, home, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1")
+    command = [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--name", name,
+               "--limit", "1"]  # one chain at a time, as on a one-GPU machine
+    return ServerProcess(command, env, home / "worker.log").start()
+
+
 @pytest.fixture
 def workers(servers, prefect, tmp_path):
-    """Two `prefect worker start --type process` on the pool, each in its own process group."""
+    """Two workers on the pool (a test may add one: the fixture stops them all)."""
     schedule.ensure_work_pool(POOL)  # before the workers: two creating it at once can meet a locked database
-    started = []
-    for name in ("worker-a", "worker-b"):
-        home = tmp_path / name
-        home.mkdir()
-        env = stack_env(servers, home, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1")
-        command = [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--name", name,
-                   "--limit", "1"]  # one chain at a time, as on a one-GPU machine
-        started.append(ServerProcess(command, env, home / "worker.log").start())
+    started = [_start_worker(name, servers, tmp_path) for name in ("worker-a", "worker-b")]
     try:
         yield started
     finally:
@@ -120,7 +123,8 @@ def test_chains_run_on_two_workers_and_a_killed_worker_costs_a_retry_not_the_run
 
     # A chain that fails every time is left out: the others are ranked and registered, the flow run fails naming
     # it, and what was registered without it is not recorded (the next run does it again). Its fault: a weights
-    # file in the project folder that the chain's workspace does not have.
+    # file in the project folder that the chain's workspace does not have. The killed worker's place is taken.
+    workers.append(_start_worker("worker-c", servers, tmp_path))
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["models"]["unet_original"]["encoder_weights"] = "weights/unet_original.pth"
     raw["orchestrate"]["work_pool_retries"] = 0

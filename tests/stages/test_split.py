@@ -6,6 +6,7 @@ these tests exercise the split logic alone; test_validate.py runs the two stages
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -137,8 +138,25 @@ def test_predefined_splits_are_kept_and_unlabeled_rows_marked(tmp_path):
         {"image_id": "e", "classes": [0], "split": "train"},
     ]
     data, stats = write_inputs(tmp_path, images)
-    result = make_splits(data, stats, tmp_path / "s.csv", seed=0, val_fraction=0.2, test_fraction=0.2)
+    result = make_splits(data, stats, tmp_path / "s.csv", seed=0, val_fraction=0.2, test_fraction=0.2,
+                         summary_json=tmp_path / "split.json")
     assert result.values.tolist() == [["a", "val"], ["b", "train"], ["c", "unlabeled"], ["d", "test"], ["e", "train"]]
+    assert json.loads((tmp_path / "split.json").read_text()) == {
+        "images": {"train": 2, "val": 1, "test": 1, "unlabeled": 1},
+        "test_images_with_a_near_copy_in_training": 0, "test_images": 1}
+
+
+def test_the_summary_counts_the_test_images_a_predefined_split_shares_with_training(tmp_path):
+    images = [{"image_id": "a", "classes": [0], "split": "val", "near_copy_group": 0},  # a and d: val and test
+              {"image_id": "b", "classes": [0, 1], "split": "train", "near_copy_group": 1},
+              {"image_id": "c", "classes": [1], "split": "test", "near_copy_group": 1},  # b's near-copy
+              {"image_id": "d", "classes": [1], "split": "test", "near_copy_group": 0},
+              {"image_id": "e", "classes": [0], "split": "test", "hash": "hash-b"}]  # b's pixels
+    data, stats = write_inputs(tmp_path, images)
+    make_splits(data, stats, tmp_path / "s.csv", seed=0, val_fraction=0.2, test_fraction=0.2,
+                summary_json=tmp_path / "split.json")
+    summary = json.loads((tmp_path / "split.json").read_text())
+    assert summary["test_images_with_a_near_copy_in_training"] == 2 and summary["test_images"] == 3
 
 
 def test_unlabeled_rows_keep_manifest_order_without_predefined_splits(tmp_path):

@@ -42,6 +42,7 @@ def _cell(value: object, fmt: str, key: str) -> str:
 
 
 SEMI_SUPERVISED_FILE = "semi_supervised.json"  # the teacher stage's evidence (segflow.stages.teacher)
+SPLIT_FILE = "split.json"  # the split stage's sizes and near-copy count (segflow.stages.split)
 TEACHER_ARMS = {"labeled_only": "labeled-only", "with_unlabeled": "with unlabeled"}
 
 
@@ -85,6 +86,17 @@ def training_end_lines(scores: dict[str, dict]) -> list[str]:
                                    if improving else [])
 
 
+def near_copy_lines(split_file: Path) -> list[str]:
+    """How many test images have a near-copy among the training images (segflow.data.near_copies): 0 unless a
+    predefined split was let in by validate.allow_shared_pictures, and then the test scores are inflated."""
+    if not split_file.exists():
+        return []
+    summary = json.loads(split_file.read_text())
+    count, total = summary["test_images_with_a_near_copy_in_training"], summary["test_images"]
+    return [f"Test images with a near-copy among the training images: {count} of {total}"
+            + ("." if count == 0 else " (validate.allow_shared_pictures let them in: the test scores are inflated).")]
+
+
 def leaderboard(
     cfg: RegisterParams, mlflow_cfg: MlflowParams, *, teacher_arch: str, evaluation_dir: Path, metrics_dir: Path,
     history_dir: Path, names: list[str], out_json: Path, out_markdown: Path, out_curves: Path,
@@ -111,6 +123,7 @@ def leaderboard(
                   f"{baseline[cfg.metric]:.4f}.",
               f"Floor: {chosen} {'is below it: ' + '; '.join(floor) + ' (it cannot become champion)' if floor else 'clears it'}."]
     lines += training_end_lines(scores)
+    lines += near_copy_lines(Path(metrics_dir) / SPLIT_FILE)
     semi_supervised_file = Path(metrics_dir) / SEMI_SUPERVISED_FILE
     if semi_supervised_file.exists():
         summary = json.loads(semi_supervised_file.read_text())

@@ -32,24 +32,27 @@ from segflow.data.manifest import (
 )
 from segflow.data.near_copies import pictures, split_groups
 from segflow.errors import SegflowError
-from segflow.fsutil import atomic_write_text
+from segflow.fsutil import atomic_write_json, atomic_write_text
 
 PIXEL_COUNT_PREFIX = "px_"
 
 
 def make_splits(
     data_dir: Path, stats_csv: Path, out_csv: Path, *, seed: int, val_fraction: float, test_fraction: float,
-    labeled_fraction: float | None = None, group_by: str | None = None,
+    labeled_fraction: float | None = None, group_by: str | None = None, summary_json: Path | None = None,
 ) -> pd.DataFrame:
     """Write ``out_csv`` (``image_id,split`` for every manifest row, in manifest order) and return it.
 
     Near-copies of a picture share a split (the validate stage's ``stats.csv`` names the images whose pixels
     register onto each other, ``split.near_copy_similarity``), and so do images with the same ``group_by`` key
-    (segflow.data.near_copies.split_groups)."""
+    (segflow.data.near_copies.split_groups). ``summary_json`` gets the split's sizes and how many test images
+    have a near-copy among the training images (0 unless a predefined split let one in)."""
     check_fractions(val_fraction, test_fraction)
     manifest = read_manifest(Path(data_dir))
     labeled = manifest["mask_path"] != ""
     split = pd.Series(UNLABELED, index=manifest.index, dtype=object)
+    stats = _read_stats(Path(stats_csv), manifest.loc[labeled, "image_id"])
+    picture_of = pictures(stats, manifest.loc[labeled])
     if has_predefined_splits(manifest):
         invalid = manifest.loc[labeled & ~manifest["split"].isin(SPLITS), ["image_id", "split"]]
         if len(invalid):
@@ -60,9 +63,7 @@ def make_splits(
             )
         split[labeled] = manifest.loc[labeled, "split"]
     else:
-        stats = _read_stats(Path(stats_csv), manifest.loc[labeled, "image_id"])
-        rows = manifest.loc[labeled]
-        groups = split_groups(pictures(stats, rows), rows, group_by, Path(data_dir) / "manifest.csv")
+        groups = split_groups(picture_of, manifest.loc[labeled], group_by, Path(data_dir) / "manifest.csv")
         group_of_image, presence = _image_groups(stats, groups)
         sizes = expected_split_sizes(len(presence), val_fraction, test_fraction)
         group_split = _iterative_stratification(presence, sizes, np.random.default_rng(seed))
@@ -71,7 +72,21 @@ def make_splits(
         split = _hide_labels(split, labeled_fraction, np.random.default_rng([seed, 1]))
     result = pd.DataFrame({"image_id": manifest["image_id"], "split": split.astype(str)})
     atomic_write_text(out_csv, result.to_csv(index=False, lineterminator="\n"))
+    if summary_json is not None:
+        atomic_write_json(summary_json, _summary(split, labeled, picture_of))
     return result
+
+
+def _summary(split: pd.Series, labeled: pd.Series, picture_of: list[int]) -> dict:
+    """The split's sizes, and the test images whose picture is also among the training images (train, or
+    unlabeled with its mask hidden)."""
+    of_labeled = split[labeled].to_numpy()
+    pictures = np.array(picture_of, dtype=np.int64)
+    training = set(pictures[np.isin(of_labeled, ["train", UNLABELED])].tolist())
+    in_test = of_labeled == "test"
+    return {"images": {name: int((split == name).sum()) for name in [*SPLITS, UNLABELED]},
+            "test_images_with_a_near_copy_in_training": int(np.isin(pictures[in_test], list(training)).sum()),
+            "test_images": int(in_test.sum())}
 
 
 def _hide_labels(split: pd.Series, labeled_fraction: float, rng: np.random.Generator) -> pd.Series:

@@ -43,8 +43,9 @@ from segflow.data.manifest import (
     read_manifest,
 )
 from segflow.data.near_copies import near_copy_groups, pictures, split_groups
+from segflow.data.report import profile, report
 from segflow.errors import SegflowError, ValidationFailed
-from segflow.fsutil import atomic_dir, atomic_write_json, refuse_overlap
+from segflow.fsutil import atomic_dir, atomic_write_json, atomic_write_text, refuse_overlap
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,11 @@ def validate(cfg: ValidateParams, split_cfg: SplitParams, *, data_dir: Path, out
             "warnings": warnings,
             "counts": _counts(stats, predefined, val_fraction, test_fraction),
             "classes": _class_frequencies(stats, class_names),
+            "profile": profile(stats, class_names),
             "data_docs": "data_docs/index.html",
         }
         atomic_write_json(tmp / "summary.json", summary)
+        atomic_write_text(tmp / "report.md", report(summary))
 
     if failures:
         lines = [f"- {f['check']}: {f['sentence']}" for f in failures]
