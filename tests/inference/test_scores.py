@@ -35,3 +35,15 @@ def test_the_floor_names_every_reason():
                        "register.baseline_margin 0.05",
                        "test miou 0.2000 is below register.min_score 0.3"]
     assert floor_failures(collapsed, RegisterParams(floor=False)) == []  # smoke runs on toy budgets
+
+
+def test_the_floor_wants_more_than_the_margin_over_the_baseline():
+    cfg = RegisterParams(baseline_margin=0.25, min_score=0.0)  # 0.25 + 0.25 is exactly 0.5
+
+    def at(score: float) -> dict:
+        return {**_scores(0.5, test=score), "majority_baseline": {"class": "road", "miou": 0.25}}
+
+    (reason,) = floor_failures(at(0.5), cfg)  # equal: not more than the margin
+    assert reason.startswith("test miou 0.5000 does not beat predicting 'road' everywhere (0.2500)")
+    assert floor_failures(at(math.nextafter(0.5, 1)), cfg) == []
+    assert floor_failures(at(math.nextafter(0.5, 0)), cfg) != []

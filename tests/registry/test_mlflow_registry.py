@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import socket
 import subprocess
@@ -36,6 +37,7 @@ from promotion_testing import (
     promote,
 )
 from register_testing import ARCH, artifact_dir, register_stage, register_version, write_scores
+from register_testing import promote as promote_with
 from segflow.config import parse_params
 from segflow.data.fingerprint import file_sha256
 from segflow.data.imageio import read_image, write_image
@@ -92,6 +94,20 @@ def test_promote_gates_on_the_current_test_data_and_force_needs_a_reason(workspa
     assert (last["version"], last["action"], last["reason"]) == (close, "forced", "hotfix for customer X")
     with pytest.raises(PromotionRefused, match="already the champion"):
         promote(workspace, "reg-gate", close, force=True, reason="again")
+
+
+def test_the_gate_wants_more_than_the_margin_over_the_champion(workspace):
+    data_hash = current_hash(workspace)
+    register_version(workspace, "reg-edge", 0.25, data_hash=data_hash)
+    params = parse_params({"register": {"margin": 0.25}})  # 0.25 + 0.25 is exactly 0.5
+
+    def gate(miou: float) -> bool:
+        version = add_version("reg-edge", miou, data_hash)
+        return promote_with(params, "reg-edge", version, data_dir=workspace / "data",
+                            splits_csv=workspace / "splits.csv").promoted
+
+    assert not gate(0.5)  # equal: not more than the margin
+    assert gate(math.nextafter(0.5, 1))
 
 
 def test_rollback_walks_back_through_the_champions_and_stops_at_the_first(workspace):

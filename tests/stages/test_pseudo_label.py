@@ -7,22 +7,29 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from segflow import IGNORE_INDEX
 from segflow.data.datasets import (
+    SegmentationDataset,
     load_pseudo_samples,
     load_samples,
 )
+from segflow.data.imageio import read_mask
 from segflow.inference.card import ModelCard
+from segflow.inference.predictor import probabilities
 from segflow.stages.pseudo_label import (
     Teacher,
     choose_prior_correction,
     label_priority,
+    load_teacher,
     prediction_agreement,
     pseudo_label,
 )
+from segflow.training.targets import corrected
 from semi_testing import make_semi_supervised
 from semi_testing import semi_params as _params
 from train_testing import train_from_params
@@ -85,6 +92,35 @@ def test_auto_prior_correction_picks_the_strength_with_the_best_val_miou(semi_su
     assert choose_prior_correction(params.pseudo_label, replace(teacher, class_weight=None), val, workers) == (0.0, {})
 
 
+
+
+def test_the_masks_are_the_corrected_argmax_where_confident_and_ignore_elsewhere(semi_supervised, tmp_path):
+    """Pixel by pixel, away from near-ties and near-threshold confidences (the stage keeps float16): a mask holds
+    the argmax of the prior-corrected probabilities where their maximum clears the threshold, ignore elsewhere."""
+    data_dir, splits_csv = semi_supervised
+    params = _params(train={"epochs": 3, "class_weighting": True},
+                     pseudo_label={"threshold": 0.6, "class_balanced": False, "prior_correction": 0.5})
+    train_from_params(params, "unet", data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "teacher")
+    pseudo_label(params.pseudo_label, params.train, params.evaluate.inference, params.mlflow,
+                 teacher_dir=tmp_path / "teacher", data_dir=data_dir, splits_csv=splits_csv, out_dir=tmp_path / "pseudo")
+    teacher = load_teacher(tmp_path / "teacher", params.evaluate.inference, torch.device("cpu"))
+    assert teacher.class_weight is not None and not torch.allclose(teacher.class_weight, teacher.class_weight[0])
+    compared = kept = moved_by_correction = 0
+    for sample in load_samples(data_dir, splits_csv, "unlabeled"):
+        image = SegmentationDataset([sample])[0]["image"].unsqueeze(0)
+        with torch.no_grad():
+            probs = probabilities(teacher.model, image, teacher.inference)
+        top2, labels = corrected(probs, teacher.class_weight, 0.5).topk(2, dim=1)
+        confidence, second, labels = top2[0, 0].numpy(), top2[0, 1].numpy(), labels[0, 0].numpy()
+        clear = (np.abs(confidence - 0.6) > 2e-3) & (confidence - second > 2e-3)
+        expected = np.where(confidence >= 0.6, labels, IGNORE_INDEX)
+        written = read_mask(tmp_path / "pseudo/masks" / f"{sample.image_id}.png")
+        assert np.array_equal(written[clear], expected[clear]), sample.image_id
+        compared += int(clear.sum())
+        kept += int((clear & (confidence >= 0.6)).sum())
+        moved_by_correction += int((clear & (probs[0].argmax(dim=0).numpy() != labels)).sum())
+    # Both sides of the threshold are compared, and the correction changed labels the comparison covers.
+    assert 0.05 < kept / compared < 0.95 and moved_by_correction > 0
 
 
 def test_label_priority_grows_with_doubt_instability_and_rare_classes():

@@ -22,6 +22,14 @@ def test_unweighted_loss_equals_cross_entropy():
     assert loss.item() == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-6)
 
 
+def test_unweighted_loss_with_ignored_pixels_equals_cross_entropys_ignore_index():
+    """The mean runs over the labeled pixels only: counting ignored ones in the denominator would shrink it."""
+    logits, target = _batch()
+    target[:, :3] = IGNORE_INDEX  # 12 of 32 pixels
+    loss = pixel_weighted_cross_entropy(logits, target, torch.ones(2))
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX).item(), rel=1e-6)
+
+
 def test_ignored_pixels_do_not_change_the_loss():
     logits, target = _batch()
     ignored = target.clone()
