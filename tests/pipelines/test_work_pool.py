@@ -8,6 +8,7 @@ import contextvars
 import copy
 import json
 import os
+import shutil
 import signal
 import threading
 
@@ -20,7 +21,7 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
 from segflow.config import Layout, load_params
 from segflow.errors import SegflowError
-from segflow.orchestration import schedule
+from segflow.orchestration import schedule, stage_runner
 from stack_testing import VENV_BIN, ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -36,21 +37,18 @@ PARAMS = merge(copy.deepcopy(TINY), {
 })
 
 
-def _start_worker(name: str, servers, tmp_path) -> ServerProcess:
-    """`prefect worker start --type process` on the pool, in its own process group."""
-    home = tmp_path / name
-    home.mkdir()
-    env = stack_env(servers, home, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1")
-    command = [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--name", name,
-               "--limit", "1"]  # one chain at a time, as on a one-GPU machine
-    return ServerProcess(command, env, home / "worker.log").start()
-
-
 @pytest.fixture
 def workers(servers, prefect, tmp_path):
-    """Two workers on the pool (a test may add one: the fixture stops them all)."""
+    """Two `prefect worker start --type process` on the pool, each in its own process group."""
     schedule.ensure_work_pool(POOL)  # before the workers: two creating it at once can meet a locked database
-    started = [_start_worker(name, servers, tmp_path) for name in ("worker-a", "worker-b")]
+    started = []
+    for name in ("worker-a", "worker-b"):
+        home = tmp_path / name
+        home.mkdir()
+        env = stack_env(servers, home, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1")
+        command = [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--name", name,
+                   "--limit", "1"]  # one chain at a time, as on a one-GPU machine
+        started.append(ServerProcess(command, env, home / "worker.log").start())
     try:
         yield started
     finally:
@@ -122,18 +120,21 @@ def test_chains_run_on_two_workers_and_a_killed_worker_costs_a_retry_not_the_run
     assert chains >= set(ARCHS)
 
     # A chain that fails every time is left out: the others are ranked and registered, the flow run fails naming
-    # it, and what was registered without it is not recorded (the next run does it again). Its fault: a weights
-    # file in the project folder that the chain's workspace does not have. The killed worker's place is taken.
-    workers.append(_start_worker("worker-c", servers, tmp_path))
+    # it, and what was registered without it is not recorded (the next run does it again). Its fault: the parent
+    # sends its workspace a params.yaml that does not parse, which the worker refuses (injected in this process,
+    # the parent's); its model folder gone, the chain is the only stale stage.
     raw = yaml.safe_load((project / "params.yaml").read_text())
-    raw["models"]["unet_original"]["encoder_weights"] = "weights/unet_original.pth"
     raw["orchestrate"]["work_pool_retries"] = 0
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    (project / "weights").mkdir()
-    (project / "weights/unet_original.pth").write_bytes(b"")
+    shutil.rmtree(project / Layout.models / "unet_original")
+    sent = stage_runner.workspace_files
+    monkeypatch.setattr(stage_runner, "workspace_files", lambda root, stages: {
+        **sent(root, stages), **({"params.yaml": "train: ["} if "train@unet_original" in stages else {})})
     with mlflow_at(servers["mlflow"].url), pytest.raises(flow_module.StageFailed, match="unet_original: the chain "
                                                          "did not finish on work pool segflow-test-pool"):
         flow_module.segflow_pipeline(str(project))
+    failed = [r.parameters["arch"] for r in _architecture_runs(prefect) if r.state.is_failed()]
+    assert failed == ["unet_original"], failed  # pspnet's chain was up to date: not sent
     ranked = {row["name"] for row in json.loads((project / "leaderboard/leaderboard.json").read_text())}
     assert "pspnet" in ranked and "unet_original" not in ranked
     assert json.loads((project / Layout.registry).read_text())["candidate"] != "unet_original"
