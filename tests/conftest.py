@@ -29,11 +29,14 @@ STACK_FIXTURES = {"postgres", "prefect_server_process", "servers", "prefect_api"
 
 # pytest-xdist's loadgroup reads the mark in its own collection hook, so this one runs first; and pytest 9.2.0
 # splits a group over the workers even so (pytest is pinned to 9.1.1).
+# The slow tests first (the stack's group, the whole-pipeline runs): each worker starts on a long one and fills in
+# with the short ones, instead of meeting a long one last while the other worker idles.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if STACK_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("stack"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the order otherwise kept
 
 
 @pytest.fixture(scope="session")

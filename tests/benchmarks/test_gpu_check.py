@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # a minute: scheduled among the first (tests/conftest.py)
 
 
 def test_gpu_check_passes_its_quick_cpu_mode_and_prints_one_table(tmp_path):

@@ -22,9 +22,11 @@ from train_testing import weights
 
 pytestmark = pytest.mark.slow
 
-# Two small architectures, one epoch each (the teacher's too): the test is about the orchestration.
+# Two small architectures, one epoch each (the teacher's too, once: no unlabeled images): the test is about the
+# orchestration.
 ARCHS = ["segnet_basic", "unet_original"]
-PARAMS = merge(copy.deepcopy(TINY), {"train": {"archs": ARCHS, "epochs": 1}, "teacher": {"epochs": 1, "warm_start": False},
+PARAMS = merge(copy.deepcopy(TINY), {"synth": {"num_unlabeled": 0},
+                                     "train": {"archs": ARCHS, "epochs": 1}, "teacher": {"epochs": 1, "warm_start": False},
                                      "models": {"segnet_basic": {"width": 0.25}, "unet_original": {"width": 0.125}}})
 
 

@@ -30,6 +30,7 @@ POOL = "segflow-test-pool"
 ARCHS = ["pspnet", "unet_original"]
 EXPERIMENT = "segflow-work-pool"  # its own, on the session's MLflow server
 PARAMS = merge(copy.deepcopy(TINY), {
+    "synth": {"num_unlabeled": 0},  # one teacher, not two: the test is about the orchestration
     "train": {"archs": ARCHS, "epochs": 1}, "teacher": {"epochs": 1, "warm_start": False},
     "models": {"unet_original": {"width": 0.125}},
     "mlflow": {"experiment": EXPERIMENT},
