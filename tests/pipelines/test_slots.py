@@ -83,6 +83,7 @@ def test_two_slots_train_two_architectures_at_once_and_record_what_a_sequential_
     dvc(sequential, "repro", "pseudo_label")  # the stages before the architectures' chains, once for both
     parallel = tmp_path / "parallel"
     shutil.copytree(sequential, parallel, symlinks=True)
+    recorded_before = list(_lock_without_hashes(parallel))
     # The thread count of a slot, for the sequential run too: the same threads, the same floating-point sums.
     monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
 
@@ -96,6 +97,10 @@ def test_two_slots_train_two_architectures_at_once_and_record_what_a_sequential_
     assert set(recorded) == set(yaml.safe_load((parallel / "dvc.yaml").read_text())["stages"]) - {"train", "evaluate"} \
         | {f"{stage}@{arch}" for stage in ("train", "evaluate") for arch in ARCHS}
     assert {name: recorded[name] for name in reference} == reference
+    # In the order a sequential run leaves: the entries there before where they were, then the new ones in plan order.
+    added = [name for name in recorded if name not in recorded_before]
+    assert list(recorded)[:len(recorded_before)] == recorded_before
+    assert added == [stage.name for stage in stage_runner.plan(parallel) if stage.name in added]
     parallel_weights, sequential_weights = weights(parallel / "models" / ALONE), weights(sequential / "models" / ALONE)
     assert parallel_weights.keys() == sequential_weights.keys()
     assert all(parallel_weights[k].equal(sequential_weights[k]) for k in parallel_weights)
