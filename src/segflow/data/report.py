@@ -24,7 +24,7 @@ def profile(stats: pd.DataFrame, class_names: list[str]) -> dict[str, Any]:
     present = np.flatnonzero(shares > 0)
     rarest, commonest = (present[shares[present].argmin()], present[shares[present].argmax()]) if len(present) else (0, 0)
     imbalance = float(shares[commonest] / shares[rarest]) if len(present) else 1.0
-    copies = labeled["picture"].value_counts() if "picture" in labeled and len(labeled) else pd.Series(dtype=int)
+    copies = labeled["picture"].value_counts()
     return {
         "image_sizes": {size: int(count) for size, count in sizes.head(5).items()},
         "distinct_image_sizes": int(len(sizes)),
